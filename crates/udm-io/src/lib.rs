@@ -1,0 +1,16 @@
+//! Block I/O core of udm.
+//!
+//! A request ([`Bio`]) is a sector range plus an operation; a device ([`BlockDevice`]) executes
+//! requests synchronously and may be called from many threads at once. Mapped devices implement the
+//! same trait, which is what lets devices stack. Backends live one per module under
+//! [`backend`]; partition tables are read by [`partition`].
+
+pub mod backend;
+pub mod bio;
+pub mod device;
+pub mod error;
+pub mod partition;
+
+pub use bio::{Bio, BioFlags, BioKind, BioOp};
+pub use device::{BlockDevice, Extent, ExtentKind, Limits};
+pub use error::IoError;

@@ -1,0 +1,1 @@
+//! MBR and GPT partition tables (placeholder until the io-backends work lands).
