@@ -144,6 +144,7 @@ impl TargetEnv {
 }
 
 /// What the core needs while constructing a target.
+#[allow(clippy::len_without_is_empty)] // a target length is never "empty": zero-length targets are refused
 pub trait CtorContext {
     /// First sector of the target in the mapped device (`ti->begin`).
     fn begin(&self) -> u64;

@@ -1,0 +1,1 @@
+//! FUSE file export (in progress).

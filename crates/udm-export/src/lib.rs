@@ -1,0 +1,8 @@
+//! Exports: the ways real clients reach udm devices. One module per export kind: [`nbd`] (the NBD
+//! protocol over Unix and TCP sockets), [`fuse`] (a file per device, for `losetup`), and `ublk`
+//! (a kernel block device, behind the `ublk` feature).
+
+pub mod fuse;
+pub mod nbd;
+#[cfg(feature = "ublk")]
+pub mod ublk;

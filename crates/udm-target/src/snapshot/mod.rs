@@ -1,0 +1,1 @@
+//! Snapshots: snapshot-origin, snapshot, snapshot-merge (in progress).
