@@ -1,0 +1,243 @@
+//! Device nodes: the entry point of every udm device (disk, partition or mapped device).
+//!
+//! A request sent to a device — by an export or by another mapped device's target — enters the
+//! node's gate, is checked against the node's interposer hooks and is either redirected into the
+//! interposing mapped device (at the same, device-relative sector) or passed to the backend. A
+//! mapped device that interposes a node reaches it through a bypassing [`NodeAccess`], so its own
+//! requests are never redirected back into it.
+
+use crate::gate::{Flow, IoGate};
+use crate::mapped::MappedDevice;
+use arc_swap::ArcSwap;
+use parking_lot::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use udm_io::{Bio, BlockDevice, Extent, IoError, Limits};
+use udm_types::DevId;
+
+/// What a node is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A disk served from a file, block device or memory.
+    Disk,
+    /// A partition: a sub-range of its disk.
+    Partition {
+        /// The disk.
+        parent: DevId,
+        /// Partition number (1-based, as Linux numbers them).
+        number: u32,
+        /// First sector on the disk.
+        start: u64,
+    },
+    /// A mapped device.
+    Mapped,
+}
+
+/// An interposer attached to a node: `[start, end)` of the node is redirected into `md`.
+#[derive(Clone)]
+pub struct Hook {
+    /// First sector covered (device-relative).
+    pub start: u64,
+    /// One past the last sector covered.
+    pub end: u64,
+    /// The interposing mapped device.
+    pub md: Arc<MappedDevice>,
+}
+
+/// The entry point of one device.
+pub struct DeviceNode {
+    id: DevId,
+    name: RwLock<String>,
+    kind: NodeKind,
+    backend: Arc<dyn BlockDevice>,
+    gate: IoGate,
+    hooks: ArcSwap<Vec<Hook>>,
+}
+
+impl DeviceNode {
+    /// Wraps a backend (a disk backend, a partition slice or a mapped device).
+    pub fn new(id: DevId, name: &str, kind: NodeKind, backend: Arc<dyn BlockDevice>) -> Self {
+        DeviceNode {
+            id,
+            name: RwLock::new(name.to_string()),
+            kind,
+            backend,
+            gate: IoGate::new(),
+            hooks: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    /// Device number.
+    pub fn id(&self) -> DevId {
+        self.id
+    }
+
+    /// Current name.
+    pub fn name(&self) -> String {
+        self.name.read().clone()
+    }
+
+    /// Renames the node (mapped devices only).
+    pub(crate) fn set_name(&self, name: &str) {
+        *self.name.write() = name.to_string();
+    }
+
+    /// What the node is.
+    pub fn kind(&self) -> &NodeKind {
+        &self.kind
+    }
+
+    /// The backend behind the node (bypasses hooks and gate).
+    pub fn backend(&self) -> &Arc<dyn BlockDevice> {
+        &self.backend
+    }
+
+    /// The quiesce gate of this node.
+    pub fn gate(&self) -> &IoGate {
+        &self.gate
+    }
+
+    /// Interposers currently attached.
+    pub fn hooks(&self) -> Arc<Vec<Hook>> {
+        self.hooks.load_full()
+    }
+
+    /// Replaces the hook list. Callers quiesce the node first (close + drain the gate).
+    pub(crate) fn set_hooks(&self, mut hooks: Vec<Hook>) {
+        hooks.sort_by_key(|h| h.start);
+        self.hooks.store(Arc::new(hooks));
+    }
+
+    /// Sends a request through the hooks: the parts inside an interposed range go to the
+    /// interposer, the rest to the backend.
+    fn route(&self, hooks: &[Hook], mut bio: Bio<'_>) -> Result<(), IoError> {
+        if bio.is_empty_flush() {
+            // A flush must cover every write completed before it, wherever it was redirected.
+            for h in hooks {
+                h.md.submit_redirected(bio.reborrow())?;
+            }
+            return self.backend.submit(bio);
+        }
+        loop {
+            let s = bio.sector;
+            let e = bio.end();
+            let hit = hooks.iter().find(|h| h.end > s && h.start < e);
+            let (len, target) = match hit {
+                Some(h) if h.start <= s => (h.end.min(e) - s, Some(h)),
+                Some(h) => (h.start - s, None),
+                None => (e - s, None),
+            };
+            let (head, tail) = bio.split(len);
+            match target {
+                Some(h) => h.md.submit_redirected(head)?,
+                None => self.backend.submit(head)?,
+            }
+            match tail {
+                Some(t) => bio = t,
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+impl BlockDevice for DeviceNode {
+    fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    fn limits(&self) -> Limits {
+        self.backend.limits()
+    }
+
+    fn read_only(&self) -> bool {
+        self.backend.read_only()
+    }
+
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        let mut guard = self.gate.enter(Flow::Direct);
+        let hooks = self.hooks.load();
+        if hooks.is_empty() {
+            return self.backend.submit(bio);
+        }
+        guard.reclassify(Flow::Redirected);
+        self.route(&hooks, bio)
+    }
+
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        let _g = self.gate.enter(Flow::Direct);
+        let hooks = self.hooks.load();
+        match hooks
+            .iter()
+            .find(|h| h.end > sector && h.start < sector + sectors)
+        {
+            Some(h) if h.start <= sector => {
+                h.md.block_status(sector, (h.end - sector).min(sectors))
+            }
+            Some(h) => self.backend.block_status(sector, h.start - sector),
+            None => self.backend.block_status(sector, sectors),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.name(), self.id)
+    }
+}
+
+/// How a table reaches one of its devices: through the node (hooks apply) or, for a device the
+/// table itself interposes, around them.
+pub struct NodeAccess {
+    node: Arc<DeviceNode>,
+    bypass: AtomicBool,
+    requests: AtomicU64,
+}
+
+impl NodeAccess {
+    /// Access through the node's hooks.
+    pub fn new(node: Arc<DeviceNode>) -> Self {
+        NodeAccess {
+            node,
+            bypass: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes this access bypass the node's gate and hooks (the seed's BIO_INTERPOSED).
+    pub fn set_bypass(&self, on: bool) {
+        self.bypass.store(on, Ordering::SeqCst);
+    }
+
+    /// The node.
+    pub fn node(&self) -> &Arc<DeviceNode> {
+        &self.node
+    }
+}
+
+impl BlockDevice for NodeAccess {
+    fn size(&self) -> u64 {
+        self.node.size()
+    }
+    fn limits(&self) -> Limits {
+        self.node.limits()
+    }
+    fn read_only(&self) -> bool {
+        self.node.read_only()
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.bypass.load(Ordering::Relaxed) {
+            self.node.backend.submit(bio)
+        } else {
+            self.node.submit(bio)
+        }
+    }
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        if self.bypass.load(Ordering::Relaxed) {
+            self.node.backend.block_status(sector, sectors)
+        } else {
+            self.node.block_status(sector, sectors)
+        }
+    }
+    fn describe(&self) -> String {
+        self.node.describe()
+    }
+}

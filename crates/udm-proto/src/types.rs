@@ -1,0 +1,453 @@
+//! Requests, responses and the records they carry.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A request with the protocol version it was written for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RequestEnvelope {
+    /// Protocol version of the sender.
+    pub version: u32,
+    /// The request.
+    pub request: Request,
+}
+
+/// A reply: a response or an error.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Success.
+    Ok(Response),
+    /// Failure.
+    Err(ErrorReply),
+}
+
+/// A failure, with the errno the kernel would return.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ErrorReply {
+    /// errno value.
+    pub errno: i32,
+    /// Symbolic errno (`EBUSY`).
+    pub errno_name: String,
+    /// Message naming the problem.
+    pub message: String,
+}
+
+/// Which kind of export.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ExportKind {
+    /// NBD export (on the daemon's Unix socket and TCP listener).
+    Nbd {
+        /// Export name (defaults to the device name).
+        name: Option<String>,
+    },
+    /// FUSE file `DIR/DEV`.
+    Fuse {
+        /// Directory to mount on.
+        dir: PathBuf,
+    },
+    /// ublk block device.
+    Ublk,
+}
+
+/// Every control operation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Request {
+    /// Versions of daemon, protocol and target interface.
+    Version,
+    /// Add a disk.
+    DiskAdd {
+        /// Name.
+        name: String,
+        /// Backing file or block device.
+        path: PathBuf,
+        /// Create/extend the file to this many bytes first.
+        create: Option<u64>,
+        /// Read-only.
+        read_only: bool,
+        /// O_DIRECT.
+        direct: bool,
+    },
+    /// Remove a disk.
+    DiskRemove {
+        /// Name.
+        name: String,
+    },
+    /// List disks.
+    DiskList,
+    /// Create a mapped device (and load + resume a table if given).
+    Create {
+        /// Name.
+        name: String,
+        /// UUID.
+        uuid: Option<String>,
+        /// Table text; `None` = `--notable`.
+        table: Option<String>,
+        /// `-r`.
+        read_only: bool,
+        /// `--interpose`.
+        interpose: bool,
+        /// Freeze this mount point around the interposer attach.
+        freeze: Option<PathBuf>,
+    },
+    /// Load a table into the inactive slot.
+    Load {
+        /// Name.
+        name: String,
+        /// Table text.
+        table: String,
+        /// `-r`.
+        read_only: bool,
+        /// `--interpose`.
+        interpose: bool,
+    },
+    /// Resume.
+    Resume {
+        /// Name.
+        name: String,
+        /// Freeze this mount point around an interposer switch.
+        freeze: Option<PathBuf>,
+    },
+    /// Suspend.
+    Suspend {
+        /// Name.
+        name: String,
+        /// `--noflush`.
+        noflush: bool,
+        /// `--nolockfs`.
+        nolockfs: bool,
+    },
+    /// Destroy the inactive table.
+    Clear {
+        /// Name.
+        name: String,
+    },
+    /// Remove a mapped device.
+    Remove {
+        /// Name.
+        name: String,
+        /// `-f`.
+        force: bool,
+        /// `--deferred`.
+        deferred: bool,
+    },
+    /// Rename, or set the uuid.
+    Rename {
+        /// Name.
+        name: String,
+        /// New name.
+        new_name: Option<String>,
+        /// `--setuuid`.
+        set_uuid: Option<String>,
+    },
+    /// Info of one device or of all (`None`).
+    Info {
+        /// Name.
+        name: Option<String>,
+    },
+    /// Every device with its dependencies (`ls`, `ls --tree`).
+    List,
+    /// Table lines.
+    Table {
+        /// Name, or all.
+        name: Option<String>,
+        /// `--inactive`.
+        inactive: bool,
+        /// `--concise`: one string in the syntax of the kernel's `dm-mod.create=`.
+        concise: bool,
+    },
+    /// Status lines.
+    Status {
+        /// Name, or all.
+        name: Option<String>,
+        /// `--inactive`.
+        inactive: bool,
+    },
+    /// Dependencies.
+    Deps {
+        /// Name, or all.
+        name: Option<String>,
+        /// `--inactive`.
+        inactive: bool,
+    },
+    /// Message to a target (or `@` message to the core).
+    Message {
+        /// Name.
+        name: String,
+        /// Sector selecting the target.
+        sector: u64,
+        /// Message words.
+        message: Vec<String>,
+    },
+    /// Registered targets.
+    Targets,
+    /// Wait for an event number different from `event_nr`.
+    Wait {
+        /// Name.
+        name: String,
+        /// Last seen event number.
+        event_nr: u32,
+        /// Give up after this many milliseconds (`None` = wait forever).
+        timeout_ms: Option<u64>,
+    },
+    /// Look a device name up by uuid (`-u`).
+    NameByUuid {
+        /// UUID.
+        uuid: String,
+    },
+    /// Add an export.
+    ExportAdd {
+        /// Device.
+        device: String,
+        /// Kind.
+        export: ExportKind,
+        /// Read-only export.
+        read_only: bool,
+    },
+    /// Remove an export by id (`nbd:NAME`, `fuse:DIR/DEV`, `ublk:DEV`).
+    ExportRemove {
+        /// Export id as listed.
+        id: String,
+    },
+    /// List exports.
+    ExportList,
+}
+
+/// A partition of a disk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartitionRecord {
+    /// Name.
+    pub name: String,
+    /// `major:minor`.
+    pub dev: String,
+    /// Partition number.
+    pub number: u32,
+    /// First sector.
+    pub start: u64,
+    /// Sectors.
+    pub sectors: u64,
+}
+
+/// A disk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskRecord {
+    /// Name.
+    pub name: String,
+    /// `major:minor`.
+    pub dev: String,
+    /// Backing path.
+    pub path: Option<PathBuf>,
+    /// Size in sectors.
+    pub sectors: u64,
+    /// Read-only.
+    pub read_only: bool,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Partitions.
+    pub partitions: Vec<PartitionRecord>,
+    /// Holders (tables, exports).
+    pub holders: Vec<String>,
+}
+
+/// An interposer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterposerRecord {
+    /// Interposed device.
+    pub device: String,
+    /// Its `major:minor`.
+    pub dev: String,
+    /// First sector.
+    pub start: u64,
+    /// Sectors.
+    pub len: u64,
+    /// Attached now.
+    pub attached: bool,
+}
+
+/// `info` of one mapped device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InfoRecord {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: Option<String>,
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Suspended.
+    pub suspended: bool,
+    /// Read-only.
+    pub read_only: bool,
+    /// Live table present.
+    pub live_present: bool,
+    /// Inactive table present.
+    pub inactive_present: bool,
+    /// Open count.
+    pub open_count: i32,
+    /// Event number.
+    pub event_nr: u32,
+    /// Targets in the live table.
+    pub target_count: u32,
+    /// Deferred removal pending.
+    pub deferred_remove: bool,
+    /// Size in sectors.
+    pub sectors: u64,
+    /// Live table loaded with `--interpose`.
+    pub interposed: bool,
+    /// Interposers.
+    pub interposers: Vec<InterposerRecord>,
+    /// Requests redirected into this device by its interposers.
+    pub redirected: u64,
+}
+
+/// Kind of device in `List`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKindRecord {
+    /// Disk.
+    Disk,
+    /// Partition.
+    Partition,
+    /// Mapped device.
+    Mapped,
+}
+
+/// A device in `List`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Name.
+    pub name: String,
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Kind.
+    pub kind: DeviceKindRecord,
+    /// `major:minor` of the devices it uses.
+    pub deps: Vec<String>,
+    /// `major:minor` of the devices it interposes.
+    pub interposes: Vec<String>,
+}
+
+/// One table or status line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetLineRecord {
+    /// Start.
+    pub start: u64,
+    /// Length.
+    pub len: u64,
+    /// Target type.
+    pub target_type: String,
+    /// Parameters or status.
+    pub params: String,
+}
+
+/// Lines of one device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceLines {
+    /// Device name.
+    pub name: String,
+    /// Lines.
+    pub lines: Vec<TargetLineRecord>,
+}
+
+/// Dependency of a device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DepRecord {
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Name.
+    pub name: String,
+}
+
+/// Deps of one device.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceDeps {
+    /// Device name.
+    pub name: String,
+    /// Dependencies.
+    pub deps: Vec<DepRecord>,
+}
+
+/// A registered target type.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetRecord {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: [u32; 3],
+}
+
+/// An export.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportRecord {
+    /// Id (`nbd:NAME`, `fuse:DIR/DEV`, `ublk:DEV`).
+    pub id: String,
+    /// Exported device.
+    pub device: String,
+    /// Kind (`nbd`, `fuse`, `ublk`).
+    pub kind: String,
+    /// Where clients connect (NBD URI, file path, /dev/ublkbN).
+    pub location: String,
+    /// Read-only.
+    pub read_only: bool,
+    /// Connected clients / open handles.
+    pub clients: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Bytes read by clients.
+    pub bytes_read: u64,
+    /// Bytes written by clients.
+    pub bytes_written: u64,
+}
+
+/// Versions.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// udm package version.
+    pub daemon: String,
+    /// Protocol version.
+    pub protocol: u32,
+    /// dm ioctl interface version udm's semantics follow.
+    pub dm_interface: String,
+}
+
+/// Every successful reply.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "type", content = "data")]
+pub enum Response {
+    /// Done, nothing to report.
+    Done,
+    /// A message produced output.
+    MessageOutput(Option<String>),
+    /// Versions.
+    Version(VersionRecord),
+    /// Disks.
+    Disks(Vec<DiskRecord>),
+    /// Info records.
+    Info(Vec<InfoRecord>),
+    /// Devices.
+    Devices(Vec<DeviceRecord>),
+    /// Table or status lines.
+    Lines(Vec<DeviceLines>),
+    /// Deps.
+    Deps(Vec<DeviceDeps>),
+    /// Targets.
+    Targets(Vec<TargetRecord>),
+    /// Event number after a wait.
+    Event(u32),
+    /// A name.
+    Name(String),
+    /// Exports.
+    Exports(Vec<ExportRecord>),
+    /// `table --concise` output.
+    Concise(String),
+}
