@@ -10,6 +10,7 @@ pub mod bio;
 pub mod device;
 pub mod error;
 pub mod partition;
+pub mod slice;
 
 pub use bio::{Bio, BioFlags, BioKind, BioOp};
 pub use device::{BlockDevice, Extent, ExtentKind, Limits};
