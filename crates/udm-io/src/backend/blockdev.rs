@@ -4,7 +4,7 @@
 
 use crate::backend::file::{fallocate, is_unsupported, statx_dio_align, RawBacked, RawDisk};
 use crate::bio::{Bio, BioFlags, BioKind, BioOp};
-use crate::device::{BlockDevice, Limits};
+use crate::device::{BlockDevice, Extent, ExtentKind, Limits};
 use crate::error::IoError;
 use std::fs::File;
 use std::io;
@@ -257,6 +257,18 @@ impl BlockDevice for BlockDevDevice {
                 Ok(())
             }
         }
+    }
+
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        // A block device has no holes we can see: everything in range is data.
+        let end = sector.saturating_add(sectors).min(self.disk.sectors);
+        if sector >= end {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Extent {
+            sectors: end - sector,
+            kind: ExtentKind::Data,
+        }])
     }
 
     fn describe(&self) -> String {
