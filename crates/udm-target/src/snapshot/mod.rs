@@ -1,1 +1,64 @@
-//! Snapshots: snapshot-origin, snapshot, snapshot-merge (in progress).
+//! Snapshots, as the kernel's dm-snapshot: `snapshot-origin` (the origin's writes copy the old
+//! data into every snapshot first), `snapshot` (a point-in-time view over origin + COW, with a
+//! persistent `P`/`PO` or transient `N` exception store) and `snapshot-merge` (merges a snapshot
+//! back into its origin while the origin is in use).
+//!
+//! The snapshots of one origin find each other through [`Origins`], a slot of the shared
+//! [`crate::TargetEnv`] keyed by the origin's device number (the kernel's `_origins` hash).
+//! The data path is synchronous: where the kernel queues a bio behind a pending exception, the
+//! writing thread here copies the chunk itself, or waits on a per-chunk lock held by the thread
+//! that does.
+
+pub mod exception;
+pub mod merge;
+pub mod origin;
+pub mod snap;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use udm_types::DevId;
+
+pub use snap::Snap;
+
+/// Registers `snapshot-origin`, `snapshot` and `snapshot-merge`.
+pub fn register(reg: &mut crate::registry::TargetRegistry) {
+    reg.register(Arc::new(origin::OriginType));
+    reg.register(Arc::new(snap::SnapshotType { merge: false }));
+    reg.register(Arc::new(snap::SnapshotType { merge: true }));
+}
+
+/// Every origin device that has snapshots or a `snapshot-origin` target, by device number.
+#[derive(Default)]
+pub struct Origins {
+    map: Mutex<HashMap<DevId, Arc<OriginEntry>>>,
+}
+
+impl Origins {
+    /// The entry of `origin`, created on first use.
+    pub fn entry(&self, origin: DevId) -> Arc<OriginEntry> {
+        self.map.lock().entry(origin).or_default().clone()
+    }
+}
+
+/// The snapshots of one origin (the kernel's `struct origin`), largest chunk size first.
+///
+/// Origin writes hold the read side for their whole duration (check, copy, write), so taking the
+/// write side (registration, activation, handover) waits for in-flight origin writes, as the
+/// kernel's origin suspension does.
+#[derive(Default)]
+pub struct OriginEntry {
+    /// Registered snapshots (active or not).
+    pub snaps: RwLock<Vec<Arc<Snap>>>,
+}
+
+/// Smallest non-zero chunk size among `snaps` (the origin's split boundary), `None` if none.
+pub fn min_chunk(snaps: &[Arc<Snap>]) -> Option<u64> {
+    snaps
+        .iter()
+        .map(|s| s.state.read().chunk_size)
+        .filter(|&c| c != 0)
+        .min()
+}

@@ -1,0 +1,176 @@
+//! Synchronous stand-ins for the kernel's pending exceptions: per-chunk locks (so concurrent
+//! I/O to one chunk never races a copy) and the commit sequencer (copies commit in allocation
+//! order, a caller waits until the metadata holding its exception is on disk).
+
+use std::collections::{BTreeMap, HashMap};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::store::ExceptionStore;
+
+/// Shared/exclusive locks on chunk numbers, created on demand.
+#[derive(Default)]
+pub struct ChunkLocks {
+    held: Mutex<HashMap<u64, (u32, bool)>>,
+    cv: Condvar,
+}
+
+/// A held chunk lock; released on drop.
+pub struct ChunkGuard<'a> {
+    locks: &'a ChunkLocks,
+    chunk: u64,
+    exclusive: bool,
+}
+
+impl ChunkLocks {
+    /// Waits until nobody holds `chunk` exclusively, then holds it shared (a snapshot read that
+    /// goes to the origin: the kernel's `track_chunk`).
+    pub fn shared(&self, chunk: u64) -> ChunkGuard<'_> {
+        let mut held = self.held.lock();
+        loop {
+            let e = held.entry(chunk).or_insert((0, false));
+            if !e.1 {
+                e.0 += 1;
+                break;
+            }
+            self.cv.wait(&mut held);
+        }
+        ChunkGuard {
+            locks: self,
+            chunk,
+            exclusive: false,
+        }
+    }
+
+    /// Waits until nobody holds `chunk`, then holds it exclusively (a pending exception).
+    pub fn exclusive(&self, chunk: u64) -> ChunkGuard<'_> {
+        let mut held = self.held.lock();
+        loop {
+            let e = held.entry(chunk).or_insert((0, false));
+            if !e.1 && e.0 == 0 {
+                e.1 = true;
+                break;
+            }
+            self.cv.wait(&mut held);
+        }
+        ChunkGuard {
+            locks: self,
+            chunk,
+            exclusive: true,
+        }
+    }
+}
+
+impl Drop for ChunkGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock();
+        let remove = match held.get_mut(&self.chunk) {
+            Some(e) => {
+                if self.exclusive {
+                    e.1 = false;
+                } else {
+                    e.0 = e.0.saturating_sub(1);
+                }
+                e.0 == 0 && !e.1
+            }
+            None => false,
+        };
+        if remove {
+            held.remove(&self.chunk);
+        }
+        drop(held);
+        self.locks.cv.notify_all();
+    }
+}
+
+/// An exception store with the kernel's completion machinery around it.
+pub struct StoreCell {
+    inner: Mutex<Slot>,
+    cv: Condvar,
+}
+
+struct Slot {
+    store: Box<dyn ExceptionStore>,
+    next_seq: u64,
+    complete_seq: u64,
+    out_of_order: BTreeMap<u64, (u64, u64, bool)>,
+    waiting: Vec<u64>,
+    done: HashMap<u64, bool>,
+}
+
+/// A prepared exception: its sequence number and COW chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    /// Allocation order.
+    pub seq: u64,
+    /// COW chunk allocated.
+    pub new_chunk: u64,
+}
+
+impl StoreCell {
+    /// Wraps a store.
+    pub fn new(store: Box<dyn ExceptionStore>) -> Self {
+        StoreCell {
+            inner: Mutex::new(Slot {
+                store,
+                next_seq: 0,
+                complete_seq: 0,
+                out_of_order: BTreeMap::new(),
+                waiting: Vec::new(),
+                done: HashMap::new(),
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Runs `f` on the store (status, drop, merge steps).
+    pub fn with<R>(&self, f: impl FnOnce(&mut dyn ExceptionStore) -> R) -> R {
+        let mut slot = self.inner.lock();
+        f(&mut *slot.store)
+    }
+
+    /// Allocates a COW chunk; `None` when the store is full. Every ticket must be passed to
+    /// [`StoreCell::complete`] exactly once.
+    pub fn prepare(&self) -> Option<Ticket> {
+        let mut slot = self.inner.lock();
+        let new_chunk = slot.store.prepare()?;
+        let seq = slot.next_seq;
+        slot.next_seq += 1;
+        Some(Ticket { seq, new_chunk })
+    }
+
+    /// Reports the copy for `t` finished (`ok` = it succeeded): commits, in allocation order,
+    /// every exception whose copy has finished (the kernel's `copy_callback`).
+    pub fn complete(&self, t: Ticket, old: u64, ok: bool) {
+        let mut slot = self.inner.lock();
+        slot.out_of_order.insert(t.seq, (old, t.new_chunk, ok));
+        loop {
+            let next = slot.complete_seq;
+            let Some((o, n, ok)) = slot.out_of_order.remove(&next) else {
+                break;
+            };
+            slot.complete_seq += 1;
+            slot.waiting.push(next);
+            if let Some(valid) = slot.store.commit(o, n, ok) {
+                let waiting = std::mem::take(&mut slot.waiting);
+                for s in waiting {
+                    slot.done.insert(s, valid);
+                }
+            }
+        }
+        drop(slot);
+        self.cv.notify_all();
+    }
+
+    /// Waits until the metadata recording `t` was written; returns whether the exception is
+    /// valid (the kernel's `pending_complete(success)`).
+    pub fn wait(&self, t: Ticket) -> bool {
+        let mut slot = self.inner.lock();
+        loop {
+            if let Some(v) = slot.done.remove(&t.seq) {
+                return v;
+            }
+            self.cv.wait(&mut slot);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Exception stores: where a snapshot keeps its `old chunk -> COW chunk` table.
+//!
+//! Two kinds, as in the kernel: [`persistent::Persistent`] (`P`/`PO`, the on-disk format of
+//! `dm-snap-persistent.c`, byte for byte) and [`transient::Transient`] (`N`, memory only).
+
+pub mod persistent;
+pub mod transient;
+
+use std::sync::Arc;
+
+use udm_io::{Bio, BioFlags, BlockDevice, IoError};
+use udm_types::{Errno, SECTOR_SIZE};
+
+use crate::target::TargetError;
+
+/// The kernel's `DM_CHUNK_SIZE_DEFAULT_SECTORS`: chunk size of a new persistent store whose
+/// table says 0.
+pub const DEFAULT_CHUNK_SECTORS: u64 = 32;
+
+/// Outcome of reading a store's metadata at construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadState {
+    /// The snapshot is usable.
+    Valid,
+    /// The header says the snapshot was invalidated (`valid = 0`).
+    Invalid,
+}
+
+/// The operations dm-snapshot asks of an exception store (`struct dm_exception_store_type`).
+pub trait ExceptionStore: Send {
+    /// Chunk size in sectors (0 = not known yet: a handover destination before its resume).
+    fn chunk_size(&self) -> u64;
+    /// Whether `PO` was given: a full snapshot overflows instead of being invalidated.
+    fn overflow_supported(&self) -> bool;
+    /// Sets the `PO` flag (a handover keeps the destination table's flag).
+    fn set_overflow_supported(&mut self, on: bool);
+    /// Reads the metadata, reporting every committed exception as `(old, new)`.
+    fn read_metadata(&mut self, add: &mut dyn FnMut(u64, u64)) -> Result<LoadState, TargetError>;
+    /// Allocates a COW chunk for a new exception; `None` when the COW device is full.
+    fn prepare(&mut self) -> Option<u64>;
+    /// Records a finished copy (`valid` = the copy succeeded). Returns `Some(valid)` when the
+    /// metadata was written (or abandoned) and every commit queued since the last write may
+    /// complete with that validity, `None` while the commit is only queued.
+    fn commit(&mut self, old: u64, new: u64, valid: bool) -> Option<bool>;
+    /// Marks the store invalid on disk (`drop_snapshot`).
+    fn drop_snapshot(&mut self);
+    /// `(sectors_allocated, total_sectors, metadata_sectors)`.
+    fn usage(&self) -> (u64, u64, u64);
+    /// Store part of the table line: ` P 8`, ` PO 8`, ` N 8`.
+    fn table_status(&self) -> String;
+    /// True when the store can merge (only the persistent one).
+    fn supports_merge(&self) -> bool {
+        false
+    }
+    /// The last run of consecutive exceptions `(last_old, last_new, count)`, `None` when the
+    /// merge is finished.
+    fn prepare_merge(&mut self) -> Result<Option<(u64, u64, u64)>, IoError> {
+        Ok(None)
+    }
+    /// Forgets the last `n` exceptions returned by [`ExceptionStore::prepare_merge`] on disk.
+    fn commit_merge(&mut self, n: u64) -> Result<(), IoError> {
+        let _ = n;
+        Ok(())
+    }
+}
+
+/// Parsed `<P|PO|N> <chunk_size>` arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSpec {
+    /// Persistent (`P`) or transient (`N`).
+    pub persistent: bool,
+    /// `PO`: overflow instead of invalidation.
+    pub overflow: bool,
+    /// Chunk size from the table (0 = from the header / default).
+    pub chunk_size: u64,
+}
+
+impl StoreSpec {
+    /// `dm_exception_store_create` + `set_chunk_size`: the type letter case-insensitively, an
+    /// optional `O` after `P`, and the chunk size checked against both devices' block sizes.
+    pub fn parse(
+        kind: &str,
+        chunk: &str,
+        cow_lbs: u64,
+        origin_lbs: u64,
+    ) -> Result<StoreSpec, TargetError> {
+        let mut chars = kind.chars();
+        let first = chars.next().map(|c| c.to_ascii_uppercase());
+        let rest: String = chars.collect();
+        let (persistent, overflow) = match first {
+            Some('P') => {
+                let overflow = match rest.chars().next().map(|c| c.to_ascii_uppercase()) {
+                    None => false,
+                    Some('O') => true,
+                    Some(_) => {
+                        return Err(TargetError::invalid(format!(
+                            "Couldn't create exception store: Unsupported persistent store option: {rest}"
+                        )))
+                    }
+                };
+                (true, overflow)
+            }
+            Some('N') => (false, false),
+            _ => {
+                return Err(TargetError::invalid(format!(
+                    "Couldn't create exception store: Exception store type is not P or N: {kind}"
+                )))
+            }
+        };
+        let chunk_size: u32 = chunk.parse().map_err(|_| {
+            TargetError::invalid(format!(
+                "Couldn't create exception store: Invalid chunk size {chunk}"
+            ))
+        })?;
+        let chunk_size = u64::from(chunk_size);
+        if chunk_size != 0 {
+            check_chunk_size(chunk_size, cow_lbs, origin_lbs).map_err(|m| {
+                TargetError::invalid(format!("Couldn't create exception store: {m}"))
+            })?;
+        }
+        Ok(StoreSpec {
+            persistent,
+            overflow,
+            chunk_size,
+        })
+    }
+}
+
+/// `dm_exception_store_set_chunk_size`: power of 2, a multiple of both logical block sizes
+/// (in sectors), at most `INT_MAX >> 9`.
+pub fn check_chunk_size(chunk: u64, cow_lbs: u64, origin_lbs: u64) -> Result<(), &'static str> {
+    if !chunk.is_power_of_two() {
+        return Err("Chunk size is not a power of 2");
+    }
+    if chunk % cow_lbs.max(1) != 0 || chunk % origin_lbs.max(1) != 0 {
+        return Err("Chunk size is not a multiple of device blocksize");
+    }
+    if chunk > (i32::MAX as u64) >> 9 {
+        return Err("Chunk size is too high");
+    }
+    Ok(())
+}
+
+/// Logical block size of a device in sectors.
+pub fn lbs_sectors(dev: &dyn BlockDevice) -> u64 {
+    u64::from(dev.limits().logical_block_size / 512).max(1)
+}
+
+/// Builds the store named by `spec` over `cow`.
+pub fn create(spec: StoreSpec, cow: Arc<dyn BlockDevice>) -> Box<dyn ExceptionStore> {
+    if spec.persistent {
+        Box::new(persistent::Persistent::new(
+            cow,
+            spec.chunk_size,
+            spec.overflow,
+        ))
+    } else {
+        Box::new(transient::Transient::new(cow, spec.chunk_size))
+    }
+}
+
+/// One whole-chunk I/O on the COW device (`chunk_io`).
+pub(crate) fn chunk_io(
+    dev: &dyn BlockDevice,
+    chunk: u64,
+    chunk_size: u64,
+    buf: &mut [u8],
+    write: bool,
+    flags: BioFlags,
+) -> Result<(), IoError> {
+    let sector = chunk.checked_mul(chunk_size).ok_or_else(|| {
+        IoError::errno(
+            if write {
+                udm_io::BioKind::Write
+            } else {
+                udm_io::BioKind::Read
+            },
+            u64::MAX,
+            Errno::EINVAL,
+            "chunk number overflows",
+        )
+    })?;
+    debug_assert_eq!(buf.len() as u64, chunk_size * SECTOR_SIZE);
+    if write {
+        dev.submit(Bio::write(sector, buf).with_flags(flags))
+    } else {
+        dev.submit(Bio::read(sector, buf).with_flags(flags))
+    }
+}
