@@ -216,6 +216,14 @@ pub trait Target: Send + Sync {
         TargetCaps::default()
     }
 
+    /// Whether discards and write-zeroes are split at [`Target::max_io_len`] like data (the
+    /// kernel's `max_discard_granularity`). A target that handles a whole range itself (striped
+    /// sends one request per stripe) returns false and then receives ranges split only at the
+    /// target's end.
+    fn discards_split_at_max_io_len(&self) -> bool {
+        true
+    }
+
     /// Called before the device is suspended (delay: release held requests).
     fn presuspend(&self) {}
     /// Called once the device is suspended and drained.

@@ -1,1 +1,168 @@
-//! (in progress)
+//! A [`TableContext`] over in-process devices, for tests of targets and of code built on
+//! tables: devices are registered under a name with a fake `major:minor` (major 8, minors
+//! 0, 16, 32, ... like `sda`, `sdb`, ...) and resolved by name, `/dev/NAME`, or
+//! `major:minor`. The `[interpose]` prefix is accepted and ignored.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use udm_io::backend::mem::MemDevice;
+use udm_io::BlockDevice;
+use udm_types::{DevId, Errno};
+
+use crate::registry::TargetRegistry;
+use crate::table::{Table, TableContext, TableError, TableSpec};
+use crate::target::{DevRef, EventSink, TargetEnv, TargetError};
+
+/// Major number of the fake devices.
+pub const TEST_MAJOR: u32 = 8;
+
+/// Resolves table device names to registered devices; counts events; records every open.
+pub struct TestContext {
+    devices: Vec<DevRef>,
+    read_only: bool,
+    env: Arc<TargetEnv>,
+    events: Arc<AtomicU64>,
+    /// Every `get_device` call: `(target begin, target len, path as written)`.
+    pub opened: Vec<(u64, u64, String)>,
+}
+
+/// Another name for [`TestContext`], for memory-device based tests.
+pub type MemContext = TestContext;
+
+impl Default for TestContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for TestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestContext")
+            .field("devices", &self.devices)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl TestContext {
+    /// An empty context (read-write, fresh shared target state).
+    pub fn new() -> Self {
+        TestContext {
+            devices: Vec::new(),
+            read_only: false,
+            env: Arc::new(TargetEnv::default()),
+            events: Arc::new(AtomicU64::new(0)),
+            opened: Vec::new(),
+        }
+    }
+
+    /// Registers `dev` as `name` with the next fake device number.
+    pub fn add_device(&mut self, name: &str, dev: Arc<dyn BlockDevice>) -> DevRef {
+        let minor = self
+            .devices
+            .iter()
+            .filter(|d| d.id.major == TEST_MAJOR)
+            .map(|d| d.id.minor + 16)
+            .max()
+            .unwrap_or(0);
+        self.add_device_with_id(name, DevId::new(TEST_MAJOR, minor), dev)
+    }
+
+    /// Registers `dev` as `name` with an explicit device number (replacing an entry with the
+    /// same name).
+    pub fn add_device_with_id(
+        &mut self,
+        name: &str,
+        id: DevId,
+        dev: Arc<dyn BlockDevice>,
+    ) -> DevRef {
+        self.devices.retain(|d| d.name != name);
+        let r = DevRef {
+            id,
+            name: name.to_string(),
+            dev,
+        };
+        self.devices.push(r.clone());
+        r
+    }
+
+    /// Creates and registers a zeroed memory device of `sectors` sectors.
+    pub fn add_mem(&mut self, name: &str, sectors: u64) -> Arc<MemDevice> {
+        let m = Arc::new(MemDevice::new(sectors));
+        self.add_device(name, m.clone());
+        m
+    }
+
+    /// The registered device `name`.
+    pub fn device(&self, name: &str) -> Option<DevRef> {
+        self.devices.iter().find(|d| d.name == name).cloned()
+    }
+
+    /// Loads following tables read-only (or not).
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+    }
+
+    /// Replaces the shared target state (to share it between several contexts).
+    pub fn set_env(&mut self, env: Arc<TargetEnv>) {
+        self.env = env;
+    }
+
+    /// Number of dm events raised by targets built with this context.
+    pub fn events_raised(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    /// Parses `text` and builds it with the built-in targets.
+    pub fn build(&mut self, text: &str) -> Result<Table, TableError> {
+        self.build_with(text, &TargetRegistry::with_builtins())
+    }
+
+    /// Parses `text` and builds it with `registry`.
+    pub fn build_with(
+        &mut self,
+        text: &str,
+        registry: &TargetRegistry,
+    ) -> Result<Table, TableError> {
+        let spec = TableSpec::parse(text)?;
+        Table::build(&spec, registry, self)
+    }
+
+    fn resolve(&self, path: &str) -> Result<DevRef, TargetError> {
+        let path = path.strip_prefix("[interpose]").unwrap_or(path);
+        if let Ok(id) = path.parse::<DevId>() {
+            return self
+                .devices
+                .iter()
+                .find(|d| d.id == id)
+                .cloned()
+                .ok_or_else(|| TargetError::new(Errno::ENXIO, format!("{path}: no such device")));
+        }
+        let name = path.strip_prefix("/dev/").unwrap_or(path);
+        self.device(name)
+            .ok_or_else(|| TargetError::new(Errno::ENOENT, format!("{path}: no such device")))
+    }
+}
+
+impl TableContext for TestContext {
+    fn get_device(&mut self, begin: u64, len: u64, path: &str) -> Result<DevRef, TargetError> {
+        self.opened.push((begin, len, path.to_string()));
+        self.resolve(path)
+    }
+
+    fn events(&self) -> EventSink {
+        let c = self.events.clone();
+        EventSink::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    fn env(&self) -> Arc<TargetEnv> {
+        self.env.clone()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
