@@ -1,0 +1,374 @@
+//! Constructor rules, status strings, overflow/invalidation, handover, merge of the snapshot
+//! targets.
+
+mod snapshot_common;
+
+use snapshot_common::*;
+use udm_io::backend::mem::Fault;
+use udm_io::{Bio, BioKind};
+use udm_target::snapshot::store::persistent::encode_header;
+use udm_types::errno::HasErrno;
+use udm_types::Errno;
+
+const O: u64 = 1024;
+
+fn setup(
+    cow_sectors: u64,
+) -> (
+    Ctx,
+    std::sync::Arc<udm_io::backend::mem::MemDevice>,
+    std::sync::Arc<udm_io::backend::mem::MemDevice>,
+) {
+    let mut c = Ctx::new();
+    let o = c.mem("o", O);
+    let w = c.mem("c", cow_sectors);
+    dev_write(&*o, 0, &pattern(1, 0, O));
+    (c, o, w)
+}
+
+#[test]
+fn fresh_status_and_table() {
+    let (mut c, _o, _w) = setup(4096);
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    assert_eq!(s.status(), "16/4096 16");
+    assert_eq!(s.table_params(), format!("{} {} P 8", c.id("o"), c.id("c")));
+    assert_eq!(s.max_io_len(), 8);
+    let s2 = c
+        .snapshot(O, "o c2 po 16 2 discard_zeroes_cow discard_passdown_origin")
+        .err();
+    assert!(s2.is_some()); // no device c2
+    c.mem("c2", 4096);
+    let s2 = c
+        .snapshot(O, "o c2 po 16 2 discard_zeroes_cow discard_passdown_origin")
+        .unwrap();
+    assert_eq!(
+        s2.table_params(),
+        format!(
+            "{} {} PO 16 2 discard_zeroes_cow discard_passdown_origin",
+            c.id("o"),
+            c.id("c2")
+        )
+    );
+    assert_eq!(s2.status(), "32/4096 32");
+    c.mem("c3", 4096);
+    let n = c.snapshot(O, "o c3 N 8").unwrap();
+    assert_eq!(n.status(), "0/4096 0");
+    assert_eq!(
+        n.table_params(),
+        format!("{} {} N 8", c.id("o"), c.id("c3"))
+    );
+    c.mem("c4", 4096);
+    let d = c.snapshot(O, "o c4 P 0").unwrap();
+    assert_eq!(d.status(), "64/4096 64", "default chunk 32");
+}
+
+#[test]
+fn ctor_errors() {
+    let (mut c, _o, w) = setup(4096);
+    let bad = |c: &mut Ctx, args: &str| c.snapshot(O, args).err().map(|e| (e.errno, e.msg));
+    assert!(bad(&mut c, "o c P")
+        .unwrap()
+        .1
+        .contains("requires 4 or more"));
+    assert!(bad(&mut c, "o c P 12").unwrap().1.contains("power of 2"));
+    assert!(bad(&mut c, "o c X 8").unwrap().1.contains("not P or N"));
+    assert!(bad(&mut c, "o c PX 8")
+        .unwrap()
+        .1
+        .contains("Unsupported persistent store option"));
+    assert!(bad(&mut c, "o o P 8")
+        .unwrap()
+        .1
+        .contains("cannot be the same"));
+    assert!(bad(&mut c, "o c N 0")
+        .unwrap()
+        .1
+        .contains("Chunk size not set"));
+    assert!(bad(&mut c, "o c P 8 1 discard_passdown_origin")
+        .unwrap()
+        .1
+        .contains("depends on"));
+    assert!(bad(&mut c, "o c P 8 3 a b c")
+        .unwrap()
+        .1
+        .contains("feature arguments"));
+    assert!(bad(&mut c, "o c P 8 1 bogus")
+        .unwrap()
+        .1
+        .contains("Unrecognised feature"));
+    // Nothing was written by the failed attempts.
+    assert!(w.contents().iter().all(|&b| b == 0));
+    // Corrupt header: ENXIO, nothing written.
+    let junk = vec![0x5au8; 512];
+    dev_write(&*w, 0, &junk);
+    let before = w.contents();
+    let (errno, msg) = bad(&mut c, "o c P 8").unwrap();
+    assert_eq!(errno, Errno::ENXIO);
+    assert!(msg.contains("Invalid or corrupt snapshot"), "{msg}");
+    assert_eq!(w.contents(), before);
+    // Version 2: EINVAL.
+    let mut h = vec![0u8; 512];
+    encode_header(&mut h, true, 2, 8);
+    dev_write(&*w, 0, &h);
+    assert_eq!(bad(&mut c, "o c P 8").unwrap().0, Errno::EINVAL);
+}
+
+#[test]
+fn origin_write_copies_and_snapshot_keeps_old_data() {
+    let (mut c, o, _w) = setup(4096);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    // Not active yet: origin writes do not copy.
+    write(&*org, 0, &pattern(2, 0, 8)).unwrap();
+    assert_eq!(s.status(), "16/4096 16");
+    activate(&*s);
+    let before = dev_read(&*o, 0, O);
+    write(&*org, 20, &pattern(3, 20, 10)).unwrap(); // chunks 2 and 3
+    assert_eq!(s.status(), "32/4096 16");
+    assert_eq!(read(&*s, 0, O).unwrap(), before);
+    assert_eq!(read(&*org, 20, 10).unwrap(), pattern(3, 20, 10));
+    // Snapshot write: partial chunk copies, full chunk does not need the origin.
+    write(&*s, 100, &pattern(4, 100, 1)).unwrap();
+    write(&*s, 200, &pattern(5, 200, 8)).unwrap();
+    let mut want = before.clone();
+    want[100 * 512..101 * 512].copy_from_slice(&pattern(4, 100, 1));
+    want[200 * 512..208 * 512].copy_from_slice(&pattern(5, 200, 8));
+    assert_eq!(read(&*s, 0, O).unwrap(), want);
+    assert_eq!(s.status(), "48/4096 16");
+    // Reload: same view.
+    drop(s);
+    let s = c.snapshot(O, "o c P 0").unwrap();
+    assert_eq!(s.status(), "48/4096 16");
+    activate(&*s);
+    assert_eq!(read(&*s, 0, O).unwrap(), want);
+}
+
+#[test]
+fn full_cow_invalidates_p_and_overflows_po() {
+    // COW of 5 chunks of 8: header, area, 3 data chunks.
+    let (mut c, o, w) = setup(40);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    for ch in 0..3 {
+        write(&*org, ch * 8, &pattern(9, ch * 8, 8)).unwrap();
+    }
+    assert_eq!(s.status(), "40/40 16");
+    assert_eq!(c.events(), 0);
+    write(&*org, 64, &pattern(9, 64, 8)).unwrap();
+    assert_eq!(s.status(), "Invalid");
+    assert_eq!(c.events(), 1);
+    assert_eq!(read(&*s, 0, 8).unwrap_err().errno(), Errno::EIO);
+    assert_eq!(dev_read(&*o, 64, 8), pattern(9, 64, 8));
+    // Header now says invalid; a reload loads an invalid snapshot.
+    assert_eq!(&w.contents()[4..8], &[0, 0, 0, 0]);
+    drop(s);
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    assert_eq!(s.status(), "Invalid");
+
+    // PO: a snapshot write that cannot allocate overflows; reads keep working.
+    c.mem("c2", 40);
+    let p = c.snapshot(O, "o c2 PO 8").unwrap();
+    activate(&*p);
+    let img = read(&*p, 0, O).unwrap();
+    for ch in 0..3u64 {
+        write(&*p, ch * 8 + 1, &pattern(10, 0, 1)).unwrap();
+    }
+    let e = write(&*p, 100, &pattern(10, 0, 1)).unwrap_err();
+    assert_eq!(e.errno(), Errno::EIO);
+    assert_eq!(p.status(), "Overflow");
+    assert_eq!(
+        read(&*p, 200, 8).unwrap(),
+        img[200 * 512..208 * 512].to_vec()
+    );
+    assert!(
+        write(&*p, 1, &pattern(10, 0, 1)).is_err(),
+        "writes fail once overflowed"
+    );
+    // P: the same snapshot write invalidates.
+    c.mem("c3", 40);
+    let q = c.snapshot(O, "o c3 P 8").unwrap();
+    activate(&*q);
+    for ch in 0..3u64 {
+        write(&*q, ch * 8 + 1, &pattern(10, 0, 1)).unwrap();
+    }
+    assert!(write(&*q, 100, &pattern(10, 0, 1)).is_err());
+    assert_eq!(q.status(), "Invalid");
+}
+
+#[test]
+fn cow_eio_invalidates_but_origin_works() {
+    let (mut c, o, w) = setup(4096);
+    c.mem("c2", 4096);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    let s2 = c.snapshot(O, "o c2 N 16").unwrap();
+    activate(&*s);
+    activate(&*s2);
+    let before = dev_read(&*o, 0, O);
+    w.inject(Fault::range(0, 4096, Errno::EIO).ops(&[BioKind::Write]));
+    write(&*org, 8, &pattern(11, 8, 16)).unwrap();
+    assert_eq!(dev_read(&*o, 8, 16), pattern(11, 8, 16));
+    assert_eq!(s.status(), "Invalid");
+    assert!(c.events() >= 1);
+    assert_eq!(s2.status(), "32/4096 0");
+    assert_eq!(read(&*s2, 0, O).unwrap(), before);
+    write(&*org, 300, &pattern(12, 300, 3)).unwrap();
+    assert_eq!(read(&*s2, 0, O).unwrap(), before);
+}
+
+#[test]
+fn several_snapshots_with_different_chunks() {
+    let (mut c, o, _w) = setup(4096);
+    c.mem("c2", 4096);
+    let org = c.origin(O, "o").unwrap();
+    let a = c.snapshot(O, "o c P 16").unwrap();
+    activate(&*a);
+    let img_a = dev_read(&*o, 0, O);
+    write(&*org, 5, &pattern(20, 5, 30)).unwrap();
+    let b = c.snapshot(O, "o c2 P 8").unwrap();
+    activate(&*b);
+    let img_b = dev_read(&*o, 0, O);
+    write(&*org, 0, &pattern(21, 0, 64)).unwrap();
+    assert_eq!(read(&*a, 0, O).unwrap(), img_a);
+    assert_eq!(read(&*b, 0, O).unwrap(), img_b);
+    assert_eq!(a.status(), "96/4096 32");
+    assert_eq!(b.status(), "80/4096 16");
+}
+
+#[test]
+fn discard_zeroes_cow() {
+    let (mut c, o, _w) = setup(4096);
+    let s = c.snapshot(O, "o c P 8 1 discard_zeroes_cow").unwrap();
+    assert!(s.caps().discard);
+    activate(&*s);
+    write(&*s, 16, &pattern(30, 16, 8)).unwrap();
+    s.map(Bio::discard(16, 8)).unwrap();
+    assert_eq!(read(&*s, 16, 8).unwrap(), vec![0u8; 4096]);
+    // Discard of an unremapped chunk is a no-op.
+    s.map(Bio::discard(40, 8)).unwrap();
+    assert_eq!(read(&*s, 40, 8).unwrap(), dev_read(&*o, 40, 8));
+}
+
+#[test]
+fn handover_moves_exceptions_at_resume() {
+    let (mut c, o, _w) = setup(4096);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    let img = dev_read(&*o, 0, O);
+    write(&*org, 0, &pattern(40, 0, 100)).unwrap();
+    let st = s.status();
+    let s2 = c.snapshot(O, "o c PO 8").unwrap();
+    // Source not suspended: refused.
+    assert!(s2
+        .preresume()
+        .unwrap_err()
+        .msg
+        .contains("until source is suspended"));
+    assert!(s
+        .preresume()
+        .unwrap_err()
+        .msg
+        .contains("until handover completes"));
+    s.presuspend();
+    s.postsuspend();
+    s2.preresume().unwrap();
+    s2.resume();
+    assert_eq!(s2.status(), st);
+    assert_eq!(s.status(), "Invalid");
+    assert_eq!(read(&*s2, 0, O).unwrap(), img);
+    assert!(s2.table_params().ends_with(" PO 8"));
+    // While the old table exists, two tables already share the COW: a third is refused.
+    assert!(c
+        .snapshot(O, "o c P 8")
+        .err()
+        .unwrap()
+        .msg
+        .contains("handover failed"));
+    drop(s);
+    // A pending destination blocks another one.
+    let s3 = c.snapshot(O, "o c P 8").unwrap();
+    assert!(c
+        .snapshot(O, "o c P 8")
+        .err()
+        .unwrap()
+        .msg
+        .contains("handover failed"));
+    drop(s3);
+    write(&*org, 200, &pattern(41, 200, 8)).unwrap();
+    assert_eq!(read(&*s2, 0, O).unwrap(), img);
+}
+
+fn wait_merged(t: &dyn udm_target::Target) -> String {
+    for _ in 0..2000 {
+        let st = t.status();
+        let mut it = st.split(|c| c == '/' || c == ' ');
+        let a = it.next().unwrap_or("");
+        let _ = it.next();
+        let m = it.next().unwrap_or("x");
+        if a == m {
+            return st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    t.status()
+}
+
+#[test]
+fn merge_restores_origin_and_survives_restart() {
+    let (mut c, o, w) = setup(4096);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    let img = dev_read(&*o, 0, O);
+    write(&*org, 0, &pattern(50, 0, O)).unwrap();
+    write(&*s, 33, &pattern(51, 33, 2)).unwrap();
+    let mut want = img.clone();
+    want[33 * 512..35 * 512].copy_from_slice(&pattern(51, 33, 2));
+    // lvconvert --merge: suspend origin + snapshot, replace origin table with snapshot-merge.
+    org.presuspend();
+    org.postsuspend();
+    s.presuspend();
+    s.postsuspend();
+    drop(org);
+    let m = c.merge(O, "o c P 8").unwrap();
+    m.preresume().unwrap();
+    m.resume();
+    let st = wait_merged(&*m);
+    assert_eq!(st, "16/4096 16");
+    assert_eq!(dev_read(&*o, 0, O), want);
+    assert_eq!(read(&*m, 0, O).unwrap(), want);
+    assert!(c.events() >= 1);
+    drop(s);
+    drop(m);
+    // The on-disk state after the merge: area 0 empty.
+    assert!(w.contents()[8 * 512..16 * 512].iter().all(|&b| b == 0));
+
+    // Restart: a merge stopped half-way continues from the on-disk state.
+    let (mut c, o, _w) = setup(4096 * 2);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    let img = dev_read(&*o, 0, O);
+    for i in (0..O).step_by(16) {
+        // non-consecutive exceptions so the merge takes many steps
+        write(&*org, i, &pattern(52, i, 1)).unwrap();
+    }
+    drop(org);
+    s.presuspend();
+    s.postsuspend();
+    let m = c.merge(O, "o c P 8").unwrap();
+    m.preresume().unwrap();
+    m.resume();
+    m.presuspend(); // stops after the current step
+    drop(m);
+    drop(s);
+    let m = c.merge(O, "o c P 8").unwrap();
+    activate(&*m);
+    assert_eq!(wait_merged(&*m), "16/8192 16");
+    assert_eq!(dev_read(&*o, 0, O), img);
+    // Writes through the merge target during/after merge reach the origin.
+    write(&*m, 3, &pattern(53, 3, 1)).unwrap();
+    assert_eq!(dev_read(&*o, 3, 1), pattern(53, 3, 1));
+}

@@ -1,0 +1,146 @@
+//! Shared helpers for the snapshot tests: a tiny constructor context over named devices and
+//! byte-level read/write helpers on targets.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use udm_io::backend::mem::MemDevice;
+use udm_io::{Bio, BlockDevice, IoError};
+use udm_target::snapshot::origin::OriginType;
+use udm_target::snapshot::snap::SnapshotType;
+use udm_target::{CtorContext, DevRef, EventSink, Target, TargetEnv, TargetError, TargetType};
+use udm_types::DevId;
+
+/// Devices by name, one shared environment, an event counter.
+pub struct Ctx {
+    pub devs: HashMap<String, DevRef>,
+    pub env: Arc<TargetEnv>,
+    pub events: Arc<AtomicU64>,
+    pub len: u64,
+    next_minor: u32,
+}
+
+impl Ctx {
+    pub fn new() -> Self {
+        Ctx {
+            devs: HashMap::new(),
+            env: Arc::new(TargetEnv::default()),
+            events: Arc::new(AtomicU64::new(0)),
+            len: 0,
+            next_minor: 0,
+        }
+    }
+
+    pub fn add(&mut self, name: &str, dev: Arc<dyn BlockDevice>) {
+        self.next_minor += 16;
+        let r = DevRef {
+            id: DevId::new(7, self.next_minor),
+            name: name.into(),
+            dev,
+        };
+        self.devs.insert(name.into(), r);
+    }
+
+    pub fn mem(&mut self, name: &str, sectors: u64) -> Arc<MemDevice> {
+        let m = Arc::new(MemDevice::new(sectors));
+        self.add(name, m.clone());
+        m
+    }
+
+    pub fn id(&self, name: &str) -> DevId {
+        self.devs[name].id
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    fn build(
+        &mut self,
+        ty: &dyn TargetType,
+        len: u64,
+        args: &str,
+    ) -> Result<Box<dyn Target>, TargetError> {
+        self.len = len;
+        let args: Vec<String> = args.split_whitespace().map(String::from).collect();
+        ty.construct(self, &args)
+    }
+
+    pub fn origin(&mut self, len: u64, args: &str) -> Result<Box<dyn Target>, TargetError> {
+        self.build(&OriginType, len, args)
+    }
+
+    pub fn snapshot(&mut self, len: u64, args: &str) -> Result<Box<dyn Target>, TargetError> {
+        self.build(&SnapshotType { merge: false }, len, args)
+    }
+
+    pub fn merge(&mut self, len: u64, args: &str) -> Result<Box<dyn Target>, TargetError> {
+        self.build(&SnapshotType { merge: true }, len, args)
+    }
+}
+
+impl CtorContext for Ctx {
+    fn begin(&self) -> u64 {
+        0
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn get_device(&mut self, path: &str) -> Result<DevRef, TargetError> {
+        self.devs
+            .get(path)
+            .cloned()
+            .ok_or_else(|| TargetError::new(udm_types::Errno::ENODEV, format!("no device {path}")))
+    }
+    fn events(&self) -> EventSink {
+        let e = self.events.clone();
+        EventSink::new(move || {
+            e.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+    fn env(&self) -> Arc<TargetEnv> {
+        self.env.clone()
+    }
+}
+
+pub fn write(t: &dyn Target, sector: u64, data: &[u8]) -> Result<(), IoError> {
+    t.map(Bio::write(sector, data))
+}
+
+pub fn read(t: &dyn Target, sector: u64, sectors: u64) -> Result<Vec<u8>, IoError> {
+    let mut b = vec![0u8; (sectors * 512) as usize];
+    t.map(Bio::read(sector, &mut b))?;
+    Ok(b)
+}
+
+pub fn dev_write(d: &dyn BlockDevice, sector: u64, data: &[u8]) {
+    d.submit(Bio::write(sector, data)).unwrap();
+}
+
+pub fn dev_read(d: &dyn BlockDevice, sector: u64, sectors: u64) -> Vec<u8> {
+    let mut b = vec![0u8; (sectors * 512) as usize];
+    d.submit(Bio::read(sector, &mut b)).unwrap();
+    b
+}
+
+/// Deterministic pattern: every byte depends on (seed, sector, offset).
+pub fn pattern(seed: u64, sector: u64, sectors: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity((sectors * 512) as usize);
+    for s in sector..sector + sectors {
+        for i in 0..512u64 {
+            v.push((seed.wrapping_mul(31).wrapping_add(s * 7 + i / 8) & 0xff) as u8);
+        }
+    }
+    v
+}
+
+/// Suspend/resume hooks in the order the core calls them for a fresh table.
+pub fn activate(t: &dyn Target) {
+    t.preresume().unwrap();
+    t.resume();
+}
