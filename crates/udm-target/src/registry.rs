@@ -38,7 +38,7 @@ impl TargetRegistry {
         reg.register(Arc::new(crate::zero::ZeroType));
         reg.register(Arc::new(crate::delay::DelayType));
         reg.register(Arc::new(crate::flakey::FlakeyType));
-        // TODO: call crate::snapshot::register(&mut reg) once the snapshot module provides it.
+        crate::snapshot::register(&mut reg);
         reg
     }
 
@@ -99,6 +99,7 @@ mod tests {
         assert_eq!(v("error"), Some([1, 7, 0]));
         assert_eq!(v("delay"), Some([1, 5, 0]));
         assert_eq!(v("flakey"), Some([1, 5, 0]));
+        assert!(v("snapshot").is_some() && v("snapshot-origin").is_some());
         assert!(reg.format_targets().contains("linear           v1.5.0\n"));
         let mut reg2 = reg.clone();
         let e = reg2

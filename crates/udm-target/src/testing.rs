@@ -3,12 +3,15 @@
 //! 0, 16, 32, ... like `sda`, `sdb`, ...) and resolved by name, `/dev/NAME`, or
 //! `major:minor`. The `[interpose]` prefix is accepted and ignored.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use udm_io::backend::mem::MemDevice;
-use udm_io::BlockDevice;
-use udm_types::{DevId, Errno};
+use udm_io::device::check_range;
+use udm_io::{Bio, BioOp, BlockDevice, Extent, ExtentKind, IoError, Limits};
+use udm_types::{DevId, Errno, SECTOR_SIZE};
 
 use crate::registry::TargetRegistry;
 use crate::table::{Table, TableContext, TableError, TableSpec};
@@ -94,6 +97,13 @@ impl TestContext {
         m
     }
 
+    /// Creates and registers a sparse device of `sectors` sectors (kernel-documentation sizes).
+    pub fn add_sparse(&mut self, name: &str, sectors: u64) -> Arc<SparseDevice> {
+        let d = Arc::new(SparseDevice::new(sectors));
+        self.add_device(name, d.clone());
+        d
+    }
+
     /// The registered device `name`.
     pub fn device(&self, name: &str) -> Option<DevRef> {
         self.devices.iter().find(|d| d.name == name).cloned()
@@ -164,5 +174,119 @@ impl TableContext for TestContext {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+}
+
+/// A device that stores only the sectors written to it (others read as zeroes), so tests can
+/// use the sizes of the kernel documentation examples without allocating them.
+pub struct SparseDevice {
+    size: u64,
+    limits: Limits,
+    sectors: Mutex<HashMap<u64, Vec<u8>>>,
+}
+
+impl SparseDevice {
+    /// A zeroed device of `sectors` sectors.
+    pub fn new(sectors: u64) -> Self {
+        Self::with_limits(sectors, Limits::default())
+    }
+
+    /// A zeroed device with explicit limits.
+    pub fn with_limits(sectors: u64, limits: Limits) -> Self {
+        SparseDevice {
+            size: sectors,
+            limits,
+            sectors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Contents of `count` sectors from `sector` (zeroes where never written).
+    pub fn read_sectors(&self, sector: u64, count: u64) -> Vec<u8> {
+        let map = self.sectors.lock();
+        let mut out = Vec::with_capacity((count * SECTOR_SIZE) as usize);
+        for s in sector..sector + count {
+            match map.get(&s) {
+                Some(d) => out.extend_from_slice(d),
+                None => out.resize(out.len() + SECTOR_SIZE as usize, 0),
+            }
+        }
+        out
+    }
+
+    /// Number of sectors holding written data.
+    pub fn written_sectors(&self) -> usize {
+        self.sectors.lock().len()
+    }
+}
+
+impl BlockDevice for SparseDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        check_range(&bio, self.size)?;
+        let ss = SECTOR_SIZE as usize;
+        let start = bio.sector;
+        let n = bio.sectors();
+        let mut map = self.sectors.lock();
+        match bio.op {
+            BioOp::Read(buf) => {
+                for (i, chunk) in buf.chunks_mut(ss).enumerate() {
+                    match map.get(&(start + i as u64)) {
+                        Some(d) => chunk.copy_from_slice(&d[..chunk.len()]),
+                        None => chunk.fill(0),
+                    }
+                }
+            }
+            BioOp::Write(buf) => {
+                for (i, chunk) in buf.chunks(ss).enumerate() {
+                    let mut d = vec![0u8; ss];
+                    d[..chunk.len()].copy_from_slice(chunk);
+                    map.insert(start + i as u64, d);
+                }
+            }
+            BioOp::Flush => {}
+            BioOp::Discard(_) | BioOp::WriteZeroes(_) => {
+                for s in start..start + n {
+                    map.remove(&s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        let map = self.sectors.lock();
+        let end = sector.saturating_add(sectors).min(self.size);
+        let kind = |s: u64| {
+            if map.contains_key(&s) {
+                ExtentKind::Data
+            } else {
+                ExtentKind::HoleZero
+            }
+        };
+        if sector >= end {
+            return Ok(Vec::new());
+        }
+        let first = kind(sector);
+        // One run, scanned at most this far, keeps huge queries cheap.
+        let limit = end.min(sector + 65536);
+        let mut s = sector + 1;
+        while s < limit && kind(s) == first {
+            s += 1;
+        }
+        Ok(vec![Extent {
+            sectors: s - sector,
+            kind: first,
+        }])
+    }
+
+    fn describe(&self) -> String {
+        format!("sparse test device ({} sectors)", self.size)
     }
 }
