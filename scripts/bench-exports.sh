@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Side-by-side NBD benchmark: the same 1 GiB file served by udm, by nbdkit's file plugin and by
+# qemu-storage-daemon, driven by the same fio jobs (ioengine=nbd), one server at a time.
+# Prints IOPS, MiB/s and p99 latency per job and server, and the udm/peer ratios.
+#
+# Environment: RUNTIME (seconds per job, default 10), SIZE (default 1G), WORKDIR (default a
+# temporary directory), UDM_SERVE (path of the nbd-serve binary; built if unset), JOBS (space
+# separated subset of job names).
+set -euo pipefail
+
+RUNTIME=${RUNTIME:-10}
+SIZE=${SIZE:-1G}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench.XXXXXX)}
+FILE=$WORKDIR/disk.img
+SOCK=$WORKDIR/nbd.sock
+RESULTS=$WORKDIR/results.tsv
+SERVER_PID=
+
+for t in fio nbdkit qemu-storage-daemon jq; do
+    command -v "$t" >/dev/null || { echo "bench-exports: $t is missing (apt-get install fio nbdkit qemu-utils jq)" >&2; exit 1; }
+done
+
+cleanup() {
+    stop_server
+    [[ -n ${KEEP:-} ]] || rm -rf "$WORKDIR"
+}
+trap cleanup EXIT
+
+stop_server() {
+    if [[ -n $SERVER_PID ]]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+    rm -f "$SOCK"
+}
+
+wait_socket() {
+    for _ in $(seq 100); do
+        [[ -S $SOCK ]] && return 0
+        sleep 0.1
+    done
+    echo "bench-exports: server did not create $SOCK" >&2
+    exit 1
+}
+
+# The udm server. For now the nbd-serve example; later udmd with a linear mapping of the file.
+start_udm() {
+    local bin=${UDM_SERVE:-}
+    if [[ -z $bin ]]; then
+        (cd "$ROOT" && cargo build --quiet --release -p udm-export --example nbd-serve)
+        bin=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/nbd-serve
+    fi
+    "$bin" "$FILE" --socket "$SOCK" --name bench >/dev/null &
+    SERVER_PID=$!
+    wait_socket
+}
+
+start_nbdkit() {
+    nbdkit --foreground -U "$SOCK" -e bench file file="$FILE" &
+    SERVER_PID=$!
+    wait_socket
+}
+
+start_qsd() {
+    qemu-storage-daemon \
+        --blockdev file,node-name=f0,filename="$FILE",cache.direct=off \
+        --nbd-server addr.type=unix,addr.path="$SOCK" \
+        --export nbd,id=e0,node-name=f0,name=bench,writable=on &
+    SERVER_PID=$!
+    wait_socket
+}
+
+# name rw bs iodepth numjobs
+ALL_JOBS=(
+    "randread-4k rw=randread 4k 16 1"
+    "randwrite-4k rw=randwrite 4k 16 1"
+    "read-1m rw=read 1M 4 1"
+    "write-1m rw=write 1M 4 1"
+    "randread-4k-2conn rw=randread 4k 16 2"
+    "randwrite-4k-2conn rw=randwrite 4k 16 2"
+)
+
+run_job() { # server job-spec
+    local server=$1 name rw bs depth jobs
+    read -r name rw bs depth jobs <<<"$2"
+    local out=$WORKDIR/$server-$name.json
+    fio --name="$name" --ioengine=nbd --uri="nbd+unix:///bench?socket=$SOCK" \
+        --"$rw" --bs="$bs" --iodepth="$depth" --numjobs="$jobs" --group_reporting \
+        --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 \
+        --output-format=json --output="$out" >/dev/null 2>&1
+    local dir=read
+    [[ $rw == *write* ]] && dir=write
+    jq -r --arg s "$server" --arg n "$name" --arg d "$dir" \
+        '.jobs[0][$d] | [$s, $n, .iops, (.bw_bytes / 1048576), ((.clat_ns.percentile["99.000000"] // 0) / 1000)] | @tsv' \
+        "$out" >>"$RESULTS"
+}
+
+mkdir -p "$WORKDIR"
+: >"$RESULTS"
+echo "bench-exports: preparing $SIZE file in $WORKDIR" >&2
+fio --name=fill --filename="$FILE" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
+    --refill_buffers --output=/dev/null
+sync
+
+SELECTED=()
+for j in "${ALL_JOBS[@]}"; do
+    if [[ -z ${JOBS:-} ]] || [[ " $JOBS " == *" ${j%% *} "* ]]; then
+        SELECTED+=("$j")
+    fi
+done
+
+for server in udm nbdkit qsd; do
+    echo "bench-exports: $server" >&2
+    for j in "${SELECTED[@]}"; do
+        "start_$server"
+        run_job "$server" "$j"
+        stop_server
+    done
+done
+
+python3 - "$RESULTS" <<'EOF'
+import sys, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+r = collections.OrderedDict()
+for s, n, iops, mib, p99 in rows:
+    r.setdefault(n, {})[s] = (float(iops), float(mib), float(p99))
+hdr = f"{'job':<20} {'server':<7} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}"
+print(hdr)
+print("-" * len(hdr))
+worst = {}
+for n, d in r.items():
+    for s in ("udm", "nbdkit", "qsd"):
+        if s in d:
+            i, m, p = d[s]
+            print(f"{n:<20} {s:<7} {i:>10.0f} {m:>9.1f} {p:>9.0f}")
+    if "udm" in d:
+        u = d["udm"][0]
+        parts = []
+        for peer in ("nbdkit", "qsd"):
+            if peer in d and d[peer][0] > 0:
+                ratio = u / d[peer][0]
+                worst[peer] = min(worst.get(peer, ratio), ratio)
+                parts.append(f"udm/{peer} {ratio:.2f}x")
+        print(f"{'':<20} {'ratio':<7} " + "  ".join(parts))
+print()
+print("worst ratio: " + "  ".join(f"udm/{p} {v:.2f}x" for p, v in worst.items()))
+EOF
