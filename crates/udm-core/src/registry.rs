@@ -621,12 +621,18 @@ impl Registry {
             } else {
                 DevId::new(EXT_MAJOR, inner.free_minor(EXT_MAJOR, 1))
             };
-            let pname = format!("{name}{}", p.number);
+            let pname = udm_io::slice::partition_name(name, p.number);
             if inner.names.contains_key(&pname) {
                 tracing::warn!("partition name {pname} is taken; partition skipped");
                 continue;
             }
-            let slice = udm_io::slice::SliceDevice::new(node.clone(), p.start, p.sectors, &pname);
+            let slice = match udm_io::slice::SliceDevice::for_partition(node.clone(), name, p) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("partition {pname} skipped: {e}");
+                    continue;
+                }
+            };
             let pnode = Arc::new(DeviceNode::new(
                 pid,
                 &pname,

@@ -1,0 +1,531 @@
+//! The control server: one thread per connection, one JSON request per line, peers checked by
+//! credentials. Every request that changes what a user set up is recorded in the state directory
+//! before it is acknowledged.
+
+use crate::exports::Exports;
+use crate::state::{self, DaemonState, ExportConfig, STATE_VERSION};
+use parking_lot::Mutex;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use udm_core::registry::{DeviceKind, LoadFlags, ResumeOptions, SuspendFlags};
+use udm_core::{CoreError, Registry};
+use udm_proto::*;
+use udm_target::table::{ConciseDevice, TableSpec, TargetSpec};
+use udm_types::errno::HasErrno;
+use udm_types::Errno;
+
+/// The daemon's shared state.
+pub struct Daemon {
+    /// Devices.
+    pub registry: Arc<Registry>,
+    /// Exports.
+    pub exports: Exports,
+    /// Where state.json lives.
+    pub state_dir: PathBuf,
+    /// Serialises changes and their recording.
+    pub change: Mutex<()>,
+}
+
+fn err(e: impl HasErrno + std::fmt::Display) -> ErrorReply {
+    let errno = e.errno();
+    ErrorReply {
+        errno: errno.0,
+        errno_name: errno.name().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn parse_table(text: &str) -> Result<TableSpec, ErrorReply> {
+    TableSpec::parse(text).map_err(err)
+}
+
+impl Daemon {
+    /// Records the current configuration.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let st = DaemonState {
+            version: STATE_VERSION,
+            registry: self.registry.config(),
+            exports: self
+                .exports
+                .config()
+                .into_iter()
+                .map(|(device, export, read_only)| ExportConfig {
+                    device,
+                    export,
+                    read_only,
+                })
+                .collect(),
+        };
+        state::save(&self.state_dir, &st)
+    }
+
+    fn names(&self, name: &Option<String>) -> Vec<String> {
+        match name {
+            Some(n) => vec![n.clone()],
+            None => self
+                .registry
+                .list_mapped()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
+        }
+    }
+
+    fn info_record(&self, name: &str) -> Result<InfoRecord, ErrorReply> {
+        let i = self.registry.info(name).map_err(err)?;
+        Ok(InfoRecord {
+            name: i.name,
+            uuid: i.uuid,
+            major: i.id.major,
+            minor: i.id.minor,
+            suspended: i.suspended,
+            read_only: i.read_only,
+            live_present: i.live_present,
+            inactive_present: i.inactive_present,
+            open_count: i.open_count,
+            event_nr: i.event_nr,
+            target_count: i.target_count,
+            deferred_remove: i.deferred_remove,
+            sectors: i.sectors,
+            interposed: i.interposed,
+            interposers: i
+                .interposers
+                .into_iter()
+                .map(|p| InterposerRecord {
+                    device: p.device,
+                    dev: p.id.to_string(),
+                    start: p.start,
+                    len: p.len,
+                    attached: p.attached,
+                })
+                .collect(),
+            redirected: i.redirected,
+        })
+    }
+
+    /// Executes one request.
+    pub fn handle(&self, req: Request) -> Result<Response, ErrorReply> {
+        let mutating = !matches!(
+            req,
+            Request::Version
+                | Request::DiskList
+                | Request::Info { .. }
+                | Request::List
+                | Request::Table { .. }
+                | Request::Status { .. }
+                | Request::Deps { .. }
+                | Request::Targets
+                | Request::Wait { .. }
+                | Request::NameByUuid { .. }
+                | Request::ExportList
+        );
+        if !mutating {
+            return self.read(req);
+        }
+        let _g = self.change.lock();
+        let r = self.change(req);
+        if let Err(e) = self.save() {
+            tracing::error!("cannot record state: {e:#}");
+            if r.is_ok() {
+                return Err(ErrorReply {
+                    errno: Errno::EIO.0,
+                    errno_name: "EIO".into(),
+                    message: format!("done, but the state could not be recorded: {e:#}"),
+                });
+            }
+        }
+        r
+    }
+
+    fn change(&self, req: Request) -> Result<Response, ErrorReply> {
+        let reg = &self.registry;
+        match req {
+            Request::DiskAdd {
+                name,
+                path,
+                create,
+                read_only,
+                direct,
+            } => {
+                let d = reg
+                    .add_disk(
+                        &name,
+                        &path,
+                        &udm_core::registry::DiskOptions {
+                            read_only,
+                            direct,
+                            create,
+                        },
+                    )
+                    .map_err(err)?;
+                Ok(Response::Disks(vec![disk_record(d)]))
+            }
+            Request::DiskRemove { name } => {
+                reg.remove_disk(&name).map(|_| Response::Done).map_err(err)
+            }
+            Request::Create {
+                name,
+                uuid,
+                table,
+                read_only,
+                interpose,
+                freeze,
+            } => {
+                let spec = table.as_deref().map(parse_table).transpose()?;
+                let flags = LoadFlags {
+                    read_only,
+                    interpose,
+                };
+                reg.create(
+                    &name,
+                    uuid.as_deref(),
+                    None,
+                    spec.as_ref().map(|s| (s, flags)),
+                    &ResumeOptions { freeze },
+                )
+                .map_err(err)?;
+                Ok(Response::Info(vec![self.info_record(&name)?]))
+            }
+            Request::Load {
+                name,
+                table,
+                read_only,
+                interpose,
+            } => {
+                let spec = parse_table(&table)?;
+                reg.load(
+                    &name,
+                    &spec,
+                    LoadFlags {
+                        read_only,
+                        interpose,
+                    },
+                )
+                .map(|_| Response::Done)
+                .map_err(err)
+            }
+            Request::Resume { name, freeze } => reg
+                .resume(&name, &ResumeOptions { freeze })
+                .map(|_| Response::Done)
+                .map_err(err),
+            Request::Suspend {
+                name,
+                noflush,
+                nolockfs,
+            } => reg
+                .suspend(&name, SuspendFlags { noflush, nolockfs })
+                .map(|_| Response::Done)
+                .map_err(err),
+            Request::Clear { name } => reg.clear(&name).map(|_| Response::Done).map_err(err),
+            Request::Remove {
+                name,
+                force,
+                deferred,
+            } => reg
+                .remove(&name, force, deferred)
+                .map(|_| Response::Done)
+                .map_err(err),
+            Request::Rename {
+                name,
+                new_name,
+                set_uuid,
+            } => match (new_name, set_uuid) {
+                (Some(n), None) => reg.rename(&name, &n),
+                (None, Some(u)) => reg.set_uuid(&name, &u),
+                _ => Err(CoreError::invalid(
+                    "rename needs either a new name or --setuuid UUID",
+                )),
+            }
+            .map(|_| Response::Done)
+            .map_err(err),
+            Request::Message {
+                name,
+                sector,
+                message,
+            } => reg
+                .message(&name, sector, &message)
+                .map(Response::MessageOutput)
+                .map_err(err),
+            Request::ExportAdd {
+                device,
+                export,
+                read_only,
+            } => {
+                self.exports.add(&device, &export, read_only).map_err(err)?;
+                Ok(Response::Exports(self.exports.list()))
+            }
+            Request::ExportRemove { id } => self
+                .exports
+                .remove(&id)
+                .map(|_| Response::Done)
+                .map_err(err),
+            other => self.read(other),
+        }
+    }
+
+    fn read(&self, req: Request) -> Result<Response, ErrorReply> {
+        let reg = &self.registry;
+        match req {
+            Request::Version => Ok(Response::Version(VersionRecord {
+                daemon: env!("CARGO_PKG_VERSION").to_string(),
+                protocol: PROTOCOL_VERSION,
+                dm_interface: "4.50.0".to_string(),
+            })),
+            Request::DiskList => Ok(Response::Disks(
+                reg.disks().into_iter().map(disk_record).collect(),
+            )),
+            Request::Info { name } => {
+                let mut v = Vec::new();
+                for n in self.names(&name) {
+                    v.push(self.info_record(&n)?);
+                }
+                Ok(Response::Info(v))
+            }
+            Request::List => Ok(Response::Devices(
+                reg.devices()
+                    .into_iter()
+                    .map(|d| DeviceRecord {
+                        name: d.name,
+                        major: d.id.major,
+                        minor: d.id.minor,
+                        kind: match d.kind {
+                            DeviceKind::Disk => DeviceKindRecord::Disk,
+                            DeviceKind::Partition => DeviceKindRecord::Partition,
+                            DeviceKind::Mapped => DeviceKindRecord::Mapped,
+                        },
+                        deps: d.deps.iter().map(|x| x.to_string()).collect(),
+                        interposes: d.interposes.iter().map(|x| x.to_string()).collect(),
+                    })
+                    .collect(),
+            )),
+            Request::Table {
+                name,
+                inactive,
+                concise,
+            } => {
+                let mut out = Vec::new();
+                for n in self.names(&name) {
+                    let lines = reg.table(&n, inactive).map_err(err)?;
+                    out.push(DeviceLines {
+                        name: n,
+                        lines: lines.into_iter().map(line_record).collect(),
+                    });
+                }
+                if concise {
+                    return self.concise(&out);
+                }
+                Ok(Response::Lines(out))
+            }
+            Request::Status { name, inactive } => {
+                let mut out = Vec::new();
+                for n in self.names(&name) {
+                    let lines = reg.status(&n, inactive).map_err(err)?;
+                    out.push(DeviceLines {
+                        name: n,
+                        lines: lines.into_iter().map(line_record).collect(),
+                    });
+                }
+                Ok(Response::Lines(out))
+            }
+            Request::Deps { name, inactive } => {
+                let mut out = Vec::new();
+                for n in self.names(&name) {
+                    let deps = reg.deps(&n, inactive).map_err(err)?;
+                    out.push(DeviceDeps {
+                        name: n,
+                        deps: deps
+                            .into_iter()
+                            .map(|(id, name)| DepRecord {
+                                major: id.major,
+                                minor: id.minor,
+                                name,
+                            })
+                            .collect(),
+                    });
+                }
+                Ok(Response::Deps(out))
+            }
+            Request::Targets => Ok(Response::Targets(
+                reg.targets()
+                    .into_iter()
+                    .map(|(name, version)| TargetRecord { name, version })
+                    .collect(),
+            )),
+            Request::Wait {
+                name,
+                event_nr,
+                timeout_ms,
+            } => {
+                let timeout = Duration::from_millis(timeout_ms.unwrap_or(u64::MAX / 4));
+                reg.wait_event(&name, event_nr, timeout)
+                    .map(Response::Event)
+                    .map_err(err)
+            }
+            Request::NameByUuid { uuid } => reg
+                .name_by_uuid(&uuid)
+                .map(Response::Name)
+                .ok_or_else(|| err(CoreError::NoDevice(format!("with uuid {uuid}")))),
+            Request::ExportList => Ok(Response::Exports(self.exports.list())),
+            other => self.change(other),
+        }
+    }
+
+    fn concise(&self, devs: &[DeviceLines]) -> Result<Response, ErrorReply> {
+        let mut out = Vec::new();
+        for d in devs {
+            let info = self.registry.info(&d.name).map_err(err)?;
+            out.push(ConciseDevice {
+                name: d.name.clone(),
+                uuid: info.uuid,
+                minor: Some(info.id.minor),
+                read_only: info.read_only,
+                interpose: info.interposed,
+                table: TableSpec {
+                    lines: d
+                        .lines
+                        .iter()
+                        .map(|l| TargetSpec {
+                            start: l.start,
+                            len: l.len,
+                            target_type: l.target_type.clone(),
+                            params: l.params.clone(),
+                        })
+                        .collect(),
+                },
+            });
+        }
+        Ok(Response::Concise(ConciseDevice::format_list(&out)))
+    }
+}
+
+fn line_record(l: udm_core::registry::TargetLine) -> TargetLineRecord {
+    TargetLineRecord {
+        start: l.start,
+        len: l.len,
+        target_type: l.target_type,
+        params: l.params,
+    }
+}
+
+fn disk_record(d: udm_core::registry::DiskInfo) -> DiskRecord {
+    DiskRecord {
+        name: d.name,
+        dev: d.id.to_string(),
+        path: d.path,
+        sectors: d.sectors,
+        read_only: d.read_only,
+        direct: d.direct,
+        partitions: d
+            .partitions
+            .into_iter()
+            .map(|p| PartitionRecord {
+                name: p.name,
+                dev: p.id.to_string(),
+                number: p.number,
+                start: p.start,
+                sectors: p.sectors,
+            })
+            .collect(),
+        holders: d.holders,
+    }
+}
+
+/// The uid of the peer of a Unix stream.
+fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given; the fd is a live socket.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Serves the control socket until the process exits.
+pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        match peer_uid(&stream) {
+            Ok(uid) if uid == me || uid == 0 => {}
+            Ok(uid) => {
+                tracing::warn!(
+                    uid,
+                    "control connection refused: peer is neither root nor the daemon's user"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("control connection refused: no peer credentials: {e}");
+                continue;
+            }
+        }
+        let d = daemon.clone();
+        let spawned = std::thread::Builder::new()
+            .name("udm-control".into())
+            .spawn(move || connection(d, stream));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start control thread: {e}");
+        }
+    }
+}
+
+fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<RequestEnvelope>(&line) {
+            Err(e) => Reply::Err(ErrorReply {
+                errno: Errno::EINVAL.0,
+                errno_name: "EINVAL".into(),
+                message: format!("malformed control request: {e}"),
+            }),
+            Ok(env) if env.version != PROTOCOL_VERSION => Reply::Err(ErrorReply {
+                errno: Errno::EPROTO.0,
+                errno_name: "EPROTO".into(),
+                message: format!(
+                    "control protocol version {} is not supported (udmd speaks {PROTOCOL_VERSION})",
+                    env.version
+                ),
+            }),
+            Ok(env) => {
+                tracing::debug!(request = ?env.request, "control request");
+                match daemon.handle(env.request) {
+                    Ok(r) => Reply::Ok(r),
+                    Err(e) => Reply::Err(e),
+                }
+            }
+        };
+        let Ok(mut out) = serde_json::to_vec(&reply) else {
+            return;
+        };
+        out.push(b'\n');
+        if writer.write_all(&out).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! `udmd`: the udm daemon. Serves disks and mapped devices, exports them over NBD, FUSE and ublk,
+//! and takes control requests from `udmsetup` and `udm` on a Unix socket.
+
+mod control;
+mod exports;
+mod state;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use control::Daemon;
+use parking_lot::Mutex;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use udm_core::registry::{LoadFlags, ResumeOptions};
+use udm_core::Registry;
+use udm_export::nbd::NbdServer;
+use udm_io::{Bio, BlockDevice};
+use udm_proto::paths;
+
+/// udmd — user-space device-mapper daemon with live interposition.
+///
+/// With no options it serves the control socket and the NBD socket in the runtime directory
+/// ($UDM_RUNTIME_DIR, else /run/udm as root, else $XDG_RUNTIME_DIR/udm) and restores what was set
+/// up before from the state directory ($UDM_STATE_DIR, else /var/lib/udm or $XDG_STATE_HOME/udm).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Runtime directory (control.sock, nbd.sock).
+    #[arg(long, env = "UDM_RUNTIME_DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// State directory (state.json).
+    #[arg(long, env = "UDM_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Also serve NBD on TCP at ADDR:PORT or PORT (127.0.0.1 unless an address is given).
+    #[arg(long, value_name = "ADDR:PORT")]
+    nbd_listen: Option<String>,
+    /// Create mapped devices at start-up, in the concise syntax of the kernel's `dm-mod.create=`:
+    /// `name,uuid,minor,flags,table[,table...][;name,...]`; flags `ro`, `rw`, `ro+interpose`,
+    /// `rw+interpose`. Devices that already exist (restored from the state) are left alone.
+    #[arg(long, value_name = "CONCISE")]
+    create: Vec<String>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
+    #[arg(long, env = "UDM_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Some(port) = s.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()) {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    bail!("--nbd-listen {s:?}: expected PORT, :PORT or ADDR:PORT")
+}
+
+fn make_dir(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting permissions of {}", p.display()))?;
+    Ok(())
+}
+
+/// Takes an exclusive lock in the runtime directory so two daemons never serve the same state.
+fn lock_runtime(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("udmd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a valid fd has no memory-safety preconditions.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another udmd is already running with runtime directory {}",
+            dir.display()
+        );
+    }
+    Ok(f)
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running daemon", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+fn apply_create(registry: &Registry, spec: &str) -> Result<()> {
+    let devices = udm_target::table::ConciseDevice::parse_list(spec)
+        .with_context(|| format!("--create {spec:?}"))?;
+    for d in devices {
+        if registry.info(&d.name).is_ok() {
+            tracing::info!(device = %d.name, "--create: device exists already (restored); left alone");
+            continue;
+        }
+        let flags = LoadFlags {
+            read_only: d.read_only,
+            interpose: d.interpose,
+        };
+        registry
+            .create(
+                &d.name,
+                d.uuid.as_deref(),
+                d.minor,
+                Some((&d.table, flags)),
+                &ResumeOptions::default(),
+            )
+            .with_context(|| format!("--create {}", d.name))?;
+        tracing::info!(device = %d.name, "created at start-up");
+    }
+    Ok(())
+}
+
+/// Flushes every device so that what clients wrote is durable before the daemon exits.
+fn flush_all(registry: &Registry) {
+    for d in registry.devices() {
+        let Ok(node) = registry.node(&d.name) else {
+            continue;
+        };
+        if let Ok(i) = registry.info(&d.name) {
+            if i.suspended || !i.live_present {
+                continue;
+            }
+        }
+        if let Err(e) = node.submit(Bio::flush()) {
+            tracing::warn!(device = %d.name, "flush at shutdown failed: {e}");
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = args.runtime_dir.clone().unwrap_or_else(paths::runtime_dir);
+    let state_dir = args.state_dir.clone().unwrap_or_else(paths::state_dir);
+    make_dir(&runtime)?;
+    make_dir(&state_dir)?;
+    let _lock = lock_runtime(&runtime)?;
+    let control_path = paths::control_socket(&runtime);
+    let nbd_path = paths::nbd_socket(&runtime);
+
+    let registry = Arc::new(Registry::new());
+    let st = state::load(&state_dir)?;
+    for p in registry.restore(&st.registry) {
+        tracing::error!("restore: {p}");
+    }
+    let nbd = NbdServer::new();
+    let daemon = Arc::new(Daemon {
+        registry: registry.clone(),
+        exports: exports::Exports::new(registry.clone(), nbd.clone(), nbd_path.clone()),
+        state_dir: state_dir.clone(),
+        change: Mutex::new(()),
+    });
+    for e in &st.exports {
+        if let Err(err) = daemon.exports.add(&e.device, &e.export, e.read_only) {
+            tracing::error!(device = %e.device, "restore: export not restored: {err}");
+        }
+    }
+    for c in &args.create {
+        apply_create(&registry, c)?;
+    }
+    daemon.save()?;
+
+    // NBD: Unix socket always, TCP when asked.
+    if nbd_path.exists() {
+        std::fs::remove_file(&nbd_path).ok();
+    }
+    nbd.listen_unix(&nbd_path)
+        .with_context(|| format!("NBD socket {}", nbd_path.display()))?;
+    std::fs::set_permissions(&nbd_path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(l) = &args.nbd_listen {
+        let addr = parse_listen(l)?;
+        nbd.listen_tcp(addr)
+            .with_context(|| format!("NBD TCP listener {addr}"))?;
+        tracing::info!(%addr, "NBD listening on TCP");
+    }
+    let listener = bind_socket(&control_path)?;
+    let d = daemon.clone();
+    std::thread::Builder::new()
+        .name("udm-accept".into())
+        .spawn(move || control::serve(d, listener))?;
+    tracing::info!(control = %control_path.display(), nbd = %nbd_path.display(), state = %state_dir.display(), "udmd ready");
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(
+            signal = sig,
+            "shutting down: draining exports and flushing devices"
+        );
+    }
+    let _g = daemon.change.lock();
+    daemon.exports.shutdown();
+    flush_all(&registry);
+    if let Err(e) = daemon.save() {
+        tracing::error!("cannot record state at shutdown: {e:#}");
+    }
+    std::fs::remove_file(&control_path).ok();
+    std::fs::remove_file(&nbd_path).ok();
+    tracing::info!("udmd stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen("10809").unwrap(),
+            "127.0.0.1:10809".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen(":10809").unwrap(),
+            "127.0.0.1:10809".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen("0.0.0.0:1").unwrap(),
+            "0.0.0.0:1".parse().unwrap()
+        );
+        assert!(parse_listen("x").is_err());
+    }
+}

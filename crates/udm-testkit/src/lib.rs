@@ -1,0 +1,330 @@
+//! Test harness for udm's integration tests: a private `udmd` (its own runtime and state
+//! directories), `udmsetup` invocations, tool detection with loud skips, and helpers for the
+//! backing files whose bytes tests compare against.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (the test executable lives in `<dir>/deps`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let deps = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if deps.ends_with("deps") {
+        deps.parent().map(Path::to_path_buf).unwrap_or(deps)
+    } else {
+        deps
+    }
+}
+
+/// Path of a workspace binary (`udmd`, `udmsetup`, `udm`); panics with advice when not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo test --workspace` so every binary is built",
+        p.display()
+    );
+    p
+}
+
+/// True when `tool` is on PATH; otherwise prints a loud SKIPPED line for `test`.
+pub fn have(tool: &str, test: &str) -> bool {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: `{tool}` is not installed");
+    }
+    ok
+}
+
+/// True when running as root; otherwise prints a loud SKIPPED line.
+pub fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let ok = unsafe { libc::geteuid() } == 0;
+    if !ok {
+        eprintln!("SKIPPED {test}: needs root");
+    }
+    ok
+}
+
+/// A private udmd.
+pub struct Udmd {
+    /// Holds the runtime, state and scratch directories.
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Udmd {
+    /// Starts a daemon with fresh directories.
+    pub fn start() -> Udmd {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra arguments (e.g. `--create ...`).
+    pub fn start_with(extra: &[&str]) -> Udmd {
+        let dir = tempfile::Builder::new()
+            .prefix("udm-test")
+            .tempdir()
+            .expect("tempdir");
+        let mut d = Udmd {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Runtime directory (control.sock, nbd.sock).
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// State directory.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A scratch path inside the test directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The NBD socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.runtime().join("nbd.sock")
+    }
+
+    /// `nbd+unix:///NAME?socket=...` for an export.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.nbd_socket().display()
+        )
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("udmd.log"))
+            .expect("log file");
+        let mut cmd = Command::new(bin("udmd"));
+        cmd.arg("--runtime-dir")
+            .arg(self.runtime())
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(&self.extra)
+            .env(
+                "UDM_LOG",
+                std::env::var("UDM_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn udmd");
+        self.child = Some(child);
+        let sock = self.runtime().join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("udmd exited at start-up ({st}); log:\n{}", self.log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("udmd did not come up; log:\n{}", self.log());
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("udmd.log")).unwrap_or_default()
+    }
+
+    /// `kill -9` and start again on the same directories.
+    pub fn crash_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// `kill -9` without restarting.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, wait for a clean exit, start again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// SIGTERM and wait; returns the exit status success.
+    pub fn stop(&mut self) -> bool {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill with a valid pid and signal number.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return st.success();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            return false;
+        }
+        true
+    }
+
+    /// Runs `udmsetup ARGS` against this daemon.
+    pub fn udmsetup(&self, args: &[&str]) -> Output {
+        self.udmsetup_stdin(args, None)
+    }
+
+    /// Runs `udmsetup ARGS` with `stdin`.
+    pub fn udmsetup_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        run_tool(&bin("udmsetup"), &self.runtime(), args, stdin)
+    }
+
+    /// Runs `udm ARGS` against this daemon.
+    pub fn udm(&self, args: &[&str]) -> Output {
+        run_tool(&bin("udm"), &self.runtime(), args, None)
+    }
+
+    /// Runs `udmsetup ARGS`, asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.udmsetup(args);
+        assert!(
+            o.status.success(),
+            "udmsetup {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs `udmsetup ARGS`, asserting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.udmsetup(args);
+        assert!(
+            !o.status.success(),
+            "udmsetup {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// A client of the control protocol.
+    pub fn client(&self) -> udm_proto::ControlClient {
+        udm_proto::ControlClient::connect(&self.runtime().join("control.sock"))
+            .expect("control connection")
+    }
+
+    /// Creates a backing file of `bytes` filled with a pattern derived from `seed` and adds it as a
+    /// disk named `name`; returns the file path.
+    pub fn disk(&self, name: &str, bytes: u64, seed: u8) -> PathBuf {
+        let p = self.path(&format!("{name}.img"));
+        write_pattern_file(&p, bytes, seed);
+        self.ok(&[
+            "disk",
+            "add",
+            name,
+            "--file",
+            p.to_str().unwrap_or_default(),
+        ]);
+        p
+    }
+}
+
+impl Drop for Udmd {
+    fn drop(&mut self) {
+        if !self.stop() {
+            eprintln!("udmd did not stop cleanly; log:\n{}", self.log());
+        }
+    }
+}
+
+fn run_tool(exe: &Path, runtime: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(exe);
+    cmd.env("UDM_RUNTIME_DIR", runtime)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn tool");
+    if let (Some(s), Some(mut i)) = (stdin, child.stdin.take()) {
+        i.write_all(s.as_bytes()).expect("stdin");
+    }
+    child.wait_with_output().expect("tool output")
+}
+
+/// Fills a file with a deterministic pattern: every 512-byte sector holds its own number and
+/// `seed`, so misplaced data is recognisable.
+pub fn write_pattern_file(p: &Path, bytes: u64, seed: u8) {
+    let f = std::fs::File::create(p).expect("create");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < bytes {
+        let n = (bytes - off).min(buf.len() as u64) as usize;
+        fill_pattern(&mut buf[..n], off / 512, seed);
+        f.write_all_at(&buf[..n], off).expect("write");
+        off += n as u64;
+    }
+}
+
+/// The pattern of [`write_pattern_file`] for sectors starting at `sector`.
+pub fn fill_pattern(buf: &mut [u8], sector: u64, seed: u8) {
+    for (i, chunk) in buf.chunks_mut(512).enumerate() {
+        let s = sector + i as u64;
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = (s as u8)
+                .wrapping_mul(31)
+                .wrapping_add(j as u8)
+                .wrapping_add(seed)
+                ^ (s >> 8) as u8;
+        }
+        if chunk.len() >= 9 {
+            chunk[..8].copy_from_slice(&s.to_le_bytes());
+            chunk[8] = seed;
+        }
+    }
+}
+
+/// Reads `len` bytes at `off` from a file.
+pub fn read_at(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(p).expect("open");
+    let mut v = vec![0u8; len];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(off)).expect("seek");
+    f.read_exact(&mut v).expect("read");
+    v
+}
+
+/// Runs a shell command, returning (success, stdout, stderr).
+pub fn sh(cmd: &str) -> (bool, String, String) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
