@@ -1,0 +1,249 @@
+//! Commands that change devices: create, load/reload, suspend, resume, remove, clear, rename,
+//! message, wait.
+
+use super::cli::{
+    CreateArgs, LoadArgs, MessageArgs, NamesArgs, RemoveArgs, RenameArgs, ResumeArgs, SuspendArgs,
+    WaitArgs,
+};
+use super::Ctx;
+use crate::error::CliError;
+use crate::input::{read_table, table_text};
+use crate::session::unexpected;
+use std::path::Path;
+use udm_proto::{Request, Response};
+
+/// libdm retries a busy remove 25 times, 200 ms apart (`libdm-iface.c` `_do_dm_ioctl`
+/// with `retry_remove`).
+const REMOVE_RETRIES: u32 = 25;
+const REMOVE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn expect_done(command: &str, r: Response) -> Result<(), CliError> {
+    match r {
+        Response::Done | Response::MessageOutput(None) => Ok(()),
+        other => Err(unexpected(command, &other)),
+    }
+}
+
+pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
+    let table = if a.notable {
+        None
+    } else {
+        let lines = read_table(a.table.as_deref(), a.file.as_deref(), ctx.stdin)?;
+        // dmsetup: no target lines = a device without a table (`_added_target == 0`).
+        (!lines.is_empty()).then(|| table_text(&lines))
+    };
+    let req = Request::Create {
+        name: a.name.clone(),
+        uuid: ctx.uuid.clone(),
+        table,
+        read_only: a.readonly,
+        interpose: a.interpose,
+        freeze: a.freeze,
+    };
+    let r = ctx.call("create", &a.name, req)?;
+    expect_done("create", r)?;
+    ctx.verbose_info("info", &a.name)
+}
+
+pub(super) fn load(ctx: &mut Ctx<'_>, a: LoadArgs) -> Result<(), CliError> {
+    let mut args = a.args.into_iter();
+    let name = match ctx.name_by_uuid("reload")? {
+        Some(n) => n,
+        None => args
+            .next()
+            .ok_or_else(|| CliError::Usage("Please specify device.".into()))?,
+    };
+    let file = args.next();
+    if args.next().is_some() {
+        return Err(CliError::Usage("Too many command line arguments.".into()));
+    }
+    let lines = read_table(
+        a.table.as_deref(),
+        file.as_deref().map(Path::new),
+        ctx.stdin,
+    )?;
+    let req = Request::Load {
+        name: name.clone(),
+        table: table_text(&lines),
+        read_only: a.readonly,
+        interpose: a.interpose,
+    };
+    let r = ctx.call("reload", &name, req)?;
+    expect_done("reload", r)?;
+    ctx.verbose_info("info", &name)
+}
+
+pub(super) fn suspend(ctx: &mut Ctx<'_>, a: SuspendArgs) -> Result<(), CliError> {
+    for name in ctx.names_or_uuid("suspend", a.names)? {
+        let req = Request::Suspend {
+            name: name.clone(),
+            noflush: a.noflush,
+            nolockfs: a.nolockfs,
+        };
+        let r = ctx.call("suspend", &name, req)?;
+        expect_done("suspend", r)?;
+        ctx.verbose_info("info", &name)?;
+    }
+    Ok(())
+}
+
+pub(super) fn resume(ctx: &mut Ctx<'_>, a: ResumeArgs) -> Result<(), CliError> {
+    for name in ctx.names_or_uuid("resume", a.names)? {
+        let req = Request::Resume {
+            name: name.clone(),
+            freeze: a.freeze.clone(),
+        };
+        let r = ctx.call("resume", &name, req)?;
+        expect_done("resume", r)?;
+        ctx.verbose_info("info", &name)?;
+    }
+    Ok(())
+}
+
+pub(super) fn clear(ctx: &mut Ctx<'_>, a: NamesArgs) -> Result<(), CliError> {
+    for name in ctx.names_or_uuid("clear", a.names)? {
+        let r = ctx.call("clear", &name, Request::Clear { name: name.clone() })?;
+        expect_done("clear", r)?;
+        ctx.verbose_info("info", &name)?;
+    }
+    Ok(())
+}
+
+pub(super) fn remove(ctx: &mut Ctx<'_>, a: RemoveArgs) -> Result<(), CliError> {
+    for name in ctx.names_or_uuid("remove", a.names)? {
+        let mut tries = 0;
+        loop {
+            let req = Request::Remove {
+                name: name.clone(),
+                force: a.force,
+                deferred: a.deferred,
+            };
+            match ctx.call("remove", &name, req) {
+                Err(CliError::Refused { ref reply, .. })
+                    if a.retry && reply.errno == libc::EBUSY && tries < REMOVE_RETRIES =>
+                {
+                    tries += 1;
+                    std::thread::sleep(REMOVE_RETRY_DELAY);
+                }
+                r => {
+                    expect_done("remove", r?)?;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn rename(ctx: &mut Ctx<'_>, a: RenameArgs) -> Result<(), CliError> {
+    let (name, new) = match (ctx.name_by_uuid("rename")?, a.args.as_slice()) {
+        (Some(n), [new]) => (n, new.clone()),
+        (None, [old, new]) => (old.clone(), new.clone()),
+        (Some(_), _) => {
+            return Err(CliError::Usage(
+                "With -u, rename takes only the new name (or uuid).".into(),
+            ))
+        }
+        (None, _) => {
+            return Err(CliError::Usage(
+                "rename needs <device> <new_name> (or <device> --setuuid <uuid>).".into(),
+            ))
+        }
+    };
+    let req = if a.setuuid {
+        Request::Rename {
+            name: name.clone(),
+            new_name: None,
+            set_uuid: Some(new),
+        }
+    } else {
+        Request::Rename {
+            name: name.clone(),
+            new_name: Some(new),
+            set_uuid: None,
+        }
+    };
+    let r = ctx.call("rename", &name, req)?;
+    expect_done("rename", r)
+}
+
+/// dmsetup prints a message reply as is when it is empty or ends in a newline, else with one.
+pub fn message_output(reply: &str) -> String {
+    if reply.is_empty() || reply.ends_with('\n') {
+        reply.to_string()
+    } else {
+        format!("{reply}\n")
+    }
+}
+
+pub(super) fn message(ctx: &mut Ctx<'_>, a: MessageArgs) -> Result<(), CliError> {
+    let mut args = a.args.into_iter();
+    let name = match ctx.name_by_uuid("message")? {
+        Some(n) => n,
+        None => args
+            .next()
+            .ok_or_else(|| CliError::Usage("No device specified.".into()))?,
+    };
+    let sector = args
+        .next()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| CliError::Usage("Invalid sector.".into()))?;
+    let words: Vec<String> = args.collect();
+    if words.is_empty() {
+        return Err(CliError::Usage("No message supplied.".into()));
+    }
+    let req = Request::Message {
+        name: name.clone(),
+        sector,
+        message: words,
+    };
+    match ctx.call("message", &name, req)? {
+        Response::Done | Response::MessageOutput(None) => Ok(()),
+        Response::MessageOutput(Some(s)) => ctx.write(&message_output(&s)),
+        other => Err(unexpected("message", &other)),
+    }
+}
+
+pub(super) fn wait(ctx: &mut Ctx<'_>, a: WaitArgs) -> Result<(), CliError> {
+    let mut args = a.args.into_iter();
+    let name = match ctx.name_by_uuid("wait")? {
+        Some(n) => n,
+        None => args
+            .next()
+            .ok_or_else(|| CliError::Usage("No device specified.".into()))?,
+    };
+    let event_nr = match args.next() {
+        None => 0,
+        Some(s) => s
+            .parse::<u32>()
+            .map_err(|_| CliError::Usage(format!("Invalid event number: {s}")))?,
+    };
+    let req = Request::Wait {
+        name: name.clone(),
+        event_nr,
+        timeout_ms: a.timeout,
+    };
+    match ctx.call("wait", &name, req)? {
+        Response::Event(n) => {
+            if ctx.json {
+                let v = serde_json::json!({ "name": name, "event_nr": n });
+                ctx.write(&crate::format::json(&v))
+            } else {
+                ctx.verbose_info("info", &name)
+            }
+        }
+        other => Err(unexpected("wait", &other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_replies_get_one_newline() {
+        assert_eq!(message_output(""), "");
+        assert_eq!(message_output("ok"), "ok\n");
+        assert_eq!(message_output("a\nb\n"), "a\nb\n");
+    }
+}

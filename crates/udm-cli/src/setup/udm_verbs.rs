@@ -1,0 +1,111 @@
+//! The udm-only verbs: `disk add|remove|list`, `export add|remove|list`.
+
+use super::cli::{DiskCommand, ExportCommand};
+use super::Ctx;
+use crate::error::CliError;
+use crate::format::{self, report::ReportStyle};
+use crate::session::unexpected;
+use udm_proto::{ExportKind, Request, Response};
+
+pub(super) fn disk(ctx: &mut Ctx<'_>, d: DiskCommand) -> Result<(), CliError> {
+    match d {
+        DiskCommand::Add(a) => {
+            let create = match a.create.as_deref() {
+                None => None,
+                Some(s) => Some(udm_types::units::parse_size(s).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "Invalid size for --create: '{s}' (a number of bytes, or with a K, M, G or T suffix)"
+                    ))
+                })?),
+            };
+            let req = Request::DiskAdd {
+                name: a.name.clone(),
+                path: a.file,
+                create,
+                read_only: a.read_only,
+                direct: a.direct,
+            };
+            match ctx.call("disk add", &a.name, req)? {
+                Response::Done => Ok(()),
+                other => Err(unexpected("disk add", &other)),
+            }
+        }
+        DiskCommand::Remove { name } => {
+            match ctx.call(
+                "disk remove",
+                &name,
+                Request::DiskRemove { name: name.clone() },
+            )? {
+                Response::Done => Ok(()),
+                other => Err(unexpected("disk remove", &other)),
+            }
+        }
+        DiskCommand::List => match ctx.call("disk list", "", Request::DiskList)? {
+            Response::Disks(v) if ctx.json => ctx.write(&format::json(&v)),
+            Response::Disks(v) => ctx.write(&format::disk::disk_list(&v, &ReportStyle::default())),
+            other => Err(unexpected("disk list", &other)),
+        },
+    }
+}
+
+pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError> {
+    match e {
+        ExportCommand::Add(a) => {
+            let kind = if let Some(dir) = a.fuse {
+                ExportKind::Fuse { dir }
+            } else if a.ublk {
+                ExportKind::Ublk
+            } else {
+                ExportKind::Nbd { name: a.name }
+            };
+            let kind_name = match &kind {
+                ExportKind::Nbd { .. } => "nbd",
+                ExportKind::Fuse { .. } => "fuse",
+                ExportKind::Ublk => "ublk",
+            };
+            let req = Request::ExportAdd {
+                device: a.device.clone(),
+                export: kind,
+                read_only: a.read_only,
+            };
+            match ctx.call("export add", &a.device, req)? {
+                Response::Done => {}
+                Response::Exports(v) => {
+                    for x in v {
+                        ctx.write(&format!("{}\t{}\n", x.id, x.location))?;
+                    }
+                    return Ok(());
+                }
+                other => return Err(unexpected("export add", &other)),
+            }
+            // Tell the user where clients connect.
+            if let Response::Exports(v) = ctx.call("export list", "", Request::ExportList)? {
+                if let Some(x) = v
+                    .iter()
+                    .rev()
+                    .find(|x| x.device == a.device && x.kind == kind_name)
+                {
+                    ctx.write(&format!("{}\t{}\n", x.id, x.location))?;
+                }
+            }
+            Ok(())
+        }
+        ExportCommand::Remove { id } => {
+            match ctx.call(
+                "export remove",
+                &id,
+                Request::ExportRemove { id: id.clone() },
+            )? {
+                Response::Done => Ok(()),
+                other => Err(unexpected("export remove", &other)),
+            }
+        }
+        ExportCommand::List => match ctx.call("export list", "", Request::ExportList)? {
+            Response::Exports(v) if ctx.json => ctx.write(&format::json(&v)),
+            Response::Exports(v) => {
+                ctx.write(&format::export::export_list(&v, &ReportStyle::default()))
+            }
+            other => Err(unexpected("export list", &other)),
+        },
+    }
+}

@@ -1,0 +1,49 @@
+//! `udm`: high-level workflows over the control protocol, one module per workflow. Only
+//! `status` exists so far; the snapshot, backup and migration workflows go here as siblings
+//! (`snapshot.rs`, ...), each exposing a clap `Args` struct and a `run` function.
+
+pub mod status;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// `udm [--socket PATH] [--json] <workflow>`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "udm",
+    version,
+    about = "High-level udm workflows (live snapshots, backup, migration) over udmd",
+    long_about = "udm runs multi-step workflows on udmd's control socket: live snapshots of \
+devices in use for backup, and later incremental backup and live migration. For single \
+device-mapper operations use udmsetup."
+)]
+pub struct Cli {
+    /// udmd's control socket.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The workflow.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Workflows.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Is udmd reachable, and how many disks, mapped devices and exports does it serve.
+    Status,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+        assert!(Cli::try_parse_from(["udm", "status", "--json"]).is_ok());
+    }
+}
