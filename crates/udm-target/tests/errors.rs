@@ -1,6 +1,9 @@
 //! Every error path of table parsing, validation and the basic targets' constructors: the
 //! errno, the line and the kernel's message.
 
+// Test helpers unwrap as the tests themselves may.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use udm_io::backend::mem::MemDevice;

@@ -1,6 +1,9 @@
 //! Print/parse round trips of the table text and the concise format, and the fuzz entry point
 //! on random bytes.
 
+// Test helpers unwrap as the tests themselves may.
+#![allow(clippy::unwrap_used)]
+
 use proptest::prelude::*;
 use udm_target::table::{fuzz_parse, split_args, ConciseDevice, TableSpec, TargetSpec};
 

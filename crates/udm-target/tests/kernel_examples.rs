@@ -2,6 +2,9 @@
 //! dm-flakey.rst) and of dmsetup(8), at their sizes, on sparse and memory devices: table and
 //! status output byte for byte, and where the data lands.
 
+// Test helpers unwrap as the tests themselves may.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

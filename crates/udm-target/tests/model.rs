@@ -2,6 +2,9 @@
 //! devices must give the same bytes and the same success or failure (and errno) as a flat
 //! per-sector reference model of the same table.
 
+// Test helpers unwrap as the tests themselves may.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use proptest::prelude::*;
