@@ -276,6 +276,9 @@ struct Inner {
 
 /// The registry of devices.
 pub struct Registry {
+    /// How long each interposer switch held the interposed devices' I/O (most recent last,
+    /// bounded), for benchmarks and tests.
+    stalls: Mutex<std::collections::VecDeque<Duration>>,
     inner: Mutex<Inner>,
     targets: TargetRegistry,
     env: Arc<TargetEnv>,
@@ -528,10 +531,24 @@ impl Registry {
     /// An empty registry with the built-in targets.
     pub fn new() -> Self {
         Registry {
+            stalls: Mutex::new(std::collections::VecDeque::new()),
             inner: Mutex::new(Inner::default()),
             targets: TargetRegistry::with_builtins(),
             env: Arc::new(TargetEnv::default()),
         }
+    }
+
+    /// How long recent interposer switches held I/O at the interposed devices (oldest first).
+    pub fn switch_stalls(&self) -> Vec<Duration> {
+        self.stalls.lock().iter().copied().collect()
+    }
+
+    fn record_stall(&self, d: Duration) {
+        let mut s = self.stalls.lock();
+        if s.len() >= 4096 {
+            s.pop_front();
+        }
+        s.push_back(d);
     }
 
     /// The target types (`udmsetup targets`).
@@ -995,7 +1012,11 @@ impl Registry {
                 // Unmarked: the one device of each target that names a single device.
                 let mut by_target: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
                 for &(idx, begin, len, _) in &ctx.opens {
-                    by_target.entry(begin).or_default().push((idx, len));
+                    let devs = by_target.entry(begin).or_default();
+                    // A target may open one device several times (delay: once per class).
+                    if !devs.iter().any(|(i, _)| *i == idx) {
+                        devs.push((idx, len));
+                    }
                 }
                 for (begin, devs) in by_target {
                     if let [(idx, len)] = devs[..] {
@@ -1153,6 +1174,7 @@ impl Registry {
         // Quiesce the interposed devices: hold new I/O at their entry, drain what is in flight.
         // Requests already redirected into this device drain too, unless it is suspended (then
         // they wait inside it and run on the new table after the resume).
+        let held_since = std::time::Instant::now();
         for n in &nodes {
             n.gate().close();
             let flows: &[Flow] = if was_suspended {
@@ -1197,6 +1219,9 @@ impl Registry {
         for n in &nodes {
             n.gate().open();
         }
+        if !nodes.is_empty() {
+            self.record_stall(held_since.elapsed());
+        }
         drop(old);
         self.run_deferred(&mut inner);
         tracing::info!(
@@ -1209,7 +1234,7 @@ impl Registry {
     }
 
     /// Detaches every interposer of `id` (quiesced), leaving its live table in place.
-    fn detach_all(inner: &mut Inner, id: DevId) -> Result<()> {
+    fn detach_all(&self, inner: &mut Inner, id: DevId) -> Result<()> {
         let Some(m) = inner.entries.get(&id).and_then(|e| e.md()) else {
             return Ok(());
         };
@@ -1225,6 +1250,7 @@ impl Registry {
             .iter()
             .filter_map(|d| inner.entries.get(d).map(|e| e.node.clone()))
             .collect();
+        let held_since = std::time::Instant::now();
         for n in &nodes {
             n.gate().close();
             let flows: &[Flow] = if suspended {
@@ -1241,6 +1267,7 @@ impl Registry {
             n.set_hooks(inner.live_hooks_on(n.id()));
             n.gate().open();
         }
+        self.record_stall(held_since.elapsed());
         Ok(())
     }
 
@@ -1286,7 +1313,7 @@ impl Registry {
     }
 
     fn remove_locked(&self, inner: &mut Inner, id: DevId) -> Result<()> {
-        Self::detach_all(inner, id)?;
+        self.detach_all(inner, id)?;
         let Some(entry) = inner.entries.remove(&id) else {
             return Ok(());
         };
