@@ -1,0 +1,156 @@
+//! Interposition rules (issue "Live interposition"): one test per error rule, the flakey down
+//! interval seen by the original device's clients, and partition-relative interposition on MBR
+//! and GPT disks.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use udm_core::registry::{LoadFlags, ResumeOptions};
+use udm_core::Registry;
+use udm_io::backend::mem::MemDevice;
+use udm_io::{Bio, BlockDevice};
+use udm_target::table::TableSpec;
+use udm_types::errno::HasErrno;
+use udm_types::Errno;
+
+const IP: LoadFlags = LoadFlags { read_only: false, interpose: true };
+
+fn create(reg: &Registry, name: &str, table: &str, flags: LoadFlags) -> udm_core::Result<()> {
+    let spec = TableSpec::parse(table).map_err(udm_core::CoreError::from)?;
+    reg.create(name, None, None, Some((&spec, flags)), &ResumeOptions::default()).map(|_| ())
+}
+
+fn setup() -> (Registry, Arc<MemDevice>) {
+    let reg = Registry::new();
+    let mem = Arc::new(MemDevice::new(2048));
+    reg.add_disk_device("d", mem.clone()).unwrap();
+    (reg, mem)
+}
+
+#[test]
+fn erange_beyond_the_device() {
+    let (reg, _) = setup();
+    let e = create(&reg, "ip", "0 2048 zero\n2048 100 linear d 0", IP).unwrap_err();
+    assert_eq!(e.errno(), Errno::ERANGE, "{e}");
+    assert!(e.to_string().contains("beyond the end of d"), "{e}");
+    assert!(reg.info("ip").is_err(), "failed create leaves no device");
+}
+
+#[test]
+fn ealready_second_interposer_of_one_mapped_device() {
+    let (reg, _) = setup();
+    let e = create(&reg, "ip", "0 1024 linear d 0\n1024 1024 linear d 1024", IP).unwrap_err();
+    assert_eq!(e.errno(), Errno::EALREADY, "{e}");
+}
+
+#[test]
+fn ebusy_overlapping_ranges_and_disjoint_ranges_allowed() {
+    let (reg, _) = setup();
+    create(&reg, "a", "0 1024 linear d 0", IP).unwrap();
+    let e = create(&reg, "b", "0 1025 linear d 0", IP).unwrap_err();
+    assert_eq!(e.errno(), Errno::EBUSY, "{e}");
+    assert!(e.to_string().contains("overlaps the interposer of a"), "{e}");
+    // Disjoint: the second mapped device interposes [1024, 2048).
+    create(&reg, "b", "0 1024 zero\n1024 1024 linear d 1024", IP).unwrap();
+    assert_eq!(reg.info("b").unwrap().interposers.len(), 1);
+    reg.remove("a", false, false).unwrap();
+    reg.remove("b", false, false).unwrap();
+}
+
+#[test]
+fn ebusy_claim_names_the_holder_and_suggests_interpose() {
+    let (reg, _) = setup();
+    let _node = reg.open_export("d", "nbd:d").unwrap();
+    let e = create(&reg, "plain", "0 2048 linear d 0", LoadFlags::default()).unwrap_err();
+    assert_eq!(e.errno(), Errno::EBUSY);
+    let msg = e.to_string();
+    assert!(msg.contains("export nbd:d") && msg.contains("--interpose"), "{msg}");
+    // The interposed variant works on the exported device.
+    create(&reg, "ip", "0 2048 linear d 0", IP).unwrap();
+    // And exporting a device that mapped devices hold is EBUSY too.
+    let reg2 = Registry::new();
+    reg2.add_disk_device("d2", Arc::new(MemDevice::new(64))).unwrap();
+    create(&reg2, "m", "0 64 linear d2 0", LoadFlags::default()).unwrap();
+    let e = reg2.open_export("d2", "nbd:d2").map(|_| ()).unwrap_err();
+    assert_eq!(e.errno(), Errno::EBUSY);
+    assert!(e.to_string().contains("mapped device m"), "{e}");
+}
+
+#[test]
+fn einval_unknown_bracket_option() {
+    let (reg, _) = setup();
+    let e = create(&reg, "ip", "0 2048 linear [noexcl]d 0", IP).unwrap_err();
+    assert_eq!(e.errno(), Errno::EINVAL);
+    assert!(e.to_string().contains("[noexcl]"), "{e}");
+    // The marked form interposes exactly the marked device.
+    create(&reg, "ok", "0 2048 linear [interpose]d 0", LoadFlags::default()).unwrap();
+    assert_eq!(reg.info("ok").unwrap().interposers.len(), 1);
+}
+
+#[test]
+fn flakey_down_interval_errors_clients_until_detach() {
+    let (reg, mem) = setup();
+    let node = reg.node("d").unwrap();
+    let before = vec![0x5au8; 4096];
+    node.submit(Bio::write(0, &before)).unwrap();
+    // up 0 s, down 3600 s: down from the start.
+    create(&reg, "fl", "0 2048 flakey d 0 0 3600", IP).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(node.submit(Bio::read(0, &mut buf)).is_err(), "down interval must error reads");
+    assert!(node.submit(Bio::write(8, &before)).is_err(), "down interval must error writes");
+    reg.remove("fl", false, false).unwrap();
+    node.submit(Bio::read(0, &mut buf)).unwrap();
+    assert_eq!(buf, before, "data written before the attach is intact");
+    node.submit(Bio::write(8, &before)).unwrap();
+    assert_eq!(&mem.contents()[4096..8192], &before[..]);
+}
+
+fn partitioned_disk(dir: &Path, label: &str) -> Option<std::path::PathBuf> {
+    let p = dir.join(format!("{label}.img"));
+    std::fs::File::create(&p).ok()?.set_len(16 << 20).ok()?;
+    let script = format!("label: {label}\nstart=2048, size=8192\nstart=12288, size=8192\n");
+    let mut child = Command::new("sfdisk").arg("-q").arg(&p).stdin(std::process::Stdio::piped()).spawn().ok()?;
+    std::io::Write::write_all(child.stdin.as_mut()?, script.as_bytes()).ok()?;
+    child.wait().ok()?.success().then_some(p)
+}
+
+#[test]
+fn interposing_partition_two_redirects_only_its_io() {
+    if Command::new("sfdisk").arg("--version").output().is_err() {
+        eprintln!("SKIPPED interposing_partition_two_redirects_only_its_io: sfdisk (util-linux fdisk) not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for label in ["dos", "gpt"] {
+        let img = partitioned_disk(dir.path(), label).expect("sfdisk image");
+        let reg = Registry::new();
+        let info = reg.add_disk(label, &img, &Default::default()).unwrap();
+        let parts: Vec<(String, u64, u64)> = info.partitions.iter().map(|p| (p.name.clone(), p.start, p.sectors)).collect();
+        assert_eq!(parts, vec![(format!("{label}1"), 2048, 8192), (format!("{label}2"), 12288, 8192)], "{label}");
+        let p2 = format!("{label}2");
+        // A delay interposer on partition 2 with a marker: the mapped device is a linear over
+        // partition 2 that is offset by 8 sectors, so redirected I/O lands 8 sectors further on.
+        create(&reg, "ip", &format!("0 8184 linear {p2} 8\n8184 8 zero"), IP).unwrap();
+        let n1 = reg.node(&format!("{label}1")).unwrap();
+        let n2 = reg.node(&p2).unwrap();
+        let a = vec![0xa1u8; 512];
+        let b = vec![0xb2u8; 512];
+        n1.submit(Bio::write(0, &a)).unwrap();
+        n2.submit(Bio::write(0, &b)).unwrap();
+        n2.submit(Bio::flush()).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        // Partition 1 sector 0 = disk sector 2048: not redirected.
+        assert_eq!(&bytes[2048 * 512..2049 * 512], &a[..], "{label}: partition 1 write misplaced");
+        // Partition 2 sector 0 went through the interposer: lands at partition-relative 8,
+        // i.e. disk sector 12288 + 8.
+        assert_eq!(&bytes[(12288 + 8) * 512..(12288 + 9) * 512], &b[..], "{label}: partition 2 redirect offset");
+        assert!(bytes[12288 * 512..12289 * 512].iter().all(|x| *x == 0), "{label}: partition 2 sector 0 untouched");
+        assert!(reg.info("ip").unwrap().redirected >= 1);
+        // Whole-disk I/O to the partition-2 area is not redirected (the interposer sits on the partition).
+        let d = reg.node(label).unwrap();
+        d.submit(Bio::write(12288, &a)).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(&bytes[12288 * 512..12289 * 512], &a[..]);
+        reg.remove("ip", false, false).unwrap();
+    }
+}
