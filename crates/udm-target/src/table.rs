@@ -1071,6 +1071,30 @@ mod tests {
     }
 
     #[test]
+    fn arg_helpers_follow_the_kernel() {
+        use super::args::*;
+        assert_eq!(scan_u64("0012"), Some(12));
+        assert_eq!(scan_u64("+1"), None);
+        assert_eq!(scan_u64("1 "), None);
+        assert_eq!(scan_u64("18446744073709551616"), None);
+        assert_eq!(scan_u32("4294967296"), None);
+        assert_eq!(kstrtouint("+7\n"), Some(7));
+        assert_eq!(kstrtouint("-7"), None);
+        let v: Vec<String> = ["2", "a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let mut a = ArgSet::new(&v);
+        assert_eq!(a.read_arg_group(0, 5, "e").unwrap(), 2);
+        assert_eq!(a.shift(), Some("a"));
+        let mut a = ArgSet::new(&v[..2]);
+        assert_eq!(
+            a.read_arg_group(0, 5, "too many").unwrap_err().msg,
+            "too many"
+        );
+        let mut a = ArgSet::new(&v);
+        assert_eq!(a.read_arg(3, 5, "low").unwrap_err().msg, "low");
+        assert_eq!(a.remaining(), 3);
+    }
+
+    #[test]
     fn split_args_like_the_kernel() {
         assert_eq!(
             split_args("  a  b\\ c\td\\\\ e\\"),
