@@ -25,10 +25,8 @@ pub(super) fn disk(ctx: &mut Ctx<'_>, d: DiskCommand) -> Result<(), CliError> {
                 read_only: a.read_only,
                 direct: a.direct,
             };
-            match ctx.call("disk add", &a.name, req)? {
-                Response::Done => Ok(()),
-                other => Err(unexpected("disk add", &other)),
-            }
+            // udmd answers Done or the new disk's record; dmsetup-style, print nothing.
+            ctx.call("disk add", &a.name, req).map(|_| ())
         }
         DiskCommand::Remove { name } => {
             match ctx.call(
@@ -68,25 +66,21 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                 export: kind,
                 read_only: a.read_only,
             };
-            match ctx.call("export add", &a.device, req)? {
-                Response::Done => {}
-                Response::Exports(v) => {
-                    for x in v {
-                        ctx.write(&format!("{}\t{}\n", x.id, x.location))?;
-                    }
-                    return Ok(());
-                }
-                other => return Err(unexpected("export add", &other)),
-            }
-            // Tell the user where clients connect.
-            if let Response::Exports(v) = ctx.call("export list", "", Request::ExportList)? {
-                if let Some(x) = v
-                    .iter()
-                    .rev()
-                    .find(|x| x.device == a.device && x.kind == kind_name)
-                {
-                    ctx.write(&format!("{}\t{}\n", x.id, x.location))?;
-                }
+            // udmd answers with the export list (or Done, then we ask for it).
+            let list = match ctx.call("export add", &a.device, req)? {
+                Response::Exports(v) => v,
+                _ => match ctx.call("export list", "", Request::ExportList)? {
+                    Response::Exports(v) => v,
+                    other => return Err(unexpected("export list", &other)),
+                },
+            };
+            // Tell the user the new export's id and where clients connect.
+            if let Some(x) = list
+                .iter()
+                .rev()
+                .find(|x| x.device == a.device && x.kind == kind_name)
+            {
+                ctx.write(&format!("{}\t{}\n", x.id, x.location))?;
             }
             Ok(())
         }
