@@ -8,7 +8,7 @@ mod snapshot_common;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use snapshot_common::*;
 use udm_io::backend::mem::{Fault, MemDevice};
 use udm_io::BioKind;
@@ -79,7 +79,7 @@ fn run_seed(seed: u64) {
     let mut c = Ctx::new();
     let o = c.mem("o", OS);
     let mut init = vec![0u8; (OS * 512) as usize];
-    rng.fill_bytes(&mut init);
+    fill(rng.gen(), &mut init);
     dev_write(&*o, 0, &init);
     let mut origin_model = init.clone();
     let org = c.origin(OS, "o").unwrap();
@@ -129,7 +129,7 @@ fn run_seed(seed: u64) {
         match op {
             0..=3 => {
                 let mut data = vec![0u8; (len * 512) as usize];
-                rng.fill_bytes(&mut data);
+                fill(rng.gen(), &mut data);
                 write(&*org, sector, &data).unwrap();
                 // Model: per 8-sector piece (the smallest chunk), copy into every snapshot.
                 let mut s = sector;
@@ -155,7 +155,7 @@ fn run_seed(seed: u64) {
                 let i = rng.gen_range(0..snaps.len());
                 let m = &mut snaps[i];
                 let mut data = vec![0u8; (len * 512) as usize];
-                rng.fill_bytes(&mut data);
+                fill(rng.gen(), &mut data);
                 let r = write(&*m.t, sector, &data);
                 let mut ok = true;
                 let mut s = sector;
@@ -258,7 +258,7 @@ fn concurrent_origin_writers_never_leak_into_snapshot() {
     let mut c = Ctx::new();
     let o = c.mem("o", 2048);
     let mut init = vec![0u8; 2048 * 512];
-    StdRng::seed_from_u64(9).fill_bytes(&mut init);
+    fill(9, &mut init);
     dev_write(&*o, 0, &init);
     c.mem("c1", 4096);
     c.mem("c2", 4096);
@@ -277,7 +277,7 @@ fn concurrent_origin_writers_never_leak_into_snapshot() {
                 let s = rng.gen_range(0..2040);
                 let n = rng.gen_range(1..=8);
                 let mut d = vec![0u8; n * 512];
-                rng.fill_bytes(&mut d);
+                fill(rng.gen(), &mut d);
                 write(&*org, s, &d).unwrap();
             }
         }));

@@ -144,3 +144,15 @@ pub fn activate(t: &dyn Target) {
     t.preresume().unwrap();
     t.resume();
 }
+
+/// Fast deterministic fill (xorshift), for large buffers in debug builds.
+pub fn fill(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
