@@ -236,6 +236,15 @@ fn check_adjoin(line: usize, ty: &str, start: u64, expected: u64) -> Result<(), 
     Ok(())
 }
 
+impl std::str::FromStr for TableSpec {
+    type Err = TableError;
+
+    /// Same as [`TableSpec::parse`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TableSpec::parse(s)
+    }
+}
+
 impl fmt::Display for TableSpec {
     /// The `dmsetup table` form: one line per target, each ending in a newline.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
