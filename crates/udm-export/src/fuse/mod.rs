@@ -30,6 +30,9 @@ use udm_types::Errno;
 /// cores; each holds a 16 MiB receive buffer (virtual until touched).
 const WORKER_THREADS: usize = 8;
 
+/// How long `remove` waits for releases of just-closed handles before reporting EBUSY.
+const RELEASE_GRACE: Duration = Duration::from_secs(1);
+
 /// How long `remove`/`shutdown` wait for the workers to stop after an unmount before aborting
 /// the connection through fusectl.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -322,7 +325,6 @@ impl FuseExports {
                 source,
             })?;
         let notifier = session.notifier();
-        let conn = sys::connection_id(&key);
         let worker = std::thread::Builder::new()
             .name("udm-fuse".to_string())
             .spawn(move || session.run())
@@ -330,6 +332,8 @@ impl FuseExports {
                 dir: key.clone(),
                 source,
             })?;
+        // Only now: stat of the mount root is answered by the workers just started.
+        let conn = sys::connection_id(&key);
         tracing::info!("fuse: mounted {} (export {name})", key.display());
         mounts.insert(
             key,
@@ -359,17 +363,26 @@ impl FuseExports {
         let Some(m) = mounts.get_mut(&key) else {
             return Err(not_found());
         };
-        let entry = match m.state.begin_remove(name) {
-            Ok(e) => e,
-            Err(RemoveRefused::NotFound) => return Err(not_found()),
-            Err(RemoveRefused::Busy(handles)) => {
-                let path = key.join(name);
-                let holders = sys::loop_holders(&path);
-                return Err(FuseError::Busy {
-                    path,
-                    handles,
-                    holders,
-                });
+        let path = key.join(name);
+        // The kernel sends RELEASE asynchronously after close(2): give a just-closed handle a
+        // moment to arrive, but never wait for a loop device or any other long-lived holder.
+        let deadline = Instant::now() + RELEASE_GRACE;
+        let entry = loop {
+            match m.state.begin_remove(name) {
+                Ok(e) => break e,
+                Err(RemoveRefused::NotFound) => return Err(not_found()),
+                Err(RemoveRefused::Busy(handles)) => {
+                    let holders = sys::loop_holders(&path);
+                    if holders.is_empty() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    return Err(FuseError::Busy {
+                        path,
+                        handles,
+                        holders,
+                    });
+                }
             }
         };
         if m.state.len() > 1 {
