@@ -3,12 +3,14 @@
 # qemu-storage-daemon, driven by the same fio jobs (ioengine=nbd), one server at a time.
 # Prints IOPS, MiB/s and p99 latency per job and server, and the udm/peer ratios.
 #
-# Environment: RUNTIME (seconds per job, default 10), SIZE (default 1G), WORKDIR (default a
+# Environment: RUNTIME (seconds per run, default 5), ROUNDS (runs per job and server, median
+# reported, default 3), SIZE (default 1G), WORKDIR (default a
 # temporary directory), UDM_SERVE (path of the nbd-serve binary; built if unset), JOBS (space
 # separated subset of job names).
 set -euo pipefail
 
-RUNTIME=${RUNTIME:-10}
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-1G}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench.XXXXXX)}
@@ -111,21 +113,31 @@ for j in "${ALL_JOBS[@]}"; do
     fi
 done
 
-for server in udm nbdkit qsd; do
-    echo "bench-exports: $server" >&2
-    for j in "${SELECTED[@]}"; do
-        "start_$server"
-        run_job "$server" "$j"
-        stop_server
+# Servers alternate within each round so that background load hits all of them alike; the
+# table shows the median over ROUNDS.
+for j in "${SELECTED[@]}"; do
+    for round in $(seq "$ROUNDS"); do
+        for server in udm nbdkit qsd; do
+            echo "bench-exports: ${j%% *} round $round $server" >&2
+            "start_$server"
+            run_job "$server" "$j"
+            stop_server
+        done
     done
 done
 
 python3 - "$RESULTS" <<'EOF'
 import sys, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-r = collections.OrderedDict()
+import statistics
+runs = collections.OrderedDict()
 for s, n, iops, mib, p99 in rows:
-    r.setdefault(n, {})[s] = (float(iops), float(mib), float(p99))
+    runs.setdefault(n, {}).setdefault(s, []).append((float(iops), float(mib), float(p99)))
+r = collections.OrderedDict()
+for n, d in runs.items():
+    for s, l in d.items():
+        l.sort()
+        r.setdefault(n, {})[s] = l[len(l) // 2]
 hdr = f"{'job':<20} {'server':<7} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}"
 print(hdr)
 print("-" * len(hdr))

@@ -142,6 +142,7 @@ impl Daemon {
     }
 
     fn change(&self, req: Request) -> Result<Response, ErrorReply> {
+        absolute_paths(&req)?;
         let reg = &self.registry;
         match req {
             Request::DiskAdd {
@@ -399,6 +400,24 @@ impl Daemon {
             });
         }
         Ok(Response::Concise(ConciseDevice::format_list(&out)))
+    }
+}
+
+/// The daemon's working directory is not the client's: paths must arrive absolute (udmsetup
+/// makes them so).
+fn absolute_paths(req: &Request) -> Result<(), ErrorReply> {
+    let paths: Vec<&std::path::Path> = match req {
+        Request::DiskAdd { path, .. } => vec![path.as_path()],
+        Request::ExportAdd { export: ExportKind::Fuse { dir }, .. } => vec![dir.as_path()],
+        Request::Create { freeze: Some(p), .. } | Request::Resume { freeze: Some(p), .. } => vec![p.as_path()],
+        _ => vec![],
+    };
+    match paths.into_iter().find(|p| !p.is_absolute()) {
+        Some(p) => Err(err(CoreError::invalid(format!(
+            "path {} must be absolute: udmd does not share the caller's working directory",
+            p.display()
+        )))),
+        None => Ok(()),
     }
 }
 

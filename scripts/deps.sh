@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what udm's demo and tests use on a fresh Debian machine: real NBD clients and peers
+# (fio, libnbd-bin, nbdkit, qemu-utils), filesystem tools for the FUSE/loop tests (e2fsprogs,
+# fuse3, fdisk for sfdisk, util-linux for losetup) and thin-provisioning-tools.
+# Installs only what is missing; needs root (or sudo) for apt-get.
+set -euo pipefail
+want=(fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit qemu-io:qemu-utils
+      qemu-storage-daemon:qemu-utils mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fusermount3:fuse3
+      sfdisk:fdisk losetup:mount era_check:thin-provisioning-tools)
+missing=()
+for w in "${want[@]}"; do
+  tool=${w%%:*}; pkg=${w##*:}
+  command -v "$tool" >/dev/null 2>&1 || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "deps: installing ${missing[*]}"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Components cargo needs for the lint step.
+command -v cargo >/dev/null || { echo "deps: cargo not found (install Rust with rustup)"; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
