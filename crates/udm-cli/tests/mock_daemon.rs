@@ -2,6 +2,8 @@
 //! each test serves canned replies, records the requests the CLI sent, and compares stdout,
 //! stderr and the exit status byte for byte. (Tests against the real udmd live with the daemon.)
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
