@@ -25,7 +25,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    // SAFETY: restoring the default SIGPIPE disposition before any thread or I/O exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    if let Err(e) = run(cli) {
         eprintln!("udm: {e:#}");
         std::process::exit(1);
     }

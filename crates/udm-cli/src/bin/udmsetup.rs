@@ -20,8 +20,25 @@ fn term_columns() -> Option<usize> {
     (r == 0 && ws.ws_col > 0).then_some(ws.ws_col as usize)
 }
 
+/// Parses the command line; usage errors exit 1 as dmsetup's do (help and version exit 0).
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    // SAFETY: restoring the default SIGPIPE disposition before any thread or I/O exists, so
+    // `udmsetup ls | head -1` ends quietly like dmsetup instead of reporting EPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = parse();
     let env = |k: &str| std::env::var(k).ok();
     let utf8 = udm_cli::format::ls::locale_is_utf8(
         env("LC_ALL").as_deref(),
