@@ -1,5 +1,6 @@
 //! Constructor rules, status strings, overflow/invalidation, handover, merge of the snapshot
 //! targets.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
 
 mod snapshot_common;
 
@@ -303,7 +304,7 @@ fn handover_moves_exceptions_at_resume() {
 fn wait_merged(t: &dyn udm_target::Target) -> String {
     for _ in 0..2000 {
         let st = t.status();
-        let mut it = st.split(|c| c == '/' || c == ' ');
+        let mut it = st.split(['/', ' ']);
         let a = it.next().unwrap_or("");
         let _ = it.next();
         let m = it.next().unwrap_or("x");

@@ -3,6 +3,7 @@
 //! dropped; each unflushed write survives or not at random). After reloading the store from the
 //! surviving bytes, the snapshot must show exactly the point-in-time image, and every origin
 //! write made durable before the crash must be there.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
 
 mod snapshot_common;
 

@@ -2,6 +2,7 @@
 //! both, over memory devices with small chunks, against a plain byte-array model that also
 //! predicts exception allocation, full-COW invalidation, `PO` overflow and COW write failures.
 //! A second test hammers one origin from several threads while others read the snapshot.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
 
 mod snapshot_common;
 

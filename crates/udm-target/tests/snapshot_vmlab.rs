@@ -1,6 +1,7 @@
 //! Kernel cross-check of the snapshot COW format (tests/vmlab/snapshot-crosscheck.sh): boots a
 //! real kernel under QEMU, both directions, chunk sizes 8 and 32. Slow (a few minutes), so it
 //! runs only with UDM_VMLAB=1.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
 
 use std::path::Path;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! Shared helpers for the snapshot tests: a tiny constructor context over named devices and
 //! byte-level read/write helpers on targets.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
