@@ -148,6 +148,128 @@ pub fn read_table(
     parse_table(&text, "on stdin")
 }
 
+/// One device of a `--concise` specification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConciseDevice {
+    /// Name.
+    pub name: String,
+    /// UUID (empty field = none).
+    pub uuid: Option<String>,
+    /// Requested minor (udm assigns its own; kept for reporting).
+    pub minor: Option<u32>,
+    /// `ro` flag.
+    pub read_only: bool,
+    /// udm: `ro+interpose` / `rw+interpose`, as udmd's `--create` accepts.
+    pub interpose: bool,
+    /// Table lines, newline-separated.
+    pub table: String,
+}
+
+/// Parses dmsetup's concise format (`create --concise`, dmsetup.c `_create_concise`):
+/// `name,uuid,minor,flags,table[,table]...[;name,...]`, backslash quoting the next character,
+/// blanks after separating commas and semicolons skipped.
+pub fn parse_concise(spec: &str) -> Result<Vec<ConciseDevice>, String> {
+    let mut devices = Vec::new();
+    let mut fields: Vec<String> = vec![String::new()];
+    let chars: Vec<char> = spec.chars().collect();
+    let mut i = 0;
+    let finish = |fields: &mut Vec<String>,
+                  devices: &mut Vec<ConciseDevice>|
+     -> Result<(), String> {
+        if fields.len() != 5 {
+            return Err(format!(
+                "Five comma-separated fields are required for each device (parsed {}: {})",
+                fields.len(),
+                fields.join(" | ")
+            ));
+        }
+        let flags = fields[3].as_str();
+        let (base, interpose) = match flags.strip_suffix("+interpose") {
+            Some(b) => (b, true),
+            None => (flags, false),
+        };
+        let read_only = match base {
+            "ro" => true,
+            "rw" | "" => false,
+            _ => {
+                return Err(format!(
+                    "Invalid flags parameter '{flags}' must be 'ro' or 'rw' or empty (udm: optionally +interpose)."
+                ))
+            }
+        };
+        let minor = match fields[2].as_str() {
+            "" => None,
+            m => Some(
+                m.parse::<u32>()
+                    .map_err(|_| format!("Invalid minor '{m}'."))?,
+            ),
+        };
+        devices.push(ConciseDevice {
+            name: fields[0].clone(),
+            uuid: (!fields[1].is_empty()).then(|| fields[1].clone()),
+            minor,
+            read_only,
+            interpose,
+            table: fields[4].clone(),
+        });
+        *fields = vec![String::new()];
+        Ok(())
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        let last = fields.len() - 1;
+        if c == '\\' {
+            match chars.get(i + 1) {
+                Some(&n) => fields[last].push(n),
+                None => {
+                    return Err(
+                        "Backslash must be followed by another character at end of string.".into(),
+                    )
+                }
+            }
+            i += 2;
+            // dmsetup checks for the end of a device after each character.
+            if i >= chars.len() {
+                finish(&mut fields, &mut devices)?;
+            }
+            continue;
+        }
+        if c == ',' && fields.len() < 5 {
+            fields.push(String::new());
+            i += 1;
+            while i < chars.len() && chars[i].is_whitespace() {
+                i += 1;
+            }
+            continue;
+        }
+        if c == ',' {
+            fields[last].push('\n');
+            i += 1;
+            continue;
+        }
+        if c == ';' || i + 1 == chars.len() {
+            if c != ';' {
+                fields[last].push(c);
+            }
+            i += 1;
+            finish(&mut fields, &mut devices)?;
+            while i < chars.len() && chars[i].is_whitespace() {
+                i += 1;
+            }
+            continue;
+        }
+        fields[last].push(c);
+        i += 1;
+    }
+    if fields.len() > 1 || !fields[0].is_empty() {
+        return Err(format!(
+            "Incomplete entry: five comma-separated fields are required for each device (parsed: {})",
+            fields.join(" | ")
+        ));
+    }
+    Ok(devices)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +309,26 @@ mod tests {
         assert_eq!(read_table(None, Some(&f), &mut empty).unwrap()[0].len, 8);
         assert_eq!(read_table(None, None, &mut empty).unwrap()[0].len, 1);
         assert!(read_table(None, Some(&dir.path().join("nope")), &mut empty).is_err());
+    }
+
+    #[test]
+    fn concise_format() {
+        // The example of dmsetup's usage text.
+        let d = parse_concise("dev1,,,,0 100 linear 253:1 0,100 100 error;dev2,,,ro,0 1 error")
+            .unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].name, "dev1");
+        assert_eq!(d[0].table, "0 100 linear 253:1 0\n100 100 error");
+        assert!(!d[0].read_only);
+        assert!(d[1].read_only);
+        assert_eq!(d[1].table, "0 1 error");
+        let d = parse_concise("a\\,b,U, 7, rw+interpose, 0 8 linear vda 0;").unwrap();
+        assert_eq!(d[0].name, "a,b");
+        assert_eq!(d[0].uuid.as_deref(), Some("U"));
+        assert_eq!(d[0].minor, Some(7));
+        assert!(d[0].interpose);
+        assert!(parse_concise("a,,,xx,0 1 zero").is_err());
+        assert!(parse_concise("a,,0 1 zero").is_err());
+        assert!(parse_concise("").unwrap().is_empty());
     }
 }

@@ -127,7 +127,8 @@ Examples:
   udmsetup create z --table '0 2097152 zero'
   echo '0 1024 linear 254:0 0' | udmsetup create lin2
   udmsetup create origin --interpose --table '0 2048 snapshot-origin vda'
-  udmsetup create -u MYUUID -n empty";
+  udmsetup create -u MYUUID -n empty
+  udmsetup create --concise 'dev1,,,,0 100 linear vda 0,100 100 error;dev2,,,ro,0 1 error'";
 
 const LOAD_LONG: &str = "\
 Load a table into the inactive slot of NAME (from --table, FILE or stdin); 'resume' makes it
@@ -142,10 +143,16 @@ Examples:
 /// `create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Name of the new device.
-    pub name: String,
+    /// Name of the new device (with --concise: the concise specification).
+    #[arg(value_name = "DEVICE")]
+    pub name: Option<String>,
     /// Table file (stdin when neither this nor --table is given).
     pub file: Option<PathBuf>,
+    /// Create devices from a concise specification (argument or stdin):
+    /// name,uuid,minor,flags,table[,table...][;name,...]; flags ro, rw or empty (udm: +interpose);
+    /// udm assigns its own minors.
+    #[arg(long, conflicts_with_all = ["table", "notable", "file", "interpose", "freeze", "readonly"])]
+    pub concise: bool,
     /// The table text (lines separated by newlines).
     #[arg(long, value_name = "TABLE", conflicts_with = "notable")]
     pub table: Option<String>,

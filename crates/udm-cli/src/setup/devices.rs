@@ -7,7 +7,7 @@ use super::cli::{
 };
 use super::Ctx;
 use crate::error::CliError;
-use crate::input::{read_table, table_text};
+use crate::input::{parse_concise, read_table, table_text};
 use crate::session::unexpected;
 use std::path::Path;
 use udm_proto::{Request, Response};
@@ -23,7 +23,49 @@ fn expect_done(_command: &str, _r: Response) -> Result<(), CliError> {
     Ok(())
 }
 
+fn create_concise(ctx: &mut Ctx<'_>, spec: Option<String>) -> Result<(), CliError> {
+    if ctx.uuid.is_some() {
+        return Err(CliError::Usage(
+            "--concise is incompatible with --[no]table, --minor, --uuid and --inactive.".into(),
+        ));
+    }
+    let spec = match spec {
+        Some(s) => s,
+        None => {
+            let mut s = String::new();
+            ctx.stdin
+                .read_to_string(&mut s)
+                .map_err(crate::input::InputError::Stdin)?;
+            s
+        }
+    };
+    let devices = parse_concise(spec.trim_end_matches('\n')).map_err(CliError::Usage)?;
+    for d in devices {
+        let lines = crate::input::parse_table(&d.table, &format!("of {}", d.name))?;
+        let req = Request::Create {
+            name: d.name.clone(),
+            uuid: d.uuid,
+            table: (!lines.is_empty()).then(|| table_text(&lines)),
+            read_only: d.read_only,
+            interpose: d.interpose,
+            freeze: None,
+        };
+        let r = ctx.call("create", &d.name, req)?;
+        expect_done("create", r)?;
+        ctx.verbose_info("info", &d.name)?;
+    }
+    Ok(())
+}
+
 pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
+    if a.concise {
+        return create_concise(ctx, a.name);
+    }
+    let Some(name) = a.name else {
+        return Err(CliError::Usage(
+            "Please provide a name for the new device.".into(),
+        ));
+    };
     let table = if a.notable {
         None
     } else {
@@ -32,16 +74,16 @@ pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
         (!lines.is_empty()).then(|| table_text(&lines))
     };
     let req = Request::Create {
-        name: a.name.clone(),
+        name: name.clone(),
         uuid: ctx.uuid.clone(),
         table,
         read_only: a.readonly,
         interpose: a.interpose,
         freeze: a.freeze,
     };
-    let r = ctx.call("create", &a.name, req)?;
+    let r = ctx.call("create", &name, req)?;
     expect_done("create", r)?;
-    ctx.verbose_info("info", &a.name)
+    ctx.verbose_info("info", &name)
 }
 
 pub(super) fn load(ctx: &mut Ctx<'_>, a: LoadArgs) -> Result<(), CliError> {
