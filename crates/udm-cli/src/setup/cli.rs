@@ -89,8 +89,25 @@ udmsetup message e 0 checkpoint\nMessages starting with '@' go to the udm core \
     )]
     Message(MessageArgs),
     /// List mapped devices ('name\t(major:minor)'), or their dependency tree.
+    #[command(
+        long_about = "List mapped devices as 'name\\t(major:minor)' in name order. \
+--tree draws each mapped device with the devices it uses below it (-o inverted: the other way \
+round); devices that are not mapped devices show as '(major:minor)' only, or with \
+-o blkdevname as '<name> (major:minor)'. udm marks a mapped device that interposes another \
+with ' [interposes DEV]' after its node."
+    )]
     Ls(LsArgs),
     /// Show device information (all devices without a name).
+    #[command(
+        long_about = "Show device information in dmsetup's long form, or with -c in \
+dmsetup's columns (default fields name,major,minor,attr,open,segments,events,uuid; attr is \
+L/- live table, I/- inactive table, s/- suspended, r/w read-only).\n\n\
+udm-only: a device whose live table was loaded with --interpose has two more lines after \
+'Number of targets:':\n  \
+Interposer:        <device> <start>+<len> attached|detached\n  \
+Redirected:        <requests redirected into this device>\n\
+and the column fields 'interposes' and 'redirected' (-c -o +interposes,redirected)."
+    )]
     Info(InfoArgs),
     /// Show the devices each device uses.
     Deps(DepsArgs),
