@@ -176,6 +176,8 @@ pub(crate) struct RawDisk {
     pub(crate) mem_align: usize,
     pub(crate) lbs: u32,
     pub(crate) pbs: u32,
+    /// A regular file (not a block device).
+    pub(crate) regular: bool,
     /// pwritev2(RWF_DSYNC) works here (cleared on the first EOPNOTSUPP/EINVAL).
     rwf_dsync: AtomicBool,
 }
@@ -204,6 +206,7 @@ impl RawDisk {
             mem_align: 1,
             lbs: SECTOR_SIZE as u32,
             pbs: 4096,
+            regular: false,
             rwf_dsync: AtomicBool::new(true),
         })
     }
@@ -396,6 +399,7 @@ impl FileDevice {
             ));
         }
         disk.sectors = meta.len() / SECTOR_SIZE;
+        disk.regular = true;
         let blksize = std::os::unix::fs::MetadataExt::blksize(&meta).clamp(512, 65536) as u32;
         disk.pbs = blksize.max(512);
         if direct {
