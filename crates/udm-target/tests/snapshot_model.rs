@@ -263,11 +263,14 @@ fn concurrent_origin_writers_never_leak_into_snapshot() {
     dev_write(&*o, 0, &init);
     c.mem("c1", 4096);
     c.mem("c2", 4096);
+    c.mem("c3", 4096);
     let org: Arc<dyn Target> = Arc::from(c.origin(2048, "o").unwrap());
     let s1: Arc<dyn Target> = Arc::from(c.snapshot(2048, "o c1 P 8").unwrap());
     let s2: Arc<dyn Target> = Arc::from(c.snapshot(2048, "o c2 N 32").unwrap());
+    let s3: Arc<dyn Target> = Arc::from(c.snapshot(2048, "o c3 PO 16").unwrap());
     activate(&*s1);
     activate(&*s2);
+    activate(&*s3);
     let init = Arc::new(init);
     let mut hs = Vec::new();
     for t in 0..4u64 {
@@ -275,15 +278,15 @@ fn concurrent_origin_writers_never_leak_into_snapshot() {
         hs.push(std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(100 + t);
             for _ in 0..400 {
-                let s = rng.gen_range(0..2040);
-                let n = rng.gen_range(1..=8);
+                let s = rng.gen_range(0..2000);
+                let n = rng.gen_range(1..=40);
                 let mut d = vec![0u8; n * 512];
                 fill(rng.gen(), &mut d);
                 write(&*org, s, &d).unwrap();
             }
         }));
     }
-    for (t, s) in [(0u64, s1.clone()), (1, s2.clone()), (2, s1.clone())] {
+    for (t, s) in [(0u64, s1.clone()), (1, s2.clone()), (2, s3.clone())] {
         let init = init.clone();
         hs.push(std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(200 + t);
@@ -304,6 +307,7 @@ fn concurrent_origin_writers_never_leak_into_snapshot() {
     }
     assert!(read(&*s1, 0, 2048).unwrap() == *init);
     assert!(read(&*s2, 0, 2048).unwrap() == *init);
+    assert!(read(&*s3, 0, 2048).unwrap() == *init);
     // Reload of the persistent one gives the same image.
     drop(s1);
     let s1 = c.snapshot(2048, "o c1 P 8").unwrap();

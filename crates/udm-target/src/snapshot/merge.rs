@@ -12,7 +12,7 @@ use udm_io::{Bio, BlockDevice, IoError};
 use udm_types::SECTOR_SIZE;
 
 use super::min_chunk;
-use super::origin::origin_write_piece;
+use super::origin::ensure_copied;
 use super::snap::Snap;
 
 /// Largest single COW -> origin copy (a long run of consecutive chunks is copied in pieces).
@@ -120,12 +120,7 @@ fn merge_step(s: &Arc<Snap>) -> Result<bool, String> {
     {
         let snaps = s.entry.snaps.read();
         let step = min_chunk(&snaps).unwrap_or(cs);
-        let mut off = 0;
-        while off < io_size {
-            origin_write_piece(&snaps, origin, dest + off, None)
-                .map_err(|e| format!("Origin write error: {e}"))?;
-            off += step;
-        }
+        ensure_copied(&snaps, origin, dest, dest + io_size, step);
     }
     // Writes to these chunks wait until they are merged.
     let guards: Vec<_> = (old..old + n).map(|c| s.locks.exclusive(c)).collect();

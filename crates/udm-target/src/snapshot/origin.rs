@@ -2,6 +2,7 @@
 //! lacks the chunk copy it into its COW (the kernel's `do_origin` / `__origin_write`), and only
 //! then reaches the origin.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
@@ -87,54 +88,68 @@ impl Target for OriginTarget {
     }
 }
 
-/// Writes `bio` (absolute origin sectors) to `origin`, split at the smallest chunk size of
-/// `snaps`, each piece after the snapshots lacking its chunk have copied it.
+/// Writes `bio` (absolute origin sectors) to `origin` once every snapshot of `snaps` lacking
+/// one of its chunks has copied it (the kernel splits the bio at the smallest chunk size and
+/// queues each piece behind its pending exceptions; here the copies of all pieces are made,
+/// committed together, and the bio is then written in one piece).
 pub fn origin_write(
     snaps: &[Arc<Snap>],
     origin: &dyn BlockDevice,
     bio: Bio<'_>,
 ) -> Result<(), IoError> {
-    let Some(step) = min_chunk(snaps) else {
-        return origin.submit(bio);
-    };
-    let mut rest = Some(bio);
-    while let Some(b) = rest.take() {
-        let avail = step - (b.sector & (step - 1));
-        let (head, tail) = b.split(avail);
-        rest = tail;
-        let sector = head.sector;
-        origin_write_piece(snaps, origin, sector, Some(head))?;
+    if let Some(step) = min_chunk(snaps) {
+        ensure_copied(snaps, origin, bio.sector, bio.end(), step);
     }
-    Ok(())
+    origin.submit(bio)
 }
 
-/// `__origin_write` for one piece that lies inside one chunk of every snapshot: copies the
-/// chunk into each active, valid, non-merging snapshot that lacks it, waits until those
-/// exceptions are committed, then submits `bio` (if any) to the origin.
-pub fn origin_write_piece(
+/// `__origin_write` without a bio (`origin_write_extent`): copies the chunks of
+/// `[start, end)` into every active, valid, non-merging snapshot that lacks them, and waits
+/// until those exceptions are committed. Failures invalidate the snapshot concerned; the origin
+/// write itself always proceeds, as in the kernel.
+///
+/// Deadlock freedom: chunk locks are taken first, in one global order (piece by piece, and
+/// within a piece in list order, largest chunk first, so by chunk start then size); exceptions
+/// are allocated only once every lock is held, so a thread never blocks on a lock while it holds
+/// an allocation that another thread's commit waits for.
+pub fn ensure_copied(
     snaps: &[Arc<Snap>],
     origin: &dyn BlockDevice,
-    sector: u64,
-    bio: Option<Bio<'_>>,
-) -> Result<(), IoError> {
-    let mut pending = Vec::new();
-    for s in snaps {
-        if s.merge || sector >= s.table_end {
-            continue;
+    start: u64,
+    end: u64,
+    step: u64,
+) {
+    let mut locked = Vec::new();
+    let mut seen: HashSet<(usize, u64)> = HashSet::new();
+    let mut p = start;
+    while p < end {
+        for (i, s) in snaps.iter().enumerate() {
+            if s.merge || p >= s.table_end {
+                continue;
+            }
+            let (chunk, cs, store) = {
+                let st = s.state.read();
+                if !st.valid || !st.active || st.chunk_size == 0 {
+                    continue;
+                }
+                let chunk = p / st.chunk_size;
+                if st.exceptions.contains_key(&chunk) || seen.contains(&(i, chunk)) {
+                    continue;
+                }
+                (chunk, st.chunk_size, st.store.clone())
+            };
+            seen.insert((i, chunk));
+            let guard = s.locks.exclusive(chunk);
+            locked.push((s, chunk, cs, store, guard));
         }
-        let (chunk, store) = {
-            let st = s.state.read();
-            if !st.valid || !st.active || st.chunk_size == 0 {
-                continue;
-            }
-            let chunk = sector / st.chunk_size;
-            if st.exceptions.contains_key(&chunk) {
-                continue;
-            }
-            (chunk, st.store.clone())
-        };
-        let guard = s.locks.exclusive(chunk);
-        let cs = {
+        p = (p / step + 1) * step;
+    }
+    if locked.is_empty() {
+        return;
+    }
+    let mut pending = Vec::new();
+    for (s, chunk, cs, store, guard) in locked {
+        {
             let st = s.state.read();
             if !st.valid
                 || !st.active
@@ -143,8 +158,7 @@ pub fn origin_write_piece(
             {
                 continue;
             }
-            st.chunk_size
-        };
+        }
         let Some(ticket) = store.prepare() else {
             let mut st = s.state.write();
             s.invalidate(&mut st, "Unable to allocate exception.");
@@ -152,11 +166,9 @@ pub fn origin_write_piece(
         };
         pending.push((s, chunk, cs, store, ticket, guard));
     }
-    // Copy the chunk into every snapshot that needs it, reading the origin once per chunk
-    // geometry.
     let mut buf: Vec<u8> = Vec::new();
     let mut have: Option<(u64, u64)> = None;
-    for (s, chunk, cs, store, ticket, _) in pending.iter().rev() {
+    for (s, chunk, cs, store, ticket, _) in &pending {
         let ok = copy_chunk(
             s,
             origin,
@@ -172,9 +184,5 @@ pub fn origin_write_piece(
         let valid = store.wait(ticket);
         s.finish(chunk, ticket.new_chunk, valid);
         drop(guard);
-    }
-    match bio {
-        Some(b) => origin.submit(b),
-        None => Ok(()),
     }
 }
