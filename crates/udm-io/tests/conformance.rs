@@ -395,3 +395,30 @@ fn loop_device_all_engines() {
     };
     read_only_suite(&*open_backend(&lo.path, &ro).unwrap());
 }
+
+#[test]
+fn tmpfs_file_zeroes_fallbacks() {
+    // tmpfs punches holes but has no ZERO_RANGE: NO_UNMAP write-zeroes must fall back to zero
+    // buffers, and refuse with EOPNOTSUPP under FAST_ZERO.
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIPPED: no /dev/shm tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let p = new_file(dir.path());
+    let d = open_backend(&p, &opts(false, Engine::Sync)).unwrap();
+    suite(&*d, file_caps());
+    write(&*d, 64, &pattern(64, 8, 1), BioFlags::empty());
+    match d.submit(Bio::write_zeroes(64, 8).with_flags(BioFlags::NO_UNMAP | BioFlags::FAST_ZERO)) {
+        Ok(()) => eprintln!("note: this tmpfs has ZERO_RANGE"),
+        Err(e) => {
+            assert_eq!(e.errno(), Errno::EOPNOTSUPP, "{e}");
+            // Nothing was changed.
+            assert_eq!(read(&*d, 64, 8), pattern(64, 8, 1));
+        }
+    }
+    d.submit(Bio::write_zeroes(64, 8).with_flags(BioFlags::NO_UNMAP))
+        .unwrap();
+    assert!(read(&*d, 64, 8).iter().all(|&b| b == 0));
+}
