@@ -3,8 +3,10 @@
 # and 32, each with > 1000 exceptions spanning several metadata areas:
 #   (a) udm writes a COW store (snap-tool write), the kernel loads it; the md5 of the snapshot
 #       view and the status line must match udm's;
+#       Then the kernel merges that store (snapshot-merge): the origin must equal udm's view.
 #   (b) the kernel writes a COW store (origin + snapshot writes after the snapshot), udm loads
-#       it (snap-tool dump); md5 and status must match the kernel's.
+#       it (snap-tool dump); md5 and status must match the kernel's. Then udm merges it
+#       (snap-tool merge): the origin must equal the kernel's snapshot view.
 # Exits non-zero on any mismatch. Needs root and what /work/shared/vmlab/run.sh needs.
 # Env: VMLAB_RUN (path of run.sh), VMLAB_EXTRA_PATH (prepended to PATH, e.g. a private qemu).
 set -euo pipefail
@@ -36,6 +38,8 @@ for CHUNK in 8 32; do
   out=$("$RUN" "$W/a.sh" "$W/o.img" "$W/c.img") || { echo "FAIL (a) chunk $CHUNK: vmlab: $out"; fail=1; continue; }
   check "(a) chunk $CHUNK status" "$ustat" "$(sed -n 's/^STATUS //p' <<<"$out")"
   check "(a) chunk $CHUNK snapshot md5" "$umd5" "$(sed -n 's/^MD5 //p' <<<"$out")"
+  check "(a) chunk $CHUNK kernel merge: origin = udm view" "$umd5" "$(sed -n 's/^MERGED //p' <<<"$out")"
+  check "(a) chunk $CHUNK kernel merge status" "$((2 * CHUNK))/$CS $((2 * CHUNK))" "$(sed -n 's/^MERGESTATUS //p' <<<"$out")"
   # (b) kernel writes, udm reads
   rm -f "$W"/o.img "$W"/c.img
   "$TOOL" init "$W/o.img" $OS 2
@@ -46,6 +50,8 @@ for CHUNK in 8 32; do
   check "(b) chunk $CHUNK status" "$ustat" "$(sed -n 's/^STATUS //p' <<<"$out")"
   check "(b) chunk $CHUNK snapshot md5" "$(md5sum < "$W/view" | cut -d' ' -f1)" "$(sed -n 's/^MD5 //p' <<<"$out")"
   check "(b) chunk $CHUNK origin md5" "$(md5sum < "$W/o.img" | cut -d' ' -f1)" "$(sed -n 's/^ORIGIN //p' <<<"$out")"
+  check "(b) chunk $CHUNK udm merge status" "$("$TOOL" merge "$W/o.img" "$W/c.img")" "$((2 * CHUNK))/$CS $((2 * CHUNK))"
+  check "(b) chunk $CHUNK udm merge: origin = kernel view" "$(md5sum < "$W/o.img" | cut -d' ' -f1)" "$(sed -n 's/^MD5 //p' <<<"$out")"
 done
 if [ $fail -ne 0 ]; then echo "snapshot-crosscheck: MISMATCH"; exit 1; fi
 echo "snapshot-crosscheck: all match"

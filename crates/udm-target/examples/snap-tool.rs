@@ -7,6 +7,8 @@
 //!                                          (plus a few snapshot writes); prints the status
 //! snap-tool dump  ORIGIN COW OUT           load the COW (P 0), write the snapshot view to OUT,
 //!                                          print the status
+//! snap-tool merge ORIGIN COW              merge the snapshot back into ORIGIN (snapshot-merge),
+//!                                          wait for completion, print the status
 //! snap-tool perf                           origin write MB/s with 0, 1, 2 snapshots (memory)
 //! ```
 
@@ -188,6 +190,34 @@ fn dump(origin: &str, cow: &str, out: &str) {
     println!("{}", snap.status());
 }
 
+fn merge(origin: &str, cow: &str) {
+    let mut c = Ctx::new();
+    let o = open(origin);
+    let size = o.size();
+    c.add("origin", o);
+    c.add("cow", open(cow));
+    let m = c.build(&SnapshotType { merge: true }, size, "origin cow P 0");
+    activate(&*m);
+    let t = Instant::now();
+    loop {
+        let st = m.status();
+        let mut it = st.split(['/', ' ']);
+        let (a, _, meta) = (it.next(), it.next(), it.next());
+        if a.is_some() && a == meta {
+            println!("{st}");
+            break;
+        }
+        if meta.is_none() || t.elapsed().as_secs() > 120 {
+            die(&format!("merge did not complete: {st}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    m.presuspend();
+    if let Err(e) = m.map(Bio::flush()) {
+        die(&format!("flush: {e}"));
+    }
+}
+
 fn perf() {
     const SECTORS: u64 = 256 * 2048; // 256 MiB
     for nsnap in 0..=2u32 {
@@ -241,6 +271,7 @@ fn main() {
         ["init", p, n, seed] => init(p, num(n), num(seed)),
         ["write", o, c, chunk, n, seed] => write(o, c, num(chunk), num(n), num(seed)),
         ["dump", o, c, out] => dump(o, c, out),
+        ["merge", o, c] => merge(o, c),
         ["perf"] => perf(),
         _ => die("usage: snap-tool init|write|dump|perf ... (see the source header)"),
     }

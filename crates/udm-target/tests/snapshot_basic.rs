@@ -249,6 +249,19 @@ fn discard_zeroes_cow() {
     // Discard of an unremapped chunk is a no-op.
     s.map(Bio::discard(40, 8)).unwrap();
     assert_eq!(read(&*s, 40, 8).unwrap(), dev_read(&*o, 40, 8));
+    // discard_passdown_origin also discards the origin (without copying anything out).
+    c.mem("c2", 4096);
+    let p = c
+        .snapshot(O, "o c2 P 8 2 discard_zeroes_cow discard_passdown_origin")
+        .unwrap();
+    activate(&*p);
+    let st = p.status();
+    p.map(Bio::discard(64, 8)).unwrap();
+    assert_eq!(dev_read(&*o, 64, 8), vec![0u8; 4096]);
+    assert_eq!(p.status(), st);
+    // Without the feature the target does not take discards at all.
+    c.mem("c3", 4096);
+    assert!(!c.snapshot(O, "o c3 P 8").unwrap().caps().discard);
 }
 
 #[test]
