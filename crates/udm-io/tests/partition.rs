@@ -272,9 +272,12 @@ fn corrupt_gpt_is_a_clear_error() {
 fn fix_gpt_crcs(img: &mut [u8], lbs: usize) {
     let h = lbs;
     let n = u32::from_le_bytes(img[h + 80..h + 84].try_into().unwrap()) as usize;
-    let elba = u64::from_le_bytes(img[h + 72..h + 80].try_into().unwrap()) as usize;
-    let (start, end) = (elba * lbs, elba * lbs + n * 128);
-    if end <= img.len() && n <= 4096 {
+    let elba = u64::from_le_bytes(img[h + 72..h + 80].try_into().unwrap());
+    let range = usize::try_from(elba)
+        .ok()
+        .and_then(|e| e.checked_mul(lbs))
+        .and_then(|s| Some((s, s.checked_add(n.checked_mul(128)?)?)));
+    if let Some((start, end)) = range.filter(|&(_, end)| end <= img.len()) {
         let c = crc32(&img[start..end]);
         img[h + 88..h + 92].copy_from_slice(&c.to_le_bytes());
     }
