@@ -79,7 +79,7 @@ pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
         table,
         read_only: a.readonly,
         interpose: a.interpose,
-        freeze: a.freeze,
+        freeze: a.freeze.as_deref().map(super::udm_verbs::absolute),
     };
     let r = ctx.call("create", &name, req)?;
     expect_done("create", r)?;
@@ -132,7 +132,7 @@ pub(super) fn resume(ctx: &mut Ctx<'_>, a: ResumeArgs) -> Result<(), CliError> {
     for name in ctx.names_or_uuid("resume", a.names)? {
         let req = Request::Resume {
             name: name.clone(),
-            freeze: a.freeze.clone(),
+            freeze: a.freeze.as_deref().map(super::udm_verbs::absolute),
         };
         let r = ctx.call("resume", &name, req)?;
         expect_done("resume", r)?;

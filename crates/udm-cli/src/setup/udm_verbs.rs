@@ -20,7 +20,7 @@ pub(super) fn disk(ctx: &mut Ctx<'_>, d: DiskCommand) -> Result<(), CliError> {
             };
             let req = Request::DiskAdd {
                 name: a.name.clone(),
-                path: a.file,
+                path: absolute(&a.file),
                 create,
                 read_only: a.read_only,
                 direct: a.direct,
@@ -50,7 +50,9 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
     match e {
         ExportCommand::Add(a) => {
             let kind = if let Some(dir) = a.fuse {
-                ExportKind::Fuse { dir }
+                ExportKind::Fuse {
+                    dir: absolute(&dir),
+                }
             } else if a.ublk {
                 ExportKind::Ublk
             } else {
@@ -102,4 +104,9 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
             other => Err(unexpected("export list", &other)),
         },
     }
+}
+
+/// udmd does not share our working directory: send paths absolute.
+pub(crate) fn absolute(p: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

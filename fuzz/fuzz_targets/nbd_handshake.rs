@@ -1,0 +1,3 @@
+//! The NBD server's handshake and option haggling, driven over an in-memory stream.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| udm_export::nbd::fuzz_handshake(data));
