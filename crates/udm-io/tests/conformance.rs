@@ -422,3 +422,37 @@ fn tmpfs_file_zeroes_fallbacks() {
         .unwrap();
     assert!(read(&*d, 64, 8).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn uring_unavailable_falls_back_to_pread() {
+    // Runs itself again with io_uring disabled, so the rest of this process is unaffected.
+    const CHILD: &str = "UDM_IO_TEST_FALLBACK_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = new_file(dir.path());
+        for direct in [false, true] {
+            let d = open_backend(&p, &opts(direct, Engine::Uring)).unwrap();
+            assert!(d.describe().contains("pread"), "{}", d.describe());
+            write(&*d, 1, &pattern(1, 8, 2), BioFlags::FUA);
+            assert_eq!(read(&*d, 1, 8), pattern(1, 8, 2));
+        }
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "uring_unavailable_falls_back_to_pread",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .env(udm_io::backend::uring::DISABLE_ENV, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 passed"), "{text}");
+}

@@ -50,9 +50,19 @@ fn build_ring() -> io::Result<IoUring> {
         .or_else(|_| IoUring::new(RING_ENTRIES))
 }
 
-/// Checks that io_uring can be used here (not disabled by sysctl or seccomp, and the kernel
-/// knows read, write and fsync). Builds this thread's ring as a side effect.
+/// Setting this environment variable (to anything) makes [`probe`] fail, so every open takes
+/// the pread engine: an escape hatch for kernels whose io_uring misbehaves.
+pub const DISABLE_ENV: &str = "UDM_NO_IO_URING";
+
+/// Checks that io_uring can be used here (not disabled by sysctl, seccomp or [`DISABLE_ENV`],
+/// and the kernel knows read, write and fsync). Builds this thread's ring as a side effect.
 pub fn probe() -> io::Result<()> {
+    if std::env::var_os(DISABLE_ENV).is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("disabled by {DISABLE_ENV}"),
+        ));
+    }
     let ring = build_ring()?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
