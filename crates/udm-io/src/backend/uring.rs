@@ -235,7 +235,40 @@ impl UringDevice {
             buf.copy_from_slice(&bounce[..buf.len()]);
             return Ok(());
         }
+        if !raw.direct {
+            // Page-cache hits are served by one non-blocking preadv2, cheaper than a ring round
+            // trip (engine_bench: ring-only buffered reads ran at 0.6x of pread); only misses
+            // go through the ring.
+            let n = self.read_nowait(buf, off);
+            if n == buf.len() {
+                return Ok(());
+            }
+            return self.read_ring(&mut buf[n..], off + n as u64);
+        }
         self.read_ring(buf, off)
+    }
+
+    /// `preadv2(RWF_NOWAIT)`: what the page cache holds right now; 0 when nothing (or when
+    /// the kernel does not know the flag).
+    fn read_nowait(&self, buf: &mut [u8], off: u64) -> usize {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: iov describes `buf`, exclusively borrowed for the call.
+        let n = unsafe {
+            libc::preadv2(
+                self.raw().file.as_raw_fd(),
+                &iov,
+                1,
+                off as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n <= 0 {
+            return 0;
+        }
+        (n as usize).min(buf.len())
     }
 
     fn read_ring(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
