@@ -161,12 +161,13 @@ fn file_kind(ft: &std::fs::FileType) -> &'static str {
 /// Opens a regular file or block device as a [`BlockDevice`] with the engine `opts` asks for.
 ///
 /// `Engine::Auto` follows `examples/engine_bench.rs` (4 KiB random I/O, 16 threads, each one
-/// request in flight): through the page cache pread beats io_uring (reads 0.6x, buffered writes
-/// are punted to io_uring workers, 0.7x); with O_DIRECT on a file io_uring reads are as fast or
-/// faster (1.0-1.2x) and writes use pwrite in both engines; on a (loop) block device pread read
-/// faster. So Auto is io_uring for O_DIRECT regular files and pread everywhere else. When
-/// io_uring cannot be set up (old kernel, seccomp, sysctl), the pread engine is used with a
-/// warning.
+/// request in flight, so queue depth 16). Through the page cache a ring round trip loses to
+/// pread (0.6x; the io_uring engine now serves cache hits with `preadv2(RWF_NOWAIT)` and only
+/// ties), so buffered I/O uses pread. With O_DIRECT on a file, io_uring reads measured 0.9-1.2x
+/// of pread and writes go through pwrite in both engines, so Auto picks io_uring there; on a
+/// (loop) block device pread read faster (io_uring 0.6x), so block devices use pread. When
+/// io_uring cannot be set up (old kernel, seccomp, sysctl, `UDM_NO_IO_URING`), the pread engine
+/// is used with a warning.
 pub fn open_backend(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>, BackendError> {
     let meta =
         std::fs::metadata(path).map_err(|e| BackendError::from_io(path, "stat", e, false))?;
