@@ -272,25 +272,61 @@ mod tests {
 
     #[test]
     fn permission_denied_is_typed() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            eprintln!("SKIPPED: running as root, permissions are not enforced");
+        use std::os::unix::process::CommandExt;
+        const CHILD: &str = "UDM_IO_TEST_PERM_FILE";
+        if let Some(f) = std::env::var_os(CHILD) {
+            // Child, running unprivileged: the file is root's, mode 0600.
+            let f = PathBuf::from(f);
+            let e = open_backend(&f, &OpenOptions::default()).err().unwrap();
+            assert!(matches!(e, BackendError::Permission { .. }), "{e}");
+            assert_eq!(e.errno(), Errno::EACCES);
+            assert!(e.to_string().contains(&*f.to_string_lossy()), "{e}");
             return;
         }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("ro");
+            create_file(&f, 4096).unwrap();
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+                .unwrap();
+            let e = open_backend(&f, &OpenOptions::default()).err().unwrap();
+            assert!(matches!(e, BackendError::Permission { .. }), "{e}");
+            return;
+        }
+        // As root, permissions are not enforced: check them in a child running as nobody.
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("ro");
-        create_file(&f, 4096).unwrap();
-        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
-        let e = open_backend(&f, &OpenOptions::default()).err().unwrap();
-        assert!(matches!(e, BackendError::Permission { .. }), "{e}");
-        assert_eq!(e.errno(), Errno::EACCES);
-        open_backend(
-            &f,
-            &OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
+        let f = dir.path().join("secret");
+        create_file(&f, 4096).unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "backend::open::tests::permission_denied_is_typed",
+            ])
+            .env(CHILD, &f)
+            .uid(65534)
+            .gid(65534)
+            .output();
+        match out {
+            Ok(out) if String::from_utf8_lossy(&out.stdout).contains("1 passed") => {}
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                // A test binary nobody may not run (private target dir): say so, do not fail.
+                if text.contains("1 failed") {
+                    panic!("{text}{}", String::from_utf8_lossy(&out.stderr));
+                }
+                eprintln!(
+                    "SKIPPED: could not run the unprivileged child: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Err(e) => eprintln!("SKIPPED: could not run the unprivileged child: {e}"),
+        }
     }
 }
