@@ -433,6 +433,47 @@ mod tests {
     }
 
     #[test]
+    fn area_written_only_when_nothing_pending_or_full() {
+        let cow = dev(8 * 600);
+        let mut p = Persistent::new(cow.clone(), 8, false);
+        p.read_metadata(&mut |_, _| {}).unwrap();
+        let area0 = 8 * 512..16 * 512;
+        let a = p.prepare().unwrap();
+        let b = p.prepare().unwrap();
+        assert_eq!(
+            p.commit(10, a, true),
+            None,
+            "b still pending: nothing written"
+        );
+        assert!(cow.contents()[area0.clone()].iter().all(|&x| x == 0));
+        let flushes = cow.count(udm_io::BioKind::Write);
+        assert_eq!(p.commit(11, b, true), Some(true));
+        assert_eq!(cow.count(udm_io::BioKind::Write), flushes + 1);
+        let c = cow.contents();
+        assert_eq!(decode_exception(&c[area0.clone()], 0), (10, a));
+        assert_eq!(decode_exception(&c[area0.clone()], 1), (11, b));
+        // Fill area 0 with junk in area 1's place first: it must be zeroed before area 0 is
+        // written full.
+        let junk = vec![0xffu8; 4096];
+        cow.submit(Bio::write(257 * 8 + 8, &junk)).unwrap();
+        let mut pend = Vec::new();
+        for i in 2..256u64 {
+            pend.push((i, p.prepare().unwrap()));
+        }
+        let mut written = 0;
+        for (i, n) in pend {
+            if p.commit(100 + i, n, true).is_some() {
+                written += 1;
+            }
+        }
+        assert_eq!(written, 1, "one write when the area became full");
+        assert!(cow.contents()[258 * 8 * 512..259 * 8 * 512]
+            .iter()
+            .all(|&x| x == 0));
+        assert_eq!(p.usage().2, 24, "now in area 1");
+    }
+
+    #[test]
     fn bad_magic_is_enxio_and_untouched() {
         let cow = dev(64);
         let junk = vec![0xabu8; 512];
