@@ -2,7 +2,7 @@
 //! writes (the "pread engine").
 //!
 //! The fd plumbing shared with the block-device backend and the io_uring engine lives here too
-//! ([`RawDisk`]): O_DIRECT alignment handling (aligned bounce buffers for misaligned memory, a
+//! (`RawDisk`): O_DIRECT alignment handling (aligned bounce buffers for misaligned memory, a
 //! second buffered fd for misaligned offsets), FUA through `pwritev2(RWF_DSYNC)`, and reads past
 //! end-of-file that fill zeroes instead of failing.
 
