@@ -386,3 +386,53 @@ fn merge_restores_origin_and_survives_restart() {
     write(&*m, 3, &pattern(53, 3, 1)).unwrap();
     assert_eq!(dev_read(&*o, 3, 1), pattern(53, 3, 1));
 }
+
+#[test]
+fn merge_preserves_other_snapshots_and_reports_failure() {
+    let (mut c, o, _w) = setup(4096);
+    c.mem("c2", 4096);
+    let org = c.origin(O, "o").unwrap();
+    let a = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*a);
+    let img_a = dev_read(&*o, 0, O);
+    write(&*org, 0, &pattern(60, 0, 200)).unwrap();
+    let b = c.snapshot(O, "o c2 P 16").unwrap();
+    activate(&*b);
+    let img_b = dev_read(&*o, 0, O);
+    org.presuspend();
+    org.postsuspend();
+    drop(org);
+    a.presuspend();
+    a.postsuspend();
+    let m = c.merge(O, "o c P 8").unwrap();
+    activate(&*m);
+    assert_eq!(wait_merged(&*m), "16/4096 16");
+    assert_eq!(dev_read(&*o, 0, O), img_a);
+    // The merge wrote the origin: b copied those chunks first.
+    assert_eq!(read(&*b, 0, O).unwrap(), img_b);
+    assert_eq!(a.status(), "Invalid", "the handover source is dead");
+    drop(m);
+    drop(a);
+    drop(b);
+
+    // A failing origin write stops the merge: "Merge failed".
+    let (mut c, o, _w) = setup(4096);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    write(&*org, 0, &pattern(61, 0, 64)).unwrap();
+    drop(org);
+    drop(s);
+    o.inject(Fault::range(0, O, Errno::EIO).ops(&[BioKind::Write]));
+    let m = c.merge(O, "o c P 8").unwrap();
+    activate(&*m);
+    let mut st = m.status();
+    for _ in 0..2000 {
+        if st == "Merge failed" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        st = m.status();
+    }
+    assert_eq!(st, "Merge failed");
+}
