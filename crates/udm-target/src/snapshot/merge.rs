@@ -110,11 +110,22 @@ fn merge_step(s: &Arc<Snap>) -> Result<bool, String> {
         s.events.raise();
         return Ok(false);
     };
-    let old = last_old + 1 - n;
-    let new = last_new + 1 - n;
+    let corrupt = || format!("Corrupt exception store: exception ({last_old}, {last_new}) x{n}");
+    let old = last_old
+        .checked_add(1)
+        .and_then(|x| x.checked_sub(n))
+        .ok_or_else(corrupt)?;
+    let new = last_new
+        .checked_add(1)
+        .and_then(|x| x.checked_sub(n))
+        .ok_or_else(corrupt)?;
     let origin: &dyn BlockDevice = &*s.origin.dev;
-    let io_size = n * cs;
-    let dest = old * cs;
+    let io_size = n.checked_mul(cs).ok_or_else(corrupt)?;
+    let dest = old.checked_mul(cs).ok_or_else(corrupt)?;
+    let src = new.checked_mul(cs).ok_or_else(corrupt)?;
+    if dest >= origin.size() {
+        return Err(corrupt());
+    }
     let count = io_size.min(origin.size().saturating_sub(dest));
     // origin_write_extent: other snapshots copy the chunks before the origin changes.
     {
@@ -124,7 +135,7 @@ fn merge_step(s: &Arc<Snap>) -> Result<bool, String> {
     }
     // Writes to these chunks wait until they are merged.
     let guards: Vec<_> = (old..old + n).map(|c| s.locks.exclusive(c)).collect();
-    copy(s, new * cs, dest, count).map_err(|e| format!("Read/Write error: {e}"))?;
+    copy(s, src, dest, count).map_err(|e| format!("Read/Write error: {e}"))?;
     origin
         .submit(Bio::flush())
         .map_err(|e| format!("Flush after merge failed: {e}"))?;

@@ -104,8 +104,12 @@ impl Snap {
         true
     }
 
+    /// COW sector of `sector` in exception chunk `new_chunk` (saturating: a corrupt store with
+    /// an absurd chunk number gets an out-of-range error from the device, not a panic).
     fn remap(new_chunk: u64, cs: u64, sector: u64) -> u64 {
-        new_chunk * cs + (sector & (cs - 1))
+        new_chunk
+            .saturating_mul(cs)
+            .saturating_add(sector & (cs - 1))
     }
 
     /// `snapshot_map` for a piece inside one chunk (`sector` absolute).
@@ -174,7 +178,7 @@ impl Snap {
         if bio.sectors() == cs {
             // zero_exception
             let zero = vec![0u8; (cs * SECTOR_SIZE) as usize];
-            self.cow.dev.submit(Bio::write(n * cs, &zero))
+            self.cow.dev.submit(Bio::write(n.saturating_mul(cs), &zero))
         } else {
             self.cow.dev.submit(bio.at(Self::remap(n, cs, sector)))
         }
@@ -324,7 +328,11 @@ pub fn copy_chunk(
         }
         *have = Some((src, count));
     }
-    match s.cow.dev.submit(Bio::write(new_chunk * cs, buf)) {
+    match s
+        .cow
+        .dev
+        .submit(Bio::write(new_chunk.saturating_mul(cs), buf))
+    {
         Ok(()) => true,
         Err(e) => {
             tracing::error!("snapshot copy: writing COW failed: {e}");

@@ -208,6 +208,17 @@ impl ExceptionStore for Persistent {
         if !supplied {
             self.chunk_size = DEFAULT_CHUNK_SECTORS.max(lbs_sectors(&*self.cow));
         }
+        // A chunk larger than the COW device cannot be read (and is not worth a huge buffer).
+        if self.chunk_size > self.cow.size() {
+            return Err(TargetError::new(
+                Errno::EIO,
+                format!(
+                    "Failed to read snapshot metadata: chunk size {} is larger than the COW device ({} sectors)",
+                    self.chunk_size,
+                    self.cow.size()
+                ),
+            ));
+        }
         let mut hdr = vec![0u8; self.chunk_bytes()];
         chunk_io(
             &*self.cow,
@@ -237,6 +248,11 @@ impl ExceptionStore for Persistent {
                         "chunk size {chunk} in device metadata overrides table chunk size of {}.",
                         self.chunk_size
                     );
+                }
+                if chunk > self.cow.size() {
+                    return Err(TargetError::invalid(format!(
+                        "Failed to read snapshot metadata: invalid on-disk chunk size {chunk}: larger than the COW device."
+                    )));
                 }
                 check_chunk_size(chunk, lbs_sectors(&*self.cow), 1).map_err(|m| {
                     TargetError::invalid(format!(
@@ -332,7 +348,7 @@ impl ExceptionStore for Persistent {
 
     fn usage(&self) -> (u64, u64, u64) {
         (
-            self.next_free * self.chunk_size,
+            self.next_free.saturating_mul(self.chunk_size),
             self.cow.size(),
             (self.current_area + 1 + HDR_CHUNKS) * self.chunk_size,
         )
@@ -483,6 +499,23 @@ mod tests {
         let e = p.read_metadata(&mut |_, _| {}).unwrap_err();
         assert_eq!(e.errno, Errno::ENXIO);
         assert_eq!(cow.contents(), before);
+    }
+
+    #[test]
+    fn absurd_chunk_sizes_are_refused_without_allocating() {
+        let cow = dev(64);
+        let mut h = vec![0u8; 512];
+        encode_header(&mut h, true, 1, 1 << 21);
+        cow.submit(Bio::write(0, &h)).unwrap();
+        let mut p = Persistent::new(cow.clone(), 8, false);
+        let e = p.read_metadata(&mut |_, _| {}).unwrap_err();
+        assert!(e.msg.contains("on-disk chunk size"), "{}", e.msg);
+        encode_header(&mut h, true, 1, 0);
+        cow.submit(Bio::write(0, &h)).unwrap();
+        let mut p = Persistent::new(cow.clone(), 8, false);
+        assert!(p.read_metadata(&mut |_, _| {}).is_err());
+        let mut p = Persistent::new(cow.clone(), 1 << 20, false);
+        assert!(p.read_metadata(&mut |_, _| {}).is_err());
     }
 
     #[test]
