@@ -436,3 +436,44 @@ fn merge_preserves_other_snapshots_and_reports_failure() {
     }
     assert_eq!(st, "Merge failed");
 }
+
+#[test]
+fn corrupt_areas_never_panic() {
+    for seed in 0..40u64 {
+        let (mut c, _o, w) = setup(4096);
+        let mut h = vec![0u8; 4096];
+        encode_header(&mut h, true, 1, 8);
+        dev_write(&*w, 0, &h);
+        let mut junk = vec![0u8; 8 * 4096];
+        fill(seed, &mut junk);
+        // Make some entries plausible: small chunk numbers, an end marker somewhere.
+        for (i, e) in junk.chunks_mut(16).enumerate() {
+            if (i as u64 + seed) % 3 == 0 {
+                e[0..8].copy_from_slice(&(i as u64 % 200).to_le_bytes());
+                e[8..16].copy_from_slice(&(2 + i as u64).to_le_bytes());
+            }
+            if seed % 4 == 0 && i == 300 {
+                e.fill(0);
+            }
+        }
+        dev_write(&*w, 8, &junk);
+        let Ok(s) = c.snapshot(O, "o c P 8") else {
+            continue;
+        };
+        activate(&*s);
+        let _ = read(&*s, 0, O);
+        let _ = s.status();
+        drop(s);
+        if let Ok(m) = c.merge(O, "o c P 8") {
+            activate(&*m);
+            for _ in 0..100 {
+                let st = m.status();
+                if st == "Merge failed" || st.starts_with("16/") {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let _ = read(&*m, 0, O);
+        }
+    }
+}
