@@ -144,9 +144,35 @@ pub(crate) fn connection_id(dir: &Path) -> Option<u64> {
 /// Aborts a FUSE connection through fusectl, so that a lazily detached mount still in use stops
 /// waiting for this process. Returns false when fusectl is not mounted.
 pub(crate) fn abort_connection(id: u64) -> bool {
-    let p = format!("/sys/fs/fuse/connections/{id}/abort");
+    let dir = Path::new(FUSECTL);
+    let p = dir.join(id.to_string()).join("abort");
+    if !p.exists() {
+        // fusectl is usually mounted at boot; mount it if it is not (root only).
+        let none = c"fusectl";
+        if let Ok(target) = cpath(dir) {
+            // SAFETY: valid NUL-terminated strings; mount does not keep the pointers.
+            let r = unsafe {
+                libc::mount(
+                    none.as_ptr(),
+                    target.as_ptr(),
+                    none.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if r != 0 {
+                tracing::warn!(
+                    "fuse: cannot mount fusectl on {FUSECTL}: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
     std::fs::write(p, "1").is_ok()
 }
+
+/// Where the FUSE control filesystem lives.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// The loop devices whose backing file is `file`, for a helpful EBUSY message.
 pub(crate) fn loop_holders(file: &Path) -> Vec<PathBuf> {
