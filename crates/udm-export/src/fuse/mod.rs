@@ -74,6 +74,16 @@ pub enum FuseError {
         #[source]
         source: std::io::Error,
     },
+    /// The directory is a dead FUSE mount (its daemon died without unmounting).
+    #[error(
+        "{} is a stale FUSE mount (transport endpoint is not connected); run umount {} first",
+        dir.display(),
+        dir.display()
+    )]
+    StaleMount {
+        /// The directory given.
+        dir: PathBuf,
+    },
     /// The file is still open, typically by a loop device.
     #[error(
         "{} is still open ({handles} handle(s){}); detach it first{}",
@@ -135,6 +145,7 @@ impl HasErrno for FuseError {
             | FuseError::Mount { source, .. }
             | FuseError::Unmount { source, .. } => Errno::from_io(source),
             FuseError::Busy { .. } => Errno::EBUSY,
+            FuseError::StaleMount { .. } => Errno(libc::ENOTCONN),
         }
     }
 }
@@ -252,7 +263,15 @@ fn canonical_dir(dir: &Path) -> Result<PathBuf, FuseError> {
         dir: dir.to_path_buf(),
         source,
     };
-    let c = dir.canonicalize().map_err(err)?;
+    let c = dir.canonicalize().map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            FuseError::StaleMount {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            err(e)
+        }
+    })?;
     let md = std::fs::metadata(&c).map_err(err)?;
     if !md.is_dir() {
         return Err(err(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
