@@ -103,6 +103,11 @@ impl Control {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(UblkError::NoDriver),
             Err(e) => return Err(os(format!("open {CONTROL_PATH}"))(e)),
         };
+        Control::with_file(file)
+    }
+
+    /// A control channel on an already open file (the control node, or any file in tests).
+    fn with_file(file: File) -> Result<Control, UblkError> {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(4)
             .map_err(os("io_uring setup (SQE128) for control commands"))?;
