@@ -5,11 +5,10 @@
 use super::proto::*;
 use super::server::{ConnCtl, Export, NbdServer};
 use parking_lot::{Condvar, Mutex};
-use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, IoError};
 use udm_types::errno::HasErrno;
 use udm_types::{Errno, SECTOR_SIZE};
@@ -23,14 +22,8 @@ const MAX_OPTION_LEN: u32 = 64 << 10;
 /// A write payload above the maximum is skipped (and answered with EINVAL) up to this size;
 /// beyond it the connection is dropped, as the spec allows.
 const MAX_SKIP_PAYLOAD: u32 = 64 << 20;
-/// Worker threads per connection (grown on demand).
-const MAX_WORKERS: usize = 16;
-/// Requests queued or executing per connection before the reader waits.
-const MAX_INFLIGHT: usize = 256;
-/// Payload bytes held per connection before the reader waits.
-const MAX_INFLIGHT_BYTES: usize = 256 << 20;
-/// Idle workers exit after this long.
-const WORKER_IDLE: Duration = Duration::from_secs(10);
+/// Threads per connection (a second one starts only when the first stalls).
+const MAX_WORKERS: usize = 32;
 /// Chunk used for emulated write-zeroes and cache reads.
 const CHUNK: usize = 1 << 20;
 /// Buffers kept for reuse per connection.
@@ -101,7 +94,7 @@ pub(crate) fn run(
     match handshake(server, &mut r, &mut w, ctl) {
         Ok(Hs::Go(sess)) => {
             let export = sess.export.clone();
-            transmission(sess, r, w, ctl);
+            transmission(sess, r, w, ctl, server.watchdog());
             export.detach(ctl.id);
         }
         Ok(Hs::End) => {}
@@ -375,115 +368,372 @@ fn session(
 
 // ---------------------------------------------------------------------------------------------
 // Transmission
+//
+// The thread that reads a request executes it itself (no hand-off, no context switch), and only
+// one thread reads at a time (`reader`, taken with `try_lock`). When the executing thread has
+// been busy for a while with nobody reading, the watchdog starts another thread that takes over
+// reading, up to `MAX_WORKERS` per connection, so a slow or suspended device stalls only the
+// requests sent to it. A thread that finishes and finds someone else reading exits.
 
 struct Job {
     req: Request,
     payload: Vec<u8>,
 }
 
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
-    idle: usize,
-    workers: usize,
-    inflight: usize,
-    inflight_bytes: usize,
-    closing: bool,
-    reader_waiting: bool,
+struct Wr {
+    w: Box<dyn Write + Send>,
+    /// Replies held back while more requests were already buffered (sent with the next write).
+    pending: Vec<u8>,
+    pending_since: u64,
 }
 
-struct Shared {
+pub(crate) struct Conn {
     sess: Session,
-    writer: Mutex<Box<dyn Write + Send>>,
+    reader: Mutex<BufReader<Box<dyn Read + Send>>>,
+    writer: Mutex<Wr>,
     broken: AtomicBool,
+    closing: AtomicBool,
     ctl: Arc<ConnCtl>,
-    q: Mutex<Queue>,
-    work_cv: Condvar,
-    done_cv: Condvar,
+    threads: Mutex<Threads>,
+    threads_cv: Condvar,
+    standby_cv: Condvar,
+    /// When the reader was released to execute a request (watchdog clock), 0 while reading.
+    released_at: AtomicU64,
     pool: Mutex<Vec<Vec<u8>>>,
+    clock: Arc<Watchdog>,
+}
+
+/// Largest batch of deferred replies.
+const MAX_PENDING: usize = 64 << 10;
+/// A connection whose only reader has been executing this long gets another thread.
+const STALL_NS: u64 = 2_000_000;
+/// Watchdog period.
+const TICK: Duration = Duration::from_millis(2);
+
+/// One thread per server: starts readers for stalled connections and flushes deferred replies
+/// that waited too long.
+pub(crate) struct Watchdog {
+    epoch: Instant,
+    conns: Mutex<Vec<Weak<Conn>>>,
+    cv: Condvar,
+    running: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Watchdog {
+    pub(crate) fn new() -> Arc<Watchdog> {
+        Arc::new(Watchdog {
+            epoch: Instant::now(),
+            conns: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+            running: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    fn register(self: &Arc<Self>, c: &Arc<Conn>) {
+        self.conns.lock().push(Arc::downgrade(c));
+        self.cv.notify_all();
+        if !self.running.swap(true, Ordering::SeqCst) {
+            let me = self.clone();
+            if std::thread::Builder::new()
+                .name("nbd-watchdog".into())
+                .spawn(move || me.run())
+                .is_err()
+            {
+                self.running.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    fn run(self: Arc<Self>) {
+        loop {
+            let live: Vec<Arc<Conn>> = {
+                let mut g = self.conns.lock();
+                g.retain(|w| w.strong_count() > 0);
+                while g.is_empty() && !self.stop.load(Ordering::SeqCst) {
+                    self.cv.wait(&mut g);
+                    g.retain(|w| w.strong_count() > 0);
+                }
+                if self.stop.load(Ordering::SeqCst) {
+                    self.running.store(false, Ordering::SeqCst);
+                    return;
+                }
+                g.iter().filter_map(|w| w.upgrade()).collect()
+            };
+            let now = self.now();
+            for c in &live {
+                c.tick(now);
+            }
+            drop(live);
+            std::thread::sleep(TICK);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Threads {
+    /// Threads serving the connection (reading, executing or on standby).
+    live: usize,
+    /// Threads parked on standby, ready to take over reading.
+    standby: usize,
+    /// Standby wake-ups not yet taken.
+    wakeups: usize,
+}
+
+/// Requests at least this large are executed while another thread reads on: copying them
+/// costs far more than the hand-off.
+const HEAVY_BYTES: u32 = 64 << 10;
+/// A standby thread with nothing to do for this long exits.
+const STANDBY_IDLE: Duration = Duration::from_secs(5);
+
+enum Next {
+    Job(Job),
+    Handled,
+    End,
 }
 
 fn transmission(
     sess: Session,
-    mut r: BufReader<Box<dyn Read + Send>>,
+    r: BufReader<Box<dyn Read + Send>>,
     w: Box<dyn Write + Send>,
     ctl: &Arc<ConnCtl>,
+    clock: &Arc<Watchdog>,
 ) {
-    let sh = Arc::new(Shared {
+    let c = Arc::new(Conn {
         sess,
-        writer: Mutex::new(w),
+        reader: Mutex::new(r),
+        writer: Mutex::new(Wr {
+            w,
+            pending: Vec::new(),
+            pending_since: 0,
+        }),
         broken: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
         ctl: ctl.clone(),
-        q: Mutex::new(Queue::default()),
-        work_cv: Condvar::new(),
-        done_cv: Condvar::new(),
+        threads: Mutex::new(Threads {
+            live: 1,
+            ..Threads::default()
+        }),
+        threads_cv: Condvar::new(),
+        standby_cv: Condvar::new(),
+        released_at: AtomicU64::new(0),
         pool: Mutex::new(Vec::new()),
+        clock: clock.clone(),
     });
-    let mut handles = Vec::new();
-    loop {
-        if sh.broken.load(Ordering::Relaxed) {
-            break;
+    clock.register(&c);
+    c.serve();
+    let mut t = c.threads.lock();
+    while t.live > 0 {
+        c.standby_cv.notify_all();
+        c.threads_cv.wait_for(&mut t, Duration::from_millis(100));
+    }
+    drop(t);
+    c.flush_pending();
+    let _ = c.writer.lock().w.flush();
+}
+
+impl Conn {
+    /// Reads and executes requests until the connection closes; while another thread reads,
+    /// waits on standby.
+    fn serve(self: &Arc<Self>) {
+        loop {
+            let Some(mut rg) = self.reader.try_lock() else {
+                if self.closing.load(Ordering::SeqCst) || !self.standby() {
+                    break;
+                }
+                continue;
+            };
+            self.released_at.store(0, Ordering::SeqCst);
+            if self.closing.load(Ordering::SeqCst) {
+                break;
+            }
+            let job = loop {
+                let more = rg.buffer().len() >= REQUEST_LEN;
+                if !more {
+                    self.flush_pending();
+                }
+                match self.read_one(&mut rg, more) {
+                    Next::Job(j) => break Some(j),
+                    Next::Handled => continue,
+                    Next::End => break None,
+                }
+            };
+            let Some(job) = job else {
+                self.closing.store(true, Ordering::SeqCst);
+                drop(rg);
+                self.standby_cv.notify_all();
+                break;
+            };
+            let more = rg.buffer().len() >= REQUEST_LEN;
+            self.released_at.store(self.clock.now(), Ordering::SeqCst);
+            drop(rg);
+            let heavy = job.req.length >= HEAVY_BYTES || job.req.cmd == CMD_FLUSH;
+            if heavy {
+                self.add_reader();
+            }
+            self.execute(job, more && !heavy);
         }
-        let hdr = match read_array::<REQUEST_LEN>(&mut r) {
-            Ok(h) => h,
-            Err(_) => break,
+        let mut t = self.threads.lock();
+        t.live -= 1;
+        self.threads_cv.notify_all();
+    }
+
+    /// Parks until asked to read (true) or idle for too long (false).
+    fn standby(&self) -> bool {
+        let mut t = self.threads.lock();
+        t.standby += 1;
+        let mut woken = false;
+        while !self.closing.load(Ordering::SeqCst) {
+            if t.wakeups > 0 {
+                t.wakeups -= 1;
+                woken = true;
+                break;
+            }
+            if self.standby_cv.wait_for(&mut t, STANDBY_IDLE).timed_out() {
+                break;
+            }
+        }
+        t.standby -= 1;
+        woken && !self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Gets another thread reading: a standby one, else a new one (up to the limit).
+    fn add_reader(self: &Arc<Self>) {
+        let mut t = self.threads.lock();
+        if t.standby > t.wakeups {
+            t.wakeups += 1;
+            self.standby_cv.notify_one();
+            return;
+        }
+        if t.live < MAX_WORKERS {
+            let me = self.clone();
+            if std::thread::Builder::new()
+                .name("nbd-conn".into())
+                .spawn(move || me.serve())
+                .is_ok()
+            {
+                t.live += 1;
+            }
+        }
+    }
+
+    /// Called by the watchdog: adds a reader when the connection looks stalled, and sends
+    /// deferred replies that have waited too long.
+    fn tick(self: &Arc<Self>, now: u64) {
+        let rel = self.released_at.load(Ordering::SeqCst);
+        if rel != 0
+            && now.saturating_sub(rel) >= STALL_NS
+            && !self.closing.load(Ordering::SeqCst)
+            && !self.reader.is_locked()
+            && self
+                .released_at
+                .compare_exchange(rel, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            self.add_reader();
+        }
+        if let Some(mut w) = self.writer.try_lock() {
+            if !w.pending.is_empty() && now.saturating_sub(w.pending_since) >= STALL_NS {
+                let wr = &mut *w;
+                let pend = std::mem::take(&mut wr.pending);
+                if write_all_vectored(&mut *wr.w, &[&pend])
+                    .and_then(|_| wr.w.flush())
+                    .is_err()
+                {
+                    self.broken.store(true, Ordering::SeqCst);
+                    self.ctl.stream.stop_reading();
+                }
+                wr.pending = pend;
+                wr.pending.clear();
+            }
+        }
+    }
+
+    fn flush_pending(&self) {
+        let mut w = self.writer.lock();
+        if w.pending.is_empty() {
+            return;
+        }
+        let wr = &mut *w;
+        let pend = std::mem::take(&mut wr.pending);
+        if write_all_vectored(&mut *wr.w, &[&pend])
+            .and_then(|_| wr.w.flush())
+            .is_err()
+        {
+            self.broken.store(true, Ordering::SeqCst);
+            self.ctl.stream.stop_reading();
+        }
+        wr.pending = pend;
+        wr.pending.clear();
+    }
+
+    /// Reads one request; answers invalid ones directly.
+    fn read_one(&self, r: &mut BufReader<Box<dyn Read + Send>>, more: bool) -> Next {
+        if self.broken.load(Ordering::Relaxed) {
+            return Next::End;
+        }
+        let Ok(hdr) = read_array::<REQUEST_LEN>(r) else {
+            return Next::End;
         };
         let req = match Request::decode(&hdr) {
             Ok(req) => req,
             Err(e) => {
                 tracing::debug!(?e, "bad NBD request magic; dropping connection");
-                break;
+                return Next::End;
             }
         };
         if req.cmd == CMD_DISC {
-            break;
+            return Next::End;
         }
         let mut payload = Vec::new();
         if req.cmd == CMD_WRITE {
             if req.length > MAX_BLOCK {
                 if req.length > MAX_SKIP_PAYLOAD {
                     tracing::debug!(len = req.length, "oversized NBD write; dropping connection");
-                    break;
+                    return Next::End;
                 }
-                match io::copy(&mut (&mut r).take(u64::from(req.length)), &mut io::sink()) {
+                match io::copy(&mut r.take(u64::from(req.length)), &mut io::sink()) {
                     Ok(n) if n == u64::from(req.length) => {}
-                    _ => break,
+                    _ => return Next::End,
                 }
-                sh.count(&req);
-                sh.reply_err(&req, NBD_EINVAL, "write larger than the maximum block size");
-                continue;
+                self.count(&req);
+                self.reply_err(
+                    &req,
+                    NBD_EINVAL,
+                    "write larger than the maximum block size",
+                    more,
+                );
+                return Next::Handled;
             }
-            payload = sh.take_buf(req.length as usize);
+            payload = self.take_buf(req.length as usize);
             if r.read_exact(&mut payload).is_err() {
-                break;
+                return Next::End;
             }
         }
-        sh.count(&req);
-        if ctl.stopping.load(Ordering::SeqCst) {
-            sh.put_buf(payload);
-            sh.reply_err(&req, NBD_ESHUTDOWN, "export is being removed");
-            continue;
+        self.count(&req);
+        let more = r.buffer().len() >= REQUEST_LEN;
+        if self.ctl.stopping.load(Ordering::SeqCst) {
+            self.put_buf(payload);
+            self.reply_err(&req, NBD_ESHUTDOWN, "export is being removed", more);
+            return Next::Handled;
         }
-        if let Err((err, msg)) = sh.validate(&req) {
-            sh.put_buf(payload);
-            sh.reply_err(&req, err, msg);
-            continue;
+        if let Err((err, msg)) = self.validate(&req) {
+            self.put_buf(payload);
+            self.reply_err(&req, err, msg, more);
+            return Next::Handled;
         }
-        sh.dispatch(Job { req, payload }, &mut handles);
+        Next::Job(Job { req, payload })
     }
-    // Stop: let the workers drain the queue and answer, then close.
-    {
-        let mut q = sh.q.lock();
-        q.closing = true;
-        sh.work_cv.notify_all();
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    let _ = sh.writer.lock().flush();
-}
-
-impl Shared {
     fn count(&self, req: &Request) {
         let c = &self.sess.export.counters;
         match c.by_cmd.get(req.cmd as usize) {
@@ -570,91 +820,7 @@ impl Shared {
         Ok(())
     }
 
-    fn dispatch(self: &Arc<Self>, job: Job, handles: &mut Vec<std::thread::JoinHandle<()>>) {
-        let bytes = job.payload.len().max(if job.req.cmd == CMD_READ {
-            job.req.length as usize
-        } else {
-            0
-        });
-        let mut q = self.q.lock();
-        while q.inflight >= MAX_INFLIGHT
-            || (q.inflight > 0 && q.inflight_bytes + bytes > MAX_INFLIGHT_BYTES)
-        {
-            q.reader_waiting = true;
-            self.done_cv.wait(&mut q);
-        }
-        q.reader_waiting = false;
-        q.inflight += 1;
-        q.inflight_bytes += bytes;
-        q.jobs.push_back(job);
-        if q.idle > 0 {
-            self.work_cv.notify_one();
-            return;
-        }
-        if q.workers < MAX_WORKERS {
-            let me = self.clone();
-            match std::thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn(move || me.worker())
-            {
-                Ok(h) => {
-                    q.workers += 1;
-                    handles.retain(|h: &std::thread::JoinHandle<()>| !h.is_finished());
-                    handles.push(h);
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot spawn NBD worker"),
-            }
-        }
-        if q.workers == 0 {
-            // No worker at all: run it here rather than never.
-            let job = q.jobs.pop_back();
-            drop(q);
-            if let Some(job) = job {
-                self.execute_and_finish(job);
-            }
-        }
-    }
-
-    fn worker(self: Arc<Self>) {
-        let mut q = self.q.lock();
-        loop {
-            if let Some(job) = q.jobs.pop_front() {
-                drop(q);
-                self.execute_and_finish(job);
-                q = self.q.lock();
-                continue;
-            }
-            if q.closing {
-                q.workers -= 1;
-                return;
-            }
-            q.idle += 1;
-            let timed_out = self.work_cv.wait_for(&mut q, WORKER_IDLE).timed_out();
-            q.idle -= 1;
-            if timed_out && q.jobs.is_empty() && !q.closing {
-                q.workers -= 1;
-                return;
-            }
-        }
-    }
-
-    fn execute_and_finish(&self, job: Job) {
-        let bytes = job.payload.len().max(if job.req.cmd == CMD_READ {
-            job.req.length as usize
-        } else {
-            0
-        });
-        self.execute(job);
-        let mut q = self.q.lock();
-        q.inflight -= 1;
-        q.inflight_bytes -= bytes;
-        if q.reader_waiting {
-            self.done_cv.notify_all();
-        }
-    }
-
-    fn execute(&self, job: Job) {
+    fn execute(&self, job: Job, defer: bool) {
         let Job { req, payload } = job;
         let s = &self.sess;
         let dev = s.export.dev.as_ref();
@@ -672,9 +838,9 @@ impl Shared {
                     Ok(()) => {
                         c.bytes_read
                             .fetch_add(u64::from(req.length), Ordering::Relaxed);
-                        self.reply_read(&req, &buf);
+                        self.reply_read(&req, &buf, defer);
                     }
-                    Err(e) => self.reply_io_err(&req, &e),
+                    Err(e) => self.reply_io_err(&req, &e, defer),
                 }
                 self.put_buf(buf);
             }
@@ -685,14 +851,14 @@ impl Shared {
                     Ok(()) => {
                         c.bytes_written
                             .fetch_add(u64::from(req.length), Ordering::Relaxed);
-                        self.reply_ok(&req);
+                        self.reply_ok(&req, defer);
                     }
-                    Err(e) => self.reply_io_err(&req, &e),
+                    Err(e) => self.reply_io_err(&req, &e, defer),
                 }
             }
             CMD_FLUSH => match dev.submit(Bio::flush()) {
-                Ok(()) => self.reply_ok(&req),
-                Err(e) => self.reply_io_err(&req, &e),
+                Ok(()) => self.reply_ok(&req, defer),
+                Err(e) => self.reply_io_err(&req, &e, defer),
             },
             CMD_TRIM => {
                 let sectors = u64::from(req.length) / SECTOR_SIZE;
@@ -705,13 +871,13 @@ impl Shared {
                     }
                 };
                 match r {
-                    Ok(()) => self.reply_ok(&req),
-                    Err(e) => self.reply_io_err(&req, &e),
+                    Ok(()) => self.reply_ok(&req, defer),
+                    Err(e) => self.reply_io_err(&req, &e, defer),
                 }
             }
             CMD_WRITE_ZEROES => match self.write_zeroes(dev, &req, sector, fua) {
-                Ok(()) => self.reply_ok(&req),
-                Err(e) => self.reply_io_err(&req, &e),
+                Ok(()) => self.reply_ok(&req, defer),
+                Err(e) => self.reply_io_err(&req, &e, defer),
             },
             CMD_CACHE => {
                 let mut buf = self.take_buf((req.length as usize).min(CHUNK));
@@ -729,12 +895,12 @@ impl Shared {
                 }
                 self.put_buf(buf);
                 match res {
-                    Ok(()) => self.reply_ok(&req),
-                    Err(e) => self.reply_io_err(&req, &e),
+                    Ok(()) => self.reply_ok(&req, defer),
+                    Err(e) => self.reply_io_err(&req, &e, defer),
                 }
             }
-            CMD_BLOCK_STATUS => self.block_status(dev, &req),
-            _ => self.reply_err(&req, NBD_EINVAL, "unknown command"),
+            CMD_BLOCK_STATUS => self.block_status(dev, &req, defer),
+            _ => self.reply_err(&req, NBD_EINVAL, "unknown command", defer),
         }
     }
 
@@ -809,14 +975,14 @@ impl Shared {
         Ok(())
     }
 
-    fn block_status(&self, dev: &dyn BlockDevice, req: &Request) {
+    fn block_status(&self, dev: &dyn BlockDevice, req: &Request, defer: bool) {
         let s = &self.sess;
         let min = u64::from(s.min_block);
         let len = (u64::from(req.length).div_ceil(min) * min).min(s.size - req.offset);
         let sector = req.offset / SECTOR_SIZE;
         let exts = match dev.block_status(sector, len.div_ceil(SECTOR_SIZE)) {
             Ok(x) => x,
-            Err(e) => return self.reply_io_err(req, &e),
+            Err(e) => return self.reply_io_err(req, &e, defer),
         };
         let max_desc = u64::from(u32::MAX) / min * min;
         let mut descs: Vec<(u64, u32)> = Vec::new();
@@ -879,14 +1045,14 @@ impl Shared {
             req.handle,
             payload.len() as u32,
         );
-        self.send(&[&hdr, &payload]);
+        self.send(&[&hdr, &payload], defer);
     }
 
-    fn reply_read(&self, req: &Request, data: &[u8]) {
+    fn reply_read(&self, req: &Request, data: &[u8], defer: bool) {
         if self.sess.structured {
             if data.is_empty() {
                 let hdr = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.handle, 0);
-                self.send(&[&hdr]);
+                self.send(&[&hdr], defer);
                 return;
             }
             let hdr = structured_header(
@@ -896,50 +1062,68 @@ impl Shared {
                 (data.len() + 8) as u32,
             );
             let off = req.offset.to_be_bytes();
-            self.send(&[&hdr, &off, data]);
+            self.send(&[&hdr, &off, data], defer);
         } else {
-            self.send(&[&simple_reply(0, req.handle), data]);
+            self.send(&[&simple_reply(0, req.handle), data], defer);
         }
     }
 
-    fn reply_ok(&self, req: &Request) {
-        self.send(&[&simple_reply(0, req.handle)]);
+    fn reply_ok(&self, req: &Request, defer: bool) {
+        self.send(&[&simple_reply(0, req.handle)], defer);
     }
 
-    fn reply_io_err(&self, req: &Request, e: &IoError) {
+    fn reply_io_err(&self, req: &Request, e: &IoError, defer: bool) {
         let mut code = e.errno().to_nbd();
         let fast_zero = req.cmd == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO != 0;
         if (code == NBD_ENOTSUP && !fast_zero) || code == NBD_EOVERFLOW {
             code = NBD_EIO;
         }
         tracing::debug!(error = %e, cmd = cmd_name(req.cmd), "NBD request failed");
-        self.reply_err(req, code, &e.to_string());
+        self.reply_err(req, code, &e.to_string(), defer);
     }
 
-    fn reply_err(&self, req: &Request, code: u32, msg: &str) {
+    fn reply_err(&self, req: &Request, code: u32, msg: &str, defer: bool) {
         self.sess
             .export
             .counters
             .errors
             .fetch_add(1, Ordering::Relaxed);
         if self.sess.structured {
-            self.send(&[&structured_error(req.handle, code, msg)]);
+            self.send(&[&structured_error(req.handle, code, msg)], defer);
         } else {
-            self.send(&[&simple_reply(code, req.handle)]);
+            self.send(&[&simple_reply(code, req.handle)], defer);
         }
     }
 
-    /// Writes one whole reply (header and payload with one writev where possible).
-    fn send(&self, parts: &[&[u8]]) {
+    /// Writes one whole reply (header and payload with one writev where possible); with `defer`
+    /// small replies are batched until the reader runs out of buffered requests.
+    fn send(&self, parts: &[&[u8]], defer: bool) {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
+        let size: usize = parts.iter().map(|p| p.len()).sum();
         let mut w = self.writer.lock();
-        if let Err(e) = write_all_vectored(&mut **w, parts).and_then(|_| w.flush()) {
+        let wr = &mut *w;
+        if defer && wr.pending.len() + size <= MAX_PENDING {
+            if wr.pending.is_empty() {
+                wr.pending_since = self.clock.now();
+            }
+            for p in parts {
+                wr.pending.extend_from_slice(p);
+            }
+            return;
+        }
+        let pend = std::mem::take(&mut wr.pending);
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(&pend);
+        all.extend_from_slice(parts);
+        if let Err(e) = write_all_vectored(&mut *wr.w, &all).and_then(|_| wr.w.flush()) {
             tracing::debug!(error = %e, "NBD reply write failed; closing connection");
             self.broken.store(true, Ordering::Relaxed);
             self.ctl.stream.stop_reading();
         }
+        wr.pending = pend;
+        wr.pending.clear();
     }
 }
 

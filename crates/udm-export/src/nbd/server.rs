@@ -172,6 +172,7 @@ pub struct NbdServer {
     next_id: AtomicU64,
     shut: AtomicBool,
     listeners: Mutex<Vec<(ListenAddr, JoinHandle<()>)>>,
+    watchdog: Arc<conn::Watchdog>,
 }
 
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
@@ -185,6 +186,7 @@ impl NbdServer {
             next_id: AtomicU64::new(1),
             shut: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
+            watchdog: conn::Watchdog::new(),
         })
     }
 
@@ -438,6 +440,10 @@ impl NbdServer {
         ctl.set_done();
     }
 
+    pub(crate) fn watchdog(&self) -> &Arc<conn::Watchdog> {
+        &self.watchdog
+    }
+
     pub(crate) fn is_shut(&self) -> bool {
         self.shut.load(Ordering::SeqCst)
     }
@@ -480,6 +486,7 @@ impl NbdServer {
         for c in &rest {
             c.wait_done();
         }
+        self.watchdog.stop();
     }
 }
 
