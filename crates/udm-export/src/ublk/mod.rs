@@ -237,6 +237,9 @@ fn queue_loop(
     mark_io_flusher();
     let depth = usize::from(QUEUE_DEPTH);
     let buf_len = translate::MAX_IO_BYTES as usize;
+    // Declared before the ring so that it is dropped after it on every path: the kernel may
+    // hold buffer addresses of submitted fetches until the ring is gone.
+    let mut mem = vec![0u8; depth * buf_len + 4096];
     let mut ring: IoUring = match IoUring::new(u32::from(QUEUE_DEPTH) * 2) {
         Ok(r) => r,
         Err(e) => {
@@ -244,7 +247,6 @@ fn queue_loop(
             return;
         }
     };
-    let mut mem = vec![0u8; depth * buf_len + 4096];
     let base = mem.as_ptr().align_offset(4096);
     let addr_of = |mem: &mut Vec<u8>, tag: usize| mem[base + tag * buf_len..].as_mut_ptr() as u64;
     let fd = types::Fd(cdev.as_raw_fd());
