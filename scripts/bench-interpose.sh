@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Overhead of live interposition: one 1 GiB disk served by udmd and exported over NBD, measured
+# plain and with a linear interposer attached (`udmsetup create ip --interpose ...`), with the
+# same fio jobs (nbd engine: 4k random read/write at iodepth 16, 1M sequential read/write at
+# iodepth 4). Modes alternate within each round; the median of ROUNDS is reported with the
+# interposed/plain ratio. Not a timed test: run it by hand and read the table.
+#
+# Environment: RUNTIME (s per run, default 5), ROUNDS (default 3), SIZE (default 1G), WORKDIR.
+set -euo pipefail
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-3}
+SIZE=${SIZE:-1G}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench-ip.XXXXXX)}
+for t in fio jq; do command -v $t >/dev/null || { echo "bench-interpose: $t missing (apt-get install fio jq)" >&2; exit 1; }; done
+(cd "$ROOT" && cargo build --quiet --release -p udm-daemon -p udm-cli)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+export UDM_RUNTIME_DIR=$WORKDIR/run UDM_STATE_DIR=$WORKDIR/state
+"$BIN/udmd" >"$WORKDIR/udmd.log" 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; [[ -n ${KEEP:-} ]] || rm -rf "$WORKDIR"' EXIT
+for _ in $(seq 100); do "$BIN/udmsetup" version >/dev/null 2>&1 && break; sleep 0.1; done
+u() { "$BIN/udmsetup" "$@"; }
+fio --name=fill --filename="$WORKDIR/disk.img" --rw=write --bs=1M --size="$SIZE" --ioengine=psync --refill_buffers --output=/dev/null
+u disk add d --file "$WORKDIR/disk.img" >/dev/null
+SECTORS=$(( $(stat -c %s "$WORKDIR/disk.img") / 512 ))
+u export add d --nbd >/dev/null
+URI="nbd+unix:///d?socket=$UDM_RUNTIME_DIR/nbd.sock"
+RESULTS=$WORKDIR/results.tsv; : >"$RESULTS"
+JOBS=("randread-4k randread 4k 16" "randwrite-4k randwrite 4k 16" "read-1m read 1M 4" "write-1m write 1M 4")
+for j in "${JOBS[@]}"; do
+  read -r name rw bs depth <<<"$j"
+  for round in $(seq "$ROUNDS"); do
+    for mode in plain interposed; do
+      [[ $mode == interposed ]] && u create ip --interpose --table "0 $SECTORS linear d 0" >/dev/null
+      out=$WORKDIR/$mode-$name-$round.json
+      fio --name="$name" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" --iodepth="$depth" \
+          --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json --output="$out" >/dev/null 2>&1
+      dir=read; [[ $rw == *write* ]] && dir=write
+      jq -r --arg m "$mode" --arg n "$name" --arg d "$dir" \
+        '.jobs[0][$d] | [$m, $n, .iops, (.bw_bytes/1048576), ((.clat_ns.percentile["99.000000"] // 0)/1000)] | @tsv' "$out" >>"$RESULTS"
+      if [[ $mode == interposed ]]; then
+        echo "bench-interpose: $name round $round: $(u info ip | sed -n 's/^Redirected: *//p') requests redirected" >&2
+        u remove ip >/dev/null
+      fi
+    done
+  done
+done
+python3 - "$RESULTS" <<'PY'
+import sys, collections
+runs = collections.OrderedDict()
+for l in open(sys.argv[1]):
+    m, n, i, b, p = l.split("\t")
+    runs.setdefault(n, {}).setdefault(m, []).append((float(i), float(b), float(p)))
+print(f"{'job':<14} {'mode':<11} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>8}")
+for n, d in runs.items():
+    med = {m: sorted(v)[len(v)//2] for m, v in d.items()}
+    for m in ("plain", "interposed"):
+        i, b, p = med[m]
+        print(f"{n:<14} {m:<11} {i:>9.0f} {b:>8.1f} {p:>8.0f}")
+    r = med["interposed"][0] / med["plain"][0]
+    print(f"{'':<14} overhead    {100*(1-r):>8.1f}%  (interposed/plain {r:.3f}x)")
+PY
