@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use udm_cli::udm::snapshot::{self, SnapshotCommand};
 use udm_cli::udm::{status, Cli, Command};
 use udm_cli::{default_socket, Session};
 
@@ -18,6 +19,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 print!("{}", status::format(&r));
+            }
+        }
+        Command::Snapshot(cmd) => snapshot_cmd(&mut session, cmd, cli.json)?,
+    }
+    Ok(())
+}
+
+fn snapshot_cmd(s: &mut Session, cmd: SnapshotCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCommand::Take(a) => {
+            let (name, location) = snapshot::take(s, &a)?;
+            println!("snapshot {name} of {} taken", a.device);
+            if let Some(l) = location {
+                println!("exported read-only at {l}");
+            }
+        }
+        SnapshotCommand::List => {
+            let l = snapshot::list(s)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print!("{}", snapshot::format_list(&l));
+            }
+        }
+        SnapshotCommand::Status { name } => {
+            let l = snapshot::list(s)?;
+            let item = l
+                .into_iter()
+                .find(|x| x.name == name || x.origin_interposer.as_deref() == Some(name.as_str()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{name} is neither a snapshot nor a merging origin")
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&item)?);
+            } else {
+                print!("{}", snapshot::format_list(&[item.clone()]));
+                println!("status: {}", item.status);
+            }
+        }
+        SnapshotCommand::Drop { name } => {
+            snapshot::drop_snapshot(s, &name)?;
+            println!("snapshot {name} dropped");
+        }
+        SnapshotCommand::Merge { name, no_wait } => {
+            let mut last = u64::MAX;
+            let origin = snapshot::merge(s, &name, no_wait, &mut |done, total| {
+                let pct = if total == 0 { 100 } else { done * 100 / total };
+                if pct != last {
+                    eprintln!("merging {name}: {pct}% ({done}/{total} sectors)");
+                    last = pct;
+                }
+            })?;
+            if no_wait {
+                println!(
+                    "merging {name} through {origin}; follow with `udm snapshot status {origin}`"
+                );
+            } else {
+                println!("snapshot {name} merged into its origin");
             }
         }
     }

@@ -2,6 +2,7 @@
 //! `status` exists so far; the snapshot, backup and migration workflows go here as siblings
 //! (`snapshot.rs`, ...), each exposing a clap `Args` struct and a `run` function.
 
+pub mod snapshot;
 pub mod status;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,9 @@ pub struct Cli {
 pub enum Command {
     /// Is udmd reachable, and how many disks, mapped devices and exports does it serve.
     Status,
+    /// Live snapshots of devices in use: take, list, status, drop, merge.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 #[cfg(test)]
