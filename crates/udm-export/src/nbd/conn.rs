@@ -27,7 +27,9 @@ const MAX_WORKERS: usize = 32;
 /// Chunk used for emulated write-zeroes and cache reads.
 const CHUNK: usize = 1 << 20;
 /// Buffers kept for reuse per connection.
-const POOL_MAX: usize = 32;
+const POOL_MAX: usize = 16;
+/// Larger buffers are returned to the allocator rather than kept.
+const POOL_BUF_MAX: usize = 4 << 20;
 
 /// Smallest unit clients may address: the device's logical block size (at least a sector).
 fn min_block(dev: &dyn BlockDevice) -> u32 {
@@ -759,7 +761,7 @@ impl Conn {
     }
 
     fn put_buf(&self, b: Vec<u8>) {
-        if b.capacity() == 0 {
+        if b.capacity() == 0 || b.capacity() > POOL_BUF_MAX {
             return;
         }
         let mut p = self.pool.lock();

@@ -5,6 +5,15 @@
 //! `base:allocation` metadata context; requests are pipelined and answered out of order by a
 //! per-connection worker pool, so a device that blocks (suspended) stalls only its own
 //! requests. [`proto`] is the wire codec, [`client`] a small client for tests and tools.
+//!
+//! Choices the protocol leaves to the server: the minimum block size is the device's logical
+//! block size (512 or 4096) and unaligned requests get `EINVAL` (no read-modify-write); the
+//! preferred size is 4096, the maximum 32 MiB (larger writes are skipped and refused up to 64 MiB,
+//! beyond that the connection is dropped). Metadata queries: `base:allocation` is the only
+//! context; `NBD_OPT_LIST_META_CONTEXT` accepts `base:` as a wildcard, other namespaces match
+//! nothing. Successful non-read replies are simple replies even with structured replies on;
+//! errors are structured (with a message) when negotiated. No TLS (`NBD_OPT_STARTTLS` gets
+//! `NBD_REP_ERR_UNSUP`).
 
 pub mod client;
 mod conn;
