@@ -12,8 +12,9 @@ use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use udm_io::{Bio, BlockDevice, Extent, IoError, Limits};
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, Extent, IoError, Limits};
 use udm_types::DevId;
+use udm_types::SECTOR_SIZE;
 
 /// What a node is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,7 +115,7 @@ impl DeviceNode {
         if bio.is_empty_flush() {
             // A flush must cover every write completed before it, wherever it was redirected.
             for h in hooks {
-                h.md.submit_redirected(bio.reborrow())?;
+                redirect(h, bio.reborrow())?;
             }
             return self.backend.submit(bio);
         }
@@ -129,7 +130,7 @@ impl DeviceNode {
             };
             let (head, tail) = bio.split(len);
             match target {
-                Some(h) => h.md.submit_redirected(head)?,
+                Some(h) => redirect(h, head)?,
                 None => self.backend.submit(head)?,
             }
             match tail {
@@ -137,6 +138,42 @@ impl DeviceNode {
                 None => return Ok(()),
             }
         }
+    }
+}
+
+/// Sends a request into an interposer. The device advertised its own capabilities to its
+/// clients before the interposer came; where the interposer lacks one, do what the kernel's
+/// issuers do: write zero buffers for write-zeroes (unless the client asked for a fast zero) and
+/// treat a discard, which is only a hint, as done rather than bypass the interposer.
+fn redirect(h: &Hook, bio: Bio<'_>) -> Result<(), IoError> {
+    let limits = match bio.kind() {
+        BioKind::WriteZeroes | BioKind::Discard => h.md.limits(),
+        _ => return h.md.submit_redirected(bio),
+    };
+    match bio.kind() {
+        BioKind::Discard if !limits.discard => Ok(()),
+        BioKind::WriteZeroes if !limits.write_zeroes => {
+            if bio.flags.contains(BioFlags::FAST_ZERO) {
+                return Err(IoError::Unsupported {
+                    op: BioKind::WriteZeroes,
+                    device: h.md.describe(),
+                });
+            }
+            const CHUNK: u64 = 2048;
+            let zeros = vec![0u8; (CHUNK * SECTOR_SIZE) as usize];
+            let (mut sector, end) = (bio.sector, bio.end());
+            while sector < end {
+                let n = (end - sector).min(CHUNK);
+                let mut w = Bio::write(sector, &zeros[..(n * SECTOR_SIZE) as usize]);
+                if sector + n == end {
+                    w.flags = bio.flags & BioFlags::FUA;
+                }
+                h.md.submit_redirected(w)?;
+                sector += n;
+            }
+            Ok(())
+        }
+        _ => h.md.submit_redirected(bio),
     }
 }
 

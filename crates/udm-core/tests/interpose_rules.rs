@@ -13,11 +13,21 @@ use udm_target::table::TableSpec;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-const IP: LoadFlags = LoadFlags { read_only: false, interpose: true };
+const IP: LoadFlags = LoadFlags {
+    read_only: false,
+    interpose: true,
+};
 
 fn create(reg: &Registry, name: &str, table: &str, flags: LoadFlags) -> udm_core::Result<()> {
     let spec = TableSpec::parse(table).map_err(udm_core::CoreError::from)?;
-    reg.create(name, None, None, Some((&spec, flags)), &ResumeOptions::default()).map(|_| ())
+    reg.create(
+        name,
+        None,
+        None,
+        Some((&spec, flags)),
+        &ResumeOptions::default(),
+    )
+    .map(|_| ())
 }
 
 fn setup() -> (Registry, Arc<MemDevice>) {
@@ -49,7 +59,10 @@ fn ebusy_overlapping_ranges_and_disjoint_ranges_allowed() {
     create(&reg, "a", "0 1024 linear d 0", IP).unwrap();
     let e = create(&reg, "b", "0 1025 linear d 0", IP).unwrap_err();
     assert_eq!(e.errno(), Errno::EBUSY, "{e}");
-    assert!(e.to_string().contains("overlaps the interposer of a"), "{e}");
+    assert!(
+        e.to_string().contains("overlaps the interposer of a"),
+        "{e}"
+    );
     // Disjoint: the second mapped device interposes [1024, 2048).
     create(&reg, "b", "0 1024 zero\n1024 1024 linear d 1024", IP).unwrap();
     assert_eq!(reg.info("b").unwrap().interposers.len(), 1);
@@ -64,12 +77,16 @@ fn ebusy_claim_names_the_holder_and_suggests_interpose() {
     let e = create(&reg, "plain", "0 2048 linear d 0", LoadFlags::default()).unwrap_err();
     assert_eq!(e.errno(), Errno::EBUSY);
     let msg = e.to_string();
-    assert!(msg.contains("export nbd:d") && msg.contains("--interpose"), "{msg}");
+    assert!(
+        msg.contains("export nbd:d") && msg.contains("--interpose"),
+        "{msg}"
+    );
     // The interposed variant works on the exported device.
     create(&reg, "ip", "0 2048 linear d 0", IP).unwrap();
     // And exporting a device that mapped devices hold is EBUSY too.
     let reg2 = Registry::new();
-    reg2.add_disk_device("d2", Arc::new(MemDevice::new(64))).unwrap();
+    reg2.add_disk_device("d2", Arc::new(MemDevice::new(64)))
+        .unwrap();
     create(&reg2, "m", "0 64 linear d2 0", LoadFlags::default()).unwrap();
     let e = reg2.open_export("d2", "nbd:d2").map(|_| ()).unwrap_err();
     assert_eq!(e.errno(), Errno::EBUSY);
@@ -83,7 +100,13 @@ fn einval_unknown_bracket_option() {
     assert_eq!(e.errno(), Errno::EINVAL);
     assert!(e.to_string().contains("[noexcl]"), "{e}");
     // The marked form interposes exactly the marked device.
-    create(&reg, "ok", "0 2048 linear [interpose]d 0", LoadFlags::default()).unwrap();
+    create(
+        &reg,
+        "ok",
+        "0 2048 linear [interpose]d 0",
+        LoadFlags::default(),
+    )
+    .unwrap();
     assert_eq!(reg.info("ok").unwrap().interposers.len(), 1);
 }
 
@@ -96,8 +119,14 @@ fn flakey_down_interval_errors_clients_until_detach() {
     // up 0 s, down 3600 s: down from the start.
     create(&reg, "fl", "0 2048 flakey d 0 0 3600", IP).unwrap();
     let mut buf = vec![0u8; 4096];
-    assert!(node.submit(Bio::read(0, &mut buf)).is_err(), "down interval must error reads");
-    assert!(node.submit(Bio::write(8, &before)).is_err(), "down interval must error writes");
+    assert!(
+        node.submit(Bio::read(0, &mut buf)).is_err(),
+        "down interval must error reads"
+    );
+    assert!(
+        node.submit(Bio::write(8, &before)).is_err(),
+        "down interval must error writes"
+    );
     reg.remove("fl", false, false).unwrap();
     node.submit(Bio::read(0, &mut buf)).unwrap();
     assert_eq!(buf, before, "data written before the attach is intact");
@@ -109,7 +138,12 @@ fn partitioned_disk(dir: &Path, label: &str) -> Option<std::path::PathBuf> {
     let p = dir.join(format!("{label}.img"));
     std::fs::File::create(&p).ok()?.set_len(16 << 20).ok()?;
     let script = format!("label: {label}\nstart=2048, size=8192\nstart=12288, size=8192\n");
-    let mut child = Command::new("sfdisk").arg("-q").arg(&p).stdin(std::process::Stdio::piped()).spawn().ok()?;
+    let mut child = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&p)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
     std::io::Write::write_all(child.stdin.as_mut()?, script.as_bytes()).ok()?;
     child.wait().ok()?.success().then_some(p)
 }
@@ -125,12 +159,29 @@ fn interposing_partition_two_redirects_only_its_io() {
         let img = partitioned_disk(dir.path(), label).expect("sfdisk image");
         let reg = Registry::new();
         let info = reg.add_disk(label, &img, &Default::default()).unwrap();
-        let parts: Vec<(String, u64, u64)> = info.partitions.iter().map(|p| (p.name.clone(), p.start, p.sectors)).collect();
-        assert_eq!(parts, vec![(format!("{label}1"), 2048, 8192), (format!("{label}2"), 12288, 8192)], "{label}");
+        let parts: Vec<(String, u64, u64)> = info
+            .partitions
+            .iter()
+            .map(|p| (p.name.clone(), p.start, p.sectors))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                (format!("{label}1"), 2048, 8192),
+                (format!("{label}2"), 12288, 8192)
+            ],
+            "{label}"
+        );
         let p2 = format!("{label}2");
         // A delay interposer on partition 2 with a marker: the mapped device is a linear over
         // partition 2 that is offset by 8 sectors, so redirected I/O lands 8 sectors further on.
-        create(&reg, "ip", &format!("0 8184 linear {p2} 8\n8184 8 zero"), IP).unwrap();
+        create(
+            &reg,
+            "ip",
+            &format!("0 8184 linear {p2} 8\n8184 8 zero"),
+            IP,
+        )
+        .unwrap();
         let n1 = reg.node(&format!("{label}1")).unwrap();
         let n2 = reg.node(&p2).unwrap();
         let a = vec![0xa1u8; 512];
@@ -140,11 +191,22 @@ fn interposing_partition_two_redirects_only_its_io() {
         n2.submit(Bio::flush()).unwrap();
         let bytes = std::fs::read(&img).unwrap();
         // Partition 1 sector 0 = disk sector 2048: not redirected.
-        assert_eq!(&bytes[2048 * 512..2049 * 512], &a[..], "{label}: partition 1 write misplaced");
+        assert_eq!(
+            &bytes[2048 * 512..2049 * 512],
+            &a[..],
+            "{label}: partition 1 write misplaced"
+        );
         // Partition 2 sector 0 went through the interposer: lands at partition-relative 8,
         // i.e. disk sector 12288 + 8.
-        assert_eq!(&bytes[(12288 + 8) * 512..(12288 + 9) * 512], &b[..], "{label}: partition 2 redirect offset");
-        assert!(bytes[12288 * 512..12289 * 512].iter().all(|x| *x == 0), "{label}: partition 2 sector 0 untouched");
+        assert_eq!(
+            &bytes[(12288 + 8) * 512..(12288 + 9) * 512],
+            &b[..],
+            "{label}: partition 2 redirect offset"
+        );
+        assert!(
+            bytes[12288 * 512..12289 * 512].iter().all(|x| *x == 0),
+            "{label}: partition 2 sector 0 untouched"
+        );
         assert!(reg.info("ip").unwrap().redirected >= 1);
         // Whole-disk I/O to the partition-2 area is not redirected (the interposer sits on the partition).
         let d = reg.node(label).unwrap();
@@ -153,4 +215,23 @@ fn interposing_partition_two_redirects_only_its_io() {
         assert_eq!(&bytes[12288 * 512..12289 * 512], &a[..]);
         reg.remove("ip", false, false).unwrap();
     }
+}
+
+#[test]
+fn write_zeroes_and_discard_keep_working_through_an_interposer_without_them() {
+    // snapshot-origin supports neither; the device advertised both before the interposer came.
+    let (reg, mem) = setup();
+    let node = reg.node("d").unwrap();
+    node.submit(Bio::write(0, &vec![0xffu8; 1024 * 512]))
+        .unwrap();
+    create(&reg, "o", "0 2048 snapshot-origin d", IP).unwrap();
+    node.submit(Bio::write_zeroes(8, 2040)).unwrap();
+    assert!(
+        mem.contents()[8 * 512..1024 * 512].iter().all(|b| *b == 0),
+        "write-zeroes emulated with zero writes"
+    );
+    assert!(mem.contents()[..8 * 512].iter().all(|b| *b == 0xff));
+    node.submit(Bio::discard(0, 8)).unwrap();
+    let fast = Bio::write_zeroes(0, 8).with_flags(udm_io::BioFlags::FAST_ZERO);
+    assert_eq!(node.submit(fast).unwrap_err().errno(), Errno::EOPNOTSUPP);
 }
