@@ -6,7 +6,7 @@
 set -euo pipefail
 want=(fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit qemu-io:qemu-utils
       qemu-storage-daemon:qemu-utils mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fusermount3:fuse3
-      sfdisk:fdisk losetup:mount era_check:thin-provisioning-tools jq:jq)
+      sfdisk:fdisk losetup:mount era_check:thin-provisioning-tools jq:jq bc:bc)
 missing=()
 for w in "${want[@]}"; do
   tool=${w%%:*}; pkg=${w##*:}
