@@ -1472,7 +1472,7 @@ impl Registry {
         v
     }
 
-    fn slot<'a>(m: &'a MdState, inactive: bool) -> Option<&'a TableSlot> {
+    fn slot(m: &MdState, inactive: bool) -> Option<&TableSlot> {
         if inactive {
             m.inactive.as_ref()
         } else {
