@@ -54,7 +54,7 @@ fn snapshot_cmd(s: &mut Session, cmd: SnapshotCommand, json: bool) -> anyhow::Re
             if json {
                 println!("{}", serde_json::to_string_pretty(&item)?);
             } else {
-                print!("{}", snapshot::format_list(&[item.clone()]));
+                print!("{}", snapshot::format_list(std::slice::from_ref(&item)));
                 println!("status: {}", item.status);
             }
         }
@@ -65,7 +65,7 @@ fn snapshot_cmd(s: &mut Session, cmd: SnapshotCommand, json: bool) -> anyhow::Re
         SnapshotCommand::Merge { name, no_wait } => {
             let mut last = u64::MAX;
             let origin = snapshot::merge(s, &name, no_wait, &mut |done, total| {
-                let pct = if total == 0 { 100 } else { done * 100 / total };
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
                 if pct != last {
                     eprintln!("merging {name}: {pct}% ({done}/{total} sectors)");
                     last = pct;
