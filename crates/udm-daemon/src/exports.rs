@@ -212,7 +212,7 @@ impl Exports {
                         r.kind = "fuse".into();
                         r.location = dir.join(&e.device).display().to_string();
                         if let Some(s) = fuse.iter().find(|s| s.dir == *dir && s.name == e.device) {
-                            r.clients = s.open_handles as u64;
+                            r.clients = s.open_handles;
                             r.requests = s.reads + s.writes + s.fsyncs + s.fallocates;
                             r.errors = s.errors;
                             r.bytes_read = s.bytes_read;

@@ -14,6 +14,9 @@ use udm_testkit::Udmd;
 const SIZE: u64 = 16 << 20;
 const BLOCK: usize = 4096;
 
+/// The block a writer has sent but not yet seen acknowledged, with its data.
+type InFlight = (usize, Vec<u8>);
+
 fn client(d: &Udmd, name: &str) -> Client<UnixStream> {
     Client::connect(
         UnixStream::connect(d.nbd_socket()).expect("nbd"),
@@ -59,7 +62,7 @@ fn snapshot_survives_fifty_kill9_points() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     for round in 0..50u64 {
         let stop = Arc::new(AtomicBool::new(false));
-        let in_flight: Arc<Mutex<Option<(usize, Vec<u8>)>>> = Arc::default();
+        let in_flight: Arc<Mutex<Option<InFlight>>> = Arc::default();
         let mut c = client(&d, "vol");
         let (m, s, f) = (model.clone(), stop.clone(), in_flight.clone());
         let seed = rng.gen::<u64>();
