@@ -2,6 +2,8 @@
 //! interval seen by the original device's clients, and partition-relative interposition on MBR
 //! and GPT disks.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! keep hammering the original device while linear, delay and flakey interposers are attached and
 //! detached; nothing may fail, be lost or be misplaced, and the stall per switch is reported.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,6 +2,8 @@
 //! in-flight requests complete, requests arriving while suspended are held and complete after
 //! resume, and nothing errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! dmsetup output formats, bad input, and restart/crash recovery through udmd + udmsetup.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use udm_testkit::Udmd;
 
 const MIB: u64 = 1 << 20;

@@ -3,6 +3,8 @@
 //! or interposed; removing the export disconnects it cleanly; exports come back after a restart;
 //! exports are holders in the claim rules.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use udm_export::nbd::client::{Client, Reply};

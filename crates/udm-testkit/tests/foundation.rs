@@ -1,6 +1,8 @@
 //! Foundation acceptance through the daemon: udmd driven by udmsetup, data checked byte by byte
 //! against the backing files through an NBD client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use std::os::unix::net::UnixStream;
 use udm_export::nbd::client::{Client, Reply};
 use udm_testkit::{fill_pattern, read_at, Udmd};

@@ -3,6 +3,8 @@
 //! snapshot is taken with a filesystem freeze (issue "Snapshots"). Needs root, losetup, mkfs.ext4,
 //! e2fsck and /dev/fuse; skips loudly otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

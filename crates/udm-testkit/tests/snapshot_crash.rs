@@ -3,6 +3,8 @@
 //! each restart the snapshot is exactly the point-in-time image and every origin write that was
 //! acknowledged after a flush is present.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
 use rand::{Rng, SeedableRng};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
