@@ -12,7 +12,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-RUN=${VMLAB_RUN:-/work/shared/vmlab/run.sh}
+RUN=${VMLAB_RUN:-$ROOT/../shared/vmlab/run.sh}
 if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
 (cd "$ROOT" && cargo build -q --release -p udm-target --example snap-tool)
 TOOL=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/snap-tool
