@@ -136,7 +136,7 @@ fn run(seed: u64, limit: u64) -> u64 {
     let mut durable = init.clone();
     let mut current = init.clone();
     let mut dirty = vec![false; OS as usize];
-    for _ in 0..160 {
+    for _ in 0..240 {
         let sector = rng.gen_range(0..OS - 32);
         let n = rng.gen_range(1..=32u64);
         let mut d = vec![0u8; (n * 512) as usize];

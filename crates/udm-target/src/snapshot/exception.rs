@@ -83,7 +83,10 @@ impl Drop for ChunkGuard<'_> {
     }
 }
 
-/// An exception store with the kernel's completion machinery around it.
+/// An exception store with the kernel's completion machinery around it, plus group commit:
+/// exceptions are recorded in the store's memory under the lock, and the metadata write that
+/// makes them durable runs outside it, by one waiting thread (the leader) at a time; whatever
+/// was recorded meanwhile goes into the next write, so concurrent writers share flushes.
 pub struct StoreCell {
     inner: Mutex<Slot>,
     cv: Condvar,
@@ -94,7 +97,14 @@ struct Slot {
     next_seq: u64,
     complete_seq: u64,
     out_of_order: BTreeMap<u64, (u64, u64, bool)>,
+    /// Recorded, not yet covered by a metadata write that was taken.
     waiting: Vec<u64>,
+    /// The store asked for a metadata write (kernel rule) not yet taken.
+    flush: bool,
+    /// A leader is performing a metadata write.
+    writing: bool,
+    /// Metadata writes finished (tests: group commit shares them).
+    writes: u64,
     done: HashMap<u64, bool>,
 }
 
@@ -117,6 +127,9 @@ impl StoreCell {
                 complete_seq: 0,
                 out_of_order: BTreeMap::new(),
                 waiting: Vec::new(),
+                flush: false,
+                writing: false,
+                writes: 0,
                 done: HashMap::new(),
             }),
             cv: Condvar::new(),
@@ -133,17 +146,37 @@ impl StoreCell {
     /// [`StoreCell::complete`] exactly once.
     pub fn prepare(&self) -> Option<Ticket> {
         let mut slot = self.inner.lock();
+        Self::prepare_locked(&mut slot)
+    }
+
+    /// Allocates up to `n` COW chunks under one lock (consecutive unless a metadata area or
+    /// another thread's allocation intervenes); fewer when the store fills up.
+    pub fn prepare_many(&self, n: usize) -> Vec<Ticket> {
+        let mut slot = self.inner.lock();
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            match Self::prepare_locked(&mut slot) {
+                Some(t) => v.push(t),
+                None => break,
+            }
+        }
+        v
+    }
+
+    fn prepare_locked(slot: &mut Slot) -> Option<Ticket> {
         let new_chunk = slot.store.prepare()?;
         let seq = slot.next_seq;
         slot.next_seq += 1;
         Some(Ticket { seq, new_chunk })
     }
 
-    /// Reports the copy for `t` finished (`ok` = it succeeded): commits, in allocation order,
-    /// every exception whose copy has finished (the kernel's `copy_callback`).
+    /// Reports the copy for `t` finished (`ok` = it succeeded): records, in allocation order,
+    /// every exception whose copy has finished (the kernel's `copy_callback`). Never waits for
+    /// I/O: the metadata is written by [`StoreCell::wait`].
     pub fn complete(&self, t: Ticket, old: u64, ok: bool) {
         let mut slot = self.inner.lock();
         slot.out_of_order.insert(t.seq, (old, t.new_chunk, ok));
+        let mut flush = false;
         loop {
             let next = slot.complete_seq;
             let Some((o, n, ok)) = slot.out_of_order.remove(&next) else {
@@ -151,26 +184,60 @@ impl StoreCell {
             };
             slot.complete_seq += 1;
             slot.waiting.push(next);
-            if let Some(valid) = slot.store.commit(o, n, ok) {
-                let waiting = std::mem::take(&mut slot.waiting);
-                for s in waiting {
-                    slot.done.insert(s, valid);
-                }
+            if slot.store.record(o, n, ok) {
+                flush = true;
             }
         }
-        drop(slot);
-        self.cv.notify_all();
+        if flush {
+            slot.flush = true;
+            let idle = !slot.writing;
+            drop(slot);
+            if idle {
+                // A waiter may lead the write.
+                self.cv.notify_all();
+            }
+        }
     }
 
     /// Waits until the metadata recording `t` was written; returns whether the exception is
-    /// valid (the kernel's `pending_complete(success)`).
+    /// valid (the kernel's `pending_complete(success)`). The first waiter to find a write
+    /// requested and none running performs it (and only that one: it then returns or waits
+    /// like the others).
     pub fn wait(&self, t: Ticket) -> bool {
         let mut slot = self.inner.lock();
         loop {
             if let Some(v) = slot.done.remove(&t.seq) {
                 return v;
             }
+            if slot.flush && !slot.writing {
+                self.lead(&mut slot);
+                continue;
+            }
             self.cv.wait(&mut slot);
         }
+    }
+
+    /// One metadata write covering everything recorded so far, the lock released during I/O.
+    fn lead(&self, slot: &mut parking_lot::MutexGuard<'_, Slot>) {
+        slot.flush = false;
+        let covered = std::mem::take(&mut slot.waiting);
+        if covered.is_empty() {
+            return;
+        }
+        slot.writing = true;
+        let w = slot.store.take_write();
+        let r = parking_lot::MutexGuard::unlocked(slot, || w.run());
+        let valid = slot.store.finish_write(w, r);
+        slot.writes += 1;
+        for s in covered {
+            slot.done.insert(s, valid);
+        }
+        slot.writing = false;
+        self.cv.notify_all();
+    }
+
+    /// Metadata writes performed so far (group commit shares them between writers).
+    pub fn metadata_writes(&self) -> u64 {
+        self.inner.lock().writes
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
 
-use super::snap::{copy_chunk, Snap};
+use udm_types::SECTOR_SIZE;
+
+use super::exception::{ChunkGuard, StoreCell, Ticket};
+use super::snap::Snap;
 use super::{min_chunk, OriginEntry, Origins};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
@@ -147,7 +150,7 @@ pub fn ensure_copied(
     if locked.is_empty() {
         return;
     }
-    let mut pending = Vec::new();
+    let mut cand = Vec::with_capacity(locked.len());
     for (s, chunk, cs, store, guard) in locked {
         {
             let st = s.state.read();
@@ -159,30 +162,110 @@ pub fn ensure_copied(
                 continue;
             }
         }
-        let Some(ticket) = store.prepare() else {
+        cand.push((s, chunk, cs, store, guard));
+    }
+    // Allocate each store's chunks under one lock, so a run of origin chunks usually gets a
+    // run of COW chunks and is copied with one write.
+    let mut tickets: Vec<Option<Ticket>> = vec![None; cand.len()];
+    let mut taken = vec![false; cand.len()];
+    for i in 0..cand.len() {
+        if taken[i] {
+            continue;
+        }
+        let same: Vec<usize> = (i..cand.len())
+            .filter(|&j| !taken[j] && Arc::ptr_eq(&cand[j].3, &cand[i].3))
+            .collect();
+        let got = cand[i].3.prepare_many(same.len());
+        for (k, &j) in same.iter().enumerate() {
+            taken[j] = true;
+            tickets[j] = got.get(k).copied();
+        }
+    }
+    let mut pending = Vec::with_capacity(cand.len());
+    for ((s, chunk, cs, store, guard), ticket) in cand.into_iter().zip(tickets) {
+        let Some(ticket) = ticket else {
             let mut st = s.state.write();
             s.invalidate(&mut st, "Unable to allocate exception.");
             continue;
         };
-        pending.push((s, chunk, cs, store, ticket, guard));
-    }
-    let mut buf: Vec<u8> = Vec::new();
-    let mut have: Option<(u64, u64)> = None;
-    for (s, chunk, cs, store, ticket, _) in &pending {
-        let ok = copy_chunk(
+        pending.push(Pending {
             s,
-            origin,
-            *chunk,
-            *cs,
-            ticket.new_chunk,
-            &mut buf,
-            &mut have,
-        );
-        store.complete(*ticket, *chunk, ok);
+            chunk,
+            cs,
+            store,
+            ticket,
+            _guard: guard,
+        });
     }
-    for (s, chunk, _, store, ticket, guard) in pending {
-        let valid = store.wait(ticket);
-        s.finish(chunk, ticket.new_chunk, valid);
-        drop(guard);
+    copy_runs(origin, &pending);
+    for p in pending {
+        let valid = p.store.wait(p.ticket);
+        p.s.finish(p.chunk, p.ticket.new_chunk, valid);
+    }
+}
+
+/// An exception being made by [`ensure_copied`]; its chunk lock is released on drop.
+struct Pending<'a> {
+    s: &'a Arc<Snap>,
+    chunk: u64,
+    cs: u64,
+    store: Arc<StoreCell>,
+    ticket: Ticket,
+    _guard: ChunkGuard<'a>,
+}
+
+/// Copies the chunks of `pending` from `origin` and reports each copy to its store: one read
+/// of the origin span they cover, then one COW write per run of consecutive chunks of one
+/// snapshot that got consecutive COW chunks.
+fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending<'_>]) {
+    let osize = origin.size();
+    let start = |p: &Pending<'_>| p.chunk.saturating_mul(p.cs);
+    let end = |p: &Pending<'_>| p.chunk.saturating_add(1).saturating_mul(p.cs).min(osize);
+    let lo = pending.iter().map(start).min().unwrap_or(0);
+    let hi = pending.iter().map(end).max().unwrap_or(0);
+    let mut buf = vec![0u8; (hi.saturating_sub(lo) * SECTOR_SIZE) as usize];
+    let read_ok = buf.is_empty()
+        || match origin.submit(Bio::read(lo, &mut buf)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("snapshot copy: reading origin failed: {e}");
+                false
+            }
+        };
+    let mut i = 0;
+    while i < pending.len() {
+        let first = &pending[i];
+        let mut j = i + 1;
+        while j < pending.len() {
+            let (a, b) = (&pending[j - 1], &pending[j]);
+            if !Arc::ptr_eq(a.s, b.s)
+                || !Arc::ptr_eq(&a.store, &b.store)
+                || b.chunk != a.chunk + 1
+                || b.ticket.new_chunk != a.ticket.new_chunk + 1
+            {
+                break;
+            }
+            j += 1;
+        }
+        let (src, stop) = (start(first), end(&pending[j - 1]));
+        let ok = read_ok
+            && (stop <= src || {
+                let bytes =
+                    &buf[((src - lo) * SECTOR_SIZE) as usize..((stop - lo) * SECTOR_SIZE) as usize];
+                match first.s.cow.dev.submit(Bio::write(
+                    first.ticket.new_chunk.saturating_mul(first.cs),
+                    bytes,
+                )) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!("snapshot copy: writing COW failed: {e}");
+                        false
+                    }
+                }
+            });
+        for p in &pending[i..j] {
+            p.store.complete(p.ticket, p.chunk, ok);
+        }
+        i = j;
     }
 }

@@ -38,10 +38,30 @@ pub trait ExceptionStore: Send {
     fn read_metadata(&mut self, add: &mut dyn FnMut(u64, u64)) -> Result<LoadState, TargetError>;
     /// Allocates a COW chunk for a new exception; `None` when the COW device is full.
     fn prepare(&mut self) -> Option<u64>;
-    /// Records a finished copy (`valid` = the copy succeeded). Returns `Some(valid)` when the
-    /// metadata was written (or abandoned) and every commit queued since the last write may
-    /// complete with that validity, `None` while the commit is only queued.
-    fn commit(&mut self, old: u64, new: u64, valid: bool) -> Option<bool>;
+    /// Records a finished copy (`valid` = the copy succeeded) in the in-memory metadata only.
+    /// Returns true when the metadata should now be written (the kernel's rule: no other
+    /// exception is pending, or the current area became full).
+    fn record(&mut self, old: u64, new: u64, valid: bool) -> bool;
+    /// Takes the metadata write that makes everything recorded so far durable, in on-disk
+    /// order (full areas first, each after zeroing its successor). It is run without the
+    /// store's lock ([`MetaWrite::run`]), one at a time, then handed to
+    /// [`ExceptionStore::finish_write`].
+    fn take_write(&mut self) -> MetaWrite;
+    /// Ends a write taken by [`ExceptionStore::take_write`]: an error invalidates the store.
+    /// Returns the validity every exception covered by the write completes with.
+    fn finish_write(&mut self, w: MetaWrite, r: Result<(), IoError>) -> bool;
+    /// Records a finished copy and, when the kernel would, writes the metadata in place.
+    /// Returns `Some(valid)` when the metadata was written (or abandoned) and every commit
+    /// recorded since the last write may complete with that validity, `None` while the
+    /// commit is only queued.
+    fn commit(&mut self, old: u64, new: u64, valid: bool) -> Option<bool> {
+        if !self.record(old, new, valid) {
+            return None;
+        }
+        let w = self.take_write();
+        let r = w.run();
+        Some(self.finish_write(w, r))
+    }
     /// Marks the store invalid on disk (`drop_snapshot`).
     fn drop_snapshot(&mut self);
     /// `(sectors_allocated, total_sectors, metadata_sectors)`.
@@ -60,6 +80,76 @@ pub trait ExceptionStore: Send {
     /// Forgets the last `n` exceptions returned by [`ExceptionStore::prepare_merge`] on disk.
     fn commit_merge(&mut self, n: u64) -> Result<(), IoError> {
         let _ = n;
+        Ok(())
+    }
+}
+
+/// Metadata I/O taken from a store under its lock and performed outside it, so copies and
+/// commits of other exceptions proceed while the COW device flushes (group commit).
+pub struct MetaWrite {
+    dev: Option<Arc<dyn BlockDevice>>,
+    steps: Vec<MetaStep>,
+    valid: bool,
+}
+
+/// One write of a [`MetaWrite`]: a whole chunk at `sector`.
+pub struct MetaStep {
+    /// First sector on the COW device.
+    pub sector: u64,
+    /// Chunk contents.
+    pub buf: Vec<u8>,
+    /// `PREFLUSH | FUA` for an area, none for zeroing.
+    pub flags: BioFlags,
+}
+
+impl MetaWrite {
+    /// A write with nothing to do (transient store, invalid store); `valid` is what the
+    /// exceptions it covers complete with.
+    pub fn none(valid: bool) -> Self {
+        MetaWrite {
+            dev: None,
+            steps: Vec::new(),
+            valid,
+        }
+    }
+
+    /// `steps` on `dev`, in order, by a valid store.
+    pub fn new(dev: Arc<dyn BlockDevice>, steps: Vec<MetaStep>) -> Self {
+        MetaWrite {
+            dev: Some(dev),
+            steps,
+            valid: true,
+        }
+    }
+
+    /// Whether the store was valid when the write was taken.
+    pub fn valid(&self) -> bool {
+        self.valid
+    }
+
+    /// Number of writes (tests count area writes).
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Gives the buffers back (for reuse).
+    pub fn into_steps(self) -> Vec<MetaStep> {
+        self.steps
+    }
+
+    /// Performs the writes in order, stopping at the first error.
+    pub fn run(&self) -> Result<(), IoError> {
+        let Some(dev) = &self.dev else {
+            return Ok(());
+        };
+        for s in &self.steps {
+            dev.submit(Bio::write(s.sector, &s.buf).with_flags(s.flags))?;
+        }
         Ok(())
     }
 }

@@ -12,7 +12,9 @@ use udm_io::{BioFlags, BlockDevice, IoError};
 use udm_types::{Errno, SECTOR_SIZE};
 
 use super::DEFAULT_CHUNK_SECTORS;
-use super::{check_chunk_size, chunk_io, lbs_sectors, ExceptionStore, LoadState};
+use super::{
+    check_chunk_size, chunk_io, lbs_sectors, ExceptionStore, LoadState, MetaStep, MetaWrite,
+};
 use crate::target::TargetError;
 
 /// `SNAP_MAGIC`: "SnAp" read as a little-endian u32.
@@ -37,6 +39,12 @@ pub struct Persistent {
     current_committed: u64,
     pending_count: u64,
     area: Vec<u8>,
+    /// The in-memory area holds entries not yet handed to a [`MetaWrite`].
+    dirty: bool,
+    /// Areas that became full, `(index, contents)`, not yet handed to a [`MetaWrite`].
+    sealed: Vec<(u64, Vec<u8>)>,
+    /// Area-sized buffers back from finished writes.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Persistent {
@@ -54,6 +62,9 @@ impl Persistent {
             current_committed: 0,
             pending_count: 0,
             area: Vec::new(),
+            dirty: false,
+            sealed: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -107,6 +118,17 @@ impl Persistent {
         let r = chunk_io(&*self.cow, chunk, self.chunk_size, &mut area, write, flags);
         self.area = area;
         r
+    }
+
+    /// A zeroed area-sized buffer, reused when one is spare.
+    fn buffer(&mut self) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(mut b) => {
+                b.fill(0);
+                b
+            }
+            None => vec![0u8; self.chunk_bytes()],
+        }
     }
 
     fn read_exception(&self, index: u64) -> (u64, u64) {
@@ -309,34 +331,77 @@ impl ExceptionStore for Persistent {
         Some(new)
     }
 
-    fn commit(&mut self, old: u64, new: u64, valid: bool) -> Option<bool> {
+    fn record(&mut self, old: u64, new: u64, valid: bool) -> bool {
         if !valid {
             self.valid = false;
         }
         let i = self.current_committed;
         self.write_exception(i, old, new);
         self.current_committed += 1;
+        self.dirty = true;
         self.pending_count = self.pending_count.saturating_sub(1);
         let full = self.current_committed == self.epa;
-        if self.pending_count != 0 && !full {
-            return None;
-        }
-        if full && self.zero_disk_area(self.current_area + 1).is_err() {
-            self.valid = false;
-        }
-        if self.valid
-            && self
-                .area_io(true, BioFlags::PREFLUSH | BioFlags::FUA)
-                .is_err()
-        {
-            self.valid = false;
-        }
         if full {
-            self.current_committed = 0;
+            // Later entries go to the next area in memory; on disk it is zeroed, then this area
+            // written, before any write of the next one (all in one MetaWrite, or an earlier
+            // one: writes run one at a time in the order taken).
+            let fresh = self.buffer();
+            let area = std::mem::replace(&mut self.area, fresh);
+            self.sealed.push((self.current_area, area));
             self.current_area += 1;
-            self.area.fill(0);
+            self.current_committed = 0;
+            self.dirty = false;
         }
-        Some(self.valid)
+        full || self.pending_count == 0
+    }
+
+    fn take_write(&mut self) -> MetaWrite {
+        let sealed = std::mem::take(&mut self.sealed);
+        if !self.valid {
+            self.dirty = false;
+            self.spare.extend(sealed.into_iter().map(|(_, b)| b));
+            return MetaWrite::none(false);
+        }
+        let cs = self.chunk_size;
+        let mut steps = Vec::with_capacity(sealed.len() * 2 + 1);
+        for (idx, buf) in sealed {
+            let zero = self.buffer();
+            steps.push(MetaStep {
+                sector: self.area_location(idx + 1).saturating_mul(cs),
+                buf: zero,
+                flags: BioFlags::empty(),
+            });
+            steps.push(MetaStep {
+                sector: self.area_location(idx).saturating_mul(cs),
+                buf,
+                flags: BioFlags::PREFLUSH | BioFlags::FUA,
+            });
+        }
+        if self.dirty {
+            let mut buf = self.buffer();
+            buf.copy_from_slice(&self.area);
+            steps.push(MetaStep {
+                sector: self.area_location(self.current_area).saturating_mul(cs),
+                buf,
+                flags: BioFlags::PREFLUSH | BioFlags::FUA,
+            });
+            self.dirty = false;
+        }
+        MetaWrite::new(self.cow.clone(), steps)
+    }
+
+    fn finish_write(&mut self, w: MetaWrite, r: Result<(), IoError>) -> bool {
+        if let Err(e) = &r {
+            tracing::error!("snapshot metadata write failed: {e}");
+            self.valid = false;
+        }
+        let valid = w.valid() && r.is_ok();
+        for s in w.into_steps() {
+            if self.spare.len() < 4 {
+                self.spare.push(s.buf);
+            }
+        }
+        valid
     }
 
     fn drop_snapshot(&mut self) {

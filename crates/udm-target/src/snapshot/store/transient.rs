@@ -3,16 +3,19 @@
 
 use std::sync::Arc;
 
-use udm_io::BlockDevice;
+use udm_io::{BlockDevice, IoError};
 
-use super::{ExceptionStore, LoadState};
+use super::{ExceptionStore, LoadState, MetaWrite};
 use crate::target::TargetError;
 
-/// Next free sector and chunk size; that is all a transient store knows.
+/// Next free sector and chunk size; that is all a transient store knows (plus whether the
+/// current commit batch holds a failed copy).
 pub struct Transient {
     cow: Arc<dyn BlockDevice>,
     chunk_size: u64,
     next_free: u64,
+    /// False once a copy recorded since the last [`ExceptionStore::finish_write`] failed.
+    valid: bool,
 }
 
 impl Transient {
@@ -22,6 +25,7 @@ impl Transient {
             cow,
             chunk_size,
             next_free: 0,
+            valid: true,
         }
     }
 }
@@ -51,8 +55,19 @@ impl ExceptionStore for Transient {
         Some(new)
     }
 
-    fn commit(&mut self, _old: u64, _new: u64, valid: bool) -> Option<bool> {
-        Some(valid)
+    fn record(&mut self, _old: u64, _new: u64, valid: bool) -> bool {
+        if !valid {
+            self.valid = false;
+        }
+        true
+    }
+
+    fn take_write(&mut self) -> MetaWrite {
+        MetaWrite::none(std::mem::replace(&mut self.valid, true))
+    }
+
+    fn finish_write(&mut self, w: MetaWrite, r: Result<(), IoError>) -> bool {
+        w.valid() && r.is_ok()
     }
 
     fn drop_snapshot(&mut self) {}

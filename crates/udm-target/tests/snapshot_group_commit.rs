@@ -1,0 +1,145 @@
+//! Group commit: while one exception's metadata area is being written (PREFLUSH|FUA on the COW
+//! device), other origin writers copy their chunks and record their exceptions, then share the
+//! next area write instead of each writing the area in turn.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
+
+mod snapshot_common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use snapshot_common::*;
+use udm_io::backend::mem::MemDevice;
+use udm_io::{Bio, BioFlags, BioOp, BlockDevice, IoError};
+
+/// A COW device that counts data writes and area writes (PREFLUSH), and holds area writes
+/// while its gate is closed.
+struct GateDev {
+    inner: MemDevice,
+    closed: Mutex<bool>,
+    cv: Condvar,
+    data_writes: AtomicU64,
+    area_writes: AtomicU64,
+    blocked: AtomicU64,
+}
+
+impl GateDev {
+    fn new(sectors: u64) -> Self {
+        GateDev {
+            inner: MemDevice::new(sectors),
+            closed: Mutex::new(false),
+            cv: Condvar::new(),
+            data_writes: AtomicU64::new(0),
+            area_writes: AtomicU64::new(0),
+            blocked: AtomicU64::new(0),
+        }
+    }
+
+    fn set_closed(&self, c: bool) {
+        *self.closed.lock() = c;
+        self.cv.notify_all();
+    }
+}
+
+impl BlockDevice for GateDev {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if matches!(bio.op, BioOp::Write(_)) {
+            if bio.flags.contains(BioFlags::PREFLUSH) {
+                self.area_writes.fetch_add(1, Ordering::SeqCst);
+                let mut closed = self.closed.lock();
+                if *closed {
+                    self.blocked.fetch_add(1, Ordering::SeqCst);
+                }
+                while *closed {
+                    self.cv.wait(&mut closed);
+                }
+            } else {
+                self.data_writes.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.inner.submit(bio)
+    }
+}
+
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn concurrent_origin_writers_share_area_writes() {
+    const OS: u64 = 2048;
+    const WRITERS: u64 = 6;
+    let mut c = Ctx::new();
+    let o = c.mem("o", OS);
+    dev_write(&*o, 0, &pattern(3, 0, OS));
+    let cow = Arc::new(GateDev::new(OS * 2));
+    c.add("c", cow.clone());
+    let org = c.origin(OS, "o").unwrap();
+    let snap = c.snapshot(OS, "o c P 8").unwrap();
+    activate(&*snap);
+    let areas0 = cow.area_writes.load(Ordering::SeqCst);
+    let data0 = cow.data_writes.load(Ordering::SeqCst);
+    cow.set_closed(true);
+    let org = &*org;
+    std::thread::scope(|sc| {
+        // The first writer's area write blocks at the gate...
+        sc.spawn(move || write(org, 0, &pattern(9, 0, 8)).unwrap());
+        wait_for("the first area write", || {
+            cow.blocked.load(Ordering::SeqCst) == 1
+        });
+        // ...while the others copy their chunks (the store's lock is not held across it).
+        for i in 1..WRITERS {
+            let sector = i * 64;
+            sc.spawn(move || write(org, sector, &pattern(9, sector, 8)).unwrap());
+        }
+        wait_for("every copy", || {
+            cow.data_writes.load(Ordering::SeqCst) - data0 == WRITERS
+        });
+        // Generous margin for the last writers to record their exceptions after their copy.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(cow.area_writes.load(Ordering::SeqCst) - areas0, 1);
+        cow.set_closed(false);
+    });
+    let areas = cow.area_writes.load(Ordering::SeqCst) - areas0;
+    assert!(
+        areas <= 3,
+        "{WRITERS} writers made {areas} area writes: not shared"
+    );
+    // The snapshot still shows the old data and the origin the new.
+    for i in 0..WRITERS {
+        let sector = i * 64;
+        assert_eq!(read(&*snap, sector, 8).unwrap(), pattern(3, sector, 8));
+        assert_eq!(read(org, sector, 8).unwrap(), pattern(9, sector, 8));
+    }
+    // And the store reloads them all.
+    drop(snap);
+    let mut c2 = Ctx::new();
+    let o2 = c2.mem("o", OS);
+    dev_write(&*o2, 0, &dev_read(org_dev(&c), 0, OS));
+    let w2 = c2.mem("c", OS * 2);
+    dev_write(&*w2, 0, &dev_read(&*cow, 0, OS * 2));
+    let s2 = c2.snapshot(OS, "o c P 8").unwrap();
+    activate(&*s2);
+    assert!(s2.status().starts_with(&format!("{}/", (2 + WRITERS) * 8)));
+    for i in 0..WRITERS {
+        let sector = i * 64;
+        assert_eq!(read(&*s2, sector, 8).unwrap(), pattern(3, sector, 8));
+    }
+}
+
+fn org_dev(c: &Ctx) -> &dyn BlockDevice {
+    &*c.devs["o"].dev
+}
