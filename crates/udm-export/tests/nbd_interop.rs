@@ -268,6 +268,7 @@ fn fio_verify_four_jobs() {
         "--offset_increment=16M",
         "--verify=crc32c",
         "--do_verify=1",
+        "--verify_state_save=0",
         "--group_reporting",
     ]));
     let text = String::from_utf8_lossy(&out.stdout);
