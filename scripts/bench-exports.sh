@@ -5,7 +5,7 @@
 #
 # Environment: RUNTIME (seconds per run, default 5), ROUNDS (runs per job and server, median
 # reported, default 3), SIZE (default 1G), WORKDIR (default a
-# temporary directory), UDM_SERVE (path of the nbd-serve binary; built if unset), JOBS (space
+# temporary directory), UDM_BIN (directory with udmd and udmsetup; built if unset), JOBS (space
 # separated subset of job names).
 set -euo pipefail
 
@@ -47,16 +47,24 @@ wait_socket() {
     exit 1
 }
 
-# The udm server. For now the nbd-serve example; later udmd with a linear mapping of the file.
+# The udm server: udmd serving the file as a disk, a linear mapping over all of it, and that
+# mapped device exported over NBD (the path a user's data takes through udm).
 start_udm() {
-    local bin=${UDM_SERVE:-}
+    local bin=${UDM_BIN:-}
     if [[ -z $bin ]]; then
-        (cd "$ROOT" && cargo build --quiet --release -p udm-export --example nbd-serve)
-        bin=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/nbd-serve
+        (cd "$ROOT" && cargo build --quiet --release -p udm-daemon -p udm-cli)
+        bin=${CARGO_TARGET_DIR:-$ROOT/target}/release
     fi
-    "$bin" "$FILE" --socket "$SOCK" --name bench >/dev/null &
+    rm -rf "$WORKDIR/udm-state"
+    UDM_RUNTIME_DIR=$WORKDIR UDM_STATE_DIR=$WORKDIR/udm-state "$bin/udmd" >"$WORKDIR/udmd.log" 2>&1 &
     SERVER_PID=$!
     wait_socket
+    local u="$bin/udmsetup --socket $WORKDIR/control.sock"
+    for _ in $(seq 100); do $u version >/dev/null 2>&1 && break; sleep 0.1; done
+    local sectors=$(( $(stat -c %s "$FILE") / 512 ))
+    $u disk add benchdisk --file "$FILE" >/dev/null
+    $u create bench --table "0 $sectors linear benchdisk 0" >/dev/null
+    $u export add bench --nbd >/dev/null
 }
 
 start_nbdkit() {
