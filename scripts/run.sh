@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo build --release --quiet
-export PATH="$PWD/target/release:$PATH"
+export PATH="${CARGO_TARGET_DIR:-$PWD/target}/release:$PATH"
 RUN=${UDM_RUNTIME_DIR:-$( [ "$(id -u)" = 0 ] && echo /run/udm || echo "${XDG_RUNTIME_DIR:-/tmp}/udm")}
 export UDM_RUNTIME_DIR=$RUN
 mkdir -p "$RUN"
@@ -43,6 +43,15 @@ say "detach it again; the client's data is intact"
 run udmsetup remove slow
 t0=$(date +%s%N); qemu-io -f raw -c 'read -P 0x5a 0 8M' "$URI" | tail -1; t1=$(date +%s%N)
 echo "8 MiB read back after detach in $(( (t1 - t0) / 1000000 )) ms"
+say "a live snapshot of the exported device, for backup (udm snapshot take)"
+udm snapshot list | grep -q '^vol-snap ' && udm snapshot drop vol-snap >/dev/null
+rm -f "$DEMO/vol.cow"
+run udm snapshot take vol --cow "$DEMO/vol.cow" --size 64M --export nbd
+run qemu-io -f raw -c 'write -P 0x77 0 4M' "$URI"
+echo "the snapshot still holds the point-in-time data:"
+run qemu-io -f raw -r -c 'read -P 0x5a 0 8M' "nbd+unix:///vol-snap?socket=$RUN/nbd.sock"
+run udm snapshot list
+run udm snapshot drop vol-snap
 run udmsetup export list
 say "done: udmd keeps serving"
 echo "control socket: $RUN/control.sock   NBD: $URI"
