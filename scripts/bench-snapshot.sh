@@ -12,16 +12,8 @@ SIZE=${SIZE:-1G}
 CHUNK=${CHUNK:-8}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench-snap.XXXXXX)}
-for t in fio jq; do command -v $t >/dev/null || { echo "bench-snapshot: $t missing" >&2; exit 1; }; done
-(cd "$ROOT" && cargo build --quiet --release -p udm-daemon -p udm-cli)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-export UDM_RUNTIME_DIR=$WORKDIR/run UDM_STATE_DIR=$WORKDIR/state
-"$BIN/udmd" >"$WORKDIR/udmd.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; [[ -n ${KEEP:-} ]] || rm -rf "$WORKDIR"' EXIT
-for _ in $(seq 100); do "$BIN/udmsetup" version >/dev/null 2>&1 && break; sleep 0.1; done
-u() { "$BIN/udmsetup" "$@"; }
-fio --name=fill --filename="$WORKDIR/disk.img" --rw=write --bs=1M --size="$SIZE" --ioengine=psync --refill_buffers --output=/dev/null
+# shellcheck source=bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 u disk add vol --file "$WORKDIR/disk.img" >/dev/null
 u export add vol --nbd >/dev/null
 BYTES=$(stat -c %s "$WORKDIR/disk.img")

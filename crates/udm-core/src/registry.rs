@@ -1482,27 +1482,22 @@ impl Registry {
 
     /// `table` (`--inactive` for the inactive slot). Empty when the slot is empty.
     pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
-        let inner = self.inner.lock();
-        let (_, m) = inner.md_entry(name)?;
-        Ok(Self::slot(m, inactive)
-            .map(|s| {
-                s.live
-                    .table
-                    .table_lines()
-                    .into_iter()
-                    .map(|(start, len, target_type, params)| TargetLine {
-                        start,
-                        len,
-                        target_type,
-                        params,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        self.lines(name, inactive, Table::table_lines)
     }
 
     /// `status`.
     pub fn status(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+        self.lines(name, inactive, Table::status_lines)
+    }
+
+    /// Lines of one slot's table; the registry lock is released before the targets are asked
+    /// (status may take a target's own locks).
+    fn lines(
+        &self,
+        name: &str,
+        inactive: bool,
+        get: fn(&Table) -> Vec<udm_target::table::TableLine>,
+    ) -> Result<Vec<TargetLine>> {
         let table = {
             let inner = self.inner.lock();
             let (_, m) = inner.md_entry(name)?;
@@ -1510,8 +1505,7 @@ impl Registry {
         };
         Ok(table
             .map(|t| {
-                t.table
-                    .status_lines()
+                get(&t.table)
                     .into_iter()
                     .map(|(start, len, target_type, params)| TargetLine {
                         start,

@@ -148,19 +148,17 @@ fn verify_all(dir: &Path, log: &[(u64, Instant, Instant)]) {
     }
 }
 
-#[test]
-fn ext4_on_fuse_loop_survives_interposer_switches_under_load() {
-    let test = "ext4_on_fuse_loop_survives_interposer_switches_under_load";
-    if !can_run(test) {
-        return;
-    }
+/// A daemon serving a 256 MiB disk `vol` as the FUSE file `fuse/vol`, with ext4 made on a loop
+/// device over it and mounted at `mnt`.
+fn ext4_on_fuse() -> (Udmd, PathBuf, PathBuf, Mounted) {
     let d = Udmd::start();
+    let img = d.path("vol.img");
     d.ok(&[
         "disk",
         "add",
         "vol",
         "--file",
-        d.path("vol.img").to_str().unwrap(),
+        img.to_str().unwrap(),
         "--create",
         "256M",
     ]);
@@ -168,7 +166,17 @@ fn ext4_on_fuse_loop_survives_interposer_switches_under_load() {
     std::fs::create_dir_all(&fdir).unwrap();
     d.ok(&["export", "add", "vol", "--fuse", fdir.to_str().unwrap()]);
     let mp = d.path("mnt");
-    let mut m = Mounted::new(&fdir.join("vol"), &mp, false, true);
+    let m = Mounted::new(&fdir.join("vol"), &mp, false, true);
+    (d, fdir, mp, m)
+}
+
+#[test]
+fn ext4_on_fuse_loop_survives_interposer_switches_under_load() {
+    let test = "ext4_on_fuse_loop_survives_interposer_switches_under_load";
+    if !can_run(test) {
+        return;
+    }
+    let (d, fdir, mp, mut m) = ext4_on_fuse();
     let w = Writer::start(&mp);
     w.wait_files(20);
     let sectors = 256 * 2048;
@@ -213,21 +221,7 @@ fn snapshot_with_freeze_of_mounted_ext4_is_the_point_in_time() {
     if !can_run(test) {
         return;
     }
-    let d = Udmd::start();
-    d.ok(&[
-        "disk",
-        "add",
-        "vol",
-        "--file",
-        d.path("vol.img").to_str().unwrap(),
-        "--create",
-        "256M",
-    ]);
-    let fdir = d.path("fuse");
-    std::fs::create_dir_all(&fdir).unwrap();
-    d.ok(&["export", "add", "vol", "--fuse", fdir.to_str().unwrap()]);
-    let mp = d.path("mnt");
-    let mut m = Mounted::new(&fdir.join("vol"), &mp, false, true);
+    let (d, fdir, mp, mut m) = ext4_on_fuse();
     let w = Writer::start(&mp);
     w.wait_files(30);
     let sdir = d.path("snaps");

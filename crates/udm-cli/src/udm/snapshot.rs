@@ -170,6 +170,26 @@ fn done(s: &mut Session, command: &str, device: &str, req: Request) -> Result<()
     s.call(command, device, req).map(|_| ())
 }
 
+/// Loads an interposed table into `device` and makes it live (one quiesced switch).
+fn reload(s: &mut Session, device: &str, table: String) -> Result<(), CliError> {
+    let load = Request::Load {
+        name: device.into(),
+        table,
+        read_only: false,
+        interpose: true,
+    };
+    done(s, "load", device, load)?;
+    done(
+        s,
+        "resume",
+        device,
+        Request::Resume {
+            name: device.into(),
+            freeze: None,
+        },
+    )
+}
+
 /// Every snapshot, with its state.
 pub fn list(s: &mut Session) -> Result<Vec<SnapshotInfo>, CliError> {
     let devs = devices(s)?;
@@ -582,26 +602,7 @@ pub fn merge(
         "0 {sectors} snapshot-merge [interpose]{} {} {} {}",
         snap.origin, snap.cow, snap.store, snap.chunk
     );
-    done(
-        s,
-        "load",
-        &origin,
-        Request::Load {
-            name: origin.clone(),
-            table,
-            read_only: false,
-            interpose: true,
-        },
-    )?;
-    done(
-        s,
-        "resume",
-        &origin,
-        Request::Resume {
-            name: origin.clone(),
-            freeze: None,
-        },
-    )?;
+    reload(s, &origin, table)?;
     done(
         s,
         "remove",
@@ -648,26 +649,7 @@ pub fn merge(
         )?;
     } else {
         let table = format!("0 {sectors} snapshot-origin {}", snap.origin);
-        done(
-            s,
-            "load",
-            &origin,
-            Request::Load {
-                name: origin.clone(),
-                table,
-                read_only: false,
-                interpose: true,
-            },
-        )?;
-        done(
-            s,
-            "resume",
-            &origin,
-            Request::Resume {
-                name: origin.clone(),
-                freeze: None,
-            },
-        )?;
+        reload(s, &origin, table)?;
     }
     done(
         s,
