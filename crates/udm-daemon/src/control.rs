@@ -408,8 +408,16 @@ impl Daemon {
 fn absolute_paths(req: &Request) -> Result<(), ErrorReply> {
     let paths: Vec<&std::path::Path> = match req {
         Request::DiskAdd { path, .. } => vec![path.as_path()],
-        Request::ExportAdd { export: ExportKind::Fuse { dir }, .. } => vec![dir.as_path()],
-        Request::Create { freeze: Some(p), .. } | Request::Resume { freeze: Some(p), .. } => vec![p.as_path()],
+        Request::ExportAdd {
+            export: ExportKind::Fuse { dir },
+            ..
+        } => vec![dir.as_path()],
+        Request::Create {
+            freeze: Some(p), ..
+        }
+        | Request::Resume {
+            freeze: Some(p), ..
+        } => vec![p.as_path()],
         _ => vec![],
     };
     match paths.into_iter().find(|p| !p.is_absolute()) {

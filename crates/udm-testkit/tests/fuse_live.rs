@@ -221,7 +221,7 @@ fn snapshot_with_freeze_of_mounted_ext4_is_the_point_in_time() {
     if !can_run(test) {
         return;
     }
-    let (d, fdir, mp, mut m) = ext4_on_fuse();
+    let (d, _fdir, mp, mut m) = ext4_on_fuse();
     let w = Writer::start(&mp);
     w.wait_files(30);
     let sdir = d.path("snaps");
