@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
 
 use udm_types::SECTOR_SIZE;
@@ -198,7 +199,45 @@ pub fn ensure_copied(
         });
     }
     copy_runs(origin, &pending);
+    // Wait per store; with several stores (several snapshots), in parallel, so that their
+    // metadata flushes overlap instead of adding up.
+    let mut groups: Vec<Vec<Pending<'_>>> = Vec::new();
     for p in pending {
+        match groups
+            .iter_mut()
+            .find(|g| g.first().is_some_and(|q| Arc::ptr_eq(&q.store, &p.store)))
+        {
+            Some(g) => g.push(p),
+            None => groups.push(vec![p]),
+        }
+    }
+    if groups.len() <= 1 {
+        groups.into_iter().for_each(finish_all);
+        return;
+    }
+    let slots: Vec<Mutex<Option<Vec<Pending<'_>>>>> =
+        groups.into_iter().map(|g| Mutex::new(Some(g))).collect();
+    let run = |slot: &Mutex<Option<Vec<Pending<'_>>>>| {
+        if let Some(g) = slot.lock().take() {
+            finish_all(g);
+        }
+    };
+    std::thread::scope(|sc| {
+        for slot in &slots[1..] {
+            let spawned = std::thread::Builder::new()
+                .name("udm-snap-wait".into())
+                .spawn_scoped(sc, || run(slot));
+            if spawned.is_err() {
+                run(slot);
+            }
+        }
+        run(&slots[0]);
+    });
+}
+
+/// Waits for the commits of `group` (one store) and installs them; releases the chunk locks.
+fn finish_all(group: Vec<Pending<'_>>) {
+    for p in group {
         let valid = p.store.wait(p.ticket);
         p.s.finish(p.chunk, p.ticket.new_chunk, valid);
     }
