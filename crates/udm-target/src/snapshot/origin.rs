@@ -271,12 +271,16 @@ fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending<'_>]) {
                 false
             }
         };
+    // Each snapshot's entries together (stable: a store's entries stay in allocation order,
+    // which is the order its commits are reported in).
+    let mut order: Vec<&Pending<'_>> = pending.iter().collect();
+    order.sort_by_key(|p| Arc::as_ptr(p.s) as usize);
     let mut i = 0;
-    while i < pending.len() {
-        let first = &pending[i];
+    while i < order.len() {
+        let first = order[i];
         let mut j = i + 1;
-        while j < pending.len() {
-            let (a, b) = (&pending[j - 1], &pending[j]);
+        while j < order.len() {
+            let (a, b) = (order[j - 1], order[j]);
             if !Arc::ptr_eq(a.s, b.s)
                 || !Arc::ptr_eq(&a.store, &b.store)
                 || b.chunk != a.chunk + 1
@@ -286,7 +290,7 @@ fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending<'_>]) {
             }
             j += 1;
         }
-        let (src, stop) = (start(first), end(&pending[j - 1]));
+        let (src, stop) = (start(first), end(order[j - 1]));
         let ok = read_ok
             && (stop <= src || {
                 let bytes =
@@ -302,7 +306,7 @@ fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending<'_>]) {
                     }
                 }
             });
-        for p in &pending[i..j] {
+        for p in &order[i..j] {
             p.store.complete(p.ticket, p.chunk, ok);
         }
         i = j;
