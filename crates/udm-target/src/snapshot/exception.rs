@@ -103,8 +103,6 @@ struct Slot {
     flush: bool,
     /// A leader is performing a metadata write.
     writing: bool,
-    /// Metadata writes finished (tests: group commit shares them).
-    writes: u64,
     done: HashMap<u64, bool>,
 }
 
@@ -129,7 +127,6 @@ impl StoreCell {
                 waiting: Vec::new(),
                 flush: false,
                 writing: false,
-                writes: 0,
                 done: HashMap::new(),
             }),
             cv: Condvar::new(),
@@ -228,16 +225,10 @@ impl StoreCell {
         let w = slot.store.take_write();
         let r = parking_lot::MutexGuard::unlocked(slot, || w.run());
         let valid = slot.store.finish_write(w, r);
-        slot.writes += 1;
         for s in covered {
             slot.done.insert(s, valid);
         }
         slot.writing = false;
         self.cv.notify_all();
-    }
-
-    /// Metadata writes performed so far (group commit shares them between writers).
-    pub fn metadata_writes(&self) -> u64 {
-        self.inner.lock().writes
     }
 }

@@ -127,7 +127,7 @@ impl MetaWrite {
         self.valid
     }
 
-    /// Number of writes (tests count area writes).
+    /// Number of chunk writes it performs.
     pub fn len(&self) -> usize {
         self.steps.len()
     }
