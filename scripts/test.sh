@@ -18,5 +18,8 @@ else
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --features udm-export/ublk -- -D warnings
-cargo test --workspace --no-fail-fast --features udm-export/ublk -- --test-threads=2 2>&1 | tee target/test.log
+# The integration tests run the udmd, udmsetup and udm binaries: build them all first.
+cargo build --workspace --features udm-export/ublk
+# --show-output: passing tests' SKIPPED notices reach the log (and the summary below).
+cargo test --workspace --no-fail-fast --features udm-export/ublk -- --test-threads=2 --show-output 2>&1 | tee target/test.log
 echo "skipped tests:"; grep -h "SKIPPED" target/test.log | sort -u || echo "  none"

@@ -237,3 +237,35 @@ fn write_zeroes_and_discard_keep_working_through_an_interposer_without_them() {
     let fast = Bio::write_zeroes(0, 8).with_flags(udm_io::BioFlags::FAST_ZERO);
     assert_eq!(node.submit(fast).unwrap_err().errno(), Errno::EOPNOTSUPP);
 }
+
+#[test]
+fn reload_without_interpose_and_remove_force_detach() {
+    let (reg, mem) = setup();
+    let node = reg.node("d").unwrap();
+    create(&reg, "ip", "0 2048 linear d 0", IP).unwrap();
+    assert_eq!(node.hooks().len(), 1);
+    // A reload without --interpose: the table stops interposing at resume.
+    reg.add_disk_device("other", Arc::new(MemDevice::new(2048)))
+        .unwrap();
+    reg.load(
+        "ip",
+        &TableSpec::parse("0 2048 linear other 0").unwrap(),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    assert_eq!(node.hooks().len(), 1, "still attached until resume");
+    reg.resume("ip", &ResumeOptions::default()).unwrap();
+    assert!(
+        node.hooks().is_empty(),
+        "detached when the interposed table stopped being live"
+    );
+    node.submit(Bio::write(0, &[9u8; 512])).unwrap();
+    assert_eq!(mem.contents()[0], 9);
+    reg.remove("ip", false, false).unwrap();
+    // remove --force of an interposer: error table first (it stays interposing, so the device's
+    // clients see errors, as dmsetup remove -f does), then removal detaches.
+    create(&reg, "ip2", "0 2048 linear d 0", IP).unwrap();
+    reg.remove("ip2", true, false).unwrap();
+    assert!(node.hooks().is_empty());
+    node.submit(Bio::read(0, &mut [0u8; 512])).unwrap();
+}

@@ -24,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} not built: run the tests with `cargo test --workspace` so every binary is built",
+        "{} not built: run `cargo build --workspace` before the tests (scripts/test.sh does)",
         p.display()
     );
     p

@@ -384,3 +384,64 @@ fn kill9_and_restart_restore_everything() {
     assert!(d.ok(&["info", "boot"]).contains("(READ-ONLY)"));
     assert_eq!(d.ok(&["table", "ipb"]), "0 100 zero \n");
 }
+
+#[test]
+fn remove_force_deferred_and_wait_events() {
+    let d = Udmd::start();
+    setup(&d);
+    d.ok(&["export", "add", "lin", "--nbd"]);
+    // --deferred: marked while open, removed at last close; @cancel_deferred_remove undoes it.
+    d.ok(&["remove", "--deferred", "lin"]);
+    assert!(d.ok(&["info", "lin"]).contains("(DEFERRED REMOVE)"));
+    d.ok(&["message", "lin", "0", "@cancel_deferred_remove"]);
+    assert!(!d.ok(&["info", "lin"]).contains("DEFERRED"));
+    d.ok(&["remove", "--deferred", "lin"]);
+    d.ok(&["export", "remove", "nbd:lin"]);
+    assert!(
+        d.fails(&["info", "lin"]).contains("Device does not exist."),
+        "removed at last close"
+    );
+    // --force on an open device: the table becomes an error table, the device stays (EBUSY).
+    d.ok(&["export", "add", "st", "--nbd"]);
+    let e = d.fails(&["remove", "--force", "st"]);
+    assert!(e.contains("[EBUSY]"), "{e}");
+    assert_eq!(d.ok(&["table", "st"]), "0 2048 error \n");
+    let mut c = udm_export::nbd::client::Client::connect(
+        std::os::unix::net::UnixStream::connect(d.nbd_socket()).unwrap(),
+        "st",
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        c.read(0, 512).unwrap(),
+        udm_export::nbd::client::Reply::Err(5),
+        "clients now get EIO"
+    );
+    // wait: returns when the event number moves (rename raises an event).
+    let ev: u32 = d
+        .ok(&["--json", "info", "z"])
+        .split("\"event_nr\": ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let rt = d.runtime();
+    let waiter = std::thread::spawn(move || {
+        std::process::Command::new(udm_testkit::bin("udmsetup"))
+            .env("UDM_RUNTIME_DIR", rt)
+            .args(["wait", "z2", &ev.to_string()])
+            .output()
+            .unwrap()
+    });
+    d.ok(&["rename", "z", "z2"]);
+    let _ = waiter.join().unwrap();
+    let o = d.udmsetup(&["wait", "z2", &ev.to_string()]);
+    assert!(
+        o.status.success(),
+        "wait on a moved event number returns at once"
+    );
+}
