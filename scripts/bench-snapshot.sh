@@ -5,11 +5,16 @@
 # exported over NBD; snapshots are taken with `udm snapshot take` on the exported device.
 # Not a timed test: run it and read the table. Target: one snapshot keeps >= 50% of 64k
 # sequential write throughput.
-# Environment: RUNTIME (s per run, default 5), SIZE (default 1G), CHUNK (sectors, default 8), WORKDIR.
+# Write jobs issue a fixed amount of I/O (IO, default 128M) over the whole SIZE device, so with a
+# fresh snapshot nearly every write is a first write that copies its chunks (time-based runs
+# would soon rewrite copied chunks and flatter the snapshot). Reads are time based.
+# Environment: RUNTIME (s per read run, default 5), SIZE (default 1G), IO (default 128M),
+# CHUNK (sectors, default 8), WORKDIR.
 set -euo pipefail
 RUNTIME=${RUNTIME:-5}
 SIZE=${SIZE:-1G}
 CHUNK=${CHUNK:-8}
+IO=${IO:-128M}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench-snap.XXXXXX)}
 # shellcheck source=bench-lib.sh
@@ -25,10 +30,10 @@ take() { # n
 }
 drop() { for s in $("$BIN/udm" --json snapshot list | jq -r '.[].name'); do "$BIN/udm" snapshot drop "$s" >/dev/null; rm -f "$WORKDIR/$s.cow"; done; }
 run() { # name uri rw bs depth -> "iops mibs"
-  local out=$WORKDIR/$1.json dir=read
-  [[ $3 == *write* ]] && dir=write
+  local out=$WORKDIR/$1.json dir=read amount=(--time_based --runtime="$RUNTIME")
+  [[ $3 == *write* ]] && { dir=write; amount=(--io_size="$IO"); }
   fio --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs="$4" --iodepth="$5" --size="$SIZE" \
-      --time_based --runtime="$RUNTIME" --output-format=json --output="$out" >/dev/null 2>&1
+      "${amount[@]}" --output-format=json --output="$out" >/dev/null 2>&1
   jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes/1048576)"' "$out"
 }
 printf '%-22s %10s %9s %8s\n' job IOPS MiB/s ratio

@@ -304,6 +304,26 @@ impl Drop for Frozen {
     }
 }
 
+/// Creates the COW file fully allocated, so the snapshot cannot be invalidated halfway by the
+/// backing filesystem running out of space (the COW's size is the only limit, as for a COW
+/// block device).
+fn preallocate(path: &Path, bytes: u64) -> Result<(), CliError> {
+    let err = |e: std::io::Error| CliError::Usage(format!("cannot create {}: {e}", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(err)?;
+    let len = libc::off_t::try_from(bytes)
+        .map_err(|_| CliError::Usage(format!("--size {bytes} is too large")))?;
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `f`.
+    if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) } != 0 {
+        // Filesystems without fallocate get a sparse file.
+        f.set_len(bytes).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// `take`: returns the snapshot's name and, when exported, where to reach it.
 pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), CliError> {
     let dev = &a.device;
@@ -329,19 +349,20 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
     }
     let cow_disk = format!("{name}-cow");
     let cow = std::path::absolute(&a.cow).unwrap_or_else(|_| a.cow.clone());
-    let create = match (&a.size, cow.exists()) {
-        (Some(sz), false) => Some(
-            udm_types::units::parse_size(sz)
-                .ok_or_else(|| CliError::Usage(format!("bad --size {sz}")))?,
-        ),
-        (None, false) => {
-            return Err(CliError::Usage(format!(
+    if !cow.exists() {
+        let sz = a.size.as_deref().ok_or_else(|| {
+            CliError::Usage(format!(
                 "{} does not exist: give --size to create it",
                 cow.display()
-            )))
-        }
-        (_, true) => None,
-    };
+            ))
+        })?;
+        let bytes = udm_types::units::parse_size(sz)
+            .filter(|b| b % 512 == 0 && *b > 0)
+            .ok_or_else(|| {
+                CliError::Usage(format!("bad --size {sz}: a positive multiple of 512 bytes"))
+            })?;
+        preallocate(&cow, bytes)?;
+    }
     done(
         s,
         "disk add",
@@ -349,7 +370,7 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
         Request::DiskAdd {
             name: cow_disk.clone(),
             path: cow,
-            create,
+            create: None,
             read_only: false,
             direct: false,
         },
