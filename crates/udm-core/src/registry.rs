@@ -1625,6 +1625,16 @@ impl Registry {
         cfg
     }
 
+    /// Loads a recorded table into the inactive slot of `name`.
+    fn load_config(&self, name: &str, t: &TableConfig) -> Result<()> {
+        let spec = TableSpec::parse(&t.text)?;
+        let flags = LoadFlags {
+            read_only: t.read_only,
+            interpose: t.interposed,
+        };
+        self.load(name, &spec, flags)
+    }
+
     /// Replays a recorded configuration. Returns one message per item that could not be
     /// restored (the rest is restored regardless).
     pub fn restore(&self, cfg: &RegistryConfig) -> Vec<String> {
@@ -1671,19 +1681,9 @@ impl Registry {
             let before = pending.len();
             pending.retain(|m| {
                 let Some(t) = &m.live else { return false };
-                let r = TableSpec::parse(&t.text)
-                    .map_err(CoreError::from)
-                    .and_then(|spec| {
-                        self.load(
-                            &m.name,
-                            &spec,
-                            LoadFlags {
-                                read_only: t.read_only,
-                                interpose: t.interposed,
-                            },
-                        )?;
-                        self.resume(&m.name, &ResumeOptions::default())
-                    });
+                let r = self
+                    .load_config(&m.name, t)
+                    .and_then(|_| self.resume(&m.name, &ResumeOptions::default()));
                 match r {
                     Ok(()) => false,
                     Err(e) => {
@@ -1705,18 +1705,7 @@ impl Registry {
         }
         for m in &cfg.mapped {
             if let Some(t) = &m.inactive {
-                let r = TableSpec::parse(&t.text)
-                    .map_err(CoreError::from)
-                    .and_then(|spec| {
-                        self.load(
-                            &m.name,
-                            &spec,
-                            LoadFlags {
-                                read_only: t.read_only,
-                                interpose: t.interposed,
-                            },
-                        )
-                    });
+                let r = self.load_config(&m.name, t);
                 if let Err(e) = r {
                     problems.push(format!(
                         "device {}: inactive table not restored: {e}",
@@ -1730,11 +1719,10 @@ impl Registry {
                 }
             }
             if m.deferred_remove {
-                if let Ok(mut inner) = self.inner.try_lock().ok_or(()) {
-                    if let Ok(id) = inner.id_of(&m.name) {
-                        if let Ok(md) = inner.md_mut(id) {
-                            md.deferred_remove = true;
-                        }
+                let mut inner = self.inner.lock();
+                if let Ok(id) = inner.id_of(&m.name) {
+                    if let Ok(md) = inner.md_mut(id) {
+                        md.deferred_remove = true;
                     }
                 }
             }
