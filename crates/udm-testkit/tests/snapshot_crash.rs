@@ -114,3 +114,67 @@ fn snapshot_survives_fifty_kill9_points() {
     let list = String::from_utf8_lossy(&d.udm(&["snapshot", "list"]).stdout).to_string();
     assert!(list.contains("active"), "{list}");
 }
+
+#[test]
+fn merge_resumes_after_kill9() {
+    let mut d = Udmd::start();
+    let img = d.disk("vol", SIZE, 5);
+    d.ok(&["export", "add", "vol", "--nbd"]);
+    let cow = d.path("vol.cow");
+    let o = d.udm(&[
+        "snapshot",
+        "take",
+        "vol",
+        "--cow",
+        cow.to_str().unwrap(),
+        "--size",
+        "32M",
+        "--chunk",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let point_in_time = std::fs::read(&img).unwrap();
+    // Change most of the origin so the merge has thousands of chunks to copy back.
+    let mut c = client(&d, "vol");
+    for off in (0..SIZE).step_by(1 << 20) {
+        assert!(matches!(
+            c.write(off, &vec![0xa5u8; 1 << 20]).unwrap(),
+            Reply::Ok(_)
+        ));
+    }
+    assert!(matches!(c.flush().unwrap(), Reply::Ok(_)));
+    drop(c);
+    let o = d.udm(&["snapshot", "merge", "vol-snap", "--no-wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = d.ok(&["status", "vol-origin"]);
+    d.crash_and_restart();
+    eprintln!("merge status at the kill: {before}");
+    // The merging origin is restored and the merge runs to its end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = d.ok(&["status", "vol-origin"]);
+        let mut f = st.split_whitespace().skip(3);
+        let used = f
+            .next()
+            .and_then(|u| u.split_once('/'))
+            .and_then(|(a, _)| a.parse::<u64>().ok());
+        let meta = f.next().and_then(|m| m.parse::<u64>().ok());
+        assert!(
+            !st.contains("Merge failed") && !st.contains("Invalid"),
+            "{st}"
+        );
+        if used.is_some() && used == meta {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "merge did not finish after restart: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = client(&d, "vol");
+    assert!(
+        read_all(&mut c) == point_in_time,
+        "merged origin differs from the snapshot image"
+    );
+}
