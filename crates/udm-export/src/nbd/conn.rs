@@ -646,27 +646,21 @@ impl Conn {
         }
         if let Some(mut w) = self.writer.try_lock() {
             if !w.pending.is_empty() && now.saturating_sub(w.pending_since) >= STALL_NS {
-                let wr = &mut *w;
-                let pend = std::mem::take(&mut wr.pending);
-                if write_all_vectored(&mut *wr.w, &[&pend])
-                    .and_then(|_| wr.w.flush())
-                    .is_err()
-                {
-                    self.broken.store(true, Ordering::SeqCst);
-                    self.ctl.stream.stop_reading();
-                }
-                wr.pending = pend;
-                wr.pending.clear();
+                self.write_pending(&mut w);
             }
         }
     }
 
     fn flush_pending(&self) {
         let mut w = self.writer.lock();
-        if w.pending.is_empty() {
-            return;
+        if !w.pending.is_empty() {
+            self.write_pending(&mut w);
         }
-        let wr = &mut *w;
+    }
+
+    /// Sends the batched replies (keeping the buffer for reuse); a failed write marks the
+    /// connection broken and stops reading.
+    fn write_pending(&self, wr: &mut Wr) {
         let pend = std::mem::take(&mut wr.pending);
         if write_all_vectored(&mut *wr.w, &[&pend])
             .and_then(|_| wr.w.flush())
