@@ -228,35 +228,12 @@ impl BlockDevice for BlockDevDevice {
     }
 
     fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
-        self.disk.precheck(&bio, "pread")?;
-        let kind = bio.kind();
-        let sector = bio.sector;
-        let os = |e| IoError::os(kind, sector, e);
-        if bio.flags.contains(BioFlags::PREFLUSH) || bio.is_empty_flush() {
-            self.disk.sync().map_err(os)?;
-        }
-        let off = sector * SECTOR_SIZE;
-        let len = bio.sectors() * SECTOR_SIZE;
-        let fua = bio.flags.contains(BioFlags::FUA);
-        match bio.op {
-            BioOp::Read(buf) => self.disk.read_at(buf, off).map_err(os),
-            BioOp::Write(buf) => self.disk.write_at(buf, off, fua).map_err(os),
-            BioOp::Flush => Ok(()),
-            BioOp::Discard(_) => {
-                self.discard(off, len).map_err(os)?;
-                if fua {
-                    self.disk.sync().map_err(os)?;
-                }
-                Ok(())
-            }
-            BioOp::WriteZeroes(_) => {
-                self.write_zeroes(&bio, off, len)?;
-                if fua {
-                    self.disk.sync().map_err(os)?;
-                }
-                Ok(())
-            }
-        }
+        self.disk.submit_with(bio, |bio, off, len| match bio.op {
+            BioOp::Discard(_) => self
+                .discard(off, len)
+                .map_err(|e| IoError::os(bio.kind(), bio.sector, e)),
+            _ => self.write_zeroes(bio, off, len),
+        })
     }
 
     fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {

@@ -353,6 +353,38 @@ impl RawDisk {
     }
 
     /// Runs the PREFLUSH part of a request, then checks it (range, read-only).
+    /// The positioned-I/O engine's request path, shared by files and block devices: `abnormal`
+    /// performs discard and write-zeroes (given the request, byte offset and byte length), the
+    /// one step in which the two differ.
+    pub(crate) fn submit_with(
+        &self,
+        bio: Bio<'_>,
+        abnormal: impl FnOnce(&Bio<'_>, u64, u64) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        self.precheck(&bio, "pread")?;
+        let kind = bio.kind();
+        let sector = bio.sector;
+        let os = |e| IoError::os(kind, sector, e);
+        if bio.flags.contains(BioFlags::PREFLUSH) || bio.is_empty_flush() {
+            self.sync().map_err(os)?;
+        }
+        let off = sector * SECTOR_SIZE;
+        let len = bio.sectors() * SECTOR_SIZE;
+        let fua = bio.flags.contains(BioFlags::FUA);
+        match bio.op {
+            BioOp::Read(buf) => self.read_at(buf, off).map_err(os),
+            BioOp::Write(buf) => self.write_at(buf, off, fua).map_err(os),
+            BioOp::Flush => Ok(()),
+            BioOp::Discard(_) | BioOp::WriteZeroes(_) => {
+                abnormal(&bio, off, len)?;
+                if fua {
+                    self.sync().map_err(os)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn precheck(&self, bio: &Bio<'_>, engine: &str) -> Result<(), IoError> {
         check_range(bio, self.sectors)?;
         check_writable(bio, self.read_only, &|| self.describe(engine))
@@ -595,27 +627,8 @@ impl BlockDevice for FileDevice {
     }
 
     fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
-        self.disk.precheck(&bio, "pread")?;
-        let kind = bio.kind();
-        let sector = bio.sector;
-        let os = |e| IoError::os(kind, sector, e);
-        if bio.flags.contains(BioFlags::PREFLUSH) || bio.is_empty_flush() {
-            self.disk.sync().map_err(os)?;
-        }
-        let off = sector * SECTOR_SIZE;
-        let fua = bio.flags.contains(BioFlags::FUA);
-        match bio.op {
-            BioOp::Read(buf) => self.disk.read_at(buf, off).map_err(os),
-            BioOp::Write(buf) => self.disk.write_at(buf, off, fua).map_err(os),
-            BioOp::Flush => Ok(()),
-            BioOp::Discard(_) | BioOp::WriteZeroes(_) => {
-                self.submit_slow(&bio)?;
-                if fua {
-                    self.disk.sync().map_err(os)?;
-                }
-                Ok(())
-            }
-        }
+        self.disk
+            .submit_with(bio, |bio, _, _| self.submit_slow(bio))
     }
 
     fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
