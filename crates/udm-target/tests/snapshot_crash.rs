@@ -185,26 +185,34 @@ fn run(seed: u64, limit: u64) -> u64 {
             );
         }
     }
+    reopen_and_check(
+        &so,
+        &sw,
+        &init,
+        &format!("seed {seed} crash after {limit} writes"),
+    );
+    total
+}
+
+/// Rebuilds origin and COW from the bytes that survived a crash, reopens the snapshot and
+/// checks it is valid and exactly the point-in-time image `init`.
+fn reopen_and_check(origin: &[u8], cow: &[u8], init: &[u8], what: &str) {
     let mo = Arc::new(MemDevice::new(OS));
-    dev_write(&*mo, 0, &so);
+    dev_write(&*mo, 0, origin);
     let mw = Arc::new(MemDevice::new(CS));
-    dev_write(&*mw, 0, &sw);
+    dev_write(&*mw, 0, cow);
     let mut c2 = Ctx::new();
     c2.add("o", mo);
     c2.add("c", mw);
     let s = c2.snapshot(OS, "o c P 8").unwrap();
     let st = s.status();
-    assert!(
-        !st.starts_with("Invalid"),
-        "seed {seed} crash after {limit}: {st}"
-    );
+    assert!(!st.starts_with("Invalid"), "{what}: {st}");
     activate(&*s);
     let view = read(&*s, 0, OS).unwrap();
     assert!(
         view == init,
-        "seed {seed} crash after {limit} writes: snapshot image differs from the point in time"
+        "{what}: snapshot image differs from the point in time"
     );
-    total
 }
 
 #[test]
@@ -270,24 +278,11 @@ fn run_concurrent(seed: u64, limit: u64) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed ^ limit);
     let so = o.survivors(&mut rng);
     let sw = w.survivors(&mut rng);
-    let mo = Arc::new(MemDevice::new(OS));
-    dev_write(&*mo, 0, &so);
-    let mw = Arc::new(MemDevice::new(CS));
-    dev_write(&*mw, 0, &sw);
-    let mut c2 = Ctx::new();
-    c2.add("o", mo);
-    c2.add("c", mw);
-    let s = c2.snapshot(OS, "o c P 8").unwrap();
-    let st = s.status();
-    assert!(
-        !st.starts_with("Invalid"),
-        "seed {seed} crash after {limit}: {st}"
-    );
-    activate(&*s);
-    let view = read(&*s, 0, OS).unwrap();
-    assert!(
-        view == init,
-        "seed {seed} crash after {limit} writes (concurrent): snapshot image differs from the point in time"
+    reopen_and_check(
+        &so,
+        &sw,
+        &init,
+        &format!("seed {seed} crash after {limit} writes (concurrent)"),
     );
     total
 }
