@@ -1260,6 +1260,9 @@ impl Registry {
             };
             n.gate().drain(flows);
         }
+        // Writes the interposer acknowledged but still holds must be on the device before its
+        // I/O stops passing through the interposer.
+        live.live.table.drain_writeback();
         if let Some(l) = inner.md_mut(id)?.live.as_mut() {
             l.hooks.clear();
         }

@@ -942,6 +942,13 @@ impl Table {
         }
     }
 
+    /// Calls every target's drain_writeback hook.
+    pub fn drain_writeback(&self) {
+        for t in &self.targets {
+            t.target.drain_writeback();
+        }
+    }
+
     /// Calls every target's preresume hook, stopping at the first failure (which aborts the
     /// resume).
     pub fn preresume(&self) -> Result<(), TargetError> {

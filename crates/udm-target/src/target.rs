@@ -228,6 +228,10 @@ pub trait Target: Send + Sync {
     fn presuspend(&self) {}
     /// Called once the device is suspended and drained.
     fn postsuspend(&self) {}
+    /// Puts on the target's devices every write the target has acknowledged but still holds
+    /// (snapshot-origin's write-back), so that I/O no longer passing through this table (an
+    /// interposer being detached) sees it.
+    fn drain_writeback(&self) {}
     /// Called before the table goes live; a failure aborts the resume.
     fn preresume(&self) -> Result<(), TargetError> {
         Ok(())

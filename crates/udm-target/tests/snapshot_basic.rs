@@ -125,6 +125,9 @@ fn origin_write_copies_and_snapshot_keeps_old_data() {
     activate(&*s);
     let before = dev_read(&*o, 0, O);
     write(&*org, 20, &pattern(3, 20, 10)).unwrap(); // chunks 2 and 3
+                                                    // The write is acknowledged before its copies are allocated (write-back); a flush
+                                                    // settles them.
+    flush(&*org).unwrap();
     assert_eq!(s.status(), "32/4096 16");
     assert_eq!(read(&*s, 0, O).unwrap(), before);
     assert_eq!(read(&*org, 20, 10).unwrap(), pattern(3, 20, 10));
@@ -154,9 +157,11 @@ fn full_cow_invalidates_p_and_overflows_po() {
     for ch in 0..3 {
         write(&*org, ch * 8, &pattern(9, ch * 8, 8)).unwrap();
     }
+    flush(&*org).unwrap();
     assert_eq!(s.status(), "40/40 16");
     assert_eq!(c.events(), 0);
     write(&*org, 64, &pattern(9, 64, 8)).unwrap();
+    flush(&*org).unwrap();
     assert_eq!(s.status(), "Invalid");
     assert_eq!(c.events(), 1);
     assert_eq!(read(&*s, 0, 8).unwrap_err().errno(), Errno::EIO);
@@ -209,6 +214,7 @@ fn cow_eio_invalidates_but_origin_works() {
     let before = dev_read(&*o, 0, O);
     w.inject(Fault::range(0, 4096, Errno::EIO).ops(&[BioKind::Write]));
     write(&*org, 8, &pattern(11, 8, 16)).unwrap();
+    flush(&*org).unwrap();
     assert_eq!(dev_read(&*o, 8, 16), pattern(11, 8, 16));
     assert_eq!(s.status(), "Invalid");
     assert!(c.events() >= 1);
@@ -272,6 +278,7 @@ fn handover_moves_exceptions_at_resume() {
     activate(&*s);
     let img = dev_read(&*o, 0, O);
     write(&*org, 0, &pattern(40, 0, 100)).unwrap();
+    flush(&*org).unwrap();
     let st = s.status();
     let s2 = c.snapshot(O, "o c PO 8").unwrap();
     // Source not suspended: refused.

@@ -132,6 +132,7 @@ fn run_seed(seed: u64) {
                 let mut data = vec![0u8; (len * 512) as usize];
                 fill(rng.gen(), &mut data);
                 write(&*org, sector, &data).unwrap();
+                let invalidations_before = invalidations;
                 // Model: per 8-sector piece (the smallest chunk), copy into every snapshot.
                 let mut s = sector;
                 while s < sector + len {
@@ -150,6 +151,11 @@ fn run_seed(seed: u64) {
                     let d0 = ((s - sector) * 512) as usize;
                     origin_model[a..b].copy_from_slice(&data[d0..d0 + (b - a)]);
                     s = end;
+                }
+                if invalidations != invalidations_before {
+                    // A copy the COW refused invalidates once the write-back thread made it
+                    // (asynchronously, as the kernel's kcopyd does): settle it.
+                    flush(&*org).unwrap();
                 }
             }
             4..=5 => {
@@ -211,6 +217,9 @@ fn run_seed(seed: u64) {
                 );
             }
             _ => {
+                // Origin writes are acknowledged before their exceptions are allocated
+                // (write-back): statuses are exact once a flush settled them.
+                flush(&*org).unwrap();
                 for (i, m) in snaps.iter().enumerate() {
                     assert_eq!(
                         m.t.status(),
@@ -228,6 +237,7 @@ fn run_seed(seed: u64) {
             }
         }
     }
+    flush(&*org).unwrap();
     for (i, m) in snaps.iter().enumerate() {
         assert_eq!(m.t.status(), m.status(), "seed {seed} end: status of {i}");
     }

@@ -44,6 +44,18 @@ impl ChunkLocks {
 
     /// Waits until nobody holds `chunk`, then holds it exclusively (a pending exception).
     pub fn exclusive(&self, chunk: u64) -> ChunkGuard<'_> {
+        self.lock_exclusive(chunk);
+        ChunkGuard {
+            locks: self,
+            chunk,
+            exclusive: true,
+        }
+    }
+
+    /// [`ChunkLocks::exclusive`] without a guard, for holders that outlive a borrow (an
+    /// origin write whose commit finishes on the write-back thread); release with
+    /// [`ChunkLocks::unlock_exclusive`].
+    pub fn lock_exclusive(&self, chunk: u64) {
         let mut held = self.held.lock();
         loop {
             let e = held.entry(chunk).or_insert((0, false));
@@ -53,20 +65,48 @@ impl ChunkLocks {
             }
             self.cv.wait(&mut held);
         }
-        ChunkGuard {
-            locks: self,
-            chunk,
-            exclusive: true,
+    }
+
+    /// Waits until none of `chunks` is held, then holds them all exclusively: one wait and
+    /// one lock round for the chunks of a whole write, and never some held while waiting for
+    /// others of the same snapshot. Release with [`ChunkLocks::unlock_many`].
+    pub fn lock_many(&self, chunks: &[u64]) {
+        let mut held = self.held.lock();
+        while chunks
+            .iter()
+            .any(|c| held.get(c).is_some_and(|e| e.0 > 0 || e.1))
+        {
+            self.cv.wait(&mut held);
+        }
+        for &c in chunks {
+            held.insert(c, (0, true));
         }
     }
-}
 
-impl Drop for ChunkGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held.lock();
-        let remove = match held.get_mut(&self.chunk) {
+    /// Releases exclusive locks taken with [`ChunkLocks::lock_many`] or
+    /// [`ChunkLocks::lock_exclusive`].
+    pub fn unlock_many(&self, chunks: &[u64]) {
+        if chunks.is_empty() {
+            return;
+        }
+        let mut held = self.held.lock();
+        for c in chunks {
+            held.remove(c);
+        }
+        drop(held);
+        self.cv.notify_all();
+    }
+
+    /// Releases a lock taken with [`ChunkLocks::lock_exclusive`].
+    pub fn unlock_exclusive(&self, chunk: u64) {
+        self.unlock(chunk, true);
+    }
+
+    fn unlock(&self, chunk: u64, exclusive: bool) {
+        let mut held = self.held.lock();
+        let remove = match held.get_mut(&chunk) {
             Some(e) => {
-                if self.exclusive {
+                if exclusive {
                     e.1 = false;
                 } else {
                     e.0 = e.0.saturating_sub(1);
@@ -76,10 +116,16 @@ impl Drop for ChunkGuard<'_> {
             None => false,
         };
         if remove {
-            held.remove(&self.chunk);
+            held.remove(&chunk);
         }
         drop(held);
-        self.locks.cv.notify_all();
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for ChunkGuard<'_> {
+    fn drop(&mut self) {
+        self.locks.unlock(self.chunk, self.exclusive);
     }
 }
 
@@ -171,9 +217,17 @@ impl StoreCell {
     /// every exception whose copy has finished (the kernel's `copy_callback`). Never waits for
     /// I/O: the metadata is written by [`StoreCell::wait`].
     pub fn complete(&self, t: Ticket, old: u64, ok: bool) {
+        self.complete_many(&[(t, old)], ok);
+    }
+
+    /// [`StoreCell::complete`] for several exceptions (a run copied together), under one lock.
+    pub fn complete_many(&self, copies: &[(Ticket, u64)], ok: bool) {
         let mut slot = self.inner.lock();
-        slot.out_of_order.insert(t.seq, (old, t.new_chunk, ok));
+        for &(t, old) in copies {
+            slot.out_of_order.insert(t.seq, (old, t.new_chunk, ok));
+        }
         let mut flush = false;
+        let before = slot.complete_seq;
         loop {
             let next = slot.complete_seq;
             let Some((o, n, ok)) = slot.out_of_order.remove(&next) else {
@@ -187,12 +241,13 @@ impl StoreCell {
         }
         if flush {
             slot.flush = true;
-            let idle = !slot.writing;
-            drop(slot);
-            if idle {
-                // A waiter may lead the write.
-                self.cv.notify_all();
-            }
+        }
+        let recorded = slot.complete_seq != before;
+        let idle = !slot.writing;
+        drop(slot);
+        if (flush || recorded) && idle {
+            // A waiter may lead the write.
+            self.cv.notify_all();
         }
     }
 
@@ -201,12 +256,47 @@ impl StoreCell {
     /// requested and none running performs it (and only that one: it then returns or waits
     /// like the others).
     pub fn wait(&self, t: Ticket) -> bool {
+        self.wait_inner(t, false)
+    }
+
+    /// [`StoreCell::wait`], but the metadata is written as soon as `t` is recorded, without
+    /// waiting for the kernel's rule (nothing pending or area full): for the origin's
+    /// write-back thread, which is itself the one to complete the other pending exceptions.
+    /// A metadata write covers whatever is recorded, so writing early is only an extra write.
+    pub fn commit(&self, t: Ticket) -> bool {
+        self.wait_inner(t, true)
+    }
+
+    fn wait_inner(&self, t: Ticket, force: bool) -> bool {
+        self.wait_many(&[t], force)[0]
+    }
+
+    /// [`StoreCell::wait`] (or with `force`, [`StoreCell::commit`]) for several exceptions
+    /// under one lock: whether each is valid, in order.
+    pub fn wait_many(&self, tickets: &[Ticket], force: bool) -> Vec<bool> {
+        let mut out = vec![None; tickets.len()];
+        let mut left = tickets.len();
         let mut slot = self.inner.lock();
         loop {
-            if let Some(v) = slot.done.remove(&t.seq) {
-                return v;
+            for (o, t) in out.iter_mut().zip(tickets) {
+                if o.is_none() {
+                    if let Some(v) = slot.done.remove(&t.seq) {
+                        *o = Some(v);
+                        left -= 1;
+                    }
+                }
             }
-            if slot.flush && !slot.writing {
+            if left == 0 {
+                return out.into_iter().map(|v| v.unwrap_or(false)).collect();
+            }
+            let newest = tickets
+                .iter()
+                .zip(&out)
+                .filter(|(_, o)| o.is_none())
+                .map(|(t, _)| t.seq)
+                .max()
+                .unwrap_or(0);
+            if !slot.writing && (slot.flush || (force && newest < slot.complete_seq)) {
                 self.lead(&mut slot);
                 continue;
             }

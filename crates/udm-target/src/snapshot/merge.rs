@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use udm_io::{Bio, BlockDevice, IoError};
 use udm_types::SECTOR_SIZE;
 
-use super::min_chunk;
 use super::origin::ensure_copied;
 use super::snap::Snap;
 
@@ -130,8 +129,7 @@ fn merge_step(s: &Arc<Snap>) -> Result<bool, String> {
     // origin_write_extent: other snapshots copy the chunks before the origin changes.
     {
         let snaps = s.entry.snaps.read();
-        let step = min_chunk(&snaps).unwrap_or(cs);
-        ensure_copied(&snaps, origin, dest, dest + io_size, step);
+        ensure_copied(&snaps, origin, dest, dest + io_size);
     }
     // Writes to these chunks wait until they are merged.
     let guards: Vec<_> = (old..old + n).map(|c| s.locks.exclusive(c)).collect();

@@ -7,13 +7,14 @@
 //! [`crate::TargetEnv`] keyed by the origin's device number (the kernel's `_origins` hash).
 //! The data path is synchronous: where the kernel queues a bio behind a pending exception, the
 //! writing thread here copies the chunk itself, or waits on a per-chunk lock held by the thread
-//! that does.
+//! that does. The commit of an origin write's copies is the exception: see [`writeback`].
 
 pub mod exception;
 pub mod merge;
 pub mod origin;
 pub mod snap;
 pub mod store;
+pub mod writeback;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +53,10 @@ impl Origins {
 pub struct OriginEntry {
     /// Registered snapshots (active or not).
     pub snaps: RwLock<Vec<Arc<Snap>>>,
+    /// Origin writes acknowledged before their copies were committed. Registration changes
+    /// settle it under the write side of `snaps`, so a snapshot never becomes active (or
+    /// changes hands) while the origin holds writes copied for the old set of snapshots.
+    pub writeback: Arc<writeback::WriteBack>,
 }
 
 /// Smallest non-zero chunk size among `snaps` (the origin's split boundary), `None` if none.

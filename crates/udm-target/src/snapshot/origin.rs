@@ -1,18 +1,18 @@
 //! `snapshot-origin <dev>`: reads pass through; a write first makes every active snapshot that
 //! lacks the chunk copy it into its COW (the kernel's `do_origin` / `__origin_write`), and only
-//! then reaches the origin.
+//! then reaches the origin. Plain writes are acknowledged once their copies are made and are
+//! written to the origin after the commit (see [`super::writeback`]).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use udm_io::{Bio, BioKind, BlockDevice, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, IoError};
 
 use udm_types::SECTOR_SIZE;
 
-use super::exception::{ChunkGuard, StoreCell, Ticket};
+use super::exception::{StoreCell, Ticket};
 use super::snap::Snap;
-use super::{min_chunk, OriginEntry, Origins};
+use super::{OriginEntry, Origins};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `snapshot-origin` target type (version 1.9.0).
@@ -58,21 +58,61 @@ pub struct OriginTarget {
 
 impl Target for OriginTarget {
     fn map(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        let wb = &self.entry.writeback;
         if bio.is_empty_flush() {
+            wb.barrier()?;
             return self.dev.dev.submit(bio);
         }
         let abs = self.begin + bio.sector;
+        let end = abs.saturating_add(bio.sectors());
         match bio.kind() {
-            BioKind::Read => self.dev.dev.submit(bio.at(abs)),
+            BioKind::Read => {
+                wb.wait_clear(abs, end);
+                self.dev.dev.submit(bio.at(abs))
+            }
             BioKind::Write => {
+                if bio.flags.intersects(BioFlags::PREFLUSH | BioFlags::FUA) {
+                    // Ordered after every acknowledged write, and durable when acknowledged:
+                    // the kernel's path.
+                    wb.barrier()?;
+                    let snaps = self.entry.snaps.read();
+                    return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
+                }
+                wb.wait_clear(abs, end);
                 let snaps = self.entry.snaps.read();
-                origin_write(&snaps, &*self.dev.dev, bio.at(abs))
+                if snaps.iter().any(|s| s.merge) {
+                    // A merge moves data into the origin: keep its writes synchronous.
+                    return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
+                }
+                let locked = lock_chunks(&snaps, abs, end);
+                if locked.is_empty() {
+                    return self.dev.dev.submit(bio.at(abs));
+                }
+                let BioOp::Write(data) = bio.op else {
+                    return Err(IoError::Unsupported {
+                        op: bio.kind(),
+                        device: "snapshot-origin".into(),
+                    });
+                };
+                // Still under the read side of `snaps`: no snapshot becomes active before this
+                // write is held (and so settled by the activation).
+                let r = wb.hold(&self.dev.dev, abs, data, locked);
+                drop(snaps);
+                r
             }
             k => Err(IoError::Unsupported {
                 op: k,
                 device: "snapshot-origin".into(),
             }),
         }
+    }
+
+    fn postsuspend(&self) {
+        self.entry.writeback.settle();
+    }
+
+    fn drain_writeback(&self) {
+        self.entry.writeback.settle();
     }
 
     fn table_params(&self) -> String {
@@ -92,6 +132,13 @@ impl Target for OriginTarget {
     }
 }
 
+impl Drop for OriginTarget {
+    /// A table being destroyed still owes its acknowledged writes to the origin.
+    fn drop(&mut self) {
+        self.entry.writeback.settle();
+    }
+}
+
 /// Writes `bio` (absolute origin sectors) to `origin` once every snapshot of `snaps` lacking
 /// one of its chunks has copied it (the kernel splits the bio at the smallest chunk size and
 /// queues each piece behind its pending exceptions; here the copies of all pieces are made,
@@ -101,9 +148,7 @@ pub fn origin_write(
     origin: &dyn BlockDevice,
     bio: Bio<'_>,
 ) -> Result<(), IoError> {
-    if let Some(step) = min_chunk(snaps) {
-        ensure_copied(snaps, origin, bio.sector, bio.end(), step);
-    }
+    ensure_copied(snaps, origin, bio.sector, bio.end());
     origin.submit(bio)
 }
 
@@ -112,114 +157,122 @@ pub fn origin_write(
 /// until those exceptions are committed. Failures invalidate the snapshot concerned; the origin
 /// write itself always proceeds, as in the kernel.
 ///
-/// Deadlock freedom: chunk locks are taken first, in one global order (piece by piece, and
-/// within a piece in list order, largest chunk first, so by chunk start then size); exceptions
-/// are allocated only once every lock is held, so a thread never blocks on a lock while it holds
-/// an allocation that another thread's commit waits for.
-pub fn ensure_copied(
-    snaps: &[Arc<Snap>],
-    origin: &dyn BlockDevice,
-    start: u64,
-    end: u64,
-    step: u64,
-) {
+/// Deadlock freedom: chunk locks are taken first, snapshot by snapshot in list order, all
+/// chunks of one snapshot at once; exceptions are allocated only once every lock is held, so a
+/// thread never blocks on a lock while it holds an allocation that another thread's commit
+/// waits for.
+pub fn ensure_copied(snaps: &[Arc<Snap>], origin: &dyn BlockDevice, start: u64, end: u64) {
+    let pending = allocate(lock_chunks(snaps, start, end));
+    copy_runs(origin, &pending);
+    commit(pending, false);
+}
+
+/// The first step of [`ensure_copied`]: locks the chunks of `[start, end)` that some active,
+/// valid, non-merging snapshot lacks, and returns them (none locked when nothing needs a copy).
+pub fn lock_chunks(snaps: &[Arc<Snap>], start: u64, end: u64) -> Vec<Locked> {
     let mut locked = Vec::new();
-    let mut seen: HashSet<(usize, u64)> = HashSet::new();
-    let mut p = start;
-    while p < end {
-        for (i, s) in snaps.iter().enumerate() {
-            if s.merge || p >= s.table_end {
-                continue;
-            }
-            let (chunk, cs, store) = {
-                let st = s.state.read();
-                if !st.valid || !st.active || st.chunk_size == 0 {
-                    continue;
-                }
-                let chunk = p / st.chunk_size;
-                if st.exceptions.contains_key(&chunk) || seen.contains(&(i, chunk)) {
-                    continue;
-                }
-                (chunk, st.chunk_size, st.store.clone())
-            };
-            seen.insert((i, chunk));
-            let guard = s.locks.exclusive(chunk);
-            locked.push((s, chunk, cs, store, guard));
+    for s in snaps {
+        let stop = end.min(s.table_end);
+        if s.merge || start >= stop {
+            continue;
         }
-        p = (p / step + 1) * step;
-    }
-    if locked.is_empty() {
-        return;
-    }
-    let mut cand = Vec::with_capacity(locked.len());
-    for (s, chunk, cs, store, guard) in locked {
-        {
+        let (cs, store, chunks) = {
             let st = s.state.read();
-            if !st.valid
-                || !st.active
-                || st.exceptions.contains_key(&chunk)
-                || !Arc::ptr_eq(&st.store, &store)
-            {
+            if !st.valid || !st.active || st.chunk_size == 0 {
                 continue;
             }
-        }
-        cand.push((s, chunk, cs, store, guard));
-    }
-    // Allocate each store's chunks under one lock, so a run of origin chunks usually gets a
-    // run of COW chunks and is copied with one write.
-    let mut tickets: Vec<Option<Ticket>> = vec![None; cand.len()];
-    let mut taken = vec![false; cand.len()];
-    for i in 0..cand.len() {
-        if taken[i] {
-            continue;
-        }
-        let same: Vec<usize> = (i..cand.len())
-            .filter(|&j| !taken[j] && Arc::ptr_eq(&cand[j].3, &cand[i].3))
-            .collect();
-        let got = cand[i].3.prepare_many(same.len());
-        for (k, &j) in same.iter().enumerate() {
-            taken[j] = true;
-            tickets[j] = got.get(k).copied();
-        }
-    }
-    let mut pending = Vec::with_capacity(cand.len());
-    for ((s, chunk, cs, store, guard), ticket) in cand.into_iter().zip(tickets) {
-        let Some(ticket) = ticket else {
-            let mut st = s.state.write();
-            s.invalidate(&mut st, "Unable to allocate exception.");
-            continue;
+            let cs = st.chunk_size;
+            let chunks: Vec<u64> = (start / cs..=(stop - 1) / cs)
+                .filter(|c| !st.exceptions.contains_key(c))
+                .collect();
+            (cs, st.store.clone(), chunks)
         };
-        pending.push(Pending {
-            s,
+        if chunks.is_empty() {
+            continue;
+        }
+        s.locks.lock_many(&chunks);
+        // Re-check now that nobody else can be making these exceptions.
+        let st = s.state.read();
+        if !st.valid || !st.active || !Arc::ptr_eq(&st.store, &store) {
+            drop(st);
+            s.locks.unlock_many(&chunks);
+            continue;
+        }
+        let (done, todo): (Vec<u64>, Vec<u64>) = chunks
+            .into_iter()
+            .partition(|c| st.exceptions.contains_key(c));
+        drop(st);
+        s.locks.unlock_many(&done);
+        locked.extend(todo.into_iter().map(|chunk| Locked {
+            s: s.clone(),
             chunk,
             cs,
-            store,
-            ticket,
-            _guard: guard,
-        });
+            store: store.clone(),
+            held: true,
+        }));
     }
-    copy_runs(origin, &pending);
+    locked
+}
+
+/// The second step of [`ensure_copied`]: allocates the exceptions of `cand` (invalidating a
+/// snapshot whose store is full). Every result must go through [`copy_runs`] without waiting
+/// on anything in between: the store's commit rule waits for them.
+pub fn allocate(mut cand: Vec<Locked>) -> Vec<Pending> {
+    // Allocate each store's chunks under one lock and in chunk order, so a run of origin
+    // chunks gets a run of COW chunks and is copied with one write.
+    cand.sort_by_key(|l| (Arc::as_ptr(&l.store) as usize, l.chunk));
+    let mut tickets: Vec<Option<Ticket>> = vec![None; cand.len()];
+    let mut i = 0;
+    while i < cand.len() {
+        let j = (i..cand.len())
+            .find(|&j| !Arc::ptr_eq(&cand[j].store, &cand[i].store))
+            .unwrap_or(cand.len());
+        let got = cand[i].store.prepare_many(j - i);
+        for (k, t) in tickets[i..j].iter_mut().enumerate() {
+            *t = got.get(k).copied();
+        }
+        i = j;
+    }
+    let mut pending = Vec::with_capacity(cand.len());
+    for (l, ticket) in cand.into_iter().zip(tickets) {
+        let Some(ticket) = ticket else {
+            let mut st = l.s.state.write();
+            l.s.invalidate(&mut st, "Unable to allocate exception.");
+            continue;
+        };
+        pending.push(Pending { l, ticket });
+    }
+    pending
+}
+
+/// The last step of [`ensure_copied`]: waits until the exceptions of `pending` are committed
+/// and installs them (releasing their chunk locks). `force`: write the metadata without
+/// waiting for the store's rule (see [`StoreCell::commit`]).
+pub fn commit(pending: Vec<Pending>, force: bool) {
+    if pending.is_empty() {
+        return;
+    }
     // Wait per store; with several stores (several snapshots), in parallel, so that their
     // metadata flushes overlap instead of adding up.
-    let mut groups: Vec<Vec<Pending<'_>>> = Vec::new();
+    let mut groups: Vec<Vec<Pending>> = Vec::new();
     for p in pending {
-        match groups
-            .iter_mut()
-            .find(|g| g.first().is_some_and(|q| Arc::ptr_eq(&q.store, &p.store)))
-        {
+        match groups.iter_mut().find(|g| {
+            g.first()
+                .is_some_and(|q| Arc::ptr_eq(&q.l.store, &p.l.store))
+        }) {
             Some(g) => g.push(p),
             None => groups.push(vec![p]),
         }
     }
     if groups.len() <= 1 {
-        groups.into_iter().for_each(finish_all);
+        groups.into_iter().for_each(|g| finish_all(g, force));
         return;
     }
-    let slots: Vec<Mutex<Option<Vec<Pending<'_>>>>> =
+    let slots: Vec<Mutex<Option<Vec<Pending>>>> =
         groups.into_iter().map(|g| Mutex::new(Some(g))).collect();
-    let run = |slot: &Mutex<Option<Vec<Pending<'_>>>>| {
+    let run = |slot: &Mutex<Option<Vec<Pending>>>| {
         if let Some(g) = slot.lock().take() {
-            finish_all(g);
+            finish_all(g, force);
         }
     };
     std::thread::scope(|sc| {
@@ -236,79 +289,121 @@ pub fn ensure_copied(
 }
 
 /// Waits for the commits of `group` (one store) and installs them; releases the chunk locks.
-fn finish_all(group: Vec<Pending<'_>>) {
-    for p in group {
-        let valid = p.store.wait(p.ticket);
-        p.s.finish(p.chunk, p.ticket.new_chunk, valid);
+fn finish_all(mut group: Vec<Pending>, force: bool) {
+    let Some(first) = group.first() else {
+        return;
+    };
+    let store = first.l.store.clone();
+    let tickets: Vec<Ticket> = group.iter().map(|p| p.ticket).collect();
+    let valid = store.wait_many(&tickets, force);
+    // Per snapshot (normally the store's one), under one lock each.
+    group.sort_by_key(|p| Arc::as_ptr(&p.l.s) as usize);
+    let mut i = 0;
+    while i < group.len() {
+        let j = (i..group.len())
+            .find(|&j| !Arc::ptr_eq(&group[j].l.s, &group[i].l.s))
+            .unwrap_or(group.len());
+        let done: Vec<(u64, u64, bool)> = group[i..j]
+            .iter()
+            .map(|p| {
+                let k = tickets.iter().position(|t| t.seq == p.ticket.seq);
+                let v = k.is_some_and(|k| valid[k]);
+                (p.l.chunk, p.ticket.new_chunk, v)
+            })
+            .collect();
+        let s = group[i].l.s.clone();
+        s.finish_many(&done);
+        let chunks: Vec<u64> = group[i..j].iter().map(|p| p.l.chunk).collect();
+        s.locks.unlock_many(&chunks);
+        for p in &mut group[i..j] {
+            p.l.held = false;
+        }
+        i = j;
     }
 }
 
-/// An exception being made by [`ensure_copied`]; its chunk lock is released on drop.
-struct Pending<'a> {
-    s: &'a Arc<Snap>,
+/// A chunk of a snapshot locked exclusively by an origin write; released on drop unless
+/// released already (with others, by [`finish_all`]).
+pub struct Locked {
+    s: Arc<Snap>,
     chunk: u64,
     cs: u64,
     store: Arc<StoreCell>,
-    ticket: Ticket,
-    _guard: ChunkGuard<'a>,
+    held: bool,
 }
 
+impl Drop for Locked {
+    fn drop(&mut self) {
+        if self.held {
+            self.s.locks.unlock_exclusive(self.chunk);
+        }
+    }
+}
+
+/// An exception being made by an origin write (copied, maybe not committed); its chunk lock is
+/// released on drop.
+pub struct Pending {
+    l: Locked,
+    ticket: Ticket,
+}
+
+/// Longest run copied with one read and one write.
+const MAX_RUN_SECTORS: u64 = 8192;
+
 /// Copies the chunks of `pending` from `origin` and reports each copy to its store: one read
-/// of the origin span they cover, then one COW write per run of consecutive chunks of one
-/// snapshot that got consecutive COW chunks.
-fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending<'_>]) {
+/// of the origin and one COW write per run of consecutive chunks of one snapshot that got
+/// consecutive COW chunks (up to [`MAX_RUN_SECTORS`]). The third step of [`ensure_copied`].
+pub fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending]) {
     let osize = origin.size();
-    let start = |p: &Pending<'_>| p.chunk.saturating_mul(p.cs);
-    let end = |p: &Pending<'_>| p.chunk.saturating_add(1).saturating_mul(p.cs).min(osize);
-    let lo = pending.iter().map(start).min().unwrap_or(0);
-    let hi = pending.iter().map(end).max().unwrap_or(0);
-    let mut buf = vec![0u8; (hi.saturating_sub(lo) * SECTOR_SIZE) as usize];
-    let read_ok = buf.is_empty()
-        || match origin.submit(Bio::read(lo, &mut buf)) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!("snapshot copy: reading origin failed: {e}");
-                false
-            }
-        };
-    // Each snapshot's entries together (stable: a store's entries stay in allocation order,
-    // which is the order its commits are reported in).
-    let mut order: Vec<&Pending<'_>> = pending.iter().collect();
-    order.sort_by_key(|p| Arc::as_ptr(p.s) as usize);
+    let start = |p: &Pending| p.l.chunk.saturating_mul(p.l.cs);
+    let end = |p: &Pending| {
+        p.l.chunk
+            .saturating_add(1)
+            .saturating_mul(p.l.cs)
+            .min(osize)
+    };
+    let mut order: Vec<&Pending> = pending.iter().collect();
+    order.sort_by_key(|p| (Arc::as_ptr(&p.l.s) as usize, p.l.chunk));
+    let mut buf = Vec::new();
     let mut i = 0;
     while i < order.len() {
         let first = order[i];
         let mut j = i + 1;
         while j < order.len() {
             let (a, b) = (order[j - 1], order[j]);
-            if !Arc::ptr_eq(a.s, b.s)
-                || !Arc::ptr_eq(&a.store, &b.store)
-                || b.chunk != a.chunk + 1
+            if !Arc::ptr_eq(&a.l.s, &b.l.s)
+                || !Arc::ptr_eq(&a.l.store, &b.l.store)
+                || b.l.chunk != a.l.chunk + 1
                 || b.ticket.new_chunk != a.ticket.new_chunk + 1
+                || end(b).saturating_sub(start(first)) > MAX_RUN_SECTORS
             {
                 break;
             }
             j += 1;
         }
         let (src, stop) = (start(first), end(order[j - 1]));
-        let ok = read_ok
-            && (stop <= src || {
-                let bytes =
-                    &buf[((src - lo) * SECTOR_SIZE) as usize..((stop - lo) * SECTOR_SIZE) as usize];
-                match first.s.cow.dev.submit(Bio::write(
-                    first.ticket.new_chunk.saturating_mul(first.cs),
-                    bytes,
+        let ok = stop <= src || {
+            buf.resize(((stop - src) * SECTOR_SIZE) as usize, 0);
+            match origin.submit(Bio::read(src, &mut buf)) {
+                Err(e) => {
+                    tracing::error!("snapshot copy: reading origin failed: {e}");
+                    false
+                }
+                Ok(()) => match first.l.s.cow.dev.submit(Bio::write(
+                    first.ticket.new_chunk.saturating_mul(first.l.cs),
+                    &buf,
                 )) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::error!("snapshot copy: writing COW failed: {e}");
                         false
                     }
-                }
-            });
-        for p in &order[i..j] {
-            p.store.complete(p.ticket, p.chunk, ok);
-        }
+                },
+            }
+        };
+        let copies: Vec<(Ticket, u64)> =
+            order[i..j].iter().map(|p| (p.ticket, p.l.chunk)).collect();
+        first.l.store.complete_many(&copies, ok);
         i = j;
     }
 }

@@ -104,6 +104,18 @@ impl Snap {
         true
     }
 
+    /// [`Snap::finish`] for several exceptions `(chunk, new_chunk, valid)` under one lock.
+    pub fn finish_many(&self, done: &[(u64, u64, bool)]) {
+        let mut st = self.state.write();
+        for &(chunk, new_chunk, valid) in done {
+            if !valid {
+                self.invalidate(&mut st, "Error reading/writing.");
+            } else if st.valid {
+                st.exceptions.insert(chunk, new_chunk);
+            }
+        }
+    }
+
     /// COW sector of `sector` in exception chunk `new_chunk` (saturating: a corrupt store with
     /// an absurd chunk number gets an out-of-range error from the device, not a panic).
     fn remap(new_chunk: u64, cs: u64, sector: u64) -> u64 {
@@ -691,6 +703,9 @@ impl Target for SnapshotTarget {
         }
         {
             let mut snaps = s.entry.snaps.write();
+            // Origin writes held for the current snapshots reach the origin before the set
+            // changes (no new ones are held while the write side is taken).
+            s.entry.writeback.settle();
             let sh = find_sharing(&snaps, s);
             if let (Some(src), Some(dest)) = (sh.src, sh.dest) {
                 handover(&src, &dest);

@@ -112,6 +112,12 @@ pub fn write(t: &dyn Target, sector: u64, data: &[u8]) -> Result<(), IoError> {
     t.map(Bio::write(sector, data))
 }
 
+/// A flush through `t`: for an origin, every write acknowledged before it is then on the
+/// origin device (write-back) and its copies committed.
+pub fn flush(t: &dyn Target) -> Result<(), IoError> {
+    t.map(Bio::flush())
+}
+
 pub fn read(t: &dyn Target, sector: u64, sectors: u64) -> Result<Vec<u8>, IoError> {
     let mut b = vec![0u8; (sectors * 512) as usize];
     t.map(Bio::read(sector, &mut b))?;

@@ -98,7 +98,7 @@ pub struct MetaStep {
     pub sector: u64,
     /// Chunk contents.
     pub buf: Vec<u8>,
-    /// `PREFLUSH | FUA` for an area, none for zeroing.
+    /// `PREFLUSH | FUA` for the area that makes the others reachable, none otherwise.
     pub flags: BioFlags,
 }
 

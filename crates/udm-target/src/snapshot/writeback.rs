@@ -1,0 +1,276 @@
+//! Write-back for origin writes that copy chunks.
+//!
+//! The kernel holds such a write until every copy it triggered is committed (two cache
+//! flushes of the COW per metadata write), and only then completes it. Here the write locks
+//! the chunks to copy, allocates their exceptions (at once, as the kernel does, so status and
+//! a full store behave the same) and is acknowledged once its data is held in memory; one
+//! thread per origin then, for everything held, copies the chunks (the origin still has the
+//! old data: nothing reaches it before the commit), commits them in one metadata write, and
+//! only then writes the held data to the origin. Copying and committing are two threads, so
+//! the copies of one batch overlap the commit (mostly the COW's cache flush) of the last. The origin therefore never receives a write before the copy of
+//! the old data is durable (the kernel's ordering, so the snapshot survives a crash or power
+//! loss exactly as with the kernel), while writers no longer wait for a commit each.
+//!
+//! This is a volatile write cache in front of the origin, as the block layer allows: a flush,
+//! or a write with PREFLUSH or FUA, waits until every write acknowledged before it is on the
+//! origin; reads and writes that overlap a held write wait until it is applied, so held writes
+//! are never reordered with later I/O; a suspend or a detach waits until nothing is held. A
+//! held write that then fails on the origin is reported by the next flush, as the page cache
+//! reports a failed write-back at fsync. The memory held is bounded ([`MAX_HELD_BYTES`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use udm_io::{Bio, BioKind, BlockDevice, IoError};
+use udm_types::errno::HasErrno;
+
+use super::origin::{allocate, commit, copy_runs, Locked, Pending};
+
+/// Most data held at once; a writer that would exceed it waits for the commit in progress.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
+
+/// How long a write-back thread waits for more work before it exits.
+const IDLE: Duration = Duration::from_millis(100);
+
+/// Held origin writes of one origin device (see the module documentation).
+#[derive(Default)]
+pub struct WriteBack {
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Waiting for their copies, in acknowledgement order.
+    queue: VecDeque<Held>,
+    /// Copied, waiting for their commit, in acknowledgement order.
+    copied: VecDeque<Held>,
+    /// Every held write not yet applied, by first sector: (end, sequence number). Disjoint.
+    ranges: BTreeMap<u64, u64>,
+    bytes: usize,
+    next_seq: u64,
+    /// Every write with a smaller sequence number is on the origin.
+    applied: u64,
+    /// The copy thread is running.
+    copier: bool,
+    /// The commit thread is running.
+    committer: bool,
+    /// The first failure applying a held write since the last flush.
+    error: Option<IoError>,
+}
+
+struct Held {
+    seq: u64,
+    sector: u64,
+    data: Vec<u8>,
+    origin: Arc<dyn BlockDevice>,
+    pending: Vec<Pending>,
+}
+
+impl State {
+    /// Whether `[start, end)` overlaps a held write.
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        // Ranges are disjoint, so the one starting last before `end` ends last among them.
+        self.ranges
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > start)
+    }
+}
+
+impl WriteBack {
+    /// Waits until no held write overlaps `[start, end)` (a read or write must see, or come
+    /// after, every write acknowledged before it).
+    pub fn wait_clear(&self, start: u64, end: u64) {
+        let mut st = self.st.lock();
+        while st.overlaps(start, end) {
+            self.cv.wait(&mut st);
+        }
+    }
+
+    /// Acknowledges a write that needs the copies of the chunks `locked` (locked, nothing
+    /// allocated): allocates their exceptions, keeps a copy of `data` until those copies are
+    /// committed, then writes it to `origin` at `sector`. Waits first while the memory bound
+    /// is reached or an overlapping write is still held (safe with chunks locked: the commit
+    /// thread never waits for a chunk lock). Allocation and queueing are one step, so the
+    /// queue holds every exception allocated here in allocation order. If no copy thread
+    /// can be started, does it all before returning.
+    pub fn hold(
+        self: &Arc<Self>,
+        origin: &Arc<dyn BlockDevice>,
+        sector: u64,
+        data: &[u8],
+        locked: Vec<Locked>,
+    ) -> Result<(), IoError> {
+        let end = sector.saturating_add((data.len() as u64) >> udm_types::SECTOR_SHIFT);
+        let mut st = self.st.lock();
+        while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > MAX_HELD_BYTES) {
+            self.cv.wait(&mut st);
+        }
+        if !st.copier {
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("udm-snap-copy".into())
+                .spawn(move || me.run_copy());
+            if let Err(e) = spawned {
+                drop(st);
+                tracing::warn!("snapshot write-back: no copy thread ({e}); committing inline");
+                let pending = allocate(locked);
+                copy_runs(&**origin, &pending);
+                commit(pending, false);
+                return origin.submit(Bio::write(sector, data));
+            }
+            st.copier = true;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.ranges.insert(sector, end);
+        st.bytes += data.len();
+        st.queue.push_back(Held {
+            seq,
+            sector,
+            data: data.to_vec(),
+            origin: origin.clone(),
+            pending: allocate(locked),
+        });
+        drop(st);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every write acknowledged so far is on the origin.
+    pub fn settle(&self) {
+        let mut st = self.st.lock();
+        let target = st.next_seq;
+        while st.applied < target {
+            self.cv.wait(&mut st);
+        }
+    }
+
+    /// [`WriteBack::settle`], then reports (once) a held write that failed on the origin: the
+    /// part of a flush that concerns held writes.
+    pub fn barrier(&self) -> Result<(), IoError> {
+        self.settle();
+        match self.st.lock().error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Number of writes held right now (tests, status).
+    pub fn held(&self) -> usize {
+        self.st.lock().ranges.len()
+    }
+
+    /// The copy thread: copies the chunks of everything queued in one go (long runs of
+    /// chunks with one read and one write each), hands the batch to the commit thread, and
+    /// repeats, so copying the next batch overlaps the commit of the last one; exits after
+    /// [`IDLE`] without work.
+    fn run_copy(self: Arc<Self>) {
+        loop {
+            let mut batch: Vec<Held> = {
+                let mut st = self.st.lock();
+                if st.queue.is_empty() {
+                    self.cv.wait_for(&mut st, IDLE);
+                }
+                if st.queue.is_empty() {
+                    st.copier = false;
+                    return;
+                }
+                st.queue.drain(..).collect()
+            };
+            let mut i = 0;
+            while i < batch.len() {
+                // One origin device per run of the batch (there is normally just one).
+                let j = (i..batch.len())
+                    .find(|&j| !Arc::ptr_eq(&batch[j].origin, &batch[i].origin))
+                    .unwrap_or(batch.len());
+                let run: Vec<Pending> = batch[i..j]
+                    .iter_mut()
+                    .flat_map(|h| std::mem::take(&mut h.pending))
+                    .collect();
+                copy_runs(&*batch[i].origin, &run);
+                batch[i].pending = run;
+                i = j;
+            }
+            let mut st = self.st.lock();
+            st.copied.extend(batch);
+            if !st.committer {
+                let me = self.clone();
+                match std::thread::Builder::new()
+                    .name("udm-snap-commit".into())
+                    .spawn(move || me.run_commit())
+                {
+                    Ok(_) => st.committer = true,
+                    Err(e) => {
+                        tracing::warn!("snapshot write-back: no commit thread ({e}); inline");
+                        let batch: Vec<Held> = st.copied.drain(..).collect();
+                        drop(st);
+                        self.commit_and_apply(batch);
+                        continue;
+                    }
+                }
+            }
+            drop(st);
+            self.cv.notify_all();
+        }
+    }
+
+    /// The commit thread: commits everything copied in one go and applies the held data;
+    /// exits after [`IDLE`] without work. Its commits do not wait for the store's "nothing
+    /// pending" rule: the exceptions pending meanwhile are the ones queued after this batch,
+    /// which only the write-back threads complete.
+    fn run_commit(self: Arc<Self>) {
+        loop {
+            let batch: Vec<Held> = {
+                let mut st = self.st.lock();
+                if st.copied.is_empty() {
+                    self.cv.wait_for(&mut st, IDLE);
+                }
+                if st.copied.is_empty() {
+                    st.committer = false;
+                    return;
+                }
+                st.copied.drain(..).collect()
+            };
+            self.commit_and_apply(batch);
+        }
+    }
+
+    fn commit_and_apply(&self, mut batch: Vec<Held>) {
+        let pending: Vec<Pending> = batch
+            .iter_mut()
+            .flat_map(|h| std::mem::take(&mut h.pending))
+            .collect();
+        commit(pending, true);
+        let mut failed = None;
+        for h in &batch {
+            if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
+                tracing::error!("snapshot write-back: writing the origin failed: {e}");
+                failed.get_or_insert(e);
+            }
+        }
+        let mut st = self.st.lock();
+        for h in &batch {
+            st.ranges.remove(&h.sector);
+            st.bytes = st.bytes.saturating_sub(h.data.len());
+        }
+        if let Some(last) = batch.last() {
+            st.applied = last.seq + 1;
+        }
+        if let Some(e) = failed {
+            if st.error.is_none() {
+                st.error = Some(IoError::errno(
+                    BioKind::Flush,
+                    0,
+                    e.errno(),
+                    format!("an acknowledged origin write failed later: {e}"),
+                ));
+            }
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+}
