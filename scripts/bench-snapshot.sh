@@ -41,6 +41,9 @@ drop() { for s in $("$BIN/udm" --json snapshot list | jq -r '.[].name'); do "$BI
 run() { # name uri rw bs depth -> "iops mibs"
   local out=$WORKDIR/$1.json dir=read amount=(--time_based --runtime="$RUNTIME")
   [[ $3 == *write* ]] && { dir=write; amount=(--io_size="$IO"); }
+  # Start every run with no dirty data of earlier runs being written back meanwhile (the COW's
+  # flushes would queue behind it).
+  sync
   fio --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs="$4" --iodepth="$5" --size="$SIZE" \
       "${amount[@]}" --output-format=json --output="$out" >/dev/null 2>&1
   jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes/1048576)"' "$out"

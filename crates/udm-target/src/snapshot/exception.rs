@@ -3,15 +3,41 @@
 //! order, a caller waits until the metadata holding its exception is on disk).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use parking_lot::{Condvar, Mutex};
 
 use super::store::ExceptionStore;
 
+/// A map keyed by chunk number. Chunk numbers are not attacker-chosen hash keys in any useful
+/// sense (a client can only pick which chunks it writes), and the data path looks one up per
+/// chunk many times per request, so a multiplicative hash replaces SipHash.
+pub type ChunkMap<V> = HashMap<u64, V, BuildHasherDefault<ChunkHasher>>;
+
+/// Fibonacci hashing of a `u64` (the high bits, which the table uses, mix all input bits).
+#[derive(Default)]
+pub struct ChunkHasher(u64);
+
+impl Hasher for ChunkHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// Shared/exclusive locks on chunk numbers, created on demand.
 #[derive(Default)]
 pub struct ChunkLocks {
-    held: Mutex<HashMap<u64, (u32, bool)>>,
+    held: Mutex<ChunkMap<(u32, bool)>>,
     cv: Condvar,
 }
 
@@ -149,7 +175,7 @@ struct Slot {
     flush: bool,
     /// A leader is performing a metadata write.
     writing: bool,
-    done: HashMap<u64, bool>,
+    done: ChunkMap<bool>,
 }
 
 /// A prepared exception: its sequence number and COW chunk.
@@ -173,7 +199,7 @@ impl StoreCell {
                 waiting: Vec::new(),
                 flush: false,
                 writing: false,
-                done: HashMap::new(),
+                done: ChunkMap::default(),
             }),
             cv: Condvar::new(),
         }

@@ -2,7 +2,6 @@
 //! [discard_passdown_origin]]` and `snapshot-merge` (same arguments): construction,
 //! registration with the origin, handover, the snapshot's data path and status.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -10,7 +9,7 @@ use parking_lot::{Mutex, RwLock};
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
 use udm_types::{Errno, SECTOR_SIZE};
 
-use super::exception::{ChunkLocks, StoreCell};
+use super::exception::{ChunkLocks, ChunkMap, StoreCell};
 use super::merge::{self, MergeCtl};
 use super::origin::origin_write;
 use super::store::{self, lbs_sectors, LoadState, StoreSpec};
@@ -36,7 +35,7 @@ pub struct SnapState {
     /// Chunk size in sectors (0 for a handover destination before its resume).
     pub chunk_size: u64,
     /// Completed exceptions: origin chunk -> COW chunk.
-    pub exceptions: HashMap<u64, u64>,
+    pub exceptions: ChunkMap<u64>,
     /// The exception store.
     pub store: Arc<StoreCell>,
 }
@@ -529,7 +528,7 @@ impl TargetType for SnapshotType {
                 active: false,
                 merge_failed: false,
                 chunk_size: 0,
-                exceptions: HashMap::new(),
+                exceptions: ChunkMap::default(),
                 store: Arc::new(StoreCell::new(store)),
             }),
             locks: ChunkLocks::default(),
@@ -539,7 +538,7 @@ impl TargetType for SnapshotType {
         });
         let handover = register(&snap)?;
         if !handover {
-            let mut exceptions = HashMap::new();
+            let mut exceptions = ChunkMap::default();
             let store = snap.state.read().store.clone();
             let loaded = store.with(|s| {
                 let r = s.read_metadata(&mut |old, new| {
