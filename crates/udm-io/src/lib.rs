@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod partition;
 pub mod slice;
+pub mod thread;
 
 pub use bio::{Bio, BioFlags, BioKind, BioOp};
 pub use device::{BlockDevice, Extent, ExtentKind, Limits};

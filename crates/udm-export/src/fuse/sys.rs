@@ -10,9 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
 
-/// `prctl(PR_SET_IO_FLUSHER)` (Linux 5.6): not in every libc version, so spelled out here.
-const PR_SET_IO_FLUSHER: libc::c_int = 57;
-
 /// CAP_IPC_LOCK, the capability that lets mlockall ignore RLIMIT_MEMLOCK.
 const CAP_IPC_LOCK: u32 = 14;
 
@@ -28,11 +25,8 @@ pub(crate) fn mark_io_flusher() {
     if IO_FLUSHER_DONE.with(|d| d.replace(true)) {
         return;
     }
-    // SAFETY: prctl with integer arguments only changes flags of the calling thread.
-    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-    if r != 0 {
+    if let Err(e) = udm_io::thread::mark_io_flusher() {
         static WARN: Once = Once::new();
-        let e = io::Error::last_os_error();
         WARN.call_once(|| {
             tracing::warn!(
                 "fuse: PR_SET_IO_FLUSHER refused ({e}); FUSE workers are not protected from \

@@ -80,6 +80,14 @@ impl State {
     }
 }
 
+/// The write-back threads allocate and write on behalf of requests (maybe a loop device's, over
+/// a FUSE export of this very device): they must not recurse into that I/O for reclaim.
+fn io_flusher() {
+    if let Err(e) = udm_io::thread::mark_io_flusher() {
+        tracing::debug!("snapshot write-back: PR_SET_IO_FLUSHER refused: {e}");
+    }
+}
+
 impl WriteBack {
     /// Waits until no held write overlaps `[start, end)` (a read or write must see, or come
     /// after, every write acknowledged before it).
@@ -169,6 +177,7 @@ impl WriteBack {
     /// repeats, so copying the next batch overlaps the commit of the last one; exits after
     /// [`IDLE`] without work.
     fn run_copy(self: Arc<Self>) {
+        io_flusher();
         loop {
             let mut batch: Vec<Held> = {
                 let mut st = self.st.lock();
@@ -223,6 +232,7 @@ impl WriteBack {
     /// pending" rule: the exceptions pending meanwhile are the ones queued after this batch,
     /// which only the write-back threads complete.
     fn run_commit(self: Arc<Self>) {
+        io_flusher();
         loop {
             let batch: Vec<Held> = {
                 let mut st = self.st.lock();

@@ -1,0 +1,18 @@
+//! Settings for threads that storage I/O waits on.
+
+/// `prctl(PR_SET_IO_FLUSHER)` (Linux 5.6): not in every libc version, so spelled out here.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Marks the calling thread as an I/O flusher: its allocations never recurse into filesystem or
+/// block I/O for reclaim (PF_MEMALLOC_NOIO) and it is exempt from dirty-page throttling
+/// (PF_LOCAL_THROTTLE), as the kernel's own loop workers are. A thread that a request served to
+/// a loop device over our own FUSE export waits on needs this, or reclaim may wait on itself.
+/// Needs CAP_SYS_RESOURCE; the error says why it was refused.
+pub fn mark_io_flusher() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only changes flags of the calling thread.
+    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
