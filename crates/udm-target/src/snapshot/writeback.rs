@@ -34,17 +34,31 @@ pub const MAX_HELD_BYTES: usize = 32 << 20;
 /// How long a write-back thread waits for more work before it exits.
 const IDLE: Duration = Duration::from_millis(100);
 
+/// The copy thread gathers writes for up to this long, or until [`GATHER_BYTES`] are queued
+/// or somebody waits for held writes, so it copies runs and wakes once per batch, not once per
+/// write.
+const GATHER: Duration = Duration::from_micros(300);
+
+/// See [`GATHER`].
+const GATHER_BYTES: usize = 1 << 20;
+
 /// Held origin writes of one origin device (see the module documentation).
 #[derive(Default)]
 pub struct WriteBack {
     st: Mutex<State>,
     cv: Condvar,
+    /// Wakes the copy thread (only: writers do not wake it for every write).
+    copy_cv: Condvar,
 }
 
 #[derive(Default)]
 struct State {
     /// Waiting for their copies, in acknowledgement order.
     queue: VecDeque<Held>,
+    /// Bytes of data in `queue`.
+    queued_bytes: usize,
+    /// Threads waiting for held writes (flush, overlapping I/O, memory bound): no gathering.
+    urgent: usize,
     /// Copied, waiting for their commit, in acknowledgement order.
     copied: VecDeque<Held>,
     /// Every held write not yet applied, by first sector: (end, sequence number). Disjoint.
@@ -94,7 +108,7 @@ impl WriteBack {
     pub fn wait_clear(&self, start: u64, end: u64) {
         let mut st = self.st.lock();
         while st.overlaps(start, end) {
-            self.cv.wait(&mut st);
+            self.wait_urgent(&mut st);
         }
     }
 
@@ -115,7 +129,7 @@ impl WriteBack {
         let end = sector.saturating_add((data.len() as u64) >> udm_types::SECTOR_SHIFT);
         let mut st = self.st.lock();
         while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > MAX_HELD_BYTES) {
-            self.cv.wait(&mut st);
+            self.wait_urgent(&mut st);
         }
         if !st.copier {
             let me = self.clone();
@@ -136,6 +150,8 @@ impl WriteBack {
         st.next_seq += 1;
         st.ranges.insert(sector, end);
         st.bytes += data.len();
+        let wake = st.queue.is_empty() || st.queued_bytes + data.len() >= GATHER_BYTES;
+        st.queued_bytes += data.len();
         st.queue.push_back(Held {
             seq,
             sector,
@@ -144,8 +160,19 @@ impl WriteBack {
             pending: allocate(locked),
         });
         drop(st);
-        self.cv.notify_all();
+        if wake {
+            self.copy_cv.notify_one();
+        }
         Ok(())
+    }
+
+    /// Waits on the condition variable as one that needs held writes to progress: the copy
+    /// thread stops gathering.
+    fn wait_urgent(&self, st: &mut parking_lot::MutexGuard<'_, State>) {
+        st.urgent += 1;
+        self.copy_cv.notify_one();
+        self.cv.wait(st);
+        st.urgent -= 1;
     }
 
     /// Waits until every write acknowledged so far is on the origin.
@@ -153,7 +180,7 @@ impl WriteBack {
         let mut st = self.st.lock();
         let target = st.next_seq;
         while st.applied < target {
-            self.cv.wait(&mut st);
+            self.wait_urgent(&mut st);
         }
     }
 
@@ -182,12 +209,16 @@ impl WriteBack {
             let mut batch: Vec<Held> = {
                 let mut st = self.st.lock();
                 if st.queue.is_empty() {
-                    self.cv.wait_for(&mut st, IDLE);
+                    self.copy_cv.wait_for(&mut st, IDLE);
                 }
                 if st.queue.is_empty() {
                     st.copier = false;
                     return;
                 }
+                if st.urgent == 0 && st.queued_bytes < GATHER_BYTES {
+                    self.copy_cv.wait_for(&mut st, GATHER);
+                }
+                st.queued_bytes = 0;
                 st.queue.drain(..).collect()
             };
             let mut i = 0;
@@ -263,12 +294,12 @@ impl WriteBack {
             }
         }
         let mut st = self.st.lock();
+        if let Some(last) = batch.last() {
+            st.applied = last.seq + 1;
+        }
         for h in &batch {
             st.ranges.remove(&h.sector);
             st.bytes = st.bytes.saturating_sub(h.data.len());
-        }
-        if let Some(last) = batch.last() {
-            st.applied = last.seq + 1;
         }
         if let Some(e) = failed {
             if st.error.is_none() {
