@@ -3,20 +3,47 @@
 //! order, a caller waits until the metadata holding its exception is on disk).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 
 use parking_lot::{Condvar, Mutex};
 
 use super::store::ExceptionStore;
 
-/// A map keyed by chunk number. Chunk numbers are not attacker-chosen hash keys in any useful
-/// sense (a client can only pick which chunks it writes), and the data path looks one up per
-/// chunk many times per request, so a multiplicative hash replaces SipHash.
-pub type ChunkMap<V> = HashMap<u64, V, BuildHasherDefault<ChunkHasher>>;
+/// A map keyed by chunk number. The data path looks chunks up many times per request, and
+/// SipHash showed in profiles; this hash mixes every bit of the key into every bit of the
+/// result (regular strides of chunks, such as a filesystem's per-group metadata, spread over
+/// the table) and is keyed once per process, so a client cannot pick colliding chunks.
+pub type ChunkMap<V> = HashMap<u64, V, ChunkHashBuilder>;
 
-/// Fibonacci hashing of a `u64` (the high bits, which the table uses, mix all input bits).
-#[derive(Default)]
+/// Builds [`ChunkHasher`]s with the process's random key.
+#[derive(Clone, Copy)]
+pub struct ChunkHashBuilder(u64);
+
+impl Default for ChunkHashBuilder {
+    fn default() -> Self {
+        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        ChunkHashBuilder(*KEY.get_or_init(rand::random))
+    }
+}
+
+impl BuildHasher for ChunkHashBuilder {
+    type Hasher = ChunkHasher;
+
+    fn build_hasher(&self) -> ChunkHasher {
+        ChunkHasher(self.0)
+    }
+}
+
+/// SplitMix64's finalizer over the key and the written words.
 pub struct ChunkHasher(u64);
+
+impl ChunkHasher {
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
 
 impl Hasher for ChunkHasher {
     fn finish(&self) -> u64 {
@@ -25,12 +52,12 @@ impl Hasher for ChunkHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.write_u64(u64::from(b));
         }
     }
 
     fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = Self::mix(self.0 ^ n.wrapping_add(0x9E37_79B9_7F4A_7C15));
     }
 }
 
@@ -346,5 +373,24 @@ impl StoreCell {
         }
         slot.writing = false;
         self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_chunks_spread_over_the_low_bits() {
+        // Chunks 128 MiB apart (4 KiB chunks), as a filesystem's per-group metadata: a
+        // multiplicative hash would put them all in one bucket of a small table.
+        let b = ChunkHashBuilder::default();
+        let buckets: std::collections::HashSet<u64> =
+            (0..1024u64).map(|i| b.hash_one(i << 15) & 1023).collect();
+        assert!(
+            buckets.len() > 600,
+            "{} of 1024 buckets used",
+            buckets.len()
+        );
     }
 }

@@ -73,8 +73,13 @@ impl Target for OriginTarget {
             BioKind::Write => {
                 if bio.flags.intersects(BioFlags::PREFLUSH | BioFlags::FUA) {
                     // Ordered after every acknowledged write, and durable when acknowledged:
-                    // the kernel's path.
-                    wb.barrier()?;
+                    // the kernel's path. A PREFLUSH is a flush, so it reports a held write
+                    // that failed; a FUA write leaves that to the next flush.
+                    if bio.flags.contains(BioFlags::PREFLUSH) {
+                        wb.barrier()?;
+                    } else {
+                        wb.settle();
+                    }
                     let snaps = self.entry.snaps.read();
                     return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
                 }

@@ -3,20 +3,21 @@
 //! The kernel holds such a write until every copy it triggered is committed (two cache
 //! flushes of the COW per metadata write), and only then completes it. Here the write locks
 //! the chunks to copy, allocates their exceptions (at once, as the kernel does, so status and
-//! a full store behave the same) and is acknowledged once its data is held in memory; one
-//! thread per origin then, for everything held, copies the chunks (the origin still has the
-//! old data: nothing reaches it before the commit), commits them in one metadata write, and
-//! only then writes the held data to the origin. Copying and committing are two threads, so
-//! the copies of one batch overlap the commit (mostly the COW's cache flush) of the last. The origin therefore never receives a write before the copy of
-//! the old data is durable (the kernel's ordering, so the snapshot survives a crash or power
-//! loss exactly as with the kernel), while writers no longer wait for a commit each.
+//! a full store behave the same) and is acknowledged once its data is held in memory. Two
+//! threads per origin then, for everything held, copy the chunks (the origin still has the old
+//! data: nothing reaches it before the commit), commit them in one metadata write, and only
+//! then write the held data to the origin; copying one batch overlaps the commit (mostly the
+//! COW's cache flush) of the last. The origin therefore never receives a write before the copy
+//! of its old data is durable (the kernel's ordering, so the snapshot survives a crash or power
+//! loss as with the kernel), while writers no longer wait for a commit each.
 //!
 //! This is a volatile write cache in front of the origin, as the block layer allows: a flush,
 //! or a write with PREFLUSH or FUA, waits until every write acknowledged before it is on the
 //! origin; reads and writes that overlap a held write wait until it is applied, so held writes
-//! are never reordered with later I/O; a suspend or a detach waits until nothing is held. A
-//! held write that then fails on the origin is reported by the next flush, as the page cache
-//! reports a failed write-back at fsync. The memory held is bounded ([`MAX_HELD_BYTES`]).
+//! are never reordered with later I/O; a suspend, a detach or a snapshot activation waits until
+//! nothing is held. A held write that then fails on the origin is reported by the next flush,
+//! as the page cache reports a failed write-back at fsync. The memory held is bounded
+//! ([`MAX_HELD_BYTES`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -192,11 +193,6 @@ impl WriteBack {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-
-    /// Number of writes held right now (tests, status).
-    pub fn held(&self) -> usize {
-        self.st.lock().ranges.len()
     }
 
     /// The copy thread: copies the chunks of everything queued in one go (long runs of
