@@ -746,6 +746,9 @@ fn handover(src: &Arc<Snap>, dest: &Arc<Snap>) {
 impl Drop for SnapshotTarget {
     fn drop(&mut self) {
         let s = &self.snap;
+        // As the kernel's destructor waits for pending exceptions: origin writes still
+        // copying into this snapshot finish before its table is gone.
+        s.entry.writeback.settle();
         {
             let snaps = s.entry.snaps.read();
             let sh = find_sharing(&snaps, s);
