@@ -67,8 +67,14 @@ impl Target for OriginTarget {
         let end = abs.saturating_add(bio.sectors());
         match bio.kind() {
             BioKind::Read => {
-                wb.wait_clear(abs, end);
-                self.dev.dev.submit(bio.at(abs))
+                let flags = bio.flags;
+                let BioOp::Read(buf) = bio.op else {
+                    return Err(IoError::Unsupported {
+                        op: bio.kind(),
+                        device: "snapshot-origin".into(),
+                    });
+                };
+                wb.read(&*self.dev.dev, abs, buf, flags)
             }
             BioKind::Write => {
                 if bio.flags.intersects(BioFlags::PREFLUSH | BioFlags::FUA) {

@@ -13,8 +13,9 @@
 //!
 //! This is a volatile write cache in front of the origin, as the block layer allows: a flush,
 //! or a write with PREFLUSH or FUA, waits until every write acknowledged before it is on the
-//! origin; reads and writes that overlap a held write wait until it is applied, so held writes
-//! are never reordered with later I/O; a suspend, a detach or a snapshot activation waits until
+//! origin; a read sees the held writes it overlaps (laid over the origin's data), and a write
+//! that overlaps a held write waits until it is applied, so held writes are never reordered
+//! with later writes; a suspend, a detach or a snapshot activation waits until
 //! nothing is held. A held write that then fails on the origin is reported by the next flush,
 //! as the page cache reports a failed write-back at fsync. The memory held is bounded
 //! ([`MAX_HELD_BYTES`]).
@@ -24,8 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
-use udm_io::{Bio, BioKind, BlockDevice, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError};
 use udm_types::errno::HasErrno;
+use udm_types::SECTOR_SHIFT;
 
 use super::origin::{allocate, commit, copy_runs, Locked, Pending};
 
@@ -62,8 +64,8 @@ struct State {
     urgent: usize,
     /// Copied, waiting for their commit, in acknowledgement order.
     copied: VecDeque<Held>,
-    /// Every held write not yet applied, by first sector: (end, sequence number). Disjoint.
-    ranges: BTreeMap<u64, u64>,
+    /// Every held write not yet applied, by first sector: its end and data. Disjoint.
+    ranges: BTreeMap<u64, (u64, Arc<Vec<u8>>)>,
     bytes: usize,
     next_seq: u64,
     /// Every write with a smaller sequence number is on the origin.
@@ -79,7 +81,7 @@ struct State {
 struct Held {
     seq: u64,
     sector: u64,
-    data: Vec<u8>,
+    data: Arc<Vec<u8>>,
     origin: Arc<dyn BlockDevice>,
     pending: Vec<Pending>,
 }
@@ -91,7 +93,7 @@ impl State {
         self.ranges
             .range(..end)
             .next_back()
-            .is_some_and(|(_, &e)| e > start)
+            .is_some_and(|(_, (e, _))| *e > start)
     }
 }
 
@@ -113,6 +115,38 @@ impl WriteBack {
         }
     }
 
+    /// Reads `buf` at `sector` from `origin` as clients must see it: the origin's content with
+    /// every held write it overlaps laid over it (instead of waiting for their commit).
+    pub fn read(
+        &self,
+        origin: &dyn BlockDevice,
+        sector: u64,
+        buf: &mut [u8],
+        flags: BioFlags,
+    ) -> Result<(), IoError> {
+        let end = sector.saturating_add((buf.len() as u64) >> SECTOR_SHIFT);
+        // Taken before the origin read: a held write applied meanwhile puts the same data on
+        // the origin, and a write started after this read began is concurrent with it.
+        let over: Vec<(u64, Arc<Vec<u8>>)> = {
+            let st = self.st.lock();
+            st.ranges
+                .range(..end)
+                .rev()
+                .take_while(|(_, (e, _))| *e > sector)
+                .map(|(&s, (_, d))| (s, d.clone()))
+                .collect()
+        };
+        origin.submit(Bio::read(sector, buf).with_flags(flags))?;
+        for (s, d) in over {
+            let from = s.max(sector);
+            let to = (s + ((d.len() as u64) >> SECTOR_SHIFT)).min(end);
+            let src = ((from - s) << SECTOR_SHIFT) as usize..((to - s) << SECTOR_SHIFT) as usize;
+            let dst = ((from - sector) << SECTOR_SHIFT) as usize;
+            buf[dst..dst + src.len()].copy_from_slice(&d[src]);
+        }
+        Ok(())
+    }
+
     /// Acknowledges a write that needs the copies of the chunks `locked` (locked, nothing
     /// allocated): allocates their exceptions, keeps a copy of `data` until those copies are
     /// committed, then writes it to `origin` at `sector`. Waits first while the memory bound
@@ -127,7 +161,7 @@ impl WriteBack {
         data: &[u8],
         locked: Vec<Locked>,
     ) -> Result<(), IoError> {
-        let end = sector.saturating_add((data.len() as u64) >> udm_types::SECTOR_SHIFT);
+        let end = sector.saturating_add((data.len() as u64) >> SECTOR_SHIFT);
         let mut st = self.st.lock();
         while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > MAX_HELD_BYTES) {
             self.wait_urgent(&mut st);
@@ -149,14 +183,15 @@ impl WriteBack {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.ranges.insert(sector, end);
+        let held = Arc::new(data.to_vec());
+        st.ranges.insert(sector, (end, held.clone()));
         st.bytes += data.len();
         let wake = st.queue.is_empty() || st.queued_bytes + data.len() >= GATHER_BYTES;
         st.queued_bytes += data.len();
         st.queue.push_back(Held {
             seq,
             sector,
-            data: data.to_vec(),
+            data: held,
             origin: origin.clone(),
             pending: allocate(locked),
         });
