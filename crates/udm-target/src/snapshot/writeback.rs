@@ -106,8 +106,8 @@ fn io_flusher() {
 }
 
 impl WriteBack {
-    /// Waits until no held write overlaps `[start, end)` (a read or write must see, or come
-    /// after, every write acknowledged before it).
+    /// Waits until no held write overlaps `[start, end)`: a write must reach the origin after
+    /// every overlapping write acknowledged before it.
     pub fn wait_clear(&self, start: u64, end: u64) {
         let mut st = self.st.lock();
         while st.overlaps(start, end) {
