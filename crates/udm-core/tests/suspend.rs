@@ -5,14 +5,37 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use udm_core::registry::{LoadFlags, ResumeOptions, SuspendFlags};
 use udm_core::Registry;
 use udm_io::backend::mem::MemDevice;
-use udm_io::{Bio, BlockDevice};
+use udm_io::{Bio, BlockDevice, IoError};
 use udm_target::table::TableSpec;
+
+thread_local! {
+    /// When the device below finished this thread's last request (stamped inside the device,
+    /// so before the mapped device counts the request as done).
+    static COMPLETED: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// A memory device that stamps [`COMPLETED`]: a writer's own clock reading after `submit`
+/// returns can fall after a suspend that already waited for that request.
+struct Stamped(Arc<MemDevice>);
+
+impl BlockDevice for Stamped {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        let r = self.0.submit(bio);
+        COMPLETED.with(|c| c.set(Some(Instant::now())));
+        r
+    }
+}
 
 #[test]
 fn suspend_drains_and_holds_then_resume_releases() {
@@ -20,7 +43,8 @@ fn suspend_drains_and_holds_then_resume_releases() {
     let mem = Arc::new(MemDevice::new(4096));
     // Every request takes 20 ms, so there is always something in flight.
     mem.set_latency(Duration::from_millis(20));
-    reg.add_disk_device("d", mem.clone()).unwrap();
+    reg.add_disk_device("d", Arc::new(Stamped(mem.clone())))
+        .unwrap();
     let spec = TableSpec::parse("0 4096 linear d 0").unwrap();
     reg.create(
         "m",
@@ -50,7 +74,8 @@ fn suspend_drains_and_holds_then_resume_releases() {
                 {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
-                done.lock().push((start, Instant::now()));
+                let end = COMPLETED.with(|c| c.take()).unwrap_or_else(Instant::now);
+                done.lock().push((start, end));
                 i += 1;
             }
         }));
@@ -70,7 +95,9 @@ fn suspend_drains_and_holds_then_resume_releases() {
         drained > 0,
         "suspend returned without waiting for in-flight requests"
     );
-    // While suspended nothing completes, and the writers are held.
+    // While suspended nothing completes, and the writers are held. (A writer whose request
+    // completed during the drain may still be recording it: give it a moment first.)
+    std::thread::sleep(Duration::from_millis(50));
     let n = done.lock().len();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(done.lock().len(), n, "requests completed while suspended");
