@@ -40,10 +40,10 @@ const IDLE: Duration = Duration::from_millis(100);
 /// The copy thread gathers writes for up to this long, or until [`GATHER_BYTES`] are queued
 /// or somebody waits for held writes, so it copies runs and wakes once per batch, not once per
 /// write.
-const GATHER: Duration = Duration::from_micros(300);
+const GATHER: Duration = Duration::from_micros(1500);
 
 /// See [`GATHER`].
-const GATHER_BYTES: usize = 1 << 20;
+const GATHER_BYTES: usize = 4 << 20;
 
 /// Held origin writes of one origin device (see the module documentation).
 #[derive(Default)]
