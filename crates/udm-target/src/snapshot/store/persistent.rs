@@ -386,7 +386,8 @@ impl ExceptionStore for Persistent {
         // kernel's zeroing of the next area, and its end marker). None of them is reachable
         // until `first` is written full, last, after a cache flush (PREFLUSH: every data chunk
         // and every area before it are durable) and with FUA. One flush pair however many
-        // areas filled; with one, this is exactly the kernel's sequence.
+        // areas filled; when one filled and nothing was recorded after it, this is exactly
+        // the kernel's sequence (zero the next area, then write the full one).
         for (idx, buf) in sealed {
             steps.push(MetaStep {
                 sector: self.area_location(idx).saturating_mul(cs),
