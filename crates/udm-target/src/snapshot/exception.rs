@@ -97,26 +97,11 @@ impl ChunkLocks {
 
     /// Waits until nobody holds `chunk`, then holds it exclusively (a pending exception).
     pub fn exclusive(&self, chunk: u64) -> ChunkGuard<'_> {
-        self.lock_exclusive(chunk);
+        self.lock_many(&[chunk]);
         ChunkGuard {
             locks: self,
             chunk,
             exclusive: true,
-        }
-    }
-
-    /// [`ChunkLocks::exclusive`] without a guard, for holders that outlive a borrow (an
-    /// origin write whose commit finishes on the write-back thread); release with
-    /// [`ChunkLocks::unlock_exclusive`].
-    pub fn lock_exclusive(&self, chunk: u64) {
-        let mut held = self.held.lock();
-        loop {
-            let e = held.entry(chunk).or_insert((0, false));
-            if !e.1 && e.0 == 0 {
-                e.1 = true;
-                break;
-            }
-            self.cv.wait(&mut held);
         }
     }
 
@@ -136,8 +121,7 @@ impl ChunkLocks {
         }
     }
 
-    /// Releases exclusive locks taken with [`ChunkLocks::lock_many`] or
-    /// [`ChunkLocks::lock_exclusive`].
+    /// Releases exclusive locks taken with [`ChunkLocks::lock_many`].
     pub fn unlock_many(&self, chunks: &[u64]) {
         if chunks.is_empty() {
             return;
@@ -148,11 +132,6 @@ impl ChunkLocks {
         }
         drop(held);
         self.cv.notify_all();
-    }
-
-    /// Releases a lock taken with [`ChunkLocks::lock_exclusive`].
-    pub fn unlock_exclusive(&self, chunk: u64) {
-        self.unlock(chunk, true);
     }
 
     fn unlock(&self, chunk: u64, exclusive: bool) {
@@ -309,23 +288,14 @@ impl StoreCell {
     /// requested and none running performs it (and only that one: it then returns or waits
     /// like the others).
     pub fn wait(&self, t: Ticket) -> bool {
-        self.wait_inner(t, false)
+        self.wait_many(&[t], false)[0]
     }
 
-    /// [`StoreCell::wait`], but the metadata is written as soon as `t` is recorded, without
+    /// [`StoreCell::wait`] for several exceptions under one lock: whether each is valid, in
+    /// order. With `force`, the metadata is written as soon as they are all recorded, without
     /// waiting for the kernel's rule (nothing pending or area full): for the origin's
     /// write-back thread, which is itself the one to complete the other pending exceptions.
     /// A metadata write covers whatever is recorded, so writing early is only an extra write.
-    pub fn commit(&self, t: Ticket) -> bool {
-        self.wait_inner(t, true)
-    }
-
-    fn wait_inner(&self, t: Ticket, force: bool) -> bool {
-        self.wait_many(&[t], force)[0]
-    }
-
-    /// [`StoreCell::wait`] (or with `force`, [`StoreCell::commit`]) for several exceptions
-    /// under one lock: whether each is valid, in order.
     pub fn wait_many(&self, tickets: &[Ticket], force: bool) -> Vec<bool> {
         let mut out = vec![None; tickets.len()];
         let mut left = tickets.len();

@@ -89,14 +89,17 @@ impl Target for OriginTarget {
                     let snaps = self.entry.snaps.read();
                     return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
                 }
-                wb.wait_clear(abs, end);
                 let snaps = self.entry.snaps.read();
                 if snaps.iter().any(|s| s.merge) {
                     // A merge moves data into the origin: keep its writes synchronous.
+                    wb.wait_clear(abs, end);
                     return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
                 }
                 let locked = lock_chunks(&snaps, abs, end);
                 if locked.is_empty() {
+                    // Nothing to copy: straight to the origin, after any overlapping held
+                    // write (`hold` makes the same wait for the others).
+                    wb.wait_clear(abs, end);
                     return self.dev.dev.submit(bio.at(abs));
                 }
                 let BioOp::Write(data) = bio.op else {
@@ -173,7 +176,13 @@ pub fn origin_write(
 /// thread never blocks on a lock while it holds an allocation that another thread's commit
 /// waits for.
 pub fn ensure_copied(snaps: &[Arc<Snap>], origin: &dyn BlockDevice, start: u64, end: u64) {
-    let pending = allocate(lock_chunks(snaps, start, end));
+    copy_and_commit(origin, lock_chunks(snaps, start, end));
+}
+
+/// The rest of [`ensure_copied`] once the chunks are locked: allocate, copy, wait for the
+/// commit (the kernel's rule).
+pub fn copy_and_commit(origin: &dyn BlockDevice, locked: Vec<Locked>) {
+    let pending = allocate(locked);
     copy_runs(origin, &pending);
     commit(pending, false);
 }
@@ -258,7 +267,7 @@ pub fn allocate(mut cand: Vec<Locked>) -> Vec<Pending> {
 
 /// The last step of [`ensure_copied`]: waits until the exceptions of `pending` are committed
 /// and installs them (releasing their chunk locks). `force`: write the metadata without
-/// waiting for the store's rule (see [`StoreCell::commit`]).
+/// waiting for the store's rule (see [`StoreCell::wait_many`]).
 pub fn commit(pending: Vec<Pending>, force: bool) {
     if pending.is_empty() {
         return;
@@ -346,7 +355,7 @@ pub struct Locked {
 impl Drop for Locked {
     fn drop(&mut self) {
         if self.held {
-            self.s.locks.unlock_exclusive(self.chunk);
+            self.s.locks.unlock_many(&[self.chunk]);
         }
     }
 }

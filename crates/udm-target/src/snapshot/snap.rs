@@ -91,9 +91,20 @@ impl Snap {
 
     /// `pending_complete`: installs a committed exception, or invalidates on failure.
     pub fn finish(&self, chunk: u64, new_chunk: u64, valid: bool) -> bool {
+        self.install(&mut self.state.write(), chunk, new_chunk, valid)
+    }
+
+    /// [`Snap::finish`] for several exceptions `(chunk, new_chunk, valid)` under one lock.
+    pub fn finish_many(&self, done: &[(u64, u64, bool)]) {
         let mut st = self.state.write();
+        for &(chunk, new_chunk, valid) in done {
+            self.install(&mut st, chunk, new_chunk, valid);
+        }
+    }
+
+    fn install(&self, st: &mut SnapState, chunk: u64, new_chunk: u64, valid: bool) -> bool {
         if !valid {
-            self.invalidate(&mut st, "Error reading/writing.");
+            self.invalidate(st, "Error reading/writing.");
             return false;
         }
         if !st.valid {
@@ -101,18 +112,6 @@ impl Snap {
         }
         st.exceptions.insert(chunk, new_chunk);
         true
-    }
-
-    /// [`Snap::finish`] for several exceptions `(chunk, new_chunk, valid)` under one lock.
-    pub fn finish_many(&self, done: &[(u64, u64, bool)]) {
-        let mut st = self.state.write();
-        for &(chunk, new_chunk, valid) in done {
-            if !valid {
-                self.invalidate(&mut st, "Error reading/writing.");
-            } else if st.valid {
-                st.exceptions.insert(chunk, new_chunk);
-            }
-        }
     }
 
     /// COW sector of `sector` in exception chunk `new_chunk` (saturating: a corrupt store with

@@ -29,7 +29,7 @@ use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError};
 use udm_types::errno::HasErrno;
 use udm_types::SECTOR_SHIFT;
 
-use super::origin::{allocate, commit, copy_runs, Locked, Pending};
+use super::origin::{allocate, commit, copy_and_commit, copy_runs, Locked, Pending};
 
 /// Most data held at once; a writer that would exceed it waits for the commit in progress.
 pub const MAX_HELD_BYTES: usize = 32 << 20;
@@ -174,9 +174,7 @@ impl WriteBack {
             if let Err(e) = spawned {
                 drop(st);
                 tracing::warn!("snapshot write-back: no copy thread ({e}); committing inline");
-                let pending = allocate(locked);
-                copy_runs(&**origin, &pending);
-                commit(pending, false);
+                copy_and_commit(&**origin, locked);
                 return origin.submit(Bio::write(sector, data));
             }
             st.copier = true;
