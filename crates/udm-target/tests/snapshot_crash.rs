@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use snapshot_common::*;
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioFlags, BioOp, BlockDevice, IoError};
+use udm_target::Target;
 
 struct Clock {
     writes: AtomicU64,
@@ -113,10 +114,19 @@ impl BlockDevice for CrashDev {
 const OS: u64 = 4096;
 const CS: u64 = 8192;
 
-/// Runs the workload with a crash after `limit` writes; returns the total number of writes
-/// the workload would issue, after checking the invariants when a crash happened.
-fn run(seed: u64, limit: u64) -> u64 {
-    let mut rng = StdRng::seed_from_u64(seed);
+/// An origin and an active persistent snapshot (chunk 8) on crash devices that stop after
+/// `limit` writes; the origin starts with `init`.
+struct Rig {
+    init: Vec<u8>,
+    clock: Arc<Clock>,
+    o: Arc<CrashDev>,
+    w: Arc<CrashDev>,
+    org: Box<dyn Target>,
+    s: Box<dyn Target>,
+    _c: Ctx,
+}
+
+fn rig(seed: u64, limit: u64) -> Rig {
     let mut init = vec![0u8; (OS * 512) as usize];
     fill(seed, &mut init);
     let clock = Arc::new(Clock {
@@ -131,6 +141,30 @@ fn run(seed: u64, limit: u64) -> u64 {
     let org = c.origin(OS, "o").unwrap();
     let s = c.snapshot(OS, "o c P 8").unwrap();
     activate(&*s);
+    Rig {
+        init,
+        clock,
+        o,
+        w,
+        org,
+        s,
+        _c: c,
+    }
+}
+
+/// Runs the workload with a crash after `limit` writes; returns the total number of writes
+/// the workload would issue, after checking the invariants when a crash happened.
+fn run(seed: u64, limit: u64) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let Rig {
+        init,
+        clock,
+        o,
+        w,
+        org,
+        s,
+        _c,
+    } = rig(seed, limit);
     // Per sector: the durable origin content, and whether a later write may or may not have
     // survived.
     let mut durable = init.clone();
@@ -240,20 +274,15 @@ fn crash_at_random_points_keeps_point_in_time_image() {
 /// still be the point-in-time image. Returns the number of writes issued.
 fn run_concurrent(seed: u64, limit: u64) -> u64 {
     const THREADS: u64 = 4;
-    let mut init = vec![0u8; (OS * 512) as usize];
-    fill(seed, &mut init);
-    let clock = Arc::new(Clock {
-        writes: AtomicU64::new(0),
-        limit,
-    });
-    let o = Arc::new(CrashDev::new(clock.clone(), init.clone()));
-    let w = Arc::new(CrashDev::new(clock.clone(), vec![0u8; (CS * 512) as usize]));
-    let mut c = Ctx::new();
-    c.add("o", o.clone());
-    c.add("c", w.clone());
-    let org = c.origin(OS, "o").unwrap();
-    let s = c.snapshot(OS, "o c P 8").unwrap();
-    activate(&*s);
+    let Rig {
+        init,
+        clock,
+        o,
+        w,
+        org,
+        s,
+        _c,
+    } = rig(seed, limit);
     let org = &*org;
     std::thread::scope(|sc| {
         for t in 0..THREADS {
