@@ -304,6 +304,16 @@ fn holder_text(inner: &Inner, h: &Holder) -> String {
     }
 }
 
+/// EINVAL unless `uuid` has dm's length (1 to 128 characters).
+fn check_uuid(uuid: &str) -> Result<()> {
+    if uuid.is_empty() || uuid.len() > 128 {
+        return Err(CoreError::invalid(format!(
+            "uuid {uuid:?} must be 1 to 128 characters"
+        )));
+    }
+    Ok(())
+}
+
 impl Inner {
     fn id_of(&self, name: &str) -> Result<DevId> {
         self.names.get(name).copied().ok_or_else(|| nodev(name))
@@ -320,6 +330,20 @@ impl Inner {
             Some(m) => Ok((id, m)),
             None => Err(nodev(name)),
         }
+    }
+
+    /// EEXIST when a mapped device already has `uuid`.
+    fn uuid_free(&self, uuid: &str) -> Result<()> {
+        if self
+            .entries
+            .values()
+            .any(|e| e.md().is_some_and(|m| m.uuid.as_deref() == Some(uuid)))
+        {
+            return Err(CoreError::Exists(format!(
+                "a device with uuid {uuid} already exists"
+            )));
+        }
+        Ok(())
     }
 
     fn md_mut(&mut self, id: DevId) -> Result<&mut MdState> {
@@ -877,11 +901,7 @@ impl Registry {
     ) -> Result<MdInfo> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         if let Some(u) = uuid {
-            if u.len() > 128 || u.is_empty() {
-                return Err(CoreError::invalid(format!(
-                    "uuid {u:?} must be 1 to 128 characters"
-                )));
-            }
+            check_uuid(u)?;
         }
         {
             let mut inner = self.inner.lock();
@@ -889,15 +909,7 @@ impl Registry {
                 return Err(CoreError::Exists(format!("device {name} already exists")));
             }
             if let Some(u) = uuid {
-                if inner
-                    .entries
-                    .values()
-                    .any(|e| e.md().is_some_and(|m| m.uuid.as_deref() == Some(u)))
-                {
-                    return Err(CoreError::Exists(format!(
-                        "a device with uuid {u} already exists"
-                    )));
-                }
+                inner.uuid_free(u)?;
             }
             let minor = match minor {
                 Some(m) if inner.entries.contains_key(&DevId::new(DM_MAJOR, m)) => {
@@ -1388,20 +1400,8 @@ impl Registry {
                 "device {name} already has a uuid; it cannot be changed"
             )));
         }
-        if uuid.is_empty() || uuid.len() > 128 {
-            return Err(CoreError::invalid(format!(
-                "uuid {uuid:?} must be 1 to 128 characters"
-            )));
-        }
-        if inner
-            .entries
-            .values()
-            .any(|e| e.md().is_some_and(|m| m.uuid.as_deref() == Some(uuid)))
-        {
-            return Err(CoreError::Exists(format!(
-                "a device with uuid {uuid} already exists"
-            )));
-        }
+        check_uuid(uuid)?;
+        inner.uuid_free(uuid)?;
         let md = inner.md_mut(id)?;
         md.uuid = Some(uuid.to_string());
         md.md.events().raise();
