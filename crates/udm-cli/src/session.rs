@@ -43,9 +43,15 @@ impl Session {
             self.client = Some(c);
         }
         match self.client.as_mut() {
-            Some(c) => c
-                .call(req)
-                .map_err(|e| CliError::from_client(command, device, e)),
+            Some(c) => {
+                let r = c
+                    .call(req)
+                    .map_err(|e| CliError::from_client(command, device, e));
+                for w in c.take_warnings() {
+                    eprintln!("warning: {command}: {w}");
+                }
+                r
+            }
             None => Err(CliError::Unexpected {
                 command: command.into(),
                 got: "no connection".into(),

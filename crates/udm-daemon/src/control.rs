@@ -108,7 +108,13 @@ impl Daemon {
     }
 
     /// Executes one request.
-    pub fn handle(&self, req: Request) -> Result<Response, ErrorReply> {
+    ///
+    /// Registry requests (suspend, resume, create, ...) run without the control lock: the
+    /// registry serialises them itself, and one of them may wait for I/O that only another one
+    /// (a `resume`) releases. The control lock covers export changes and the recording of the
+    /// state, and is never held while waiting for a client or a suspended device: an export
+    /// removal is taken out of the table under the lock and torn down after it is released.
+    pub fn handle(&self, req: Request) -> Reply {
         let mutating = !matches!(
             req,
             Request::Version
@@ -124,25 +130,68 @@ impl Daemon {
                 | Request::ExportList
         );
         if !mutating {
-            return self.read(req);
+            return match self.read(req) {
+                Ok(r) => Reply::Ok(r),
+                Err(e) => Reply::Err(e),
+            };
         }
-        let _g = self.change.lock();
-        let r = self.change(req);
-        if let Err(e) = self.save() {
-            tracing::error!("cannot record state: {e:#}");
-            if r.is_ok() {
-                return Err(ErrorReply {
-                    errno: Errno::EIO.0,
-                    errno_name: "EIO".into(),
-                    message: format!("done, but the state could not be recorded: {e:#}"),
-                });
+        if let Err(e) = absolute_paths(&req) {
+            return Reply::Err(e);
+        }
+        match req {
+            Request::ExportAdd { .. } => {
+                let _g = self.change.lock();
+                let r = self.change(req);
+                self.record_locked(r)
+            }
+            Request::ExportRemove { id } => {
+                let (taken, reply) = {
+                    let _g = self.change.lock();
+                    match self.exports.take(&id) {
+                        Ok(t) => (Some(t), self.record_locked(Ok(Response::Done))),
+                        Err(e) => (None, self.record_locked(Err(err(e)))),
+                    }
+                };
+                // Without the lock: the clients' in-flight requests may wait for a `resume`.
+                if let Some(t) = taken {
+                    self.exports.finish(t);
+                }
+                reply
+            }
+            other => {
+                let r = self.change(other);
+                let _g = self.change.lock();
+                self.record_locked(r)
             }
         }
-        r
+    }
+
+    /// Records the state after a change (the control lock held) and makes the reply. A change
+    /// that was applied but could not be recorded is reported as applied, with a warning; the
+    /// next change records the state again.
+    fn record_locked(&self, r: Result<Response, ErrorReply>) -> Reply {
+        match (self.save(), r) {
+            (Ok(()), Ok(resp)) => Reply::Ok(resp),
+            (Ok(()), Err(e)) => Reply::Err(e),
+            (Err(se), Err(e)) => {
+                tracing::error!("cannot record state: {se:#}");
+                Reply::Err(e)
+            }
+            (Err(e), Ok(response)) => {
+                tracing::error!("cannot record state: {e:#}");
+                Reply::Warned {
+                    response,
+                    warning: format!(
+                        "the change was applied but could not be recorded in {}: {e:#}; it \
+                         will be lost if udmd restarts before a later change is recorded",
+                        state::state_file(&self.state_dir).display()
+                    ),
+                }
+            }
+        }
     }
 
     fn change(&self, req: Request) -> Result<Response, ErrorReply> {
-        absolute_paths(&req)?;
         let reg = &self.registry;
         match req {
             Request::DiskAdd {
@@ -515,44 +564,157 @@ pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
     }
 }
 
+/// Longest control request line accepted: a table of thousands of lines fits many times over.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// One line read from a control connection.
+enum Line {
+    Text(String),
+    NotUtf8,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line (without its newline) of at most [`MAX_LINE`] bytes, never buffering more.
+fn read_line(r: &mut impl BufRead) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            if buf.is_empty() {
+                return Ok(Line::Eof);
+            }
+            break;
+        }
+        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (avail.len(), false),
+        };
+        if buf.len() + take > MAX_LINE {
+            return Ok(Line::TooLong);
+        }
+        buf.extend_from_slice(&avail[..take]);
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            break;
+        }
+    }
+    Ok(match String::from_utf8(buf) {
+        Ok(s) => Line::Text(s),
+        Err(_) => Line::NotUtf8,
+    })
+}
+
+fn error_reply(errno: i32, name: &str, message: String) -> Reply {
+    Reply::Err(ErrorReply {
+        errno,
+        errno_name: name.into(),
+        message,
+    })
+}
+
+fn send(writer: &mut UnixStream, reply: &Reply) -> bool {
+    let Ok(mut out) = serde_json::to_vec(reply) else {
+        return false;
+    };
+    out.push(b'\n');
+    writer.write_all(&out).is_ok()
+}
+
 fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let reader = BufReader::new(stream);
-    for line in reader.lines() {
-        let Ok(line) = line else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let line = match read_line(&mut reader) {
+            Ok(Line::Text(l)) => l,
+            Ok(Line::Eof) | Err(_) => return,
+            Ok(Line::NotUtf8) => {
+                let r = error_reply(
+                    Errno::EINVAL.0,
+                    "EINVAL",
+                    "malformed control request: not valid UTF-8".into(),
+                );
+                if !send(&mut writer, &r) {
+                    return;
+                }
+                continue;
+            }
+            Ok(Line::TooLong) => {
+                // The rest of the line is not read: answer and close the connection.
+                let r = error_reply(
+                    libc::EMSGSIZE,
+                    "EMSGSIZE",
+                    format!(
+                        "control request longer than {} MiB; closing the connection",
+                        MAX_LINE >> 20
+                    ),
+                );
+                send(&mut writer, &r);
+                return;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
         let reply = match serde_json::from_str::<RequestEnvelope>(&line) {
-            Err(e) => Reply::Err(ErrorReply {
-                errno: Errno::EINVAL.0,
-                errno_name: "EINVAL".into(),
-                message: format!("malformed control request: {e}"),
-            }),
-            Ok(env) if env.version != PROTOCOL_VERSION => Reply::Err(ErrorReply {
-                errno: Errno::EPROTO.0,
-                errno_name: "EPROTO".into(),
-                message: format!(
+            Err(e) => error_reply(
+                Errno::EINVAL.0,
+                "EINVAL",
+                format!("malformed control request: {e}"),
+            ),
+            Ok(env) if env.version != PROTOCOL_VERSION => error_reply(
+                Errno::EPROTO.0,
+                "EPROTO",
+                format!(
                     "control protocol version {} is not supported (udmd speaks {PROTOCOL_VERSION})",
                     env.version
                 ),
-            }),
+            ),
             Ok(env) => {
                 tracing::debug!(request = ?env.request, "control request");
-                match daemon.handle(env.request) {
-                    Ok(r) => Reply::Ok(r),
-                    Err(e) => Reply::Err(e),
-                }
+                daemon.handle(env.request)
             }
         };
-        let Ok(mut out) = serde_json::to_vec(&reply) else {
-            return;
-        };
-        out.push(b'\n');
-        if writer.write_all(&out).is_err() {
+        if !send(&mut writer, &reply) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8]) -> Vec<String> {
+        let mut r = BufReader::with_capacity(7, input);
+        let mut out = Vec::new();
+        loop {
+            match read_line(&mut r).unwrap() {
+                Line::Text(t) => out.push(t),
+                Line::NotUtf8 => out.push("<not utf8>".into()),
+                Line::TooLong => {
+                    out.push("<too long>".into());
+                    return out;
+                }
+                Line::Eof => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_bounded_and_checked() {
+        assert_eq!(lines(b"ab\ncdefghijkl\n\nx"), ["ab", "cdefghijkl", "", "x"]);
+        assert_eq!(lines(b"a\n\xff\xfe\nb\n"), ["a", "<not utf8>", "b"]);
+        let mut big = vec![b'x'; MAX_LINE];
+        big.push(b'\n');
+        assert_eq!(lines(&big).len(), 1);
+        big.insert(0, b'y');
+        assert_eq!(lines(&big), ["<too long>"]);
     }
 }

@@ -1,7 +1,14 @@
 //! The export manager: adds and removes NBD, FUSE and ublk exports of registry devices, holding
 //! each exported device in the registry the way a mount holds a block device.
+//!
+//! Removal has two steps so that the control lock is never held while waiting for clients:
+//! [`Exports::take`] (under the control lock, never waits for I/O) takes the export out of the
+//! table, so it is no longer recorded, and [`Exports::finish`] (without the control lock)
+//! disconnects its clients, which may wait for requests parked on a suspended device until a
+//! `resume` releases them. While an export is being torn down its id is refused with EBUSY.
 
 use parking_lot::Mutex;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use udm_core::{CoreError, Registry};
@@ -29,6 +36,16 @@ pub struct Exports {
     nbd_socket: PathBuf,
     fuse: FuseExports,
     entries: Mutex<Vec<Entry>>,
+    /// Ids taken out of `entries` whose clients are still being disconnected.
+    removing: Mutex<BTreeSet<String>>,
+}
+
+/// An export taken out of the table by [`Exports::take`], to be torn down by
+/// [`Exports::finish`] without the control lock.
+#[must_use = "an export taken out of the table must be finished"]
+pub struct Removal {
+    /// `None` when nothing is left to tear down (a FUSE export is removed within `take`).
+    entry: Option<Entry>,
 }
 
 fn core_err(e: impl HasErrno + std::fmt::Display) -> CoreError {
@@ -44,6 +61,7 @@ impl Exports {
             nbd_socket,
             fuse: FuseExports::new(),
             entries: Mutex::new(Vec::new()),
+            removing: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -67,6 +85,12 @@ impl Exports {
         let mut entries = self.entries.lock();
         if entries.iter().any(|e| e.id == id) {
             return Err(CoreError::Exists(format!("export {id} already exists")));
+        }
+        if self.removing.lock().contains(&id) {
+            return Err(CoreError::Busy(format!(
+                "export {id} is still being removed (its clients are being disconnected; a \
+                 request parked on a suspended device completes after `resume`); try again"
+            )));
         }
         let node = self.registry.open_export(device, &id)?;
         let dev_id = node.id();
@@ -129,32 +153,69 @@ impl Exports {
         Ok(id)
     }
 
-    /// Removes an export (disconnecting its clients cleanly).
+    /// Removes an export (disconnecting its clients cleanly): [`Exports::take`] then
+    /// [`Exports::finish`]. Waits for the clients' in-flight requests: callers holding a lock
+    /// that `resume` needs must use the two steps instead.
     pub fn remove(&self, id: &str) -> Result<(), CoreError> {
+        let r = self.take(id)?;
+        self.finish(r);
+        Ok(())
+    }
+
+    /// First step of a removal: takes export `id` out of the table (it is no longer listed or
+    /// recorded) and marks its id busy until [`Exports::finish`]. Never waits for client I/O:
+    /// a FUSE export is removed here (it refuses with EBUSY while its file is open instead of
+    /// waiting), an NBD or ublk export is only unlisted.
+    pub fn take(&self, id: &str) -> Result<Removal, CoreError> {
         let mut entries = self.entries.lock();
         let i = entries.iter().position(|e| e.id == id).ok_or_else(|| {
-            CoreError::new(
-                Errno::ENOENT,
-                format!("no export {id} (see `udmsetup export list`)"),
-            )
+            let busy = self.removing.lock().contains(id);
+            if busy {
+                CoreError::Busy(format!("export {id} is already being removed"))
+            } else {
+                CoreError::new(
+                    Errno::ENOENT,
+                    format!("no export {id} (see `udmsetup export list`)"),
+                )
+            }
         })?;
-        let e = &entries[i];
-        match &e.kind {
-            ExportKind::Nbd { name } => self
-                .nbd
-                .remove_export(name.as_deref().unwrap_or(&e.device))
-                .map_err(core_err)?,
-            ExportKind::Fuse { dir } => self.fuse.remove(dir, &e.device).map_err(core_err)?,
-            ExportKind::Ublk => {}
+        if let ExportKind::Fuse { dir } = &entries[i].kind {
+            self.fuse
+                .remove(dir, &entries[i].device)
+                .map_err(core_err)?;
+            let e = entries.remove(i);
+            self.registry.close_export(e.dev, &e.id);
+            tracing::info!(export = %e.id, "export removed");
+            return Ok(Removal { entry: None });
         }
         let e = entries.remove(i);
-        #[cfg(feature = "ublk")]
-        if let Some(u) = e.ublk {
-            u.stop();
+        self.removing.lock().insert(e.id.clone());
+        Ok(Removal { entry: Some(e) })
+    }
+
+    /// Second step of a removal: disconnects the clients of an export taken by
+    /// [`Exports::take`], waiting for their in-flight requests, and releases the device. Must
+    /// not be called with the control lock held.
+    pub fn finish(&self, r: Removal) {
+        let Some(e) = r.entry else { return };
+        if let ExportKind::Nbd { name } = &e.kind {
+            if let Err(err) = self.nbd.remove_export(name.as_deref().unwrap_or(&e.device)) {
+                tracing::warn!(export = %e.id, "NBD export removal: {err}");
+            }
         }
+        #[cfg(feature = "ublk")]
+        let e = {
+            let mut e = e;
+            if let Some(u) = e.ublk.take() {
+                if let Err(err) = u.stop() {
+                    tracing::warn!(export = %e.id, "ublk device not removed cleanly: {err}");
+                }
+            }
+            e
+        };
         self.registry.close_export(e.dev, &e.id);
+        self.removing.lock().remove(&e.id);
         tracing::info!(export = %e.id, "export removed");
-        Ok(())
     }
 
     /// What to record: (device, kind, read_only) of every export.
@@ -240,7 +301,9 @@ impl Exports {
         #[cfg(feature = "ublk")]
         for e in self.entries.lock().iter_mut() {
             if let Some(u) = e.ublk.take() {
-                u.stop();
+                if let Err(err) = u.stop() {
+                    tracing::warn!(export = %e.id, "ublk device not removed at shutdown: {err}");
+                }
             }
         }
     }

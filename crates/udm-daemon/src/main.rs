@@ -2,7 +2,9 @@
 //! and takes control requests from `udmsetup` and `udm` on a Unix socket.
 
 mod control;
+mod dirs;
 mod exports;
+mod shutdown;
 mod state;
 
 use anyhow::{bail, Context, Result};
@@ -18,7 +20,6 @@ use std::sync::Arc;
 use udm_core::registry::{LoadFlags, ResumeOptions};
 use udm_core::Registry;
 use udm_export::nbd::NbdServer;
-use udm_io::{Bio, BlockDevice};
 use udm_proto::paths;
 
 /// udmd — user-space device-mapper daemon with live interposition.
@@ -59,13 +60,6 @@ fn parse_listen(s: &str) -> Result<SocketAddr> {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     bail!("--nbd-listen {s:?}: expected PORT, :PORT or ADDR:PORT")
-}
-
-fn make_dir(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("setting permissions of {}", p.display()))?;
-    Ok(())
 }
 
 /// Takes an exclusive lock in the runtime directory so two daemons never serve the same state.
@@ -125,23 +119,6 @@ fn apply_create(registry: &Registry, spec: &str) -> Result<()> {
     Ok(())
 }
 
-/// Flushes every device so that what clients wrote is durable before the daemon exits.
-fn flush_all(registry: &Registry) {
-    for d in registry.devices() {
-        let Ok(node) = registry.node(&d.name) else {
-            continue;
-        };
-        if let Ok(i) = registry.info(&d.name) {
-            if i.suspended || !i.live_present {
-                continue;
-            }
-        }
-        if let Err(e) = node.submit(Bio::flush()) {
-            tracing::warn!(device = %d.name, "flush at shutdown failed: {e}");
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -152,8 +129,8 @@ fn main() -> Result<()> {
         .init();
     let runtime = args.runtime_dir.clone().unwrap_or_else(paths::runtime_dir);
     let state_dir = args.state_dir.clone().unwrap_or_else(paths::state_dir);
-    make_dir(&runtime)?;
-    make_dir(&state_dir)?;
+    dirs::prepare(&runtime, dirs::is_shared_tmp_fallback(&runtime))?;
+    dirs::prepare(&state_dir, false)?;
     let _lock = lock_runtime(&runtime)?;
     let control_path = paths::control_socket(&runtime);
     let nbd_path = paths::nbd_socket(&runtime);
@@ -210,17 +187,33 @@ fn main() -> Result<()> {
             "shutting down: draining exports and flushing devices"
         );
     }
-    let _g = daemon.change.lock();
-    daemon.exports.shutdown();
-    flush_all(&registry);
-    if let Err(e) = daemon.save() {
-        tracing::error!("cannot record state at shutdown: {e:#}");
+    // Every step is bounded: SIGTERM finishes in every state (a client parked on a suspended
+    // device, an interposer holding a device's flush, a control change waiting for I/O).
+    let guard = daemon.change.try_lock_for(SHUTDOWN_CHANGE_WAIT);
+    if guard.is_none() {
+        tracing::warn!("shutdown: a control change is still running; not waiting for it");
+    }
+    let d = daemon.clone();
+    shutdown::bounded("disconnecting export clients", SHUTDOWN_EXPORTS_WAIT, move || {
+        d.exports.shutdown()
+    });
+    shutdown::flush_all(&registry);
+    if guard.is_some() {
+        if let Err(e) = daemon.save() {
+            tracing::error!("cannot record state at shutdown: {e:#}");
+        }
     }
     std::fs::remove_file(&control_path).ok();
     std::fs::remove_file(&nbd_path).ok();
     tracing::info!("udmd stopped");
-    Ok(())
+    // Threads stuck on held I/O must not be waited for by destructors.
+    std::process::exit(0)
 }
+
+/// How long shutdown waits for a running control change before going on without it.
+const SHUTDOWN_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long shutdown waits for export clients to be disconnected.
+const SHUTDOWN_EXPORTS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

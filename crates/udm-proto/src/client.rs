@@ -45,6 +45,7 @@ impl udm_types::errno::HasErrno for ClientError {
 pub struct ControlClient {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    warnings: Vec<String>,
 }
 
 impl ControlClient {
@@ -58,10 +59,17 @@ impl ControlClient {
         Ok(ControlClient {
             reader: BufReader::new(s),
             writer,
+            warnings: Vec::new(),
         })
     }
 
-    /// Sends one request and waits for its reply.
+    /// Warnings that came with successful replies since the last call (for the user's stderr).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// Sends one request and waits for its reply. A warning that comes with a success is kept
+    /// for [`ControlClient::take_warnings`].
     pub fn call(&mut self, request: Request) -> Result<Response, ClientError> {
         let env = RequestEnvelope {
             version: PROTOCOL_VERSION,
@@ -81,6 +89,10 @@ impl ControlClient {
         match serde_json::from_str::<Reply>(&buf)? {
             Reply::Ok(r) => Ok(r),
             Reply::Err(e) => Err(ClientError::Refused(e)),
+            Reply::Warned { response, warning } => {
+                self.warnings.push(warning);
+                Ok(response)
+            }
         }
     }
 }

@@ -20,6 +20,13 @@ pub enum Reply {
     Ok(Response),
     /// Failure.
     Err(ErrorReply),
+    /// Success with a warning the user must see (e.g. the change could not be recorded).
+    Warned {
+        /// The response.
+        response: Response,
+        /// What went wrong besides.
+        warning: String,
+    },
 }
 
 /// A failure, with the errno the kernel would return.

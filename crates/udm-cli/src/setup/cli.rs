@@ -449,9 +449,10 @@ Examples:
   udmsetup export add snap --nbd --name backup --read-only
   udmsetup export add lin --fuse /mnt/udm")]
     Add(ExportAddArgs),
-    /// Remove an export by id (as listed: nbd:NAME, fuse:DIR/DEV, ublk:DEV).
+    /// Remove an export by id (as listed: nbd:NAME, fuse:DIR/DEV, ublk:DEV), or by the name
+    /// of a device that has exactly one export.
     Remove {
-        /// Export id.
+        /// Export id, or the name of a device with one export.
         id: String,
     },
     /// List exports with client and traffic counters.

@@ -87,6 +87,7 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
             Ok(())
         }
         ExportCommand::Remove { id } => {
+            let id = resolve_export_id(ctx, &id)?;
             match ctx.call(
                 "export remove",
                 &id,
@@ -103,6 +104,32 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
             }
             other => Err(unexpected("export list", &other)),
         },
+    }
+}
+
+/// `export remove` takes an export id (`nbd:vol`) or the name of a device with exactly one
+/// export (`vol`); a device with several exports is refused with their ids.
+fn resolve_export_id(ctx: &mut Ctx<'_>, arg: &str) -> Result<String, CliError> {
+    let list = match ctx.call("export list", "", Request::ExportList)? {
+        Response::Exports(v) => v,
+        other => return Err(unexpected("export list", &other)),
+    };
+    if list.iter().any(|x| x.id == arg) {
+        return Ok(arg.to_string());
+    }
+    let ids: Vec<&str> = list
+        .iter()
+        .filter(|x| x.device == arg)
+        .map(|x| x.id.as_str())
+        .collect();
+    match ids.as_slice() {
+        [] => Ok(arg.to_string()),
+        [one] => Ok((*one).to_string()),
+        many => Err(CliError::Usage(format!(
+            "export remove: device {arg} has {} exports ({}); give the id of the one to remove",
+            many.len(),
+            many.join(", ")
+        ))),
     }
 }
 

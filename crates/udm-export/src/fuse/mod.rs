@@ -314,7 +314,6 @@ impl FuseExports {
             }
             return Ok(());
         }
-        sys::lock_memory_once();
         let state = Arc::new(MountState::new());
         state.insert(name, dev, read_only);
         let mut config = fuser::Config::default();
@@ -354,6 +353,7 @@ impl FuseExports {
         // Only now: stat of the mount root is answered by the workers just started.
         let conn = sys::connection_id(&key);
         tracing::info!("fuse: mounted {} (export {name})", key.display());
+        sys::memory_lock();
         mounts.insert(
             key,
             Mount {
@@ -419,6 +419,7 @@ impl FuseExports {
         m.state.finish_remove(&entry);
         m.join(&key);
         mounts.remove(&key);
+        sys::memory_unlock();
         tracing::info!("fuse: unmounted {}", key.display());
         Ok(())
     }
@@ -471,6 +472,7 @@ impl FuseExports {
             }
             m.state.clear();
             m.join(&dir);
+            sys::memory_unlock();
         }
     }
 }

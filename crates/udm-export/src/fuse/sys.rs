@@ -48,23 +48,48 @@ fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
-/// Locks the process's memory (current and future, as pages are first touched) once, when the
-/// process has CAP_IPC_LOCK: a daemon serving its own swap-backed or loop-backed storage must
-/// not have its pages swapped out to that storage. Without the capability nothing is done,
-/// because MCL_FUTURE under a small RLIMIT_MEMLOCK would make later allocations fail.
-pub(crate) fn lock_memory_once() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if !has_cap_ipc_lock() {
-            tracing::info!("fuse: no CAP_IPC_LOCK, daemon memory is not locked");
-            return;
-        }
-        // SAFETY: mlockall only takes flags; it changes the locking of our own mappings.
-        let r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
-        if r != 0 {
-            tracing::warn!("fuse: mlockall failed: {}", io::Error::last_os_error());
-        }
-    });
+/// Number of live FUSE mounts in the process, and whether memory is locked for them.
+static MEMORY_LOCK: parking_lot::Mutex<(usize, bool)> = parking_lot::Mutex::new((0, false));
+
+/// Called when a FUSE mount comes up: the first one locks the process's memory (current and
+/// future, as pages are first touched) when the process has CAP_IPC_LOCK. A daemon serving
+/// loop-over-FUSE must not have its pages swapped out to storage it serves itself. Without the
+/// capability nothing is done, because MCL_FUTURE under a small RLIMIT_MEMLOCK would make later
+/// allocations fail. Balanced by [`memory_unlock`].
+pub(crate) fn memory_lock() {
+    let mut st = MEMORY_LOCK.lock();
+    st.0 += 1;
+    if st.0 > 1 {
+        return;
+    }
+    if !has_cap_ipc_lock() {
+        tracing::info!("fuse: no CAP_IPC_LOCK, daemon memory is not locked");
+        return;
+    }
+    // SAFETY: mlockall only takes flags; it changes the locking of our own mappings.
+    let r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    if r == 0 {
+        st.1 = true;
+    } else {
+        tracing::warn!("fuse: mlockall failed: {}", io::Error::last_os_error());
+    }
+}
+
+/// Called when a FUSE mount is gone: the last one unlocks the memory again, so a daemon that
+/// no longer serves FUSE does not keep everything it ever touched resident.
+pub(crate) fn memory_unlock() {
+    let mut st = MEMORY_LOCK.lock();
+    st.0 = st.0.saturating_sub(1);
+    if st.0 > 0 || !st.1 {
+        return;
+    }
+    // SAFETY: munlockall takes no arguments; it only unlocks our own mappings.
+    if unsafe { libc::munlockall() } != 0 {
+        tracing::warn!("fuse: munlockall failed: {}", io::Error::last_os_error());
+        return;
+    }
+    st.1 = false;
+    tracing::info!("fuse: last mount gone, daemon memory unlocked");
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
