@@ -1,0 +1,394 @@
+//! A trustworthy daemon (issue "Trustworthy daemon"): no control operation blocks the one that
+//! would release it, SIGTERM finishes in every state, directories are not chmod-ed behind the
+//! user's back, control lines are bounded, an unrecorded change is reported as applied with a
+//! warning, `export remove DEVICE` works, and FUSE memory locking ends with the last mount.
+//! Every wait is bounded: a hang fails the test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use udm_export::nbd::client::Client;
+use udm_testkit::{bin, Udmd};
+
+/// NBD_CMD_READ.
+const CMD_READ: u16 = 0;
+
+/// Waits for `t` at most `limit`; a thread still running fails the test.
+fn join_within<T>(t: JoinHandle<T>, limit: Duration, what: &str) -> T {
+    let deadline = Instant::now() + limit;
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not finish within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.join().unwrap()
+}
+
+/// `udmsetup ARGS` on a thread (so that a hang can be detected).
+fn udmsetup_bg(d: &Udmd, args: &[&str]) -> JoinHandle<Output> {
+    let exe = bin("udmsetup");
+    let runtime = d.runtime();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    std::thread::spawn(move || {
+        Command::new(exe)
+            .env("UDM_RUNTIME_DIR", runtime)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+/// SIGTERM must end the daemon cleanly within 10 s.
+fn stop_within_10s(d: &mut Udmd) {
+    let start = Instant::now();
+    let clean = d.stop();
+    let took = start.elapsed();
+    assert!(
+        clean && took < Duration::from_secs(10),
+        "SIGTERM: clean exit {clean} after {took:?} (must be < 10 s); log:\n{}",
+        d.log()
+    );
+}
+
+/// An NBD client whose READ is parked on the suspended device `name`.
+fn parked_read(d: &Udmd, name: &str) -> Client<UnixStream> {
+    let mut c = Client::connect(UnixStream::connect(d.nbd_socket()).unwrap(), name, false).unwrap();
+    c.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c
+}
+
+/// Item 1: `export remove` of an export whose client has a READ parked on a suspended device
+/// must not keep `resume` (which releases the READ) from running; the removal then completes,
+/// and a concurrent add of the same id meanwhile is refused with EBUSY.
+#[test]
+fn export_remove_with_a_parked_request_does_not_block_resume() {
+    let mut d = Udmd::start();
+    d.disk("f0", 4 << 20, 1);
+    d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
+    d.ok(&["export", "add", "lin", "--nbd"]);
+    d.ok(&["suspend", "lin"]);
+    let _client = parked_read(&d, "lin");
+    let remove = udmsetup_bg(&d, &["export", "remove", "nbd:lin"]);
+    std::thread::sleep(Duration::from_millis(300));
+    if !remove.is_finished() {
+        // Still tearing down: the id is busy, and the export is no longer listed.
+        let add = join_within(
+            udmsetup_bg(&d, &["export", "add", "lin", "--nbd"]),
+            Duration::from_secs(5),
+            "export add during a removal",
+        );
+        assert!(!add.status.success(), "export add during removal succeeded");
+        let err = String::from_utf8_lossy(&add.stderr);
+        assert!(err.contains("EBUSY") && err.contains("being removed"), "{err}");
+        let list = d.ok(&["export", "list"]);
+        assert!(!list.contains("nbd:lin"), "{list}");
+    }
+    let resume = join_within(
+        udmsetup_bg(&d, &["resume", "lin"]),
+        Duration::from_secs(2),
+        "resume while an export removal waits for the parked request",
+    );
+    ok(&resume, "resume");
+    let removed = join_within(remove, Duration::from_secs(10), "export remove");
+    ok(&removed, "export remove");
+    assert!(!d.ok(&["export", "list"]).contains("nbd:lin"));
+    // The id is free again.
+    d.ok(&["export", "add", "lin", "--nbd"]);
+    stop_within_10s(&mut d);
+}
+
+/// Item 2: SIGTERM with an interposer suspended over an exported device: the device's flush is
+/// held by the interposer; shutdown gives up on it (saying why) and exits, and the suspended
+/// interposer comes back suspended.
+#[test]
+fn sigterm_with_a_suspended_interposer_finishes_and_keeps_it_suspended() {
+    let mut d = Udmd::start();
+    d.disk("f0", 4 << 20, 1);
+    d.ok(&["create", "o", "--table", "0 8192 linear f0 0"]);
+    d.ok(&["export", "add", "o", "--nbd"]);
+    d.ok(&[
+        "create",
+        "ip",
+        "--interpose",
+        "--table",
+        "0 8192 linear o 0",
+    ]);
+    d.ok(&["suspend", "ip"]);
+    stop_within_10s(&mut d);
+    let log = d.log();
+    assert!(
+        log.contains("not flushed at shutdown") && log.contains("ip is suspended"),
+        "the abandoned flush must be logged with its reason:\n{log}"
+    );
+    d.restart();
+    let info = d.ok(&["info", "ip"]);
+    assert!(info.contains("SUSPENDED"), "{info}");
+    d.ok(&["resume", "ip"]);
+    stop_within_10s(&mut d);
+}
+
+/// Item 2: SIGTERM while an NBD client's request is parked on a suspended device.
+#[test]
+fn sigterm_with_a_parked_nbd_request_finishes() {
+    let mut d = Udmd::start();
+    d.disk("f0", 4 << 20, 1);
+    d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
+    d.ok(&["export", "add", "lin", "--nbd"]);
+    d.ok(&["suspend", "lin"]);
+    let _client = parked_read(&d, "lin");
+    stop_within_10s(&mut d);
+    d.restart();
+    let info = d.ok(&["info", "lin"]);
+    assert!(info.contains("SUSPENDED"), "{info}");
+    assert!(d.ok(&["export", "list"]).contains("nbd:lin"));
+}
+
+/// Runs udmd with `args` expecting it to fail at start-up; returns its stderr.
+fn udmd_fails(args: &[&str]) -> String {
+    let mut c = Command::new(bin("udmd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            assert!(!st.success(), "udmd {args:?} started");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("udmd {args:?} was expected to refuse to start but is running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut s).unwrap();
+    s
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Item 7: an existing shared directory is refused, not chmod-ed; a created one is 0700; an
+/// existing private-enough one keeps its mode.
+#[test]
+fn runtime_and_state_directories_are_not_chmodded() {
+    let t = tempfile::tempdir().unwrap();
+    let shared = t.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let state = t.path().join("state");
+    let err = udmd_fails(&[
+        "--runtime-dir",
+        shared.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(err.contains("mode 1777"), "{err}");
+    assert_eq!(mode(&shared), 0o1777, "udmd changed the mode of {shared:?}");
+    let err = udmd_fails(&[
+        "--runtime-dir",
+        t.path().join("run").to_str().unwrap(),
+        "--state-dir",
+        shared.to_str().unwrap(),
+    ]);
+    assert!(err.contains("mode 1777"), "{err}");
+    assert_eq!(mode(&shared), 0o1777);
+
+    // Created by udmd: 0700. Existing and ours, 0755: left as it is.
+    let mut d = Udmd::start();
+    assert_eq!(mode(&d.runtime()), 0o700);
+    assert_eq!(mode(&d.state()), 0o700);
+    d.stop();
+    std::fs::set_permissions(d.state(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.restart();
+    assert_eq!(mode(&d.state()), 0o755);
+}
+
+fn reply_line(s: &UnixStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// Item 7: an over-long control line gets an error reply and the connection is closed without
+/// buffering it; a non-UTF-8 line gets an EINVAL reply and the connection goes on.
+#[test]
+fn control_lines_are_bounded_and_checked() {
+    let d = Udmd::start();
+    let sock = d.runtime().join("control.sock");
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0usize;
+        while sent < (8 << 20) {
+            if w.write_all(&chunk).is_err() {
+                return sent;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let line = reply_line(&s);
+    assert!(
+        line.contains("EMSGSIZE") && line.contains("longer than 1 MiB"),
+        "{line}"
+    );
+    let sent = join_within(writer, Duration::from_secs(10), "writing an over-long line");
+    assert!(sent < (8 << 20), "udmd kept reading an over-long line");
+
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"\xff\xfe{}\n").unwrap();
+    let line = reply_line(&s);
+    assert!(line.contains("EINVAL") && line.contains("UTF-8"), "{line}");
+    s.write_all(b"{\"version\":1,\"request\":{\"op\":\"version\"}}\n")
+        .unwrap();
+    let line = reply_line(&s);
+    assert!(line.starts_with("{\"ok\""), "{line}");
+    // The daemon is fine.
+    d.ok(&["version"]);
+}
+
+/// Item 7: a change applied but not recorded is reported as applied with a warning; the next
+/// change records everything.
+#[test]
+fn unrecorded_change_is_applied_with_a_warning_and_recorded_later() {
+    let mut d = Udmd::start();
+    let img = d.path("a.img");
+    udm_testkit::write_pattern_file(&img, 1 << 20, 1);
+    // The temporary state file cannot be created while a directory has its name.
+    let blocker = d.state().join(".state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let o = d.udmsetup(&["disk", "add", "a", "--file", img.to_str().unwrap()]);
+    ok(&o, "disk add with an unwritable state");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("could not be recorded"),
+        "{err}"
+    );
+    assert!(d.ok(&["disk", "list"]).contains('a'));
+    std::fs::remove_dir(&blocker).unwrap();
+    let o = d.udmsetup(&["create", "v", "--table", "0 2048 linear a 0"]);
+    ok(&o, "create");
+    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.crash_and_restart();
+    assert!(d.ok(&["info", "v"]).contains("ACTIVE"));
+}
+
+/// Item 10b: `export remove DEVICE` when the device has exactly one export; several are
+/// refused with their ids.
+#[test]
+fn export_remove_by_device_name() {
+    let d = Udmd::start();
+    d.disk("f0", 1 << 20, 1);
+    d.ok(&["create", "vol", "--table", "0 2048 linear f0 0"]);
+    d.ok(&["export", "add", "vol", "--nbd"]);
+    d.ok(&["export", "remove", "vol"]);
+    assert!(!d.ok(&["export", "list"]).contains("nbd:vol"));
+    d.ok(&["export", "add", "vol", "--nbd"]);
+    d.ok(&["export", "add", "vol", "--nbd", "--name", "other"]);
+    let err = d.fails(&["export", "remove", "vol"]);
+    assert!(
+        err.contains("nbd:vol") && err.contains("nbd:other"),
+        "{err}"
+    );
+    d.ok(&["export", "remove", "nbd:other"]);
+    d.ok(&["export", "remove", "vol"]);
+    let err = d.fails(&["export", "remove", "vol"]);
+    assert!(err.contains("no export vol"), "{err}");
+}
+
+/// The pid of the process listening on a Unix socket.
+fn peer_pid(sock: &Path) -> i32 {
+    let s = UnixStream::connect(sock).unwrap();
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given; the fd is a live socket.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0);
+    cred.pid
+}
+
+fn locked_kb(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Item 4: memory is locked while a FUSE export exists and unlocked when the last one goes.
+#[test]
+fn fuse_memory_lock_ends_with_the_last_mount() {
+    let t = "fuse_memory_lock_ends_with_the_last_mount";
+    if !udm_testkit::root(t) {
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED {t}: no /dev/fuse");
+        return;
+    }
+    let d = Udmd::start();
+    d.disk("f0", 1 << 20, 1);
+    d.ok(&["create", "vol", "--table", "0 2048 linear f0 0"]);
+    let pid = peer_pid(&d.runtime().join("control.sock"));
+    assert_eq!(locked_kb(pid), 0);
+    let mnt = d.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let o = d.udmsetup(&["export", "add", "vol", "--fuse", mnt.to_str().unwrap()]);
+    if !o.status.success() {
+        eprintln!(
+            "SKIPPED {t}: FUSE mount failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        return;
+    }
+    assert!(locked_kb(pid) > 0, "FUSE export did not lock memory");
+    let id = format!("fuse:{}", mnt.join("vol").display());
+    d.ok(&["export", "remove", &id]);
+    assert_eq!(
+        locked_kb(pid),
+        0,
+        "memory still locked after the last FUSE export went"
+    );
+}
