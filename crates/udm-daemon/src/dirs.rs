@@ -27,7 +27,8 @@ fn euid() -> u32 {
 /// group or other permissions at all.
 pub fn prepare(p: &Path, private: bool) -> Result<()> {
     if let Some(parent) = p.parent().filter(|q| !q.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     match std::fs::DirBuilder::new().mode(0o700).create(p) {
         Ok(()) => {
@@ -43,7 +44,8 @@ pub fn prepare(p: &Path, private: bool) -> Result<()> {
 }
 
 fn check(p: &Path, private: bool) -> Result<()> {
-    let lmd = std::fs::symlink_metadata(p).with_context(|| format!("inspecting {}", p.display()))?;
+    let lmd =
+        std::fs::symlink_metadata(p).with_context(|| format!("inspecting {}", p.display()))?;
     if private && lmd.file_type().is_symlink() {
         bail!(
             "{} is a symbolic link; udmd does not follow it in a shared directory (remove it, or \

@@ -194,9 +194,11 @@ fn main() -> Result<()> {
         tracing::warn!("shutdown: a control change is still running; not waiting for it");
     }
     let d = daemon.clone();
-    shutdown::bounded("disconnecting export clients", SHUTDOWN_EXPORTS_WAIT, move || {
-        d.exports.shutdown()
-    });
+    shutdown::bounded(
+        "disconnecting export clients",
+        SHUTDOWN_EXPORTS_WAIT,
+        move || d.exports.shutdown(),
+    );
     shutdown::flush_all(&registry);
     if guard.is_some() {
         if let Err(e) = daemon.save() {

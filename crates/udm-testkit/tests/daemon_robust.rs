@@ -99,7 +99,10 @@ fn export_remove_with_a_parked_request_does_not_block_resume() {
         );
         assert!(!add.status.success(), "export add during removal succeeded");
         let err = String::from_utf8_lossy(&add.stderr);
-        assert!(err.contains("EBUSY") && err.contains("being removed"), "{err}");
+        assert!(
+            err.contains("EBUSY") && err.contains("being removed"),
+            "{err}"
+        );
         let list = d.ok(&["export", "list"]);
         assert!(!list.contains("nbd:lin"), "{list}");
     }
@@ -298,7 +301,11 @@ fn unrecorded_change_is_applied_with_a_warning_and_recorded_later() {
     std::fs::remove_dir(&blocker).unwrap();
     let o = d.udmsetup(&["create", "v", "--table", "0 2048 linear a 0"]);
     ok(&o, "create");
-    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     d.crash_and_restart();
     assert!(d.ok(&["info", "v"]).contains("ACTIVE"));
 }
