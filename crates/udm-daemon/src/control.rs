@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use udm_core::registry::{DeviceKind, LoadFlags, ResumeOptions, SuspendFlags};
@@ -28,6 +29,14 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     /// Serialises changes and their recording.
     pub change: Mutex<()>,
+}
+
+/// Set when shutdown begins: later changes are refused instead of being applied and then lost.
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// Refuses every later change with ESHUTDOWN (queries are still answered).
+pub fn refuse_changes() {
+    SHUTTING_DOWN.store(true, Ordering::SeqCst);
 }
 
 fn err(e: impl HasErrno + std::fmt::Display) -> ErrorReply {
@@ -134,6 +143,13 @@ impl Daemon {
                 Ok(r) => Reply::Ok(r),
                 Err(e) => Reply::Err(e),
             };
+        }
+        if SHUTTING_DOWN.load(Ordering::SeqCst) {
+            return error_reply(
+                Errno::ESHUTDOWN.0,
+                "ESHUTDOWN",
+                "udmd is shutting down; the change was not made".into(),
+            );
         }
         if let Err(e) = absolute_paths(&req) {
             return Reply::Err(e);

@@ -189,6 +189,7 @@ fn main() -> Result<()> {
     }
     // Every step is bounded: SIGTERM finishes in every state (a client parked on a suspended
     // device, an interposer holding a device's flush, a control change waiting for I/O).
+    control::refuse_changes();
     let guard = daemon.change.try_lock_for(SHUTDOWN_CHANGE_WAIT);
     if guard.is_none() {
         tracing::warn!("shutdown: a control change is still running; not waiting for it");

@@ -159,8 +159,25 @@ fn sigterm_with_a_parked_nbd_request_finishes() {
     d.ok(&["export", "add", "lin", "--nbd"]);
     d.ok(&["suspend", "lin"]);
     let _client = parked_read(&d, "lin");
+    let pid = peer_pid(&d.runtime().join("control.sock"));
+    let start = Instant::now();
+    // SAFETY: kill with a valid pid and signal number.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    // A change during shutdown is refused at once (or udmd is gone already), never applied
+    // and then lost or left hanging.
+    let create = join_within(
+        udmsetup_bg(&d, &["create", "late", "--table", "0 8 zero"]),
+        Duration::from_secs(3),
+        "a change during shutdown",
+    );
+    assert!(!create.status.success());
+    let err = String::from_utf8_lossy(&create.stderr);
+    assert!(err.contains("ESHUTDOWN") || err.contains("udmd"), "{err}");
     stop_within_10s(&mut d);
+    assert!(start.elapsed() < Duration::from_secs(10));
     d.restart();
+    assert!(!d.udmsetup(&["info", "late"]).status.success());
     let info = d.ok(&["info", "lin"]);
     assert!(info.contains("SUSPENDED"), "{info}");
     assert!(d.ok(&["export", "list"]).contains("nbd:lin"));
