@@ -416,3 +416,102 @@ fn fuse_memory_lock_ends_with_the_last_mount() {
         "memory still locked after the last FUSE export went"
     );
 }
+
+/// `udmd` as `uid` (via setpriv when we are root and `uid` differs) with `env`.
+fn udmd_as(uid: u32, env: &[(&str, &Path)]) -> Command {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut c = if uid == me {
+        Command::new(bin("udmd"))
+    } else {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg(bin("udmd"));
+        c
+    };
+    c.env_remove("UDM_RUNTIME_DIR")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("UDM_STATE_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn output_within(mut c: Command, limit: Duration) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + limit;
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if st.is_none() {
+        // SAFETY: kill with a valid pid and signal number.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut s).unwrap();
+    (st, s)
+}
+
+/// Item 7: the fallback runtime directory `$TMPDIR/udm-<uid>` (no UDM_RUNTIME_DIR, no
+/// XDG_RUNTIME_DIR, not root) is created 0700, and an existing one that is a symlink or open
+/// to others is refused.
+#[test]
+fn fallback_runtime_dir_in_shared_tmp_is_checked() {
+    let t = "fallback_runtime_dir_in_shared_tmp_is_checked";
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let uid = if me == 0 { 65534 } else { me };
+    if me == 0 && !udm_testkit::have("setpriv", t) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), Some(uid)).unwrap();
+    let env = [("TMPDIR", tmp.path()), ("UDM_STATE_DIR", state.as_path())];
+    let fallback = tmp.path().join(format!("udm-{uid}"));
+
+    // A symlink planted by someone else (here: to a directory the daemon's user owns).
+    let target = tmp.path().join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::chown(&target, Some(uid), Some(uid)).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&target, &fallback).unwrap();
+    let (st, err) = output_within(udmd_as(uid, &env), Duration::from_secs(10));
+    assert!(st.is_some_and(|s| !s.success()), "udmd ran: {err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(std::fs::read_dir(&target).unwrap().next().is_none());
+    std::fs::remove_file(&fallback).unwrap();
+
+    // Open to others.
+    std::fs::create_dir(&fallback).unwrap();
+    std::os::unix::fs::chown(&fallback, Some(uid), Some(uid)).unwrap();
+    std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (st, err) = output_within(udmd_as(uid, &env), Duration::from_secs(10));
+    assert!(st.is_some_and(|s| !s.success()), "udmd ran: {err}");
+    assert!(err.contains("mode 0755"), "{err}");
+    assert_eq!(mode(&fallback), 0o755);
+    std::fs::remove_dir(&fallback).unwrap();
+
+    // Missing: created private, and udmd serves (it is still running at the deadline).
+    let (st, err) = output_within(udmd_as(uid, &env), Duration::from_secs(3));
+    assert!(st.is_none(), "udmd exited: {err}");
+    let md = std::fs::symlink_metadata(&fallback).unwrap();
+    assert!(md.is_dir());
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), uid);
+    assert_eq!(mode(&fallback), 0o700);
+}
