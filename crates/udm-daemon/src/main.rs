@@ -200,10 +200,17 @@ fn main() -> Result<()> {
         SHUTDOWN_EXPORTS_WAIT,
         move || d.exports.shutdown(),
     );
-    shutdown::flush_all(&registry);
-    if guard.is_some() {
-        if let Err(e) = daemon.save() {
-            tracing::error!("cannot record state at shutdown: {e:#}");
+    let registry_free = shutdown::flush_all(&registry);
+    if guard.is_some() && registry_free {
+        let d = daemon.clone();
+        let saved = shutdown::within(SHUTDOWN_CHANGE_WAIT, move || d.save());
+        match saved {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::error!("cannot record state at shutdown: {e:#}"),
+            None => tracing::error!(
+                "state not recorded at shutdown: the registry is blocked by a control \
+                 operation waiting for held I/O (the state of the last change stays)"
+            ),
         }
     }
     std::fs::remove_file(&control_path).ok();
@@ -214,7 +221,7 @@ fn main() -> Result<()> {
 }
 
 /// How long shutdown waits for a running control change before going on without it.
-const SHUTDOWN_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const SHUTDOWN_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long shutdown waits for export clients to be disconnected.
 const SHUTDOWN_EXPORTS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -14,32 +14,38 @@ use udm_types::DevId;
 const HELD_GRACE: Duration = Duration::from_secs(1);
 /// How often a flush that is not held is reported as still running.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How long a registry query may take before the registry is considered blocked (a control
+/// operation holding it while it waits for I/O that a suspended device holds).
+const REGISTRY_WAIT: Duration = Duration::from_millis(1500);
+
+/// Runs `f` on its own thread and returns its result if it comes within `deadline`.
+pub fn within<T: Send + 'static>(
+    deadline: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("udm-shutdown".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .ok()?;
+    rx.recv_timeout(deadline).ok()
+}
 
 /// Runs `f` on its own thread and waits at most `deadline` for it; returns false (and logs)
 /// when it did not finish. The thread is left behind: the process is about to exit.
 pub fn bounded(what: &str, deadline: Duration, f: impl FnOnce() + Send + 'static) -> bool {
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("udm-shutdown".into())
-        .spawn(move || {
-            f();
-            let _ = tx.send(());
-        });
-    if let Err(e) = spawned {
-        tracing::error!("shutdown: cannot start a thread for {what}: {e}; skipped");
-        return false;
+    let done = within(deadline, f).is_some();
+    if !done {
+        tracing::warn!(
+            "shutdown: {what} did not finish within {} s (a client request or a control \
+             operation is probably waiting for I/O held by a suspended device); going on \
+             without it",
+            deadline.as_secs()
+        );
     }
-    match rx.recv_timeout(deadline) {
-        Ok(()) => true,
-        Err(_) => {
-            tracing::warn!(
-                "shutdown: {what} did not finish within {} s (a client request is probably \
-                 parked on a suspended device); going on without it",
-                deadline.as_secs()
-            );
-            false
-        }
-    }
+    done
 }
 
 /// Which devices' I/O paths pass through a suspended device.
@@ -108,38 +114,33 @@ impl Holds {
 /// flush runs on its own thread. Suspended devices are not flushed (they are recorded as
 /// suspended and come back so). A flush still running after a moment is abandoned, with a
 /// warning saying why, when the device's I/O is held by a suspended device (nothing can
-/// release it during shutdown); any other flush is waited for as long as it takes.
-pub fn flush_all(registry: &Arc<Registry>) {
+/// release it during shutdown); any other flush is waited for as long as it takes. Returns
+/// false when the registry itself is blocked (then nothing more can be done with it).
+pub fn flush_all(registry: &Arc<Registry>) -> bool {
+    let reg = registry.clone();
+    let Some(devices) = within(REGISTRY_WAIT, move || flush_candidates(&reg)) else {
+        tracing::error!(
+            "shutdown: the registry is blocked by a control operation waiting for held I/O; \
+             no device is flushed"
+        );
+        return false;
+    };
     let (tx, rx) = mpsc::channel::<(String, Result<(), String>)>();
     let mut pending = BTreeSet::new();
-    for d in registry.devices() {
-        let Ok(node) = registry.node(&d.name) else {
-            continue;
-        };
-        if d.kind == DeviceKind::Mapped {
-            match registry.info(&d.name) {
-                Ok(i) if i.suspended => {
-                    tracing::info!(device = %d.name, "suspended: not flushed (recorded as suspended)");
-                    continue;
-                }
-                Ok(i) if !i.live_present => continue,
-                Ok(_) => {}
-                Err(_) => continue,
-            }
-        }
+    for (name, node) in devices {
         let tx = tx.clone();
-        let name = d.name.clone();
+        let n = name.clone();
         let spawned = std::thread::Builder::new()
             .name("udm-flush".into())
             .spawn(move || {
                 let r = node.submit(Bio::flush()).map_err(|e| e.to_string());
-                let _ = tx.send((name, r));
+                let _ = tx.send((n, r));
             });
         match spawned {
             Ok(_) => {
-                pending.insert(d.name);
+                pending.insert(name);
             }
-            Err(e) => tracing::error!(device = %d.name, "not flushed: cannot start a thread: {e}"),
+            Err(e) => tracing::error!(device = %name, "not flushed: cannot start a thread: {e}"),
         }
     }
     drop(tx);
@@ -157,7 +158,15 @@ pub fn flush_all(registry: &Arc<Registry>) {
                 if start.elapsed() < HELD_GRACE {
                     continue;
                 }
-                let holds = Holds::new(registry);
+                let reg = registry.clone();
+                let Some(holds) = within(REGISTRY_WAIT, move || Holds::new(&reg)) else {
+                    tracing::error!(
+                        devices = ?pending,
+                        "not flushed at shutdown: the registry is blocked by a control \
+                         operation waiting for held I/O"
+                    );
+                    return false;
+                };
                 pending.retain(|name| match holds.held(name) {
                     Some(why) => {
                         tracing::warn!(
@@ -180,4 +189,29 @@ pub fn flush_all(registry: &Arc<Registry>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
+    true
+}
+
+/// Devices to flush: all but suspended mapped devices (recorded as suspended) and mapped
+/// devices without a live table.
+fn flush_candidates(registry: &Registry) -> Vec<(String, Arc<udm_core::node::DeviceNode>)> {
+    let mut out = Vec::new();
+    for d in registry.devices() {
+        let Ok(node) = registry.node(&d.name) else {
+            continue;
+        };
+        if d.kind == DeviceKind::Mapped {
+            match registry.info(&d.name) {
+                Ok(i) if i.suspended => {
+                    tracing::info!(device = %d.name, "suspended: not flushed (recorded as suspended)");
+                    continue;
+                }
+                Ok(i) if !i.live_present => continue,
+                Ok(_) => {}
+                Err(_) => continue,
+            }
+        }
+        out.push((d.name, node));
+    }
+    out
 }

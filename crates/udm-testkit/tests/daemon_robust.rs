@@ -183,6 +183,38 @@ fn sigterm_with_a_parked_nbd_request_finishes() {
     assert!(d.ok(&["export", "list"]).contains("nbd:lin"));
 }
 
+/// Item 2: SIGTERM finishes even while a control operation is stuck inside the registry:
+/// attaching an interposer to `o` drains `o`, whose in-flight READ is parked on the suspended
+/// `low` below it (at the time of writing the registry holds its lock during that drain, so
+/// `resume low` cannot run either).
+#[test]
+fn sigterm_with_a_control_operation_stuck_on_held_io_finishes() {
+    let mut d = Udmd::start();
+    d.disk("f0", 4 << 20, 1);
+    d.ok(&["create", "low", "--table", "0 8192 linear f0 0"]);
+    d.ok(&["create", "o", "--table", "0 8192 linear low 0"]);
+    d.ok(&["export", "add", "o", "--nbd"]);
+    d.ok(&["suspend", "low"]);
+    let _client = parked_read(&d, "o");
+    let create = udmsetup_bg(
+        &d,
+        &[
+            "create",
+            "ip",
+            "--interpose",
+            "--table",
+            "0 8192 linear o 0",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let resume = udmsetup_bg(&d, &["resume", "low"]);
+    std::thread::sleep(Duration::from_millis(500));
+    stop_within_10s(&mut d);
+    // Both end with the daemon at the latest.
+    join_within(create, Duration::from_secs(5), "create after udmd exited");
+    join_within(resume, Duration::from_secs(5), "resume after udmd exited");
+}
+
 /// Runs udmd with `args` expecting it to fail at start-up; returns its stderr.
 fn udmd_fails(args: &[&str]) -> String {
     let mut c = Command::new(bin("udmd"))
