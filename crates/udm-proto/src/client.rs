@@ -132,6 +132,35 @@ mod tests {
     }
 
     #[test]
+    fn warnings_come_with_the_response() {
+        let dir = std::env::temp_dir().join(format!("udm-proto-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let reply = Reply::Warned {
+                response: Response::Done,
+                warning: "not recorded".into(),
+            };
+            let mut out = serde_json::to_vec(&reply).unwrap();
+            out.push(b'\n');
+            w.write_all(&out).unwrap();
+        });
+        let mut c = ControlClient::connect(&path).unwrap();
+        assert_eq!(c.call(Request::Version).unwrap(), Response::Done);
+        assert_eq!(c.take_warnings(), vec!["not recorded".to_string()]);
+        assert!(c.take_warnings().is_empty());
+        t.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn garbage_does_not_decode() {
         assert!(serde_json::from_str::<RequestEnvelope>(
             "{\"version\":1,\"request\":{\"op\":\"nope\"}}"
