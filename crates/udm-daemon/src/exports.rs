@@ -50,7 +50,7 @@ impl Exports {
     /// The id an export of `device` of this kind has.
     pub fn id_for(device: &str, kind: &ExportKind) -> String {
         match kind {
-            ExportKind::Nbd { name } => format!("nbd:{}", name.as_deref().unwrap_or(device)),
+            ExportKind::Nbd { name, .. } => format!("nbd:{}", name.as_deref().unwrap_or(device)),
             ExportKind::Fuse { dir } => format!("fuse:{}", dir.join(device).display()),
             ExportKind::Ublk => format!("ublk:{device}"),
         }
@@ -73,7 +73,7 @@ impl Exports {
         let dev: Arc<dyn BlockDevice> = node;
         let ro = read_only || dev.read_only();
         let r: Result<(), CoreError> = match kind {
-            ExportKind::Nbd { name } => self
+            ExportKind::Nbd { name, insecure_tcp } => self
                 .nbd
                 .add_export(
                     name.as_deref().unwrap_or(device),
@@ -81,6 +81,7 @@ impl Exports {
                     NbdExportOptions {
                         read_only: ro,
                         description: Some(format!("udm device {device}")),
+                        insecure_tcp: *insecure_tcp,
                     },
                 )
                 .map_err(core_err),
@@ -140,7 +141,7 @@ impl Exports {
         })?;
         let e = &entries[i];
         match &e.kind {
-            ExportKind::Nbd { name } => self
+            ExportKind::Nbd { name, .. } => self
                 .nbd
                 .remove_export(name.as_deref().unwrap_or(&e.device))
                 .map_err(core_err)?,
@@ -187,7 +188,7 @@ impl Exports {
                     bytes_written: 0,
                 };
                 match &e.kind {
-                    ExportKind::Nbd { name } => {
+                    ExportKind::Nbd { name, .. } => {
                         let n = name.as_deref().unwrap_or(&e.device);
                         r.kind = "nbd".into();
                         r.location =
