@@ -83,9 +83,9 @@ fn tcp_security(args: &Args) -> Result<TcpSecurity> {
             TlsCreds::x509_dir(dir, args.tls_verify_peer)
                 .with_context(|| format!("--tls-creds {}", dir.display()))?,
         ),
-        (None, Some(f)) => Some(
-            TlsCreds::psk_file(f).with_context(|| format!("--tls-psk {}", f.display()))?,
-        ),
+        (None, Some(f)) => {
+            Some(TlsCreds::psk_file(f).with_context(|| format!("--tls-psk {}", f.display()))?)
+        }
         (None, None) => None,
     };
     if tls.is_none() && !args.nbd_insecure_tcp {

@@ -118,7 +118,9 @@ fn psk_dir(dir: &Path, user: &str, key: &str) -> PathBuf {
 fn psk_server(dir: &Path) -> Srv {
     let keys = psk_dir(dir, "alice", KEY);
     serve(TcpSecurity {
-        tls: Some(Arc::new(TlsCreds::psk_file(&keys.join("keys.psk")).unwrap())),
+        tls: Some(Arc::new(
+            TlsCreds::psk_file(&keys.join("keys.psk")).unwrap(),
+        )),
         allow_insecure: false,
     })
 }
@@ -134,10 +136,25 @@ fn make_ca(dir: &Path, name: &str) -> PathBuf {
     openssl(
         &d,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj",
-            &format!("/CN={name}"), "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
     d
@@ -163,17 +180,38 @@ fn issue(ca: &Path, out: &Path, prefix: &str, usage: &str) {
     openssl(
         out,
         &[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-            key.to_str().unwrap(), "-out", csr.to_str().unwrap(), "-subj", "/CN=localhost",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+            "-subj",
+            "/CN=localhost",
         ],
     );
     openssl(
         out,
         &[
-            "x509", "-req", "-in", csr.to_str().unwrap(), "-CA",
-            ca.join("ca-cert.pem").to_str().unwrap(), "-CAkey",
-            ca.join("ca-key.pem").to_str().unwrap(), "-CAcreateserial", "-out",
-            cert.to_str().unwrap(), "-days", "2", "-extfile", ext.to_str().unwrap(),
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            ca.join("ca-cert.pem").to_str().unwrap(),
+            "-CAkey",
+            ca.join("ca-key.pem").to_str().unwrap(),
+            "-CAcreateserial",
+            "-out",
+            cert.to_str().unwrap(),
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
         ],
     );
 }
@@ -237,16 +275,37 @@ fn qemu_io_checks(object: &str, port: u16, export: &str) {
         "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export},tls-creds=tls0"
     );
     let out = run(Command::new("qemu-io").args([
-        "--object", object, "--image-opts", &opts, "-c", "write -P 0x5a 1M 1M", "-c",
-        "aio_write -P 0x6b 8M 64k", "-c", "aio_flush", "-c", "flush", "-c",
-        "read -P 0x5a 1M 1M", "-c", "read -P 0x6b 8M 64k", "-c", "write -z 2M 1M", "-c",
+        "--object",
+        object,
+        "--image-opts",
+        &opts,
+        "-c",
+        "write -P 0x5a 1M 1M",
+        "-c",
+        "aio_write -P 0x6b 8M 64k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x5a 1M 1M",
+        "-c",
+        "read -P 0x6b 8M 64k",
+        "-c",
+        "write -z 2M 1M",
+        "-c",
         "read -P 0 2M 1M",
     ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("failed"), "{text}");
     // Another connection sees it.
     let out = run(Command::new("qemu-io").args([
-        "--object", object, "--image-opts", &opts, "-c", "read -P 0x5a 1M 1M",
+        "--object",
+        object,
+        "--image-opts",
+        &opts,
+        "-c",
+        "read -P 0x5a 1M 1M",
     ]));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("failed"));
 }
@@ -297,12 +356,25 @@ fn psk_with_libnbd_and_qemu() {
             d.display()
         );
         run(Command::new("qemu-img").args([
-            "convert", "-n", "-f", "raw", "--object", &object, "--target-image-opts",
-            src.to_str().unwrap(), &opts,
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--object",
+            &object,
+            "--target-image-opts",
+            src.to_str().unwrap(),
+            &opts,
         ]));
         let back = dir.path().join("q-back.img");
         run(Command::new("qemu-img").args([
-            "convert", "--object", &object, "--image-opts", &opts, "-O", "raw",
+            "convert",
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
             back.to_str().unwrap(),
         ]));
         let a = std::fs::read(&src).unwrap();
@@ -440,7 +512,8 @@ fn plain_client_gets_tls_required_and_sees_nothing() {
         assert!(!text.contains("vol") && !text.contains("open"), "{text}");
     }
     // NBD_OPT_EXPORT_NAME cannot be refused politely: the server hangs up.
-    c.write_all(&option_request(OPT_EXPORT_NAME, b"vol")).unwrap();
+    c.write_all(&option_request(OPT_EXPORT_NAME, b"vol"))
+        .unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(std::io::Read::read(&mut c, &mut buf).unwrap_or(0), 0);
     // Real plain clients fail too.
@@ -493,8 +566,7 @@ fn insecure_listener_serves_only_marked_exports() {
     c.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
     let (_, typ, _) = read_option_reply(&mut c).unwrap();
     assert_eq!(typ, REP_ERR_POLICY);
-    let mut cl =
-        udm_export::nbd::client::Client::connect(tcp(s.port), "open", true).unwrap();
+    let mut cl = udm_export::nbd::client::Client::connect(tcp(s.port), "open", true).unwrap();
     cl.write(0, &[0x42; 4096]).unwrap();
     cl.flush().unwrap();
     if have("nbdinfo") {
@@ -546,4 +618,165 @@ fn unix_socket_stays_plain_and_refuses_starttls() {
             .map(|(n, _)| n)
             .collect();
     assert_eq!(names, ["open", "vol"]);
+}
+
+/// After `NBD_OPT_STARTTLS` the option haggling continues without a new greeting; this makes
+/// the test client (which starts with a greeting) fit: it reads a fake greeting and swallows
+/// its client flags.
+struct AfterStartTls<S> {
+    inner: S,
+    greeting: Vec<u8>,
+    swallow: usize,
+}
+
+impl<S: std::io::Read> std::io::Read for AfterStartTls<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.greeting.is_empty() {
+            let n = buf.len().min(self.greeting.len());
+            buf[..n].copy_from_slice(&self.greeting[..n]);
+            self.greeting.drain(..n);
+            return Ok(n);
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl<S: Write> Write for AfterStartTls<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.swallow > 0 {
+            let n = buf.len().min(self.swallow);
+            self.swallow -= n;
+            return Ok(n);
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn key_bytes() -> Vec<u8> {
+    (0..KEY.len() / 2)
+        .map(|i| u8::from_str_radix(&KEY[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// TLS-PSK as user alice on a connection that already sent `NBD_OPT_STARTTLS` and got the ACK.
+fn psk_client(s: TcpStream) -> openssl::ssl::SslStream<TcpStream> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_psk_client_callback(|_, _hint, id, key| {
+        id[..6].copy_from_slice(b"alice\0");
+        let k = key_bytes();
+        key[..k.len()].copy_from_slice(&k);
+        Ok(k.len())
+    });
+    let ssl = b
+        .build()
+        .configure()
+        .unwrap()
+        .verify_hostname(false)
+        .use_server_name_indication(false)
+        .into_ssl("localhost")
+        .unwrap();
+    let mut t = openssl::ssl::SslStream::new(ssl, s).unwrap();
+    t.connect().unwrap();
+    t
+}
+
+fn starttls(mut s: TcpStream) -> openssl::ssl::SslStream<TcpStream> {
+    s.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
+    let (o, typ, _) = read_option_reply(&mut s).unwrap();
+    assert_eq!((o, typ), (OPT_STARTTLS, REP_ACK));
+    psk_client(s)
+}
+
+#[test]
+fn starttls_forgets_plain_state_pipelines_and_is_cut_by_remove_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = psk_dir(dir.path(), "alice", KEY).join("keys.psk");
+    let s = serve(TcpSecurity {
+        tls: Some(Arc::new(TlsCreds::psk_file(&keys).unwrap())),
+        allow_insecure: true,
+    });
+    let mut c = tcp(s.port);
+    greet(&mut c).unwrap();
+    // Structured replies negotiated in plain text are forgotten by STARTTLS.
+    c.write_all(&option_request(OPT_STRUCTURED_REPLY, &[]))
+        .unwrap();
+    assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ACK);
+    let mut t = starttls(c);
+    t.write_all(&option_request(
+        OPT_SET_META_CONTEXT,
+        &meta_request_data("vol", &[META_BASE_ALLOCATION]),
+    ))
+    .unwrap();
+    assert_eq!(read_option_reply(&mut t).unwrap().1, REP_ERR_INVALID);
+    // A second STARTTLS inside TLS is refused.
+    t.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
+    assert_eq!(read_option_reply(&mut t).unwrap().1, REP_ERR_INVALID);
+    let mut greeting = NBD_MAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    let mut cl = udm_export::nbd::client::Client::connect(
+        AfterStartTls {
+            inner: t,
+            greeting,
+            swallow: 4,
+        },
+        "vol",
+        true,
+    )
+    .unwrap();
+    // Pipelined writes and reads (the server's reader and writers run concurrently on the
+    // one TLS session).
+    let n = 128u64;
+    let block = |i: u64| vec![(i * 7 + 1) as u8; 65536];
+    for i in 0..n {
+        cl.send(CMD_WRITE, 0, i * 65536, 65536, &block(i)).unwrap();
+    }
+    for _ in 0..n {
+        let (_, r) = cl.recv(|_| None).unwrap();
+        assert_eq!(r, udm_export::nbd::client::Reply::Ok(Vec::new()));
+    }
+    cl.flush().unwrap();
+    let mut handles = std::collections::HashMap::new();
+    for i in 0..n {
+        handles.insert(cl.send(CMD_READ, 0, i * 65536, 65536, &[]).unwrap(), i);
+    }
+    for _ in 0..n {
+        let (h, r) = cl.recv(|_| Some(65536)).unwrap();
+        assert_eq!(r, udm_export::nbd::client::Reply::Ok(block(handles[&h])));
+    }
+    // Removing the export disconnects the idle TLS client promptly.
+    let server = s.server.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(server.remove_export("vol")).unwrap());
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("remove_export hung on a TLS connection")
+        .unwrap();
+    assert!(
+        cl.read(0, 512).is_err(),
+        "the removed export still answered"
+    );
+}
+
+#[test]
+fn shutdown_cuts_a_client_stalled_in_the_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = psk_server(dir.path());
+    let mut c = tcp(s.port);
+    greet(&mut c).unwrap();
+    c.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
+    assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ACK);
+    // No ClientHello follows.
+    let server = s.server.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.shutdown();
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("shutdown hung on a connection in the TLS handshake");
 }

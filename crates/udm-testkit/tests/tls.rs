@@ -40,7 +40,11 @@ fn tcp(port: u16) -> TcpStream {
 
 /// Runs a tool with a 60 s deadline; returns (success, stdout, stderr).
 fn tool(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new("timeout").arg("60").args(args).output().unwrap();
+    let o = Command::new("timeout")
+        .arg("60")
+        .args(args)
+        .output()
+        .unwrap();
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -114,14 +118,20 @@ fn psk_clients_read_and_write_plain_clients_are_refused() {
         false,
     )
     .unwrap();
-    assert_eq!(c.read(4096, 512).unwrap(), Reply::Ok(data[4096..4608].to_vec()));
+    assert_eq!(
+        c.read(4096, 512).unwrap(),
+        Reply::Ok(data[4096..4608].to_vec())
+    );
     // Plain TCP: refused, nothing listed.
     let (ok, _, _) = tool(&["nbdinfo", &format!("nbd://127.0.0.1:{port}/vol")]);
     assert!(!ok, "a plain client was served");
     let mut s = tcp(port);
     greet(&mut s).unwrap();
-    std::io::Write::write_all(&mut s, &option_request(OPT_GO, &info_request_data("vol", &[])))
-        .unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        &option_request(OPT_GO, &info_request_data("vol", &[])),
+    )
+    .unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_TLS_REQD);
     // A wrong key fails.
     let bad = keys_dir.path().join("bad.psk");
@@ -137,7 +147,11 @@ fn psk_clients_read_and_write_plain_clients_are_refused() {
 }
 
 fn names(port: u16) -> Vec<String> {
-    list(tcp(port)).unwrap().into_iter().map(|(n, _)| n).collect()
+    list(tcp(port))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
 }
 
 fn plain_read(port: u16, name: &str) -> Option<Vec<u8>> {
@@ -151,7 +165,11 @@ fn plain_read(port: u16, name: &str) -> Option<Vec<u8>> {
 #[test]
 fn insecure_tcp_is_per_export_and_survives_restart() {
     let mut d = Udmd::start_with(&["--nbd-listen", "127.0.0.1:0", "--nbd-insecure-tcp"]);
-    assert!(d.log().contains("UNENCRYPTED"), "no loud warning:\n{}", d.log());
+    assert!(
+        d.log().contains("UNENCRYPTED"),
+        "no loud warning:\n{}",
+        d.log()
+    );
     d.disk("a", 4 << 20, 4);
     d.disk("b", 4 << 20, 5);
     d.ok(&["export", "add", "a", "--nbd"]);
@@ -159,7 +177,10 @@ fn insecure_tcp_is_per_export_and_survives_restart() {
     for round in 0..2 {
         let port = tcp_port(&d);
         assert_eq!(names(port), ["b"], "round {round}");
-        assert!(plain_read(port, "a").is_none(), "round {round}: a served in plain");
+        assert!(
+            plain_read(port, "a").is_none(),
+            "round {round}: a served in plain"
+        );
         let mut want = vec![0u8; 512];
         fill_pattern(&mut want, 0, 5);
         assert_eq!(plain_read(port, "b"), Some(want), "round {round}");

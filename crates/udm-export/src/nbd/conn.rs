@@ -165,7 +165,11 @@ fn handshake(
             if opt == OPT_EXPORT_NAME {
                 return Ok(Hs::End);
             }
-            h.err(opt, REP_ERR_TLS_REQD, "TLS required: send NBD_OPT_STARTTLS first")?;
+            h.err(
+                opt,
+                REP_ERR_TLS_REQD,
+                "TLS required: send NBD_OPT_STARTTLS first",
+            )?;
             continue;
         }
         match opt {

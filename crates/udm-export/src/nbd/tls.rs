@@ -257,10 +257,9 @@ impl ConnSecurity {
     #[allow(clippy::type_complexity)]
     pub(crate) fn upgrade(&self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
         let Kind::Tcp {
-            policy:
-                TcpSecurity {
-                    tls: Some(creds), ..
-                },
+            policy: TcpSecurity {
+                tls: Some(creds), ..
+            },
             sock,
         } = &self.kind
         else {

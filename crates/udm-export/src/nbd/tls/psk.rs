@@ -8,10 +8,10 @@
 
 use super::stream::Engine;
 use super::TlsError;
+use openssl::ex_data::Index;
 use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVersion,
 };
-use openssl::ex_data::Index;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -41,7 +41,9 @@ pub(crate) fn parse_keys(path: &Path, text: &str) -> Result<HashMap<String, Vec<
         }
         let hex = hex.trim();
         if hex.is_empty() || hex.len() % 2 != 0 || hex.len() / 2 > MAX_KEY {
-            return Err(bad("the key must be an even number of hex digits (at most 512)"));
+            return Err(bad(
+                "the key must be an even number of hex digits (at most 512)",
+            ));
         }
         let mut key = Vec::with_capacity(hex.len() / 2);
         for pair in hex.as_bytes().chunks(2) {
@@ -220,5 +222,24 @@ impl Engine for OpensslEngine {
         USER_IDX
             .get()
             .and_then(|i| self.s.ssl().ex_data(*i).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn key_file_format() {
+        let p = Path::new("keys.psk");
+        let k = parse_keys(p, "# comment\nalice:00ff10\n\nbob:ABcd\r\n").unwrap();
+        assert_eq!(k["alice"], [0, 0xff, 0x10]);
+        assert_eq!(k["bob"], [0xab, 0xcd]);
+        for bad in ["alice", "alice:", ":00", "alice:0", "alice:zz", ""] {
+            assert!(parse_keys(p, bad).is_err(), "{bad:?} accepted");
+        }
+        let e = parse_keys(p, "a:00\nb:xyz1\n").unwrap_err().to_string();
+        assert!(e.contains("keys.psk:2"), "{e}");
     }
 }
