@@ -565,7 +565,7 @@ fn insecure_listener_serves_only_marked_exports() {
     assert_eq!(typ, REP_ERR_UNKNOWN, "{}", String::from_utf8_lossy(&msg));
     c.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
     let (_, typ, _) = read_option_reply(&mut c).unwrap();
-    assert_eq!(typ, REP_ERR_POLICY);
+    assert_eq!(typ, REP_ERR_UNSUP);
     let mut cl = udm_export::nbd::client::Client::connect(tcp(s.port), "open", true).unwrap();
     cl.write(0, &[0x42; 4096]).unwrap();
     cl.flush().unwrap();
@@ -610,7 +610,7 @@ fn unix_socket_stays_plain_and_refuses_starttls() {
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     greet(&mut c).unwrap();
     c.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
-    assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ERR_POLICY);
+    assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ERR_UNSUP);
     let names: Vec<String> =
         udm_export::nbd::client::list(std::os::unix::net::UnixStream::connect(&sock).unwrap())
             .unwrap()

@@ -18,7 +18,7 @@
 //! require `NBD_OPT_STARTTLS` before anything else (`NBD_REP_ERR_TLS_REQD`, nothing listed or
 //! described before it). Plain TCP needs an explicit opt-in on the listener and serves only
 //! exports marked `insecure_tcp`. Unix sockets stay plain (`NBD_OPT_STARTTLS` gets
-//! `NBD_REP_ERR_POLICY` there).
+//! `NBD_REP_ERR_UNSUP` there, as on any listener without credentials).
 
 pub mod client;
 mod conn;

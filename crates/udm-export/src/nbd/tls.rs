@@ -13,7 +13,7 @@ mod psk;
 mod stream;
 mod x509;
 
-use super::proto::{REP_ERR_INVALID, REP_ERR_POLICY};
+use super::proto::{REP_ERR_INVALID, REP_ERR_UNSUP};
 use super::server::Export;
 use parking_lot::Mutex;
 use std::io::{self, Read, Write};
@@ -247,7 +247,8 @@ impl ConnSecurity {
                 policy: TcpSecurity { tls: Some(_), .. },
                 ..
             } => None,
-            _ => Some((REP_ERR_POLICY, "TLS is not configured on this listener")),
+            // As a server without TLS support answers (clients then report "TLS not supported").
+            _ => Some((REP_ERR_UNSUP, "TLS is not configured on this socket")),
         }
     }
 
