@@ -41,16 +41,22 @@ struct Args {
     nbd_listen: Option<String>,
     /// X.509 credentials for NBD over TCP: a directory holding ca-cert.pem, server-cert.pem
     /// and server-key.pem (the layout of qemu, libnbd and nbdkit).
-    #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "tls_psk",
+        requires = "nbd_listen"
+    )]
     tls_creds: Option<PathBuf>,
     /// With --tls-creds: require a client certificate signed by ca-cert.pem.
     #[arg(long, requires = "tls_creds")]
     tls_verify_peer: bool,
     /// Pre-shared keys for NBD over TCP: a file of `username:hexkey` lines (psktool, nbdkit).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "nbd_listen")]
     tls_psk: Option<PathBuf>,
     /// Serve NBD exports added with `--insecure-tcp` over plain TCP: unencrypted and
-    /// unauthenticated, to anyone who can reach the port. Other exports still need TLS.
+    /// unauthenticated, to anyone who can reach the port. Other exports are served over TCP
+    /// only with TLS (--tls-creds or --tls-psk), or not at all.
     #[arg(long, requires = "nbd_listen")]
     nbd_insecure_tcp: bool,
     /// Create mapped devices at start-up, in the concise syntax of the kernel's `dm-mod.create=`:
