@@ -126,15 +126,21 @@ impl TlsCreds {
     fn start(
         &self,
         sock: TcpStream,
-    ) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Option<String>)> {
+    ) -> io::Result<(
+        Box<dyn Read + Send>,
+        Box<dyn Write + Send>,
+        Option<String>,
+        String,
+    )> {
         let mut engine: Box<dyn stream::Engine> = match &self.creds {
             Creds::X509(cfg) => Box::new(x509::RustlsEngine::new(cfg)?),
             Creds::Psk(ctx) => Box::new(psk::OpensslEngine::new(ctx)?),
         };
         let leftover = stream::handshake(engine.as_mut(), &sock)?;
         let peer = engine.peer();
+        let suite = engine.suite();
         let (r, w) = stream::split(engine, sock, leftover);
-        Ok((r, w, peer))
+        Ok((r, w, peer, suite))
     }
 }
 
@@ -271,11 +277,11 @@ impl ConnSecurity {
             .take()
             .ok_or_else(|| io::Error::other("TLS was already started"))?;
         let peer = sock.peer_addr().ok();
-        let (r, w, user) = creds.start(sock).inspect_err(|e| {
+        let (r, w, user, suite) = creds.start(sock).inspect_err(|e| {
             tracing::warn!(peer = ?peer, error = %e, "NBD TLS handshake failed");
         })?;
         self.encrypted.store(true, Ordering::SeqCst);
-        tracing::info!(peer = ?peer, user = ?user, "NBD connection upgraded to TLS");
+        tracing::info!(peer = ?peer, user = ?user, %suite, "NBD connection upgraded to TLS");
         Ok((r, w))
     }
 }

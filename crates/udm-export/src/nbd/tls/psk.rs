@@ -3,7 +3,8 @@
 //!
 //! Why openssl and not rustls: rustls has no external-PSK support (rustls issue #174; the
 //! pull request adding it, #2424, is not merged as of rustls 0.23.46), so the PSK handshake is
-//! done by OpenSSL (TLS 1.3 with the `psk_dhe_ke` mode and TLS 1.2 PSK suites). It runs behind
+//! done by OpenSSL (TLS 1.3 PSK, e.g. `TLS_CHACHA20_POLY1305_SHA256` with gnutls clients, and
+//! TLS 1.2 PSK suites). It runs behind
 //! the same [`Engine`] abstraction as rustls: an `SslStream` over an in-memory transport.
 
 use super::stream::Engine;
@@ -216,6 +217,15 @@ impl Engine for OpensslEngine {
 
     fn handshaking(&self) -> bool {
         self.handshaking
+    }
+
+    fn suite(&self) -> String {
+        let ssl = self.s.ssl();
+        format!(
+            "{} {}",
+            ssl.version_str(),
+            ssl.current_cipher().map_or("?", |c| c.name())
+        )
     }
 
     fn peer(&self) -> Option<String> {

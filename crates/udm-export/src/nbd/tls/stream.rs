@@ -29,6 +29,8 @@ pub(crate) trait Engine: Send {
     fn handshaking(&self) -> bool;
     /// Who the peer proved to be (PSK username), for the log.
     fn peer(&self) -> Option<String>;
+    /// Negotiated protocol version and cipher suite, for the log.
+    fn suite(&self) -> String;
 }
 
 /// The TLS handshake must finish within this time (a client that stalls is dropped).

@@ -120,4 +120,12 @@ impl Engine for RustlsEngine {
     fn peer(&self) -> Option<String> {
         None
     }
+
+    fn suite(&self) -> String {
+        format!(
+            "{:?} {:?}",
+            self.0.protocol_version(),
+            self.0.negotiated_cipher_suite().map(|s| s.suite())
+        )
+    }
 }
