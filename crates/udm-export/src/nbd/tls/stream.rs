@@ -101,16 +101,6 @@ struct Shared {
     sock: TcpStream,
 }
 
-impl Shared {
-    /// Sends whatever the engine has queued (alerts, key updates after a read).
-    fn flush_queued(&self) -> io::Result<()> {
-        let _s = self.send.lock();
-        let mut out = Vec::new();
-        self.engine.lock().drain(&mut out)?;
-        (&self.sock).write_all(&out)
-    }
-}
-
 /// Splits an established session into halves usable from different threads.
 pub(crate) fn split(
     engine: Box<dyn Engine>,
@@ -240,7 +230,9 @@ impl Write for TlsWriter {
         Ok(parts.iter().map(|p| p.len()).sum())
     }
 
+    /// Nothing to do: `send` wrote everything, and ciphertext the reader's input produced
+    /// (alerts, key updates) is sent by the reader itself.
     fn flush(&mut self) -> io::Result<()> {
-        self.shared.flush_queued()
+        Ok(())
     }
 }
