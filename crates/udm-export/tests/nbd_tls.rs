@@ -591,6 +591,16 @@ fn selective_tls_serves_marked_exports_plain_and_the_rest_after_starttls() {
     c.write_all(&option_request(OPT_GO, &info_request_data("vol", &[])))
         .unwrap();
     assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ERR_TLS_REQD);
+    // A name that does not exist gets the same answer: a plain client learns no names.
+    c.write_all(&option_request(OPT_INFO, &info_request_data("nope", &[])))
+        .unwrap();
+    assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ERR_TLS_REQD);
+    let names: Vec<String> = udm_export::nbd::client::list(tcp(s.port))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["open"]);
     run(Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/open", s.port)));
     fails(Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/vol", s.port)));
     run(Command::new("nbdinfo").arg(format!(

@@ -4,7 +4,6 @@
 
 use super::proto::*;
 use super::server::{ConnCtl, Export, NbdServer};
-use super::tls::Visible;
 use parking_lot::{Condvar, Mutex};
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -236,14 +235,9 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")?;
                     continue;
                 };
-                let export = server.lookup(name);
-                if let Some(Visible::TlsRequired) = export.as_ref().map(|e| ctl.security.visible(e))
-                {
-                    h.err(opt, REP_ERR_TLS_REQD, "this export requires TLS")?;
-                    continue;
-                }
-                let Some(export) = export.filter(|e| ctl.security.shown(e)) else {
-                    h.err(opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
+                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(e)) else {
+                    let (typ, msg) = ctl.security.not_shown(name);
+                    h.err(opt, typ, &msg)?;
                     continue;
                 };
                 let size = export_size(&export);

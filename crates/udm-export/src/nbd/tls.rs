@@ -13,7 +13,7 @@ mod psk;
 mod stream;
 mod x509;
 
-use super::proto::{REP_ERR_INVALID, REP_ERR_UNSUP};
+use super::proto::{REP_ERR_INVALID, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_ERR_UNSUP};
 use super::server::Export;
 use parking_lot::Mutex;
 use std::io::{self, Read, Write};
@@ -170,15 +170,6 @@ pub struct ConnSecurity {
     encrypted: AtomicBool,
 }
 
-/// Whether an export may be shown to a connection in its current state.
-pub(crate) enum Visible {
-    Yes,
-    /// Only after STARTTLS.
-    TlsRequired,
-    /// Not over this connection at all (answered like an unknown name).
-    Hidden,
-}
-
 impl ConnSecurity {
     /// A trusted local connection (Unix socket): every export, no TLS.
     pub fn local() -> ConnSecurity {
@@ -219,25 +210,29 @@ impl ConnSecurity {
     }
 
     /// Whether `export` may be listed, described or served now.
-    pub(crate) fn visible(&self, export: &Export) -> Visible {
+    pub(crate) fn shown(&self, export: &Export) -> bool {
         match &self.kind {
-            Kind::Local => Visible::Yes,
-            _ if self.encrypted() => Visible::Yes,
+            Kind::Local => true,
             Kind::Tcp { policy, .. } => {
-                if policy.allow_insecure && export.opts.insecure_tcp {
-                    Visible::Yes
-                } else if policy.tls.is_some() {
-                    Visible::TlsRequired
-                } else {
-                    Visible::Hidden
-                }
+                self.encrypted() || (policy.allow_insecure && export.opts.insecure_tcp)
             }
         }
     }
 
-    /// [`visible`](Self::visible) is `Yes`.
-    pub(crate) fn shown(&self, export: &Export) -> bool {
-        matches!(self.visible(export), Visible::Yes)
+    /// The answer to `NBD_OPT_INFO`/`GO` for a name that is not [`shown`](Self::shown): before
+    /// STARTTLS on a listener with TLS, "TLS required" whether or not the export exists (a
+    /// plain client learns no names); otherwise "unknown export".
+    pub(crate) fn not_shown(&self, name: &str) -> (u32, String) {
+        match &self.kind {
+            Kind::Tcp {
+                policy: TcpSecurity { tls: Some(_), .. },
+                ..
+            } if !self.encrypted() => (
+                REP_ERR_TLS_REQD,
+                "TLS required: send NBD_OPT_STARTTLS first".into(),
+            ),
+            _ => (REP_ERR_UNKNOWN, format!("no export named {name:?}")),
+        }
     }
 
     /// Why `NBD_OPT_STARTTLS` is refused here, if it is (reply type and message).
