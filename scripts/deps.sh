@@ -6,12 +6,14 @@
 set -euo pipefail
 want=(fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit qemu-io:qemu-utils
       qemu-storage-daemon:qemu-utils mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fusermount3:fuse3
-      sfdisk:fdisk losetup:mount era_check:thin-provisioning-tools jq:jq bc:bc)
+      sfdisk:fdisk losetup:mount era_check:thin-provisioning-tools jq:jq bc:bc openssl:openssl)
 missing=()
 for w in "${want[@]}"; do
   tool=${w%%:*}; pkg=${w##*:}
   command -v "$tool" >/dev/null 2>&1 || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
 done
+# Build dependency: NBD TLS-PSK uses the openssl crate (openssl-sys links libssl).
+pkg-config --exists openssl 2>/dev/null || missing+=(pkg-config libssl-dev)
 if ((${#missing[@]})); then
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   echo "deps: installing ${missing[*]}"

@@ -68,7 +68,7 @@ impl Exports {
     /// The id an export of `device` of this kind has.
     pub fn id_for(device: &str, kind: &ExportKind) -> String {
         match kind {
-            ExportKind::Nbd { name } => format!("nbd:{}", name.as_deref().unwrap_or(device)),
+            ExportKind::Nbd { name, .. } => format!("nbd:{}", name.as_deref().unwrap_or(device)),
             ExportKind::Fuse { dir } => format!("fuse:{}", dir.join(device).display()),
             ExportKind::Ublk => format!("ublk:{device}"),
         }
@@ -97,7 +97,7 @@ impl Exports {
         let dev: Arc<dyn BlockDevice> = node;
         let ro = read_only || dev.read_only();
         let r: Result<(), CoreError> = match kind {
-            ExportKind::Nbd { name } => self
+            ExportKind::Nbd { name, insecure_tcp } => self
                 .nbd
                 .add_export(
                     name.as_deref().unwrap_or(device),
@@ -105,6 +105,7 @@ impl Exports {
                     NbdExportOptions {
                         read_only: ro,
                         description: Some(format!("udm device {device}")),
+                        insecure_tcp: *insecure_tcp,
                     },
                 )
                 .map_err(core_err),
@@ -198,7 +199,7 @@ impl Exports {
     /// not be called with the control lock held.
     pub fn finish(&self, r: Removal) {
         let Some(e) = r.entry else { return };
-        if let ExportKind::Nbd { name } = &e.kind {
+        if let ExportKind::Nbd { name, .. } = &e.kind {
             if let Err(err) = self.nbd.remove_export(name.as_deref().unwrap_or(&e.device)) {
                 tracing::warn!(export = %e.id, "NBD export removal: {err}");
             }
@@ -248,7 +249,7 @@ impl Exports {
                     bytes_written: 0,
                 };
                 match &e.kind {
-                    ExportKind::Nbd { name } => {
+                    ExportKind::Nbd { name, .. } => {
                         let n = name.as_deref().unwrap_or(&e.device);
                         r.kind = "nbd".into();
                         r.location =

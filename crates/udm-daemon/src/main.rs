@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_core::registry::{LoadFlags, ResumeOptions};
 use udm_core::Registry;
-use udm_export::nbd::NbdServer;
+use udm_export::nbd::{ListenAddr, NbdServer, TcpSecurity, TlsCreds};
 use udm_proto::paths;
 
 /// udmd — user-space device-mapper daemon with live interposition.
@@ -37,8 +37,29 @@ struct Args {
     #[arg(long, env = "UDM_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Also serve NBD on TCP at ADDR:PORT or PORT (127.0.0.1 unless an address is given).
+    /// Clients must use TLS (NBD_OPT_STARTTLS): give --tls-creds or --tls-psk.
     #[arg(long, value_name = "ADDR:PORT")]
     nbd_listen: Option<String>,
+    /// X.509 credentials for NBD over TCP: a directory holding ca-cert.pem, server-cert.pem
+    /// and server-key.pem (the layout of qemu, libnbd and nbdkit).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "tls_psk",
+        requires = "nbd_listen"
+    )]
+    tls_creds: Option<PathBuf>,
+    /// With --tls-creds: require a client certificate signed by ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    tls_verify_peer: bool,
+    /// Pre-shared keys for NBD over TCP: a file of `username:hexkey` lines (psktool, nbdkit).
+    #[arg(long, value_name = "FILE", requires = "nbd_listen")]
+    tls_psk: Option<PathBuf>,
+    /// Serve NBD exports added with `--insecure-tcp` over plain TCP: unencrypted and
+    /// unauthenticated, to anyone who can reach the port. Other exports are served over TCP
+    /// only with TLS (--tls-creds or --tls-psk), or not at all.
+    #[arg(long, requires = "nbd_listen")]
+    nbd_insecure_tcp: bool,
     /// Create mapped devices at start-up, in the concise syntax of the kernel's `dm-mod.create=`:
     /// `name,uuid,minor,flags,table[,table...][;name,...]`; flags `ro`, `rw`, `ro+interpose`,
     /// `rw+interpose`. Devices that already exist (restored from the state) are left alone.
@@ -60,6 +81,40 @@ fn parse_listen(s: &str) -> Result<SocketAddr> {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     bail!("--nbd-listen {s:?}: expected PORT, :PORT or ADDR:PORT")
+}
+
+/// The TCP listener's security from the flags; refuses plain TCP unless asked for explicitly.
+fn tcp_security(args: &Args) -> Result<TcpSecurity> {
+    let tls = match (&args.tls_creds, &args.tls_psk) {
+        (Some(dir), _) => Some(
+            TlsCreds::x509_dir(dir, args.tls_verify_peer)
+                .with_context(|| format!("--tls-creds {}", dir.display()))?,
+        ),
+        (None, Some(f)) => {
+            Some(TlsCreds::psk_file(f).with_context(|| format!("--tls-psk {}", f.display()))?)
+        }
+        (None, None) => None,
+    };
+    if tls.is_none() && !args.nbd_insecure_tcp {
+        bail!(
+            "--nbd-listen without TLS credentials: NBD over TCP would be readable and writable by \
+             anyone who can reach the port. Give --tls-creds DIR (X.509) or --tls-psk FILE, or \
+             --nbd-insecure-tcp to serve exports added with `--insecure-tcp` in plain text"
+        );
+    }
+    if args.nbd_insecure_tcp {
+        tracing::warn!(
+            "--nbd-insecure-tcp: exports added with --insecure-tcp are served over plain TCP, \
+             UNENCRYPTED AND UNAUTHENTICATED, to anyone who can reach the port"
+        );
+    }
+    if let Some(t) = &tls {
+        tracing::info!(credentials = ?t, "NBD over TCP requires TLS");
+    }
+    Ok(TcpSecurity {
+        tls: tls.map(Arc::new),
+        allow_insecure: args.nbd_insecure_tcp,
+    })
 }
 
 /// Takes an exclusive lock in the runtime directory so two daemons never serve the same state.
@@ -127,6 +182,11 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Checked before anything is set up: a misconfigured listener must not start.
+    let tcp = match &args.nbd_listen {
+        Some(l) => Some((parse_listen(l)?, tcp_security(&args)?)),
+        None => None,
+    };
     let runtime = args.runtime_dir.clone().unwrap_or_else(paths::runtime_dir);
     let state_dir = args.state_dir.clone().unwrap_or_else(paths::state_dir);
     dirs::prepare(&runtime, dirs::is_shared_tmp_fallback(&runtime))?;
@@ -164,11 +224,14 @@ fn main() -> Result<()> {
     nbd.listen_unix(&nbd_path)
         .with_context(|| format!("NBD socket {}", nbd_path.display()))?;
     std::fs::set_permissions(&nbd_path, std::fs::Permissions::from_mode(0o600))?;
-    if let Some(l) = &args.nbd_listen {
-        let addr = parse_listen(l)?;
-        nbd.listen_tcp(addr)
+    if let Some((addr, security)) = tcp {
+        nbd.listen_tcp(addr, security)
             .with_context(|| format!("NBD TCP listener {addr}"))?;
-        tracing::info!(%addr, "NBD listening on TCP");
+        for a in nbd.listen_addrs() {
+            if let ListenAddr::Tcp(bound) = a {
+                tracing::info!(addr = %bound, "NBD listening on TCP");
+            }
+        }
     }
     let listener = bind_socket(&control_path)?;
     let d = daemon.clone();

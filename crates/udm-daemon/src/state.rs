@@ -86,7 +86,10 @@ mod tests {
             registry: RegistryConfig::default(),
             exports: vec![ExportConfig {
                 device: "a".into(),
-                export: ExportKind::Nbd { name: None },
+                export: ExportKind::Nbd {
+                    name: None,
+                    insecure_tcp: false,
+                },
                 read_only: false,
             }],
         };

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use udm_export::nbd::{NbdExportOptions, NbdServer};
+use udm_export::nbd::{NbdExportOptions, NbdServer, TcpSecurity};
 use udm_io::backend::file::FileDevice;
 
 fn usage() -> ! {
@@ -54,9 +54,12 @@ fn main() {
         }
     };
     let server = NbdServer::new();
+    // A development tool: its TCP listener is plain (loudly logged), like `qemu-nbd` without
+    // `--tls-creds`; udmd requires TLS.
     let opts = NbdExportOptions {
         read_only,
         description,
+        insecure_tcp: tcp.is_some(),
     };
     if let Err(e) = server.add_export(&name, dev, opts) {
         eprintln!("nbd-serve: {e}");
@@ -69,7 +72,13 @@ fn main() {
         }
     }
     if let Some(a) = tcp {
-        if let Err(e) = server.listen_tcp(a) {
+        if let Err(e) = server.listen_tcp(
+            a,
+            TcpSecurity {
+                tls: None,
+                allow_insecure: true,
+            },
+        ) {
             eprintln!("nbd-serve: {e}");
             std::process::exit(1);
         }

@@ -62,6 +62,7 @@ fn env(size: u64) -> Env {
             NbdExportOptions {
                 read_only: false,
                 description: Some("interop disk".into()),
+                insecure_tcp: false,
             },
         )
         .unwrap();

@@ -45,6 +45,7 @@ fn env() -> Env {
             NbdExportOptions {
                 read_only: false,
                 description: Some("a memory disk".into()),
+                insecure_tcp: false,
             },
         )
         .unwrap();
@@ -55,6 +56,7 @@ fn env() -> Env {
             NbdExportOptions {
                 read_only: true,
                 description: None,
+                insecure_tcp: false,
             },
         )
         .unwrap();

@@ -116,7 +116,10 @@ mod tests {
             },
             Request::ExportAdd {
                 device: "a".into(),
-                export: ExportKind::Nbd { name: None },
+                export: ExportKind::Nbd {
+                    name: None,
+                    insecure_tcp: false,
+                },
                 read_only: true,
             },
         ];

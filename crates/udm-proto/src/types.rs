@@ -49,6 +49,10 @@ pub enum ExportKind {
     Nbd {
         /// Export name (defaults to the device name).
         name: Option<String>,
+        /// Also served over plain TCP when udmd runs with `--nbd-insecure-tcp` (otherwise TCP
+        /// clients need TLS). Recorded with the export so restarts keep it.
+        #[serde(default)]
+        insecure_tcp: bool,
     },
     /// FUSE file `DIR/DEV`.
     Fuse {

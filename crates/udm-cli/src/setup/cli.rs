@@ -471,6 +471,11 @@ pub struct ExportAddArgs {
     /// NBD export name (default: the device name).
     #[arg(long, requires = "nbd", value_name = "NAME")]
     pub name: Option<String>,
+    /// Also serve this NBD export over plain, unauthenticated TCP when udmd runs with
+    /// `--nbd-insecure-tcp` (otherwise TCP clients must use TLS). Anyone who can reach the
+    /// port can then read and write the device.
+    #[arg(long, requires = "nbd")]
+    pub insecure_tcp: bool,
     /// FUSE file in this directory.
     #[arg(long, value_name = "DIR")]
     pub fuse: Option<PathBuf>,

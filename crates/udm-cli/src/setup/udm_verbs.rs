@@ -56,7 +56,10 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
             } else if a.ublk {
                 ExportKind::Ublk
             } else {
-                ExportKind::Nbd { name: a.name }
+                ExportKind::Nbd {
+                    name: a.name,
+                    insecure_tcp: a.insecure_tcp,
+                }
             };
             let kind_name = match &kind {
                 ExportKind::Nbd { .. } => "nbd",

@@ -472,7 +472,10 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
         None => None,
         Some(kind) => {
             let export = if kind == "nbd" {
-                ExportKind::Nbd { name: None }
+                ExportKind::Nbd {
+                    name: None,
+                    insecure_tcp: false,
+                }
             } else {
                 let dir = a
                     .fuse_dir

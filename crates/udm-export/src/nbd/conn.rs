@@ -160,12 +160,23 @@ fn handshake(
             h.err(opt, REP_ERR_SHUTDOWN, "server is shutting down")?;
             continue;
         }
+        if ctl.security.tls_required() && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                return Ok(Hs::End);
+            }
+            h.err(
+                opt,
+                REP_ERR_TLS_REQD,
+                "TLS required: send NBD_OPT_STARTTLS first",
+            )?;
+            continue;
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 let Ok(name) = std::str::from_utf8(&data) else {
                     return Ok(Hs::End);
                 };
-                let Some(export) = server.lookup(name) else {
+                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(e)) else {
                     tracing::debug!(name, "NBD_OPT_EXPORT_NAME for unknown export; dropping");
                     return Ok(Hs::End);
                 };
@@ -195,6 +206,9 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                 } else {
                     for e in server.export_list() {
+                        if !ctl.security.shown(&e) {
+                            continue;
+                        }
                         let mut d = Vec::new();
                         d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                         d.extend_from_slice(e.name.as_bytes());
@@ -221,8 +235,9 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")?;
                     continue;
                 };
-                let Some(export) = server.lookup(name) else {
-                    h.err(opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
+                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(e)) else {
+                    let (typ, msg) = ctl.security.not_shown(name);
+                    h.err(opt, typ, &msg)?;
                     continue;
                 };
                 let size = export_size(&export);
@@ -312,7 +327,7 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "malformed meta context request")?;
                     continue;
                 };
-                if server.lookup(name).is_none() {
+                if !server.lookup(name).is_some_and(|e| ctl.security.shown(&e)) {
                     h.err(opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
                     continue;
                 }
@@ -332,6 +347,25 @@ fn handshake(
                 h.reply(opt, REP_ACK, &[])?;
                 if set {
                     meta = Some((name.to_string(), matched));
+                }
+            }
+            OPT_STARTTLS => {
+                if let Some((typ, msg)) = ctl.security.starttls_refusal(!data.is_empty()) {
+                    h.err(opt, typ, msg)?;
+                } else if !r.buffer().is_empty() {
+                    // The client must wait for our reply before its TLS ClientHello.
+                    tracing::debug!("NBD client sent data after NBD_OPT_STARTTLS; dropping");
+                    return Ok(Hs::End);
+                } else {
+                    h.reply(opt, REP_ACK, &[])?;
+                    h.w.flush()?;
+                    let (nr, nw) = ctl.security.upgrade()?;
+                    *r = BufReader::with_capacity(128 << 10, nr);
+                    *h.w = nw;
+                    // Everything negotiated in plain text is forgotten (NBD spec, TLS section).
+                    structured = false;
+                    meta = None;
+                    continue;
                 }
             }
             _ => {

@@ -12,15 +12,22 @@
 //! beyond that the connection is dropped). Metadata queries: `base:allocation` is the only
 //! context; `NBD_OPT_LIST_META_CONTEXT` accepts `base:` as a wildcard, other namespaces match
 //! nothing. Successful non-read replies are simple replies even with structured replies on;
-//! errors are structured (with a message) when negotiated. No TLS (`NBD_OPT_STARTTLS` gets
-//! `NBD_REP_ERR_UNSUP`).
+//! errors are structured (with a message) when negotiated.
+//!
+//! TLS ([`tls`]): TCP listeners take X.509 (rustls) or PSK (OpenSSL) credentials and then
+//! require `NBD_OPT_STARTTLS` before anything else (`NBD_REP_ERR_TLS_REQD`, nothing listed or
+//! described before it). Plain TCP needs an explicit opt-in on the listener and serves only
+//! exports marked `insecure_tcp`. Unix sockets stay plain (`NBD_OPT_STARTTLS` gets
+//! `NBD_REP_ERR_UNSUP` there, as on any listener without credentials).
 
 pub mod client;
 mod conn;
 pub mod proto;
 mod server;
+pub mod tls;
 
 pub use server::{NbdExportInfo, NbdExportOptions, NbdServer, NbdStats};
+pub use tls::{ConnSecurity, TcpSecurity, TlsCreds, TlsError};
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -111,6 +118,13 @@ pub trait NbdStream: Send + 'static {
         Box<dyn Write + Send>,
         Box<dyn StreamControl>,
     )>;
+
+    /// What the connection may see and whether it can start TLS; called before `split`. The
+    /// default is a trusted local connection (every export, no TLS): right for Unix sockets
+    /// and for streams the embedder vouches for. The TCP listener returns its own policy.
+    fn security(&self) -> io::Result<ConnSecurity> {
+        Ok(ConnSecurity::local())
+    }
 }
 
 struct SockCtl<S>(S);
@@ -210,6 +224,7 @@ fn fuzz_server() -> std::sync::Arc<NbdServer> {
         NbdExportOptions {
             read_only: false,
             description: Some("fuzz target".into()),
+            insecure_tcp: false,
         },
     );
     let ro = std::sync::Arc::new(udm_io::backend::mem::MemDevice::new(16));
@@ -219,6 +234,7 @@ fn fuzz_server() -> std::sync::Arc<NbdServer> {
         NbdExportOptions {
             read_only: true,
             description: None,
+            insecure_tcp: false,
         },
     );
     server

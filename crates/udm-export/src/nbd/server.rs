@@ -22,6 +22,9 @@ pub struct NbdExportOptions {
     pub read_only: bool,
     /// Shown by `nbdinfo --list` and `NBD_INFO_DESCRIPTION`.
     pub description: Option<String>,
+    /// Also served over plain (unencrypted, unauthenticated) TCP, on listeners that allow it
+    /// ([`TcpSecurity::allow_insecure`](super::TcpSecurity)). Off: TCP clients need TLS.
+    pub insecure_tcp: bool,
 }
 
 /// Request counters of one export, summed over all its connections (past and present).
@@ -139,6 +142,8 @@ impl Export {
 pub(crate) struct ConnCtl {
     pub id: u64,
     pub stream: Box<dyn StreamControl>,
+    /// Which exports the handshake may show, and the STARTTLS upgrade.
+    pub security: super::ConnSecurity,
     /// Set when the server wants the connection gone (remove_export / shutdown).
     pub stopping: AtomicBool,
     done: Mutex<bool>,
@@ -309,12 +314,28 @@ impl NbdServer {
         Ok(())
     }
 
-    /// Listens on a TCP address (`TCP_NODELAY` on every connection).
-    pub fn listen_tcp(self: &Arc<Self>, addr: SocketAddr) -> Result<(), NbdError> {
+    /// Listens on a TCP address (`TCP_NODELAY` on every connection). Clients must start TLS
+    /// with `security.tls`; without credentials `security.allow_insecure` must be set (the
+    /// listener is refused otherwise), and only `insecure_tcp` exports are served in plain.
+    pub fn listen_tcp(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        security: super::TcpSecurity,
+    ) -> Result<(), NbdError> {
         let err = |source| NbdError::Listen {
             addr: addr.to_string(),
             source,
         };
+        if security.tls.is_none() && !security.allow_insecure {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no TLS credentials, and plain TCP was not allowed explicitly",
+            )));
+        }
+        if security.allow_insecure {
+            tracing::warn!(%addr, "NBD over plain TCP allowed: exports marked insecure_tcp are served unencrypted and unauthenticated to anyone who can connect");
+        }
+        let policy = Arc::new(security);
         let listener = TcpListener::bind(addr).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         let me = self.clone();
@@ -323,7 +344,10 @@ impl NbdServer {
             .name("nbd-accept".into())
             .spawn(move || {
                 me.accept_loop(listener.as_raw_fd(), || match listener.accept() {
-                    Ok((s, _)) => Some(s),
+                    Ok((sock, _)) => Some(super::tls::TcpConn {
+                        sock,
+                        policy: policy.clone(),
+                    }),
                     Err(_) => None,
                 })
             })
@@ -408,6 +432,10 @@ impl NbdServer {
         ),
         NbdError,
     > {
+        let security = stream.security().map_err(|source| NbdError::Stream {
+            op: "prepare the TLS policy",
+            source,
+        })?;
         let (r, w, c) = stream.split().map_err(|source| NbdError::Stream {
             op: "split the stream",
             source,
@@ -415,6 +443,7 @@ impl NbdServer {
         let ctl = Arc::new(ConnCtl {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             stream: c,
+            security,
             stopping: AtomicBool::new(false),
             done: Mutex::new(false),
             done_cv: Condvar::new(),
