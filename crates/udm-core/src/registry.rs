@@ -22,6 +22,11 @@ use udm_target::{DevRef, EventSink, TargetEnv, TargetError};
 use udm_types::errno::HasErrno;
 use udm_types::{DevId, DevName, Errno};
 
+mod implicit;
+mod unavailable;
+
+use unavailable::Pending;
+
 /// Major number of disks (16 minors each: the disk and 15 partitions), as sd uses.
 pub const DISK_MAJOR: u32 = 8;
 /// Major number of partitions beyond the 15th (Linux's blkext).
@@ -108,6 +113,11 @@ pub struct DiskInfo {
     pub partitions: Vec<PartitionSummary>,
     /// Who holds the disk or its partitions.
     pub holders: Vec<String>,
+    /// Why the disk cannot be served now (its backing file could not be opened); `None` when
+    /// it is available.
+    pub unavailable: Option<String>,
+    /// Opened on demand because a table names its path (released when no table uses it).
+    pub implicit: bool,
 }
 
 /// An attached (or pending) interposer of a mapped device.
@@ -158,6 +168,9 @@ pub struct MdInfo {
     pub redirected: u64,
     /// The live table was loaded with `--interpose`.
     pub interposed: bool,
+    /// Why a recorded table could not be rebuilt (a device it names is unavailable); `None`
+    /// when the device is complete.
+    pub unavailable: Option<String>,
 }
 
 /// One line of `table` or `status`.
@@ -197,6 +210,8 @@ pub struct DeviceSummary {
     pub deps: Vec<DevId>,
     /// Devices this one interposes.
     pub interposes: Vec<DevId>,
+    /// Why the device is unavailable, if it is.
+    pub unavailable: Option<String>,
 }
 
 struct DevUse {
@@ -225,6 +240,8 @@ struct MdState {
     live: Option<TableSlot>,
     inactive: Option<TableSlot>,
     deferred_remove: bool,
+    /// Recorded tables not rebuilt yet (a device they name is unavailable).
+    pending: Option<Pending>,
 }
 
 enum EntryKind {
@@ -233,6 +250,10 @@ enum EntryKind {
         read_only: bool,
         direct: bool,
         partitions: Vec<DevId>,
+        /// Opened on demand for a table naming its path.
+        implicit: bool,
+        /// Why the backing file could not be opened (the node is a placeholder meanwhile).
+        unavailable: Option<String>,
     },
     Partition {
         parent: DevId,
@@ -448,6 +469,35 @@ impl Inner {
     }
 }
 
+impl BuildCtx<'_> {
+    /// Records that the table uses `node` for `[begin, begin+len)`.
+    fn use_device(
+        &mut self,
+        id: DevId,
+        node: Arc<DeviceNode>,
+        begin: u64,
+        len: u64,
+        marked: bool,
+    ) -> DevRef {
+        let idx = match self.uses.iter().position(|u| u.dev == id) {
+            Some(i) => i,
+            None => {
+                self.uses.push(DevUse {
+                    dev: id,
+                    access: Arc::new(NodeAccess::new(node.clone())),
+                });
+                self.uses.len() - 1
+            }
+        };
+        self.opens.push((idx, begin, len, marked));
+        DevRef {
+            id,
+            name: node.name(),
+            dev: self.uses[idx].access.clone(),
+        }
+    }
+}
+
 /// The table-construction context: resolves devices, checks claims, records uses.
 struct BuildCtx<'a> {
     inner: &'a Inner,
@@ -460,6 +510,8 @@ struct BuildCtx<'a> {
     uses: Vec<DevUse>,
     /// (use index, target begin, target len, marked with `[interpose]`)
     opens: Vec<(usize, u64, u64, bool)>,
+    /// Disks opened on demand for absolute paths; entered into the registry when the table is.
+    implicit: Vec<implicit::ImplicitDisk>,
 }
 
 impl TableContext for BuildCtx<'_> {
@@ -488,12 +540,13 @@ impl TableContext for BuildCtx<'_> {
         if marked {
             self.interposed = true;
         }
-        let id = self.inner.resolve(path).ok_or_else(|| {
-            TargetError::new(
-                Errno::ENODEV,
-                format!("device {path} not found (add it with `udmsetup disk add`)"),
-            )
-        })?;
+        let id = match self.inner.resolve(path) {
+            Some(id) => id,
+            None => self.open_implicit(path)?,
+        };
+        if let Some(node) = self.implicit_node(id) {
+            return Ok(self.use_device(id, node, begin, len, marked));
+        }
         if id == self.me {
             return Err(TargetError::invalid(format!(
                 "table of {} references its own device",
@@ -504,6 +557,9 @@ impl TableContext for BuildCtx<'_> {
             self.inner.entries.get(&id).ok_or_else(|| {
                 TargetError::new(Errno::ENODEV, format!("device {path} not found"))
             })?;
+        self.inner
+            .usable(id, path)
+            .map_err(|e| TargetError::new(e.errno(), e.to_string()))?;
         if !self.interposed {
             if let Some(h) = entry
                 .holders
@@ -520,22 +576,7 @@ impl TableContext for BuildCtx<'_> {
                 ));
             }
         }
-        let idx = match self.uses.iter().position(|u| u.dev == id) {
-            Some(i) => i,
-            None => {
-                self.uses.push(DevUse {
-                    dev: id,
-                    access: Arc::new(NodeAccess::new(entry.node.clone())),
-                });
-                self.uses.len() - 1
-            }
-        };
-        self.opens.push((idx, begin, len, marked));
-        Ok(DevRef {
-            id,
-            name: entry.node.name(),
-            dev: self.uses[idx].access.clone(),
-        })
+        Ok(self.use_device(id, entry.node.clone(), begin, len, marked))
     }
 
     fn events(&self) -> EventSink {
@@ -585,6 +626,10 @@ impl Registry {
     /// Adds a disk backed by a file or block device, and its partitions.
     pub fn add_disk(&self, name: &str, path: &Path, opts: &DiskOptions) -> Result<DiskInfo> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
+        // `disk add` of an unavailable disk's name and path brings it (and its dependents) back.
+        if let Some(info) = self.add_disk_again(name, path)? {
+            return Ok(info);
+        }
         if let Some(bytes) = opts.create {
             udm_io::backend::file::FileDevice::create(path, bytes).map_err(|e| {
                 CoreError::new(
@@ -623,14 +668,22 @@ impl Registry {
         };
         let backend =
             open_backend(&path, &oo).map_err(|e| CoreError::new(e.errno(), e.to_string()))?;
-        self.insert_disk(name, Some(path), backend, opts.read_only, opts.direct, None)
+        self.insert_disk(
+            name,
+            Some(path),
+            backend,
+            opts.read_only,
+            opts.direct,
+            None,
+            false,
+        )
     }
 
     /// Adds a disk from any block device (memory devices in tests, embedders' own backends).
     pub fn add_disk_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<DiskInfo> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         let ro = dev.read_only();
-        self.insert_disk(name, None, dev, ro, false, None)
+        self.insert_disk(name, None, dev, ro, false, None, false)
     }
 
     fn insert_disk(
@@ -641,11 +694,17 @@ impl Registry {
         read_only: bool,
         direct: bool,
         minor: Option<u32>,
+        implicit: bool,
     ) -> Result<DiskInfo> {
-        let parts = udm_io::partition::read_partitions(backend.as_ref()).unwrap_or_else(|e| {
-            tracing::warn!(disk = name, "partition table ignored: {e}");
+        // A file a table names by path is used whole: its partitions are not served.
+        let parts = if implicit {
             Vec::new()
-        });
+        } else {
+            udm_io::partition::read_partitions(backend.as_ref()).unwrap_or_else(|e| {
+                tracing::warn!(disk = name, "partition table ignored: {e}");
+                Vec::new()
+            })
+        };
         let mut inner = self.inner.lock();
         if inner.names.contains_key(name) {
             return Err(CoreError::Exists(format!("device {name} already exists")));
@@ -707,11 +766,16 @@ impl Registry {
                     read_only,
                     direct,
                     partitions: part_ids,
+                    implicit,
+                    unavailable: None,
                 },
             },
         );
         inner.names.insert(name.to_string(), id);
-        inner.order.push(id);
+        // A revived disk keeps its place in the creation order.
+        if !inner.order.contains(&id) {
+            inner.order.push(id);
+        }
         tracing::info!(disk = name, %id, partitions = parts.len(), "disk added");
         Self::disk_info(&inner, id).ok_or_else(|| nodev(name))
     }
@@ -723,6 +787,8 @@ impl Registry {
             read_only,
             direct,
             partitions,
+            implicit,
+            unavailable,
         } = &e.kind
         else {
             return None;
@@ -752,6 +818,8 @@ impl Registry {
             direct: *direct,
             partitions: parts,
             holders: inner.holders_of(id),
+            unavailable: unavailable.clone(),
+            implicit: *implicit,
         })
     }
 
@@ -807,6 +875,7 @@ impl Registry {
     pub fn open_export(&self, name: &str, holder: &str) -> Result<Arc<DeviceNode>> {
         let mut inner = self.inner.lock();
         let id = inner.id_of(name)?;
+        inner.usable(id, name)?;
         let holders = inner
             .entries
             .get(&id)
@@ -847,7 +916,10 @@ impl Registry {
 
     /// The node of any device, without claiming it (status, tests).
     pub fn node(&self, name: &str) -> Result<Arc<DeviceNode>> {
-        Ok(self.inner.lock().entry(name)?.node.clone())
+        let inner = self.inner.lock();
+        let id = inner.id_of(name)?;
+        inner.usable(id, name)?;
+        Ok(inner.entry(name)?.node.clone())
     }
 
     /// Every device (disks, partitions, mapped), for `ls --tree`.
@@ -882,6 +954,7 @@ impl Registry {
                     kind,
                     deps,
                     interposes,
+                    unavailable: e.unavailable_reason(),
                 }
             })
             .collect()
@@ -933,6 +1006,7 @@ impl Registry {
                         live: None,
                         inactive: None,
                         deferred_remove: false,
+                        pending: None,
                     })),
                 },
             );
@@ -961,7 +1035,9 @@ impl Registry {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
         let md = m.md.clone();
-        let slot = self.build(&inner, id, name, &md, spec, flags)?;
+        inner.available(id, name)?;
+        let (slot, opened) = self.build(&inner, id, name, &md, spec, flags)?;
+        implicit::enter(&mut inner, opened);
         // Claims and shared opens of the new table.
         for u in &slot.uses {
             if let Some(e) = inner.entries.get_mut(&u.dev) {
@@ -989,7 +1065,7 @@ impl Registry {
         md: &Arc<MappedDevice>,
         spec: &TableSpec,
         flags: LoadFlags,
-    ) -> Result<TableSlot> {
+    ) -> Result<(TableSlot, Vec<implicit::ImplicitDisk>)> {
         let events = md.events().clone();
         let mut ctx = BuildCtx {
             inner,
@@ -1001,6 +1077,7 @@ impl Registry {
             env: self.env.clone(),
             uses: Vec::new(),
             opens: Vec::new(),
+            implicit: Vec::new(),
         };
         let table = Table::build(spec, &self.targets, &mut ctx)?;
         let interposed = ctx.interposed;
@@ -1080,7 +1157,7 @@ impl Registry {
                 l.start, l.len, l.target_type, l.params
             ));
         }
-        Ok(TableSlot {
+        let slot = TableSlot {
             config: TableConfig {
                 text,
                 read_only: flags.read_only,
@@ -1093,7 +1170,8 @@ impl Registry {
             uses: ctx.uses,
             hooks: hooks.into_iter().map(|(_, h)| h).collect(),
             interposed,
-        })
+        };
+        Ok((slot, ctx.implicit))
     }
 
     fn release_slot(inner: &mut Inner, me: DevId, slot: &TableSlot) {
@@ -1106,12 +1184,14 @@ impl Registry {
                 }
             }
         }
+        implicit::release_unused(inner);
     }
 
     /// `clear`: destroys the inactive table.
     pub fn clear(&self, name: &str) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, _) = inner.md_entry(name)?;
+        inner.available(id, name)?;
         if let Some(old) = inner.md_mut(id)?.inactive.take() {
             Self::release_slot(&mut inner, id, &old);
         }
@@ -1123,7 +1203,9 @@ impl Registry {
     pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<()> {
         let md = {
             let inner = self.inner.lock();
-            inner.md_entry(name)?.1.md.clone()
+            let (id, m) = inner.md_entry(name)?;
+            inner.available(id, name)?;
+            m.md.clone()
         };
         let _ = flags; // The synchronous data path has no requeue list: noflush and lockfs change nothing.
         md.suspend();
@@ -1136,6 +1218,7 @@ impl Registry {
     pub fn resume(&self, name: &str, opts: &ResumeOptions) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
+        inner.available(id, name)?;
         let md = m.md.clone();
         if m.inactive.is_none() {
             if md.is_suspended() {
@@ -1378,6 +1461,7 @@ impl Registry {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
         let md = m.md.clone();
+        inner.available(id, name)?;
         if inner.names.contains_key(new) {
             return Err(CoreError::Exists(format!("device {new} already exists")));
         }
@@ -1395,6 +1479,7 @@ impl Registry {
     pub fn set_uuid(&self, name: &str, uuid: &str) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
+        inner.available(id, name)?;
         if m.uuid.is_some() {
             return Err(CoreError::invalid(format!(
                 "device {name} already has a uuid; it cannot be changed"
@@ -1459,6 +1544,7 @@ impl Registry {
             interposers,
             redirected: m.md.redirected(),
             interposed: live.is_some_and(|l| l.interposed),
+            unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
         })
     }
 
@@ -1485,6 +1571,9 @@ impl Registry {
 
     /// `table` (`--inactive` for the inactive slot). Empty when the slot is empty.
     pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+        if let Some(recorded) = self.pending_lines(name, inactive) {
+            return Ok(recorded);
+        }
         self.lines(name, inactive, Table::table_lines)
     }
 
@@ -1549,6 +1638,7 @@ impl Registry {
         let (id, table) = {
             let inner = self.inner.lock();
             let (id, m) = inner.md_entry(name)?;
+            inner.available(id, name)?;
             (id, m.live.as_ref().map(|s| s.live.clone()))
         };
         match argv.first().map(String::as_str) {
@@ -1605,6 +1695,7 @@ impl Registry {
                     path: Some(path),
                     read_only,
                     direct,
+                    implicit,
                     ..
                 } => cfg.disks.push(DiskConfig {
                     name: e.node.name(),
@@ -1612,124 +1703,32 @@ impl Registry {
                     read_only: *read_only,
                     direct: *direct,
                     minor: id.minor,
+                    implicit: *implicit,
                 }),
+                // Tables not rebuilt yet are recorded exactly as they were read.
                 EntryKind::Mapped(m) => cfg.mapped.push(MappedConfig {
                     name: e.node.name(),
                     uuid: m.uuid.clone(),
                     minor: id.minor,
-                    live: m.live.as_ref().map(|s| s.config.clone()),
-                    inactive: m.inactive.as_ref().map(|s| s.config.clone()),
-                    suspended: m.md.is_suspended(),
+                    live: m
+                        .pending
+                        .as_ref()
+                        .and_then(|p| p.live.clone())
+                        .or_else(|| m.live.as_ref().map(|s| s.config.clone())),
+                    inactive: m
+                        .pending
+                        .as_ref()
+                        .and_then(|p| p.inactive.clone())
+                        .or_else(|| m.inactive.as_ref().map(|s| s.config.clone())),
+                    suspended: match &m.pending {
+                        Some(p) if p.live.is_some() => p.suspended,
+                        _ => m.md.is_suspended(),
+                    },
                     deferred_remove: m.deferred_remove,
                 }),
                 _ => {}
             }
         }
         cfg
-    }
-
-    /// Loads a recorded table into the inactive slot of `name`.
-    fn load_config(&self, name: &str, t: &TableConfig) -> Result<()> {
-        let spec = TableSpec::parse(&t.text)?;
-        let flags = LoadFlags {
-            read_only: t.read_only,
-            interpose: t.interposed,
-        };
-        self.load(name, &spec, flags)
-    }
-
-    /// Replays a recorded configuration. Returns one message per item that could not be
-    /// restored (the rest is restored regardless).
-    pub fn restore(&self, cfg: &RegistryConfig) -> Vec<String> {
-        let mut problems = Vec::new();
-        for d in &cfg.disks {
-            let oo = OpenOptions {
-                read_only: d.read_only,
-                direct: d.direct,
-                engine: Engine::Auto,
-            };
-            match open_backend(&d.path, &oo) {
-                Ok(b) => {
-                    if let Err(e) = self.insert_disk(
-                        &d.name,
-                        Some(d.path.clone()),
-                        b,
-                        d.read_only,
-                        d.direct,
-                        Some(d.minor),
-                    ) {
-                        problems.push(format!("disk {}: {e}", d.name));
-                    }
-                }
-                Err(e) => problems.push(format!("disk {} ({}): {e}", d.name, d.path.display())),
-            }
-        }
-        for m in &cfg.mapped {
-            if let Err(e) = self.create(
-                &m.name,
-                m.uuid.as_deref(),
-                Some(m.minor),
-                None,
-                &ResumeOptions::default(),
-            ) {
-                problems.push(format!("device {}: {e}", m.name));
-            }
-        }
-        // Live tables in dependency order: retry until no progress (a table naming another
-        // mapped device needs that device's live table for its size).
-        let mut pending: Vec<&MappedConfig> =
-            cfg.mapped.iter().filter(|m| m.live.is_some()).collect();
-        let mut last_err: HashMap<String, String> = HashMap::new();
-        while !pending.is_empty() {
-            let before = pending.len();
-            pending.retain(|m| {
-                let Some(t) = &m.live else { return false };
-                let r = self
-                    .load_config(&m.name, t)
-                    .and_then(|_| self.resume(&m.name, &ResumeOptions::default()));
-                match r {
-                    Ok(()) => false,
-                    Err(e) => {
-                        last_err.insert(m.name.clone(), e.to_string());
-                        true
-                    }
-                }
-            });
-            if pending.len() == before {
-                break;
-            }
-        }
-        for m in pending {
-            problems.push(format!(
-                "device {}: live table not restored: {}",
-                m.name,
-                last_err.get(&m.name).cloned().unwrap_or_default()
-            ));
-        }
-        for m in &cfg.mapped {
-            if let Some(t) = &m.inactive {
-                let r = self.load_config(&m.name, t);
-                if let Err(e) = r {
-                    problems.push(format!(
-                        "device {}: inactive table not restored: {e}",
-                        m.name
-                    ));
-                }
-            }
-            if m.suspended {
-                if let Err(e) = self.suspend(&m.name, SuspendFlags::default()) {
-                    problems.push(format!("device {}: {e}", m.name));
-                }
-            }
-            if m.deferred_remove {
-                let mut inner = self.inner.lock();
-                if let Ok(id) = inner.id_of(&m.name) {
-                    if let Ok(md) = inner.md_mut(id) {
-                        md.deferred_remove = true;
-                    }
-                }
-            }
-        }
-        problems
     }
 }

@@ -29,6 +29,8 @@ pub struct Exports {
     nbd_socket: PathBuf,
     fuse: FuseExports,
     entries: Mutex<Vec<Entry>>,
+    /// Recorded exports that cannot be served now (their device is unavailable).
+    pub pending: crate::restore::PendingExports,
 }
 
 fn core_err(e: impl HasErrno + std::fmt::Display) -> CoreError {
@@ -44,6 +46,7 @@ impl Exports {
             nbd_socket,
             fuse: FuseExports::new(),
             entries: Mutex::new(Vec::new()),
+            pending: Default::default(),
         }
     }
 
@@ -65,7 +68,7 @@ impl Exports {
     ) -> Result<String, CoreError> {
         let id = Self::id_for(device, kind);
         let mut entries = self.entries.lock();
-        if entries.iter().any(|e| e.id == id) {
+        if entries.iter().any(|e| e.id == id) || self.pending.contains(&id) {
             return Err(CoreError::Exists(format!("export {id} already exists")));
         }
         let node = self.registry.open_export(device, &id)?;
@@ -131,6 +134,9 @@ impl Exports {
 
     /// Removes an export (disconnecting its clients cleanly).
     pub fn remove(&self, id: &str) -> Result<(), CoreError> {
+        if self.pending.take(id) {
+            return Ok(());
+        }
         let mut entries = self.entries.lock();
         let i = entries.iter().position(|e| e.id == id).ok_or_else(|| {
             CoreError::new(
@@ -159,18 +165,22 @@ impl Exports {
 
     /// What to record: (device, kind, read_only) of every export.
     pub fn config(&self) -> Vec<(String, ExportKind, bool)> {
-        self.entries
+        let mut v: Vec<_> = self
+            .entries
             .lock()
             .iter()
             .map(|e| (e.device.clone(), e.kind.clone(), e.read_only))
-            .collect()
+            .collect();
+        v.extend(self.pending.config());
+        v
     }
 
     /// Export records with live counters.
     pub fn list(&self) -> Vec<ExportRecord> {
         let nbd = self.nbd.exports();
         let fuse = self.fuse.list();
-        self.entries
+        let mut v: Vec<ExportRecord> = self
+            .entries
             .lock()
             .iter()
             .map(|e| {
@@ -185,6 +195,7 @@ impl Exports {
                     errors: 0,
                     bytes_read: 0,
                     bytes_written: 0,
+                    unavailable: None,
                 };
                 match &e.kind {
                     ExportKind::Nbd { name } => {
@@ -229,7 +240,9 @@ impl Exports {
                 }
                 r
             })
-            .collect()
+            .collect();
+        v.extend(self.pending.records(&self.nbd_socket));
+        v
     }
 
     /// Disconnects every client and unmounts every FUSE export (shutdown). The exports stay

@@ -3,6 +3,7 @@
 
 mod control;
 mod exports;
+mod restore;
 mod state;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +44,10 @@ struct Args {
     /// `rw+interpose`. Devices that already exist (restored from the state) are left alone.
     #[arg(long, value_name = "CONCISE")]
     create: Vec<String>,
+    /// Seconds between attempts to reopen unavailable disks (a backing file that was missing at
+    /// start-up) and bring back what depends on them.
+    #[arg(long, env = "UDM_RETRY_INTERVAL", default_value_t = 3, value_name = "SECS")]
+    retry_interval: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
     #[arg(long, env = "UDM_LOG", default_value = "info")]
     log: String,
@@ -160,9 +165,6 @@ fn main() -> Result<()> {
 
     let registry = Arc::new(Registry::new());
     let st = state::load(&state_dir)?;
-    for p in registry.restore(&st.registry) {
-        tracing::error!("restore: {p}");
-    }
     let nbd = NbdServer::new();
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
@@ -170,11 +172,12 @@ fn main() -> Result<()> {
         state_dir: state_dir.clone(),
         change: Mutex::new(()),
     });
-    for e in &st.exports {
-        if let Err(err) = daemon.exports.add(&e.device, &e.export, e.read_only) {
-            tracing::error!(device = %e.device, "restore: export not restored: {err}");
-        }
-    }
+    // Nothing recorded is dropped: what cannot be opened is kept as unavailable and retried.
+    restore::restore(&daemon, &st);
+    restore::spawn_retry(
+        daemon.clone(),
+        std::time::Duration::from_secs(args.retry_interval.max(1)),
+    )?;
     for c in &args.create {
         apply_create(&registry, c)?;
     }

@@ -35,10 +35,7 @@ pub fn disk_list(disks: &[DiskRecord], style: &ReportStyle) -> String {
             } else {
                 d.holders.join(",")
             },
-            d.path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(memory)".into()),
+            path_column(d),
         ]);
         for p in &d.partitions {
             rows.push(vec![
@@ -52,6 +49,23 @@ pub fn disk_list(disks: &[DiskRecord], style: &ReportStyle) -> String {
         }
     }
     render(&cols, &rows, style)
+}
+
+/// The backing path, marked `[implicit]` (opened for a table naming it) and
+/// `[unavailable: REASON]` (it could not be opened; its tables and exports wait for it).
+fn path_column(d: &DiskRecord) -> String {
+    let mut s = d
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(memory)".into());
+    if d.implicit {
+        s.push_str(" [implicit]");
+    }
+    if let Some(r) = &d.unavailable {
+        s.push_str(&format!(" [unavailable: {r}]"));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -76,6 +90,8 @@ mod tests {
                 sectors: 1024,
             }],
             holders: vec!["o".into()],
+            unavailable: None,
+            implicit: false,
         };
         assert_eq!(
             disk_list(&[d], &ReportStyle::default()),

@@ -27,10 +27,17 @@ pub fn ls_names(devs: &[DeviceRecord], style: DevNameStyle) -> String {
         return NO_DEVICES.into();
     }
     v.iter()
-        .map(|d| match style {
-            DevNameStyle::DevNo => format!("{}\t({}:{})\n", d.name, d.major, d.minor),
-            DevNameStyle::BlkDevName => format!("{}\t(dm-{})\n", d.name, d.minor),
-            DevNameStyle::DevName => format!("{}\t({})\n", d.name, d.name),
+        .map(|d| {
+            let line = match style {
+                DevNameStyle::DevNo => format!("{}\t({}:{})", d.name, d.major, d.minor),
+                DevNameStyle::BlkDevName => format!("{}\t(dm-{})", d.name, d.minor),
+                DevNameStyle::DevName => format!("{}\t({})", d.name, d.name),
+            };
+            // udm: a device whose recorded tables cannot be rebuilt says why.
+            match &d.unavailable {
+                Some(r) => format!("{line}\tunavailable: {r}\n"),
+                None => format!("{line}\n"),
+            }
         })
         .collect()
 }
@@ -549,6 +556,7 @@ mod tests {
             kind,
             deps: deps.iter().map(|s| s.to_string()).collect(),
             interposes: vec![],
+            unavailable: None,
         }
     }
 

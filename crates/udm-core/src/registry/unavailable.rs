@@ -1,0 +1,499 @@
+//! Devices that cannot be served now, and restoring a recorded configuration without losing any
+//! of it.
+//!
+//! A disk whose backing file cannot be opened at start-up (an unmounted file system, a late iSCSI
+//! login) stays in the registry as unavailable: same name, same `major:minor`, its path and flags
+//! recorded, a placeholder node that fails every request with ENXIO. A mapped device whose
+//! recorded tables cannot be rebuilt (they name an unavailable device) keeps those tables as text
+//! ([`Pending`]) and reports why. [`Registry::config`] writes both back verbatim, so a save made
+//! while something is unavailable loses nothing, and [`Registry::retry_unavailable`] brings them
+//! back in dependency order once the file returns.
+
+use super::{
+    implicit, CoreError, DevId, DeviceNode, DiskConfig, DiskInfo, Entry, EntryKind, Errno, Inner,
+    NodeKind, Registry, RegistryConfig, ResumeOptions, Result, SuspendFlags, TableConfig,
+    TargetLine,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use udm_io::backend::open::{open_backend, Engine, OpenOptions};
+use udm_io::{Bio, BlockDevice, IoError};
+use udm_target::table::TableSpec;
+
+/// Recorded tables of a mapped device that are not rebuilt yet.
+#[derive(Clone, Debug)]
+pub(super) struct Pending {
+    /// The recorded live table (`None` once it is live again, or when there was none).
+    pub(super) live: Option<TableConfig>,
+    /// The recorded inactive table.
+    pub(super) inactive: Option<TableConfig>,
+    /// Suspended when recorded (applied once the live table is back).
+    pub(super) suspended: bool,
+    /// Why it could not be rebuilt (the last error).
+    pub(super) reason: String,
+}
+
+/// Stands in for a disk whose backing file cannot be opened: nothing can be read or written.
+struct Missing {
+    path: PathBuf,
+}
+
+impl BlockDevice for Missing {
+    fn size(&self) -> u64 {
+        0
+    }
+
+    fn submit(&self, bio: Bio<'_>) -> std::result::Result<(), IoError> {
+        Err(IoError::errno(
+            bio.kind(),
+            bio.sector,
+            Errno::ENXIO,
+            format!("{} is unavailable", self.path.display()),
+        ))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (unavailable)", self.path.display())
+    }
+}
+
+fn unavailable(name: &str, reason: &str) -> CoreError {
+    CoreError::new(
+        Errno::ENXIO,
+        format!("device {name} is unavailable: {reason}"),
+    )
+}
+
+impl Entry {
+    /// Why this device cannot be used now, if it cannot.
+    pub(super) fn unavailable_reason(&self) -> Option<String> {
+        match &self.kind {
+            EntryKind::Disk { unavailable, .. } => unavailable.clone(),
+            EntryKind::Mapped(m) => m.pending.as_ref().map(|p| p.reason.clone()),
+            EntryKind::Partition { .. } => None,
+        }
+    }
+}
+
+impl Inner {
+    /// ENXIO naming the reason when `id` is unavailable: control operations on it would change
+    /// (or lose) what is recorded for it.
+    pub(super) fn available(&self, id: DevId, name: &str) -> Result<()> {
+        match self.entries.get(&id).and_then(Entry::unavailable_reason) {
+            Some(r) => Err(unavailable(name, &r)),
+            None => Ok(()),
+        }
+    }
+
+    /// ENXIO when `id` cannot serve I/O: an unavailable disk, or a mapped device whose recorded
+    /// live table is not rebuilt. Tables and exports cannot use it.
+    pub(super) fn usable(&self, id: DevId, name: &str) -> Result<()> {
+        match self.entries.get(&id).map(|e| &e.kind) {
+            Some(EntryKind::Disk {
+                unavailable: Some(r),
+                ..
+            }) => Err(unavailable(name, r)),
+            Some(EntryKind::Mapped(m)) => match &m.pending {
+                Some(p) if p.live.is_some() => Err(unavailable(name, &p.reason)),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Pending mapped devices in creation order, with how much of each is still pending.
+    fn pending_weight(&self) -> usize {
+        self.entries
+            .values()
+            .filter_map(|e| e.md()?.pending.as_ref())
+            .map(|p| 1 + usize::from(p.live.is_some()) + usize::from(p.inactive.is_some()))
+            .sum()
+    }
+
+    fn pending_names(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .filter_map(|id| self.entries.get(id))
+            .filter(|e| e.md().is_some_and(|m| m.pending.is_some()))
+            .map(|e| e.node.name())
+            .collect()
+    }
+}
+
+fn open_options(d: &DiskConfig) -> OpenOptions {
+    OpenOptions {
+        read_only: d.read_only,
+        direct: d.direct,
+        engine: Engine::Auto,
+    }
+}
+
+impl Registry {
+    /// Replays a recorded configuration without dropping any of it: a disk that cannot be
+    /// opened is kept as unavailable, a mapped device whose tables cannot be rebuilt keeps them
+    /// recorded (see the module documentation). Returns one message per item not (yet)
+    /// restored; [`Registry::retry_unavailable`] retries them.
+    pub fn restore(&self, cfg: &RegistryConfig) -> Vec<String> {
+        let mut problems = Vec::new();
+        for d in &cfg.disks {
+            let r = match open_backend(&d.path, &open_options(d)) {
+                Ok(b) => self
+                    .insert_disk(
+                        &d.name,
+                        Some(d.path.clone()),
+                        b,
+                        d.read_only,
+                        d.direct,
+                        Some(d.minor),
+                        d.implicit,
+                    )
+                    .map(|_| ()),
+                Err(e) => {
+                    let reason = format!("cannot open {}: {e}", d.path.display());
+                    problems.push(format!("disk {} is unavailable: {reason}", d.name));
+                    self.insert_unavailable_disk(d, reason)
+                }
+            };
+            if let Err(e) = r {
+                problems.push(format!("disk {}: {e}", d.name));
+            }
+        }
+        for m in &cfg.mapped {
+            if let Err(e) = self.create(
+                &m.name,
+                m.uuid.as_deref(),
+                Some(m.minor),
+                None,
+                &ResumeOptions::default(),
+            ) {
+                problems.push(format!("device {}: {e}", m.name));
+                continue;
+            }
+            if m.live.is_some() || m.inactive.is_some() || m.suspended {
+                let mut inner = self.inner.lock();
+                if let Ok(id) = inner.id_of(&m.name) {
+                    if let Ok(md) = inner.md_mut(id) {
+                        md.pending = Some(Pending {
+                            live: m.live.clone(),
+                            inactive: m.inactive.clone(),
+                            suspended: m.suspended,
+                            reason: "not restored yet".into(),
+                        });
+                    }
+                }
+            }
+        }
+        self.rebuild_pending();
+        let mut inner = self.inner.lock();
+        for m in &cfg.mapped {
+            let Ok(id) = inner.id_of(&m.name) else {
+                continue;
+            };
+            if let Ok(md) = inner.md_mut(id) {
+                md.deferred_remove = m.deferred_remove;
+                if let Some(p) = &md.pending {
+                    problems.push(format!("device {} is unavailable: {}", m.name, p.reason));
+                }
+            }
+        }
+        implicit::release_unused(&mut inner);
+        problems
+    }
+
+    /// True when a disk or mapped device is unavailable (the daemon retries then).
+    pub fn has_unavailable(&self) -> bool {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .values()
+            .any(|e| e.unavailable_reason().is_some())
+    }
+
+    /// Tries again to open unavailable disks (only `name` when given) and to rebuild the
+    /// recorded tables of unavailable mapped devices, in dependency order (live tables resumed
+    /// with their recorded suspend state, then inactive tables). Returns the devices that came
+    /// back. With `name`, fails with ENXIO (naming the missing file) when that device is still
+    /// unavailable.
+    pub fn retry_unavailable(&self, name: Option<&str>) -> Result<Vec<String>> {
+        let disks: Vec<DevId> = {
+            let inner = self.inner.lock();
+            match name {
+                Some(n) => {
+                    let id = inner.id_of(n)?;
+                    vec![id]
+                }
+                None => inner.order.clone(),
+            }
+        };
+        let mut back = Vec::new();
+        let mut failed = None;
+        for id in disks {
+            match self.reopen_disk(id) {
+                Ok(Some(n)) => back.push(n),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        back.extend(self.rebuild_pending());
+        implicit::release_unused(&mut self.inner.lock());
+        if let Some(n) = name {
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let inner = self.inner.lock();
+            let id = inner.id_of(n)?;
+            inner.available(id, n)?;
+        }
+        Ok(back)
+    }
+
+    /// `disk add` of an unavailable disk's name: with its recorded path (or one resolving to
+    /// it), retries it; with another path, EEXIST. `None` when `name` is not an unavailable disk.
+    pub(super) fn add_disk_again(&self, name: &str, path: &Path) -> Result<Option<DiskInfo>> {
+        let (id, recorded) = {
+            let inner = self.inner.lock();
+            let Some(id) = inner.names.get(name).copied() else {
+                return Ok(None);
+            };
+            match inner.entries.get(&id).map(|e| &e.kind) {
+                Some(EntryKind::Disk {
+                    path: Some(p),
+                    unavailable: Some(_),
+                    ..
+                }) => (id, p.clone()),
+                _ => return Ok(None),
+            }
+        };
+        let same = recorded == path || std::fs::canonicalize(path).is_ok_and(|c| c == recorded);
+        if !same {
+            return Err(CoreError::Exists(format!(
+                "device {name} already exists (unavailable, backed by {}); remove it with \
+                 `udmsetup disk remove {name}` to serve another file under that name",
+                recorded.display()
+            )));
+        }
+        self.retry_unavailable(Some(name))?;
+        let inner = self.inner.lock();
+        Ok(Some(Self::disk_info(&inner, id).ok_or_else(|| {
+            CoreError::NoDevice(name.to_string())
+        })?))
+    }
+
+    /// The recorded (not rebuilt) table of a slot of an unavailable mapped device, as lines.
+    pub(super) fn pending_lines(&self, name: &str, inactive: bool) -> Option<Vec<TargetLine>> {
+        let inner = self.inner.lock();
+        let (_, m) = inner.md_entry(name).ok()?;
+        let p = m.pending.as_ref()?;
+        let t = if inactive { &p.inactive } else { &p.live };
+        let spec = TableSpec::parse(&t.as_ref()?.text).ok()?;
+        Some(
+            spec.lines
+                .into_iter()
+                .map(|l| TargetLine {
+                    start: l.start,
+                    len: l.len,
+                    target_type: l.target_type,
+                    params: l.params,
+                })
+                .collect(),
+        )
+    }
+
+    /// Enters a disk that cannot be opened: its name, number and recorded settings, a node
+    /// that fails every request.
+    fn insert_unavailable_disk(&self, d: &DiskConfig, reason: String) -> Result<()> {
+        let mut inner = self.inner.lock();
+        if inner.names.contains_key(&d.name) {
+            return Err(CoreError::Exists(format!(
+                "device {} already exists",
+                d.name
+            )));
+        }
+        let id = DevId::new(super::DISK_MAJOR, d.minor);
+        if inner.entries.contains_key(&id) {
+            return Err(CoreError::Exists(format!("{id} is in use")));
+        }
+        let node = Arc::new(DeviceNode::new(
+            id,
+            &d.name,
+            NodeKind::Disk,
+            Arc::new(Missing {
+                path: d.path.clone(),
+            }),
+        ));
+        inner.entries.insert(
+            id,
+            Entry {
+                node,
+                holders: Vec::new(),
+                shared: 0,
+                kind: EntryKind::Disk {
+                    path: Some(d.path.clone()),
+                    read_only: d.read_only,
+                    direct: d.direct,
+                    partitions: Vec::new(),
+                    implicit: d.implicit,
+                    unavailable: Some(reason.clone()),
+                },
+            },
+        );
+        inner.names.insert(d.name.clone(), id);
+        if !inner.order.contains(&id) {
+            inner.order.push(id);
+        }
+        tracing::warn!(disk = %d.name, %id, "disk unavailable: {reason}");
+        Ok(())
+    }
+
+    /// Opens an unavailable disk again. `Ok(Some(name))` when it came back, `Ok(None)` when it
+    /// was not an unavailable disk; ENXIO with the new reason when it still cannot be opened.
+    fn reopen_disk(&self, id: DevId) -> Result<Option<String>> {
+        let cfg = {
+            let inner = self.inner.lock();
+            let Some(e) = inner.entries.get(&id) else {
+                return Ok(None);
+            };
+            match &e.kind {
+                EntryKind::Disk {
+                    path: Some(path),
+                    read_only,
+                    direct,
+                    implicit,
+                    unavailable: Some(_),
+                    ..
+                } => DiskConfig {
+                    name: e.node.name(),
+                    path: path.clone(),
+                    read_only: *read_only,
+                    direct: *direct,
+                    minor: id.minor,
+                    implicit: *implicit,
+                },
+                _ => return Ok(None),
+            }
+        };
+        let backend = match open_backend(&cfg.path, &open_options(&cfg)) {
+            Ok(b) => b,
+            Err(e) => {
+                let reason = format!("cannot open {}: {e}", cfg.path.display());
+                let mut inner = self.inner.lock();
+                if let Some(Entry {
+                    kind: EntryKind::Disk { unavailable, .. },
+                    ..
+                }) = inner.entries.get_mut(&id)
+                {
+                    *unavailable = Some(reason.clone());
+                }
+                return Err(unavailable(&cfg.name, &reason));
+            }
+        };
+        {
+            // Nothing holds the placeholder (tables and exports refuse it): replace it.
+            let mut inner = self.inner.lock();
+            inner.entries.remove(&id);
+            inner.names.remove(&cfg.name);
+        }
+        match self.insert_disk(
+            &cfg.name,
+            Some(cfg.path.clone()),
+            backend,
+            cfg.read_only,
+            cfg.direct,
+            Some(cfg.minor),
+            cfg.implicit,
+        ) {
+            Ok(_) => {
+                tracing::info!(disk = %cfg.name, %id, "unavailable disk is back");
+                Ok(Some(cfg.name))
+            }
+            Err(e) => {
+                let reason = format!("cannot enter it again: {e}");
+                if let Err(e2) = self.insert_unavailable_disk(&cfg, reason) {
+                    tracing::error!(disk = %cfg.name, "unavailable disk lost its entry: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Rebuilds every pending mapped device, repeating while anything progresses (a table
+    /// naming another pending device needs that device's live table first). Returns the
+    /// devices that are complete again.
+    fn rebuild_pending(&self) -> Vec<String> {
+        let mut back = Vec::new();
+        loop {
+            let (names, before) = {
+                let inner = self.inner.lock();
+                (inner.pending_names(), inner.pending_weight())
+            };
+            if names.is_empty() {
+                break;
+            }
+            for n in names {
+                if self.rebuild_one(&n).is_ok() {
+                    back.push(n);
+                }
+            }
+            if self.inner.lock().pending_weight() >= before {
+                break;
+            }
+        }
+        back
+    }
+
+    /// Rebuilds one pending mapped device: live table loaded and resumed, the recorded suspend
+    /// state applied, then the inactive table loaded. What fails stays pending with the error.
+    fn rebuild_one(&self, name: &str) -> Result<()> {
+        let (id, p) = {
+            let mut inner = self.inner.lock();
+            let id = inner.id_of(name)?;
+            (id, inner.md_mut(id)?.pending.take())
+        };
+        let Some(mut p) = p else {
+            return Ok(());
+        };
+        let r = self.rebuild_steps(name, &mut p);
+        if let Err(e) = &r {
+            p.reason = e.to_string();
+            let mut inner = self.inner.lock();
+            if let Ok(m) = inner.md_mut(id) {
+                m.pending = Some(p);
+            }
+        } else {
+            tracing::info!(device = name, "unavailable device is back");
+        }
+        r
+    }
+
+    fn rebuild_steps(&self, name: &str, p: &mut Pending) -> Result<()> {
+        if let Some(t) = &p.live {
+            self.load_recorded(name, t)?;
+            if let Err(e) = self.resume(name, &ResumeOptions::default()) {
+                if let Err(e2) = self.clear(name) {
+                    tracing::error!(device = name, "cannot clear a table that failed: {e2}");
+                }
+                return Err(e);
+            }
+            p.live = None;
+        }
+        if p.suspended {
+            self.suspend(name, SuspendFlags::default())?;
+            p.suspended = false;
+        }
+        if let Some(t) = &p.inactive {
+            self.load_recorded(name, t)?;
+            p.inactive = None;
+        }
+        Ok(())
+    }
+
+    /// Loads a recorded table into the inactive slot of `name`.
+    fn load_recorded(&self, name: &str, t: &TableConfig) -> Result<()> {
+        let spec = TableSpec::parse(&t.text)?;
+        let flags = super::LoadFlags {
+            read_only: t.read_only,
+            interpose: t.interposed,
+        };
+        self.load(name, &spec, flags)
+    }
+}
