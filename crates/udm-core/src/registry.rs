@@ -45,6 +45,15 @@ pub struct DiskOptions {
     pub create: Option<u64>,
 }
 
+/// How a disk is served, as recorded.
+#[derive(Clone, Copy, Debug, Default)]
+struct DiskFlags {
+    read_only: bool,
+    direct: bool,
+    /// Opened on demand for a table naming its path.
+    implicit: bool,
+}
+
 /// Flags a table is loaded with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoadFlags {
@@ -668,22 +677,23 @@ impl Registry {
         };
         let backend =
             open_backend(&path, &oo).map_err(|e| CoreError::new(e.errno(), e.to_string()))?;
-        self.insert_disk(
-            name,
-            Some(path),
-            backend,
-            opts.read_only,
-            opts.direct,
-            None,
-            false,
-        )
+        let flags = DiskFlags {
+            read_only: opts.read_only,
+            direct: opts.direct,
+            implicit: false,
+        };
+        self.insert_disk(name, Some(path), backend, flags, None)
     }
 
     /// Adds a disk from any block device (memory devices in tests, embedders' own backends).
     pub fn add_disk_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<DiskInfo> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         let ro = dev.read_only();
-        self.insert_disk(name, None, dev, ro, false, None, false)
+        let flags = DiskFlags {
+            read_only: ro,
+            ..DiskFlags::default()
+        };
+        self.insert_disk(name, None, dev, flags, None)
     }
 
     fn insert_disk(
@@ -691,11 +701,14 @@ impl Registry {
         name: &str,
         path: Option<PathBuf>,
         backend: Arc<dyn BlockDevice>,
-        read_only: bool,
-        direct: bool,
+        flags: DiskFlags,
         minor: Option<u32>,
-        implicit: bool,
     ) -> Result<DiskInfo> {
+        let DiskFlags {
+            read_only,
+            direct,
+            implicit,
+        } = flags;
         // A file a table names by path is used whole: its partitions are not served.
         let parts = if implicit {
             Vec::new()

@@ -46,7 +46,12 @@ struct Args {
     create: Vec<String>,
     /// Seconds between attempts to reopen unavailable disks (a backing file that was missing at
     /// start-up) and bring back what depends on them.
-    #[arg(long, env = "UDM_RETRY_INTERVAL", default_value_t = 3, value_name = "SECS")]
+    #[arg(
+        long,
+        env = "UDM_RETRY_INTERVAL",
+        default_value_t = 3,
+        value_name = "SECS"
+    )]
     retry_interval: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
     #[arg(long, env = "UDM_LOG", default_value = "info")]

@@ -139,7 +139,7 @@ pub fn retry_exports(exports: &Exports) -> Vec<String> {
 }
 
 /// Retries unavailable devices (all, or `name`) and then pending exports. Returns what came
-/// back; with `name`, ENXIO when that device is still unavailable. The caller holds the change
+/// back; with `name`, ENODEV when that device is still unavailable. The caller holds the change
 /// lock and records the state afterwards.
 pub fn retry(daemon: &Daemon, name: Option<&str>) -> Result<Vec<String>, CoreError> {
     let r = daemon.registry.retry_unavailable(name);

@@ -11,7 +11,7 @@
 
 use super::{
     implicit, CoreError, DevId, DeviceNode, DiskConfig, DiskInfo, Entry, EntryKind, Errno, Inner,
-    NodeKind, Registry, RegistryConfig, ResumeOptions, Result, SuspendFlags, TableConfig,
+    NodeKind, Registry, RegistryConfig, Result, ResumeOptions, SuspendFlags, TableConfig,
     TargetLine,
 };
 use std::path::{Path, PathBuf};
@@ -57,9 +57,11 @@ impl BlockDevice for Missing {
     }
 }
 
+/// ENODEV (not ENXIO, which dmsetup reports as "Device does not exist"): the device exists,
+/// what it needs does not.
 fn unavailable(name: &str, reason: &str) -> CoreError {
     CoreError::new(
-        Errno::ENXIO,
+        Errno::ENODEV,
         format!("device {name} is unavailable: {reason}"),
     )
 }
@@ -76,7 +78,7 @@ impl Entry {
 }
 
 impl Inner {
-    /// ENXIO naming the reason when `id` is unavailable: control operations on it would change
+    /// ENODEV naming the reason when `id` is unavailable: control operations on it would change
     /// (or lose) what is recorded for it.
     pub(super) fn available(&self, id: DevId, name: &str) -> Result<()> {
         match self.entries.get(&id).and_then(Entry::unavailable_reason) {
@@ -85,7 +87,7 @@ impl Inner {
         }
     }
 
-    /// ENXIO when `id` cannot serve I/O: an unavailable disk, or a mapped device whose recorded
+    /// ENODEV when `id` cannot serve I/O: an unavailable disk, or a mapped device whose recorded
     /// live table is not rebuilt. Tables and exports cannot use it.
     pub(super) fn usable(&self, id: DevId, name: &str) -> Result<()> {
         match self.entries.get(&id).map(|e| &e.kind) {
@@ -128,6 +130,14 @@ fn open_options(d: &DiskConfig) -> OpenOptions {
     }
 }
 
+fn flags(d: &DiskConfig) -> super::DiskFlags {
+    super::DiskFlags {
+        read_only: d.read_only,
+        direct: d.direct,
+        implicit: d.implicit,
+    }
+}
+
 impl Registry {
     /// Replays a recorded configuration without dropping any of it: a disk that cannot be
     /// opened is kept as unavailable, a mapped device whose tables cannot be rebuilt keeps them
@@ -138,18 +148,10 @@ impl Registry {
         for d in &cfg.disks {
             let r = match open_backend(&d.path, &open_options(d)) {
                 Ok(b) => self
-                    .insert_disk(
-                        &d.name,
-                        Some(d.path.clone()),
-                        b,
-                        d.read_only,
-                        d.direct,
-                        Some(d.minor),
-                        d.implicit,
-                    )
+                    .insert_disk(&d.name, Some(d.path.clone()), b, flags(d), Some(d.minor))
                     .map(|_| ()),
                 Err(e) => {
-                    let reason = format!("cannot open {}: {e}", d.path.display());
+                    let reason = e.to_string();
                     problems.push(format!("disk {} is unavailable: {reason}", d.name));
                     self.insert_unavailable_disk(d, reason)
                 }
@@ -212,37 +214,33 @@ impl Registry {
     /// Tries again to open unavailable disks (only `name` when given) and to rebuild the
     /// recorded tables of unavailable mapped devices, in dependency order (live tables resumed
     /// with their recorded suspend state, then inactive tables). Returns the devices that came
-    /// back. With `name`, fails with ENXIO (naming the missing file) when that device is still
+    /// back. With `name`, fails with ENODEV (naming the missing file) when that device is still
     /// unavailable.
     pub fn retry_unavailable(&self, name: Option<&str>) -> Result<Vec<String>> {
-        let disks: Vec<DevId> = {
+        // Every unavailable disk is tried (a named mapped device may need any of them); only
+        // the named device's failure is an error.
+        let (target, ids) = {
             let inner = self.inner.lock();
-            match name {
-                Some(n) => {
-                    let id = inner.id_of(n)?;
-                    vec![id]
-                }
-                None => inner.order.clone(),
-            }
+            let target = name.map(|n| inner.id_of(n)).transpose()?;
+            (target, inner.order.clone())
         };
         let mut back = Vec::new();
         let mut failed = None;
-        for id in disks {
+        for id in ids {
             match self.reopen_disk(id) {
                 Ok(Some(n)) => back.push(n),
                 Ok(None) => {}
-                Err(e) => failed = Some(e),
+                Err(e) if Some(id) == target => failed = Some(e),
+                Err(_) => {}
             }
         }
         back.extend(self.rebuild_pending());
         implicit::release_unused(&mut self.inner.lock());
-        if let Some(n) = name {
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            let inner = self.inner.lock();
-            let id = inner.id_of(n)?;
-            inner.available(id, n)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if let (Some(n), Some(id)) = (name, target) {
+            self.inner.lock().available(id, n)?;
         }
         Ok(back)
     }
@@ -274,9 +272,9 @@ impl Registry {
         }
         self.retry_unavailable(Some(name))?;
         let inner = self.inner.lock();
-        Ok(Some(Self::disk_info(&inner, id).ok_or_else(|| {
-            CoreError::NoDevice(name.to_string())
-        })?))
+        Ok(Some(
+            Self::disk_info(&inner, id).ok_or_else(|| CoreError::NoDevice(name.to_string()))?,
+        ))
     }
 
     /// The recorded (not rebuilt) table of a slot of an unavailable mapped device, as lines.
@@ -346,7 +344,7 @@ impl Registry {
     }
 
     /// Opens an unavailable disk again. `Ok(Some(name))` when it came back, `Ok(None)` when it
-    /// was not an unavailable disk; ENXIO with the new reason when it still cannot be opened.
+    /// was not an unavailable disk; ENODEV with the new reason when it still cannot be opened.
     fn reopen_disk(&self, id: DevId) -> Result<Option<String>> {
         let cfg = {
             let inner = self.inner.lock();
@@ -375,7 +373,7 @@ impl Registry {
         let backend = match open_backend(&cfg.path, &open_options(&cfg)) {
             Ok(b) => b,
             Err(e) => {
-                let reason = format!("cannot open {}: {e}", cfg.path.display());
+                let reason = e.to_string();
                 let mut inner = self.inner.lock();
                 if let Some(Entry {
                     kind: EntryKind::Disk { unavailable, .. },
@@ -397,10 +395,8 @@ impl Registry {
             &cfg.name,
             Some(cfg.path.clone()),
             backend,
-            cfg.read_only,
-            cfg.direct,
+            flags(&cfg),
             Some(cfg.minor),
-            cfg.implicit,
         ) {
             Ok(_) => {
                 tracing::info!(disk = %cfg.name, %id, "unavailable disk is back");
