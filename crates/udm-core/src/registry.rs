@@ -302,6 +302,9 @@ struct Inner {
     names: HashMap<String, DevId>,
     /// Creation order of disks and mapped devices (for config and listings).
     order: Vec<DevId>,
+    /// Recorded exports not opened yet (holder id -> device name): they count as openers for
+    /// deferred removal, which they may also join.
+    expected: HashMap<String, String>,
 }
 
 /// The registry of devices.
@@ -901,7 +904,7 @@ impl Registry {
             )));
         }
         if let Some(m) = inner.entries.get(&id).and_then(|e| e.md()) {
-            if m.deferred_remove {
+            if m.deferred_remove && inner.expected.get(holder).is_none_or(|d| d != name) {
                 return Err(CoreError::Busy(format!(
                     "device {name} is scheduled for deferred removal"
                 )));
@@ -909,7 +912,9 @@ impl Registry {
         }
         let e = inner.entries.get_mut(&id).ok_or_else(|| nodev(name))?;
         e.holders.push(Holder::Export(holder.to_string()));
-        Ok(e.node.clone())
+        let node = e.node.clone();
+        inner.expected.remove(holder);
+        Ok(node)
     }
 
     /// Releases an export's hold. Completes a deferred removal when it was the last user.
@@ -1454,7 +1459,11 @@ impl Registry {
             let due: Vec<DevId> = inner
                 .entries
                 .iter()
-                .filter(|(_, e)| e.open_count() == 0 && e.md().is_some_and(|m| m.deferred_remove))
+                .filter(|(_, e)| {
+                    e.open_count() == 0
+                        && e.md().is_some_and(|m| m.deferred_remove)
+                        && !inner.expected.values().any(|d| *d == e.node.name())
+                })
                 .map(|(id, _)| *id)
                 .collect();
             if due.is_empty() {

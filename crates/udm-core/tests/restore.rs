@@ -277,3 +277,33 @@ fn missing_implicit_disk_keeps_its_table() {
     assert_eq!(read(&reg2, "v", 9), expect(9, 7));
     assert_eq!(reg2.config(), cfg);
 }
+
+#[test]
+fn deferred_removal_waits_for_the_exports_of_a_device_coming_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d0 = dir.path().join("d0.img");
+    image(&d0, 2048, 1);
+    let reg = Registry::new();
+    reg.add_disk("d0", &d0, &DiskOptions::default()).unwrap();
+    create(&reg, "dr", "0 2048 linear d0 0");
+    let node = reg.open_export("dr", "nbd:dr").unwrap();
+    reg.remove("dr", false, true).unwrap();
+    assert!(reg.info("dr").unwrap().deferred_remove);
+    let cfg = reg.config();
+    drop(node);
+    let away = dir.path().join("d0.away");
+    std::fs::rename(&d0, &away).unwrap();
+    // The daemon announces the recorded export, then restores.
+    let reg2 = Registry::new();
+    reg2.expect_export("dr", "nbd:dr");
+    reg2.restore(&cfg);
+    std::fs::rename(&away, &d0).unwrap();
+    reg2.retry_unavailable(None).unwrap();
+    // Still there for its export to come back to (the daemon re-adds it next).
+    assert_eq!(reg2.config(), cfg);
+    let export = reg2.open_export("dr", "nbd:dr").unwrap();
+    assert!(reg2.info("dr").unwrap().deferred_remove);
+    // The removal completes at the export's close, as recorded.
+    reg2.close_export(export.id(), "nbd:dr");
+    assert!(reg2.info("dr").is_err());
+}

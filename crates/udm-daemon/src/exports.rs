@@ -135,6 +135,7 @@ impl Exports {
     /// Removes an export (disconnecting its clients cleanly).
     pub fn remove(&self, id: &str) -> Result<(), CoreError> {
         if self.pending.take(id) {
+            self.registry.forget_export(id);
             return Ok(());
         }
         let mut entries = self.entries.lock();

@@ -104,6 +104,11 @@ impl PendingExports {
 /// Restores devices and exports from the recorded state. Nothing recorded is dropped: what
 /// cannot be restored is kept as unavailable and retried later.
 pub fn restore(daemon: &Daemon, st: &DaemonState) {
+    for e in &st.exports {
+        daemon
+            .registry
+            .expect_export(&e.device, &Exports::id_for(&e.device, &e.export));
+    }
     for p in daemon.registry.restore(&st.registry) {
         tracing::error!("restore: {p}");
     }

@@ -202,6 +202,23 @@ impl Registry {
         problems
     }
 
+    /// Announces a recorded export of `device` (by its holder id) before it is opened: until
+    /// [`Registry::open_export`] opens it (or [`Registry::forget_export`]), it counts as an
+    /// opener, so a recorded deferred removal neither refuses it nor completes without it.
+    pub fn expect_export(&self, device: &str, holder: &str) {
+        self.inner
+            .lock()
+            .expected
+            .insert(holder.to_string(), device.to_string());
+    }
+
+    /// Drops an announced export that will not be opened (it was removed while pending).
+    pub fn forget_export(&self, holder: &str) {
+        let mut inner = self.inner.lock();
+        inner.expected.remove(holder);
+        self.run_deferred(&mut inner);
+    }
+
     /// True when a disk or mapped device is unavailable (the daemon retries then).
     pub fn has_unavailable(&self) -> bool {
         let inner = self.inner.lock();
