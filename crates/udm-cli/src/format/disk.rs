@@ -100,5 +100,21 @@ mod tests {
              vda1     254:1    1024 rw,direct -       part1 of vda @2048\n"
         );
         assert_eq!(disk_list(&[], &ReportStyle::default()), "No disks found\n");
+        let gone = DiskRecord {
+            name: "d0".into(),
+            dev: "8:0".into(),
+            path: Some("/srv/d0.img".into()),
+            sectors: 0,
+            read_only: false,
+            direct: false,
+            partitions: vec![],
+            holders: vec![],
+            unavailable: Some("/srv/d0.img: no such file".into()),
+            implicit: true,
+        };
+        assert_eq!(
+            disk_list(&[gone], &ReportStyle::noheadings()),
+            "d0:8:0:0:rw:-:/srv/d0.img [implicit] [unavailable: /srv/d0.img: no such file]\n"
+        );
     }
 }

@@ -272,6 +272,24 @@ mod tests {
     }
 
     #[test]
+    fn unavailable_line_and_field() {
+        let mut i = rec("v");
+        i.live_present = false;
+        i.unavailable = Some("device d0 is unavailable: /srv/d0.img: gone".into());
+        let s = info_long(&i);
+        assert!(
+            s.contains("Number of targets: 1\nUnavailable:       device d0 is unavailable: /srv/d0.img: gone\n"),
+            "{s}"
+        );
+        assert!(!info_long(&rec("w")).contains("Unavailable"));
+        let f = parse_fields(Some("name,unavailable")).unwrap();
+        assert_eq!(
+            info_columns(&[i], &f, &ReportStyle::noheadings()),
+            "v:device d0 is unavailable: /srv/d0.img: gone\n"
+        );
+    }
+
+    #[test]
     fn long_form_matches_dmsetup() {
         // The shape of real `dmsetup info` output (mpathb example, dm-devel 2019).
         let mut r = rec("mpathb");
