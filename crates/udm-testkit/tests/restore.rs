@@ -128,6 +128,9 @@ fn check_unavailable(d: &Udmd, missing: &str, recorded: &serde_json::Value) {
             .any(|x| x["name"] == "trace" && x["unavailable"].is_string()),
         "{j}"
     );
+    let st = String::from_utf8_lossy(&d.udm(&["status"]).stdout).into_owned();
+    // d0, the four mapped devices and the two exports.
+    assert!(st.contains("unavailable: 7 "), "{st}");
     let ex = d.ok(&["export", "list"]);
     assert!(
         ex.contains("nbd:origin") && ex.contains("unavailable"),
