@@ -475,6 +475,10 @@ impl Inner {
                 if e.shared > 0 {
                     out.push(format!("{} shared open(s) by interposed tables", e.shared));
                 }
+                let name = e.node.name();
+                for (h, _) in self.expected.iter().filter(|(_, d)| **d == name) {
+                    out.push(format!("export {h} (recorded, not served yet)"));
+                }
             }
         }
         out
@@ -1392,7 +1396,7 @@ impl Registry {
     pub fn remove(&self, name: &str, force: bool, deferred: bool) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
-        let open = inner.entries.get(&id).map_or(0, |e| e.open_count());
+        let open = inner.opens(id);
         if open > 0 {
             if deferred {
                 inner.md_mut(id)?.deferred_remove = true;
@@ -1407,7 +1411,7 @@ impl Registry {
                     self.resume(name, &ResumeOptions::default())?;
                 }
                 inner = self.inner.lock();
-                let open = inner.entries.get(&id).map_or(0, |e| e.open_count());
+                let open = inner.opens(id);
                 if open > 0 {
                     let holders = inner.holders_of(id);
                     return Err(CoreError::Busy(format!(

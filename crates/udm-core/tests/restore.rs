@@ -175,7 +175,13 @@ fn unavailable_devices_can_be_removed_and_disk_add_brings_the_disk_back() {
     let away = r.path("d0.away");
     std::fs::rename(&d0, &away).unwrap();
     let reg = Registry::new();
+    reg.expect_export("top", "nbd:top");
     reg.restore(&r.cfg);
+    // A recorded export holds the device like a served one; once dropped, the device can be.
+    let e = reg.remove("top", false, false).unwrap_err();
+    assert_eq!(e.errno(), Errno::EBUSY, "{e}");
+    assert!(e.to_string().contains("nbd:top"), "{e}");
+    reg.forget_export("nbd:top");
     // The user drops a device that cannot be built.
     reg.remove("top", false, false).unwrap();
     assert!(reg.info("top").is_err());

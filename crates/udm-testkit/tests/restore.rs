@@ -240,6 +240,8 @@ fn returning_file_is_picked_up_by_disk_retry() {
     assert!(d.stop());
     std::fs::rename(&d0, &away).unwrap();
     d.restart();
+    let e = d.fails(&["remove", "snap"]);
+    assert!(e.contains("nbd:snap") && e.contains("EBUSY"), "{e}");
     d.ok(&["export", "remove", "nbd:snap"]);
     d.ok(&["remove", "snap"]);
     assert!(d.fails(&["info", "snap"]).contains("not exist"));

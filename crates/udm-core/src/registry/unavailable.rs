@@ -103,7 +103,16 @@ impl Inner {
         }
     }
 
-    /// Pending mapped devices in creation order, with how much of each is still pending.
+    /// Open count plus recorded exports not opened yet: what `remove` waits for.
+    pub(super) fn opens(&self, id: DevId) -> i32 {
+        let Some(e) = self.entries.get(&id) else {
+            return 0;
+        };
+        let name = e.node.name();
+        e.open_count() + self.expected.values().filter(|d| **d == name).count() as i32
+    }
+
+    /// How much is still pending, summed over the pending mapped devices.
     fn pending_weight(&self) -> usize {
         self.entries
             .values()
