@@ -3,7 +3,7 @@
 //!
 //! Control operations are serialised by one lock; the data path never takes it.
 
-use crate::config::{DiskConfig, MappedConfig, RegistryConfig, TableConfig};
+use crate::config::TableConfig;
 use crate::error::{CoreError, Result};
 use crate::freeze::Frozen;
 use crate::gate::Flow;
@@ -1704,57 +1704,5 @@ impl Registry {
     pub fn wait_event(&self, name: &str, seen: u32, timeout: Duration) -> Result<u32> {
         let ev = self.events(name)?;
         Ok(ev.wait(seen, timeout))
-    }
-
-    // ----- persistence -----
-
-    /// What to record in the state directory.
-    pub fn config(&self) -> RegistryConfig {
-        let inner = self.inner.lock();
-        let mut cfg = RegistryConfig::default();
-        for id in &inner.order {
-            let Some(e) = inner.entries.get(id) else {
-                continue;
-            };
-            match &e.kind {
-                EntryKind::Disk {
-                    path: Some(path),
-                    read_only,
-                    direct,
-                    implicit,
-                    ..
-                } => cfg.disks.push(DiskConfig {
-                    name: e.node.name(),
-                    path: path.clone(),
-                    read_only: *read_only,
-                    direct: *direct,
-                    minor: id.minor,
-                    implicit: *implicit,
-                }),
-                // Tables not rebuilt yet are recorded exactly as they were read.
-                EntryKind::Mapped(m) => cfg.mapped.push(MappedConfig {
-                    name: e.node.name(),
-                    uuid: m.uuid.clone(),
-                    minor: id.minor,
-                    live: m
-                        .pending
-                        .as_ref()
-                        .and_then(|p| p.live.clone())
-                        .or_else(|| m.live.as_ref().map(|s| s.config.clone())),
-                    inactive: m
-                        .pending
-                        .as_ref()
-                        .and_then(|p| p.inactive.clone())
-                        .or_else(|| m.inactive.as_ref().map(|s| s.config.clone())),
-                    suspended: match &m.pending {
-                        Some(p) if p.live.is_some() => p.suspended,
-                        _ => m.md.is_suspended(),
-                    },
-                    deferred_remove: m.deferred_remove,
-                }),
-                _ => {}
-            }
-        }
-        cfg
     }
 }

@@ -1,5 +1,5 @@
-//! Devices that cannot be served now, and restoring a recorded configuration without losing any
-//! of it.
+//! Persistence: the configuration to record, restoring it without losing any of it, and devices
+//! that cannot be served now.
 //!
 //! A disk whose backing file cannot be opened at start-up (an unmounted file system, a late iSCSI
 //! login) stays in the registry as unavailable: same name, same `major:minor`, its path and flags
@@ -10,10 +10,10 @@
 //! back in dependency order once the file returns.
 
 use super::{
-    implicit, CoreError, DevId, DeviceNode, DiskConfig, DiskInfo, Entry, EntryKind, Errno, Inner,
-    NodeKind, Registry, RegistryConfig, Result, ResumeOptions, SuspendFlags, TableConfig,
-    TargetLine,
+    implicit, CoreError, DevId, DeviceNode, DiskInfo, Entry, EntryKind, Errno, Inner, NodeKind,
+    Registry, Result, ResumeOptions, SuspendFlags, TableConfig, TargetLine,
 };
+use crate::config::{DiskConfig, MappedConfig, RegistryConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_io::backend::open::{open_backend, Engine, OpenOptions};
@@ -148,6 +148,56 @@ fn flags(d: &DiskConfig) -> super::DiskFlags {
 }
 
 impl Registry {
+    /// What to record in the state directory.
+    pub fn config(&self) -> RegistryConfig {
+        let inner = self.inner.lock();
+        let mut cfg = RegistryConfig::default();
+        for id in &inner.order {
+            let Some(e) = inner.entries.get(id) else {
+                continue;
+            };
+            match &e.kind {
+                EntryKind::Disk {
+                    path: Some(path),
+                    read_only,
+                    direct,
+                    implicit,
+                    ..
+                } => cfg.disks.push(DiskConfig {
+                    name: e.node.name(),
+                    path: path.clone(),
+                    read_only: *read_only,
+                    direct: *direct,
+                    minor: id.minor,
+                    implicit: *implicit,
+                }),
+                // Tables not rebuilt yet are recorded exactly as they were read.
+                EntryKind::Mapped(m) => cfg.mapped.push(MappedConfig {
+                    name: e.node.name(),
+                    uuid: m.uuid.clone(),
+                    minor: id.minor,
+                    live: m
+                        .pending
+                        .as_ref()
+                        .and_then(|p| p.live.clone())
+                        .or_else(|| m.live.as_ref().map(|s| s.config.clone())),
+                    inactive: m
+                        .pending
+                        .as_ref()
+                        .and_then(|p| p.inactive.clone())
+                        .or_else(|| m.inactive.as_ref().map(|s| s.config.clone())),
+                    suspended: match &m.pending {
+                        Some(p) if p.live.is_some() => p.suspended,
+                        _ => m.md.is_suspended(),
+                    },
+                    deferred_remove: m.deferred_remove,
+                }),
+                _ => {}
+            }
+        }
+        cfg
+    }
+
     /// Replays a recorded configuration without dropping any of it: a disk that cannot be
     /// opened is kept as unavailable, a mapped device whose tables cannot be rebuilt keeps them
     /// recorded (see the module documentation). Returns one message per item not (yet)
