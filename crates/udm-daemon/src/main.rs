@@ -179,14 +179,15 @@ fn main() -> Result<()> {
     });
     // Nothing recorded is dropped: what cannot be opened is kept as unavailable and retried.
     restore::restore(&daemon, &st);
-    restore::spawn_retry(
-        daemon.clone(),
-        std::time::Duration::from_secs(args.retry_interval.max(1)),
-    )?;
     for c in &args.create {
         apply_create(&registry, c)?;
     }
     daemon.save()?;
+    // Started after the first save: its own saves take the change lock.
+    restore::spawn_retry(
+        daemon.clone(),
+        std::time::Duration::from_secs(args.retry_interval.max(1)),
+    )?;
 
     // NBD: Unix socket always, TCP when asked.
     if nbd_path.exists() {
