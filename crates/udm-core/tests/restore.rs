@@ -248,6 +248,14 @@ fn absolute_path_opens_an_implicit_disk_recorded_and_released() {
         .load("w", &spec("0 8 linear nosuch 0"), LoadFlags::default())
         .unwrap_err();
     assert_eq!(e.errno(), Errno::ENODEV, "{e}");
+    let e = reg
+        .load(
+            "w",
+            &spec("0 8 linear /dev/mapper/nosuch 0"),
+            LoadFlags::default(),
+        )
+        .unwrap_err();
+    assert_eq!(e.errno(), Errno::ENODEV, "{e}");
     let missing = dir.path().join("missing.img");
     let e = reg
         .load(

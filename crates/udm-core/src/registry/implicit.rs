@@ -42,10 +42,14 @@ fn open(path: &Path) -> Result<(Arc<dyn udm_io::BlockDevice>, bool), BackendErro
 
 impl BuildCtx<'_> {
     /// Resolves a path no device is registered for: an absolute path is opened as an implicit
-    /// disk; anything else is ENODEV.
+    /// disk; anything else (a name, `/dev/mapper/NAME`) is ENODEV.
     pub(super) fn open_implicit(&mut self, path: &str) -> Result<DevId, TargetError> {
         let p = Path::new(path);
-        if !p.is_absolute() {
+        // `/dev/mapper/NAME` and `/dev/udm/NAME` name udm devices, never files.
+        let udm_name = ["/dev/mapper/", "/dev/udm/"]
+            .iter()
+            .any(|pre| path.starts_with(pre));
+        if !p.is_absolute() || udm_name {
             return Err(TargetError::new(
                 Errno::ENODEV,
                 format!(
