@@ -302,3 +302,23 @@ fn absolute_path_in_a_table_is_opened_on_demand_and_released() {
     d.restart();
     assert_eq!(d.ok(&["disk", "list"]), "No disks found\n");
 }
+
+#[test]
+fn returning_file_is_picked_up_by_disk_add_of_the_same_disk() {
+    let mut d = Udmd::start_with(&["--retry-interval", "3600"]);
+    let d0 = stack(&d);
+    let recorded = state(&d);
+    assert!(d.stop());
+    let away = d.path("d0.away");
+    std::fs::rename(&d0, &away).unwrap();
+    d.restart();
+    check_unavailable(&d, d0.to_str().unwrap(), &recorded);
+    // Another file under the recorded name is refused; the recorded file brings it all back.
+    let other = d.path("other.img");
+    std::fs::write(&other, vec![0u8; 4096]).unwrap();
+    let e = d.fails(&["disk", "add", "d0", "--file", other.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    std::fs::rename(&away, &d0).unwrap();
+    d.ok(&["disk", "add", "d0", "--file", d0.to_str().unwrap()]);
+    check_back(&d, &recorded);
+}
