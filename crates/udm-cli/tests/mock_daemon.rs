@@ -105,6 +105,7 @@ fn info(name: &str, minor: u32) -> InfoRecord {
         interposed: false,
         interposers: vec![],
         redirected: 0,
+        unavailable: None,
     }
 }
 

@@ -18,6 +18,9 @@ pub struct DiskConfig {
     pub direct: bool,
     /// Minor number, so `major:minor` stays the same across restarts.
     pub minor: u32,
+    /// Opened on demand because a table names its path; released when no table uses it.
+    #[serde(default)]
+    pub implicit: bool,
 }
 
 /// A table in one slot, as text plus the load flags.

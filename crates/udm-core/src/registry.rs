@@ -3,7 +3,7 @@
 //!
 //! Control operations are serialised by one lock; the data path never takes it.
 
-use crate::config::{DiskConfig, MappedConfig, RegistryConfig, TableConfig};
+use crate::config::TableConfig;
 use crate::error::{CoreError, Result};
 use crate::freeze::Frozen;
 use crate::gate::Flow;
@@ -22,6 +22,11 @@ use udm_target::{DevRef, EventSink, TargetEnv, TargetError};
 use udm_types::errno::HasErrno;
 use udm_types::{DevId, DevName, Errno};
 
+mod implicit;
+mod unavailable;
+
+use unavailable::Pending;
+
 /// Major number of disks (16 minors each: the disk and 15 partitions), as sd uses.
 pub const DISK_MAJOR: u32 = 8;
 /// Major number of partitions beyond the 15th (Linux's blkext).
@@ -38,6 +43,15 @@ pub struct DiskOptions {
     pub direct: bool,
     /// Create (or extend) the file to this many bytes first.
     pub create: Option<u64>,
+}
+
+/// How a disk is served, as recorded.
+#[derive(Clone, Copy, Debug, Default)]
+struct DiskFlags {
+    read_only: bool,
+    direct: bool,
+    /// Opened on demand for a table naming its path.
+    implicit: bool,
 }
 
 /// Flags a table is loaded with.
@@ -108,6 +122,11 @@ pub struct DiskInfo {
     pub partitions: Vec<PartitionSummary>,
     /// Who holds the disk or its partitions.
     pub holders: Vec<String>,
+    /// Why the disk cannot be served now (its backing file could not be opened); `None` when
+    /// it is available.
+    pub unavailable: Option<String>,
+    /// Opened on demand because a table names its path (released when no table uses it).
+    pub implicit: bool,
 }
 
 /// An attached (or pending) interposer of a mapped device.
@@ -158,6 +177,9 @@ pub struct MdInfo {
     pub redirected: u64,
     /// The live table was loaded with `--interpose`.
     pub interposed: bool,
+    /// Why a recorded table could not be rebuilt (a device it names is unavailable); `None`
+    /// when the device is complete.
+    pub unavailable: Option<String>,
 }
 
 /// One line of `table` or `status`.
@@ -197,6 +219,8 @@ pub struct DeviceSummary {
     pub deps: Vec<DevId>,
     /// Devices this one interposes.
     pub interposes: Vec<DevId>,
+    /// Why the device is unavailable, if it is.
+    pub unavailable: Option<String>,
 }
 
 struct DevUse {
@@ -225,6 +249,8 @@ struct MdState {
     live: Option<TableSlot>,
     inactive: Option<TableSlot>,
     deferred_remove: bool,
+    /// Recorded tables not rebuilt yet (a device they name is unavailable).
+    pending: Option<Pending>,
 }
 
 enum EntryKind {
@@ -233,6 +259,10 @@ enum EntryKind {
         read_only: bool,
         direct: bool,
         partitions: Vec<DevId>,
+        /// Opened on demand for a table naming its path.
+        implicit: bool,
+        /// Why the backing file could not be opened (the node is a placeholder meanwhile).
+        unavailable: Option<String>,
     },
     Partition {
         parent: DevId,
@@ -272,6 +302,9 @@ struct Inner {
     names: HashMap<String, DevId>,
     /// Creation order of disks and mapped devices (for config and listings).
     order: Vec<DevId>,
+    /// Recorded exports not opened yet (holder id -> device name): they count as openers for
+    /// deferred removal, which they may also join.
+    expected: HashMap<String, String>,
 }
 
 /// The registry of devices.
@@ -442,9 +475,42 @@ impl Inner {
                 if e.shared > 0 {
                     out.push(format!("{} shared open(s) by interposed tables", e.shared));
                 }
+                let name = e.node.name();
+                for (h, _) in self.expected.iter().filter(|(_, d)| **d == name) {
+                    out.push(format!("export {h} (recorded, not served yet)"));
+                }
             }
         }
         out
+    }
+}
+
+impl BuildCtx<'_> {
+    /// Records that the table uses `node` for `[begin, begin+len)`.
+    fn use_device(
+        &mut self,
+        id: DevId,
+        node: Arc<DeviceNode>,
+        begin: u64,
+        len: u64,
+        marked: bool,
+    ) -> DevRef {
+        let idx = match self.uses.iter().position(|u| u.dev == id) {
+            Some(i) => i,
+            None => {
+                self.uses.push(DevUse {
+                    dev: id,
+                    access: Arc::new(NodeAccess::new(node.clone())),
+                });
+                self.uses.len() - 1
+            }
+        };
+        self.opens.push((idx, begin, len, marked));
+        DevRef {
+            id,
+            name: node.name(),
+            dev: self.uses[idx].access.clone(),
+        }
     }
 }
 
@@ -460,6 +526,8 @@ struct BuildCtx<'a> {
     uses: Vec<DevUse>,
     /// (use index, target begin, target len, marked with `[interpose]`)
     opens: Vec<(usize, u64, u64, bool)>,
+    /// Disks opened on demand for absolute paths; entered into the registry when the table is.
+    implicit: Vec<implicit::ImplicitDisk>,
 }
 
 impl TableContext for BuildCtx<'_> {
@@ -488,12 +556,13 @@ impl TableContext for BuildCtx<'_> {
         if marked {
             self.interposed = true;
         }
-        let id = self.inner.resolve(path).ok_or_else(|| {
-            TargetError::new(
-                Errno::ENODEV,
-                format!("device {path} not found (add it with `udmsetup disk add`)"),
-            )
-        })?;
+        let id = match self.inner.resolve(path) {
+            Some(id) => id,
+            None => self.open_implicit(path)?,
+        };
+        if let Some(node) = self.implicit_node(id) {
+            return Ok(self.use_device(id, node, begin, len, marked));
+        }
         if id == self.me {
             return Err(TargetError::invalid(format!(
                 "table of {} references its own device",
@@ -504,6 +573,9 @@ impl TableContext for BuildCtx<'_> {
             self.inner.entries.get(&id).ok_or_else(|| {
                 TargetError::new(Errno::ENODEV, format!("device {path} not found"))
             })?;
+        self.inner
+            .usable(id, path)
+            .map_err(|e| TargetError::new(e.errno(), e.to_string()))?;
         if !self.interposed {
             if let Some(h) = entry
                 .holders
@@ -520,22 +592,7 @@ impl TableContext for BuildCtx<'_> {
                 ));
             }
         }
-        let idx = match self.uses.iter().position(|u| u.dev == id) {
-            Some(i) => i,
-            None => {
-                self.uses.push(DevUse {
-                    dev: id,
-                    access: Arc::new(NodeAccess::new(entry.node.clone())),
-                });
-                self.uses.len() - 1
-            }
-        };
-        self.opens.push((idx, begin, len, marked));
-        Ok(DevRef {
-            id,
-            name: entry.node.name(),
-            dev: self.uses[idx].access.clone(),
-        })
+        Ok(self.use_device(id, entry.node.clone(), begin, len, marked))
     }
 
     fn events(&self) -> EventSink {
@@ -585,6 +642,10 @@ impl Registry {
     /// Adds a disk backed by a file or block device, and its partitions.
     pub fn add_disk(&self, name: &str, path: &Path, opts: &DiskOptions) -> Result<DiskInfo> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
+        // `disk add` of an unavailable disk's name and path brings it (and its dependents) back.
+        if let Some(info) = self.add_disk_again(name, path)? {
+            return Ok(info);
+        }
         if let Some(bytes) = opts.create {
             udm_io::backend::file::FileDevice::create(path, bytes).map_err(|e| {
                 CoreError::new(
@@ -623,14 +684,23 @@ impl Registry {
         };
         let backend =
             open_backend(&path, &oo).map_err(|e| CoreError::new(e.errno(), e.to_string()))?;
-        self.insert_disk(name, Some(path), backend, opts.read_only, opts.direct, None)
+        let flags = DiskFlags {
+            read_only: opts.read_only,
+            direct: opts.direct,
+            implicit: false,
+        };
+        self.insert_disk(name, Some(path), backend, flags, None)
     }
 
     /// Adds a disk from any block device (memory devices in tests, embedders' own backends).
     pub fn add_disk_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<DiskInfo> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         let ro = dev.read_only();
-        self.insert_disk(name, None, dev, ro, false, None)
+        let flags = DiskFlags {
+            read_only: ro,
+            ..DiskFlags::default()
+        };
+        self.insert_disk(name, None, dev, flags, None)
     }
 
     fn insert_disk(
@@ -638,14 +708,23 @@ impl Registry {
         name: &str,
         path: Option<PathBuf>,
         backend: Arc<dyn BlockDevice>,
-        read_only: bool,
-        direct: bool,
+        flags: DiskFlags,
         minor: Option<u32>,
     ) -> Result<DiskInfo> {
-        let parts = udm_io::partition::read_partitions(backend.as_ref()).unwrap_or_else(|e| {
-            tracing::warn!(disk = name, "partition table ignored: {e}");
+        let DiskFlags {
+            read_only,
+            direct,
+            implicit,
+        } = flags;
+        // A file a table names by path is used whole: its partitions are not served.
+        let parts = if implicit {
             Vec::new()
-        });
+        } else {
+            udm_io::partition::read_partitions(backend.as_ref()).unwrap_or_else(|e| {
+                tracing::warn!(disk = name, "partition table ignored: {e}");
+                Vec::new()
+            })
+        };
         let mut inner = self.inner.lock();
         if inner.names.contains_key(name) {
             return Err(CoreError::Exists(format!("device {name} already exists")));
@@ -707,11 +786,16 @@ impl Registry {
                     read_only,
                     direct,
                     partitions: part_ids,
+                    implicit,
+                    unavailable: None,
                 },
             },
         );
         inner.names.insert(name.to_string(), id);
-        inner.order.push(id);
+        // A revived disk keeps its place in the creation order.
+        if !inner.order.contains(&id) {
+            inner.order.push(id);
+        }
         tracing::info!(disk = name, %id, partitions = parts.len(), "disk added");
         Self::disk_info(&inner, id).ok_or_else(|| nodev(name))
     }
@@ -723,6 +807,8 @@ impl Registry {
             read_only,
             direct,
             partitions,
+            implicit,
+            unavailable,
         } = &e.kind
         else {
             return None;
@@ -752,6 +838,8 @@ impl Registry {
             direct: *direct,
             partitions: parts,
             holders: inner.holders_of(id),
+            unavailable: unavailable.clone(),
+            implicit: *implicit,
         })
     }
 
@@ -807,6 +895,7 @@ impl Registry {
     pub fn open_export(&self, name: &str, holder: &str) -> Result<Arc<DeviceNode>> {
         let mut inner = self.inner.lock();
         let id = inner.id_of(name)?;
+        inner.usable(id, name)?;
         let holders = inner
             .entries
             .get(&id)
@@ -819,7 +908,7 @@ impl Registry {
             )));
         }
         if let Some(m) = inner.entries.get(&id).and_then(|e| e.md()) {
-            if m.deferred_remove {
+            if m.deferred_remove && inner.expected.get(holder).is_none_or(|d| d != name) {
                 return Err(CoreError::Busy(format!(
                     "device {name} is scheduled for deferred removal"
                 )));
@@ -827,7 +916,9 @@ impl Registry {
         }
         let e = inner.entries.get_mut(&id).ok_or_else(|| nodev(name))?;
         e.holders.push(Holder::Export(holder.to_string()));
-        Ok(e.node.clone())
+        let node = e.node.clone();
+        inner.expected.remove(holder);
+        Ok(node)
     }
 
     /// Releases an export's hold. Completes a deferred removal when it was the last user.
@@ -847,7 +938,10 @@ impl Registry {
 
     /// The node of any device, without claiming it (status, tests).
     pub fn node(&self, name: &str) -> Result<Arc<DeviceNode>> {
-        Ok(self.inner.lock().entry(name)?.node.clone())
+        let inner = self.inner.lock();
+        let id = inner.id_of(name)?;
+        inner.usable(id, name)?;
+        Ok(inner.entry(name)?.node.clone())
     }
 
     /// Every device (disks, partitions, mapped), for `ls --tree`.
@@ -882,6 +976,7 @@ impl Registry {
                     kind,
                     deps,
                     interposes,
+                    unavailable: e.unavailable_reason(),
                 }
             })
             .collect()
@@ -933,6 +1028,7 @@ impl Registry {
                         live: None,
                         inactive: None,
                         deferred_remove: false,
+                        pending: None,
                     })),
                 },
             );
@@ -961,7 +1057,9 @@ impl Registry {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
         let md = m.md.clone();
-        let slot = self.build(&inner, id, name, &md, spec, flags)?;
+        inner.available(id, name)?;
+        let (slot, opened) = self.build(&inner, id, name, &md, spec, flags)?;
+        implicit::enter(&mut inner, opened);
         // Claims and shared opens of the new table.
         for u in &slot.uses {
             if let Some(e) = inner.entries.get_mut(&u.dev) {
@@ -989,7 +1087,7 @@ impl Registry {
         md: &Arc<MappedDevice>,
         spec: &TableSpec,
         flags: LoadFlags,
-    ) -> Result<TableSlot> {
+    ) -> Result<(TableSlot, Vec<implicit::ImplicitDisk>)> {
         let events = md.events().clone();
         let mut ctx = BuildCtx {
             inner,
@@ -1001,6 +1099,7 @@ impl Registry {
             env: self.env.clone(),
             uses: Vec::new(),
             opens: Vec::new(),
+            implicit: Vec::new(),
         };
         let table = Table::build(spec, &self.targets, &mut ctx)?;
         let interposed = ctx.interposed;
@@ -1080,7 +1179,7 @@ impl Registry {
                 l.start, l.len, l.target_type, l.params
             ));
         }
-        Ok(TableSlot {
+        let slot = TableSlot {
             config: TableConfig {
                 text,
                 read_only: flags.read_only,
@@ -1093,7 +1192,8 @@ impl Registry {
             uses: ctx.uses,
             hooks: hooks.into_iter().map(|(_, h)| h).collect(),
             interposed,
-        })
+        };
+        Ok((slot, ctx.implicit))
     }
 
     fn release_slot(inner: &mut Inner, me: DevId, slot: &TableSlot) {
@@ -1106,12 +1206,14 @@ impl Registry {
                 }
             }
         }
+        implicit::release_unused(inner);
     }
 
     /// `clear`: destroys the inactive table.
     pub fn clear(&self, name: &str) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, _) = inner.md_entry(name)?;
+        inner.available(id, name)?;
         if let Some(old) = inner.md_mut(id)?.inactive.take() {
             Self::release_slot(&mut inner, id, &old);
         }
@@ -1123,7 +1225,9 @@ impl Registry {
     pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<()> {
         let md = {
             let inner = self.inner.lock();
-            inner.md_entry(name)?.1.md.clone()
+            let (id, m) = inner.md_entry(name)?;
+            inner.available(id, name)?;
+            m.md.clone()
         };
         let _ = flags; // The synchronous data path has no requeue list: noflush and lockfs change nothing.
         md.suspend();
@@ -1136,6 +1240,7 @@ impl Registry {
     pub fn resume(&self, name: &str, opts: &ResumeOptions) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
+        inner.available(id, name)?;
         let md = m.md.clone();
         if m.inactive.is_none() {
             if md.is_suspended() {
@@ -1291,7 +1396,7 @@ impl Registry {
     pub fn remove(&self, name: &str, force: bool, deferred: bool) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
-        let open = inner.entries.get(&id).map_or(0, |e| e.open_count());
+        let open = inner.opens(id);
         if open > 0 {
             if deferred {
                 inner.md_mut(id)?.deferred_remove = true;
@@ -1306,7 +1411,7 @@ impl Registry {
                     self.resume(name, &ResumeOptions::default())?;
                 }
                 inner = self.inner.lock();
-                let open = inner.entries.get(&id).map_or(0, |e| e.open_count());
+                let open = inner.opens(id);
                 if open > 0 {
                     let holders = inner.holders_of(id);
                     return Err(CoreError::Busy(format!(
@@ -1358,7 +1463,11 @@ impl Registry {
             let due: Vec<DevId> = inner
                 .entries
                 .iter()
-                .filter(|(_, e)| e.open_count() == 0 && e.md().is_some_and(|m| m.deferred_remove))
+                .filter(|(_, e)| {
+                    e.open_count() == 0
+                        && e.md().is_some_and(|m| m.deferred_remove)
+                        && !inner.expected.values().any(|d| *d == e.node.name())
+                })
                 .map(|(id, _)| *id)
                 .collect();
             if due.is_empty() {
@@ -1378,6 +1487,7 @@ impl Registry {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
         let md = m.md.clone();
+        inner.available(id, name)?;
         if inner.names.contains_key(new) {
             return Err(CoreError::Exists(format!("device {new} already exists")));
         }
@@ -1395,6 +1505,7 @@ impl Registry {
     pub fn set_uuid(&self, name: &str, uuid: &str) -> Result<()> {
         let mut inner = self.inner.lock();
         let (id, m) = inner.md_entry(name)?;
+        inner.available(id, name)?;
         if m.uuid.is_some() {
             return Err(CoreError::invalid(format!(
                 "device {name} already has a uuid; it cannot be changed"
@@ -1459,6 +1570,7 @@ impl Registry {
             interposers,
             redirected: m.md.redirected(),
             interposed: live.is_some_and(|l| l.interposed),
+            unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
         })
     }
 
@@ -1485,6 +1597,9 @@ impl Registry {
 
     /// `table` (`--inactive` for the inactive slot). Empty when the slot is empty.
     pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+        if let Some(recorded) = self.pending_lines(name, inactive) {
+            return Ok(recorded);
+        }
         self.lines(name, inactive, Table::table_lines)
     }
 
@@ -1549,6 +1664,7 @@ impl Registry {
         let (id, table) = {
             let inner = self.inner.lock();
             let (id, m) = inner.md_entry(name)?;
+            inner.available(id, name)?;
             (id, m.live.as_ref().map(|s| s.live.clone()))
         };
         match argv.first().map(String::as_str) {
@@ -1588,148 +1704,5 @@ impl Registry {
     pub fn wait_event(&self, name: &str, seen: u32, timeout: Duration) -> Result<u32> {
         let ev = self.events(name)?;
         Ok(ev.wait(seen, timeout))
-    }
-
-    // ----- persistence -----
-
-    /// What to record in the state directory.
-    pub fn config(&self) -> RegistryConfig {
-        let inner = self.inner.lock();
-        let mut cfg = RegistryConfig::default();
-        for id in &inner.order {
-            let Some(e) = inner.entries.get(id) else {
-                continue;
-            };
-            match &e.kind {
-                EntryKind::Disk {
-                    path: Some(path),
-                    read_only,
-                    direct,
-                    ..
-                } => cfg.disks.push(DiskConfig {
-                    name: e.node.name(),
-                    path: path.clone(),
-                    read_only: *read_only,
-                    direct: *direct,
-                    minor: id.minor,
-                }),
-                EntryKind::Mapped(m) => cfg.mapped.push(MappedConfig {
-                    name: e.node.name(),
-                    uuid: m.uuid.clone(),
-                    minor: id.minor,
-                    live: m.live.as_ref().map(|s| s.config.clone()),
-                    inactive: m.inactive.as_ref().map(|s| s.config.clone()),
-                    suspended: m.md.is_suspended(),
-                    deferred_remove: m.deferred_remove,
-                }),
-                _ => {}
-            }
-        }
-        cfg
-    }
-
-    /// Loads a recorded table into the inactive slot of `name`.
-    fn load_config(&self, name: &str, t: &TableConfig) -> Result<()> {
-        let spec = TableSpec::parse(&t.text)?;
-        let flags = LoadFlags {
-            read_only: t.read_only,
-            interpose: t.interposed,
-        };
-        self.load(name, &spec, flags)
-    }
-
-    /// Replays a recorded configuration. Returns one message per item that could not be
-    /// restored (the rest is restored regardless).
-    pub fn restore(&self, cfg: &RegistryConfig) -> Vec<String> {
-        let mut problems = Vec::new();
-        for d in &cfg.disks {
-            let oo = OpenOptions {
-                read_only: d.read_only,
-                direct: d.direct,
-                engine: Engine::Auto,
-            };
-            match open_backend(&d.path, &oo) {
-                Ok(b) => {
-                    if let Err(e) = self.insert_disk(
-                        &d.name,
-                        Some(d.path.clone()),
-                        b,
-                        d.read_only,
-                        d.direct,
-                        Some(d.minor),
-                    ) {
-                        problems.push(format!("disk {}: {e}", d.name));
-                    }
-                }
-                Err(e) => problems.push(format!("disk {} ({}): {e}", d.name, d.path.display())),
-            }
-        }
-        for m in &cfg.mapped {
-            if let Err(e) = self.create(
-                &m.name,
-                m.uuid.as_deref(),
-                Some(m.minor),
-                None,
-                &ResumeOptions::default(),
-            ) {
-                problems.push(format!("device {}: {e}", m.name));
-            }
-        }
-        // Live tables in dependency order: retry until no progress (a table naming another
-        // mapped device needs that device's live table for its size).
-        let mut pending: Vec<&MappedConfig> =
-            cfg.mapped.iter().filter(|m| m.live.is_some()).collect();
-        let mut last_err: HashMap<String, String> = HashMap::new();
-        while !pending.is_empty() {
-            let before = pending.len();
-            pending.retain(|m| {
-                let Some(t) = &m.live else { return false };
-                let r = self
-                    .load_config(&m.name, t)
-                    .and_then(|_| self.resume(&m.name, &ResumeOptions::default()));
-                match r {
-                    Ok(()) => false,
-                    Err(e) => {
-                        last_err.insert(m.name.clone(), e.to_string());
-                        true
-                    }
-                }
-            });
-            if pending.len() == before {
-                break;
-            }
-        }
-        for m in pending {
-            problems.push(format!(
-                "device {}: live table not restored: {}",
-                m.name,
-                last_err.get(&m.name).cloned().unwrap_or_default()
-            ));
-        }
-        for m in &cfg.mapped {
-            if let Some(t) = &m.inactive {
-                let r = self.load_config(&m.name, t);
-                if let Err(e) = r {
-                    problems.push(format!(
-                        "device {}: inactive table not restored: {e}",
-                        m.name
-                    ));
-                }
-            }
-            if m.suspended {
-                if let Err(e) = self.suspend(&m.name, SuspendFlags::default()) {
-                    problems.push(format!("device {}: {e}", m.name));
-                }
-            }
-            if m.deferred_remove {
-                let mut inner = self.inner.lock();
-                if let Ok(id) = inner.id_of(&m.name) {
-                    if let Ok(md) = inner.md_mut(id) {
-                        md.deferred_remove = true;
-                    }
-                }
-            }
-        }
-        problems
     }
 }

@@ -113,6 +113,7 @@ impl Daemon {
                 })
                 .collect(),
             redirected: i.redirected,
+            unavailable: i.unavailable,
         })
     }
 
@@ -155,7 +156,8 @@ impl Daemon {
             return Reply::Err(e);
         }
         match req {
-            Request::ExportAdd { .. } => {
+            // Under the lock: these start exports (a returning disk starts its pending ones).
+            Request::ExportAdd { .. } | Request::DiskAdd { .. } | Request::DiskRetry { .. } => {
                 let _g = self.change.lock();
                 let r = self.change(req);
                 self.record_locked(r)
@@ -228,7 +230,15 @@ impl Daemon {
                         },
                     )
                     .map_err(err)?;
+                // A disk that was unavailable may be back: start its dependents' exports.
+                crate::restore::retry_exports(&self.exports);
                 Ok(Response::Disks(vec![disk_record(d)]))
+            }
+            Request::DiskRetry { name } => {
+                crate::restore::retry(self, name.as_deref()).map_err(err)?;
+                Ok(Response::Disks(
+                    reg.disks().into_iter().map(disk_record).collect(),
+                ))
             }
             Request::DiskRemove { name } => {
                 reg.remove_disk(&name).map(|_| Response::Done).map_err(err)
@@ -365,6 +375,7 @@ impl Daemon {
                         },
                         deps: d.deps.iter().map(|x| x.to_string()).collect(),
                         interposes: d.interposes.iter().map(|x| x.to_string()).collect(),
+                        unavailable: d.unavailable,
                     })
                     .collect(),
             )),
@@ -523,6 +534,8 @@ fn disk_record(d: udm_core::registry::DiskInfo) -> DiskRecord {
             })
             .collect(),
         holders: d.holders,
+        unavailable: d.unavailable,
+        implicit: d.implicit,
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Exports {
     nbd_socket: PathBuf,
     fuse: FuseExports,
     entries: Mutex<Vec<Entry>>,
+    /// Recorded exports that cannot be served now (their device is unavailable).
+    pub pending: crate::restore::PendingExports,
     /// Ids taken out of `entries` whose clients are still being disconnected.
     removing: Mutex<BTreeSet<String>>,
 }
@@ -62,6 +64,7 @@ impl Exports {
             fuse: FuseExports::new(),
             entries: Mutex::new(Vec::new()),
             removing: Mutex::new(BTreeSet::new()),
+            pending: Default::default(),
         }
     }
 
@@ -83,7 +86,7 @@ impl Exports {
     ) -> Result<String, CoreError> {
         let id = Self::id_for(device, kind);
         let mut entries = self.entries.lock();
-        if entries.iter().any(|e| e.id == id) {
+        if entries.iter().any(|e| e.id == id) || self.pending.contains(&id) {
             return Err(CoreError::Exists(format!("export {id} already exists")));
         }
         if self.removing.lock().contains(&id) {
@@ -168,6 +171,10 @@ impl Exports {
     /// a FUSE export is removed here (it refuses with EBUSY while its file is open instead of
     /// waiting), an NBD or ublk export is only unlisted.
     pub fn take(&self, id: &str) -> Result<Removal, CoreError> {
+        if self.pending.take(id) {
+            self.registry.forget_export(id);
+            return Ok(Removal { entry: None });
+        }
         let mut entries = self.entries.lock();
         let i = entries.iter().position(|e| e.id == id).ok_or_else(|| {
             let busy = self.removing.lock().contains(id);
@@ -221,18 +228,22 @@ impl Exports {
 
     /// What to record: (device, kind, read_only) of every export.
     pub fn config(&self) -> Vec<(String, ExportKind, bool)> {
-        self.entries
+        let mut v: Vec<_> = self
+            .entries
             .lock()
             .iter()
             .map(|e| (e.device.clone(), e.kind.clone(), e.read_only))
-            .collect()
+            .collect();
+        v.extend(self.pending.config());
+        v
     }
 
     /// Export records with live counters.
     pub fn list(&self) -> Vec<ExportRecord> {
         let nbd = self.nbd.exports();
         let fuse = self.fuse.list();
-        self.entries
+        let mut v: Vec<ExportRecord> = self
+            .entries
             .lock()
             .iter()
             .map(|e| {
@@ -247,6 +258,7 @@ impl Exports {
                     errors: 0,
                     bytes_read: 0,
                     bytes_written: 0,
+                    unavailable: None,
                 };
                 match &e.kind {
                     ExportKind::Nbd { name, .. } => {
@@ -291,7 +303,9 @@ impl Exports {
                 }
                 r
             })
-            .collect()
+            .collect();
+        v.extend(self.pending.records(&self.nbd_socket));
+        v
     }
 
     /// Disconnects every client and unmounts every FUSE export (shutdown). The exports stay

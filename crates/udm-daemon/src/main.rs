@@ -4,6 +4,7 @@
 mod control;
 mod dirs;
 mod exports;
+mod restore;
 mod shutdown;
 mod state;
 
@@ -65,6 +66,15 @@ struct Args {
     /// `rw+interpose`. Devices that already exist (restored from the state) are left alone.
     #[arg(long, value_name = "CONCISE")]
     create: Vec<String>,
+    /// Seconds between attempts to reopen unavailable disks (a backing file that was missing at
+    /// start-up) and bring back what depends on them.
+    #[arg(
+        long,
+        env = "UDM_RETRY_INTERVAL",
+        default_value_t = 3,
+        value_name = "SECS"
+    )]
+    retry_interval: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
     #[arg(long, env = "UDM_LOG", default_value = "info")]
     log: String,
@@ -197,9 +207,6 @@ fn main() -> Result<()> {
 
     let registry = Arc::new(Registry::new());
     let st = state::load(&state_dir)?;
-    for p in registry.restore(&st.registry) {
-        tracing::error!("restore: {p}");
-    }
     let nbd = NbdServer::new();
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
@@ -207,15 +214,17 @@ fn main() -> Result<()> {
         state_dir: state_dir.clone(),
         change: Mutex::new(()),
     });
-    for e in &st.exports {
-        if let Err(err) = daemon.exports.add(&e.device, &e.export, e.read_only) {
-            tracing::error!(device = %e.device, "restore: export not restored: {err}");
-        }
-    }
+    // Nothing recorded is dropped: what cannot be opened is kept as unavailable and retried.
+    restore::restore(&daemon, &st);
     for c in &args.create {
         apply_create(&registry, c)?;
     }
     daemon.save()?;
+    // Started after the first save: its own saves take the change lock.
+    restore::spawn_retry(
+        daemon.clone(),
+        std::time::Duration::from_secs(args.retry_interval.max(1)),
+    )?;
 
     // NBD: Unix socket always, TCP when asked.
     if nbd_path.exists() {

@@ -89,6 +89,12 @@ pub enum Request {
     },
     /// List disks.
     DiskList,
+    /// Try again to open unavailable disks (all, or one device) and to bring back what depends
+    /// on them (tables, exports).
+    DiskRetry {
+        /// Name (a disk or mapped device), or every unavailable device.
+        name: Option<String>,
+    },
     /// Create a mapped device (and load + resume a table if given).
     Create {
         /// Name.
@@ -261,6 +267,12 @@ pub struct DiskRecord {
     pub partitions: Vec<PartitionRecord>,
     /// Holders (tables, exports).
     pub holders: Vec<String>,
+    /// Why the disk is unavailable (its backing file cannot be opened); `null` when available.
+    #[serde(default)]
+    pub unavailable: Option<String>,
+    /// Opened on demand because a table names its path.
+    #[serde(default)]
+    pub implicit: bool,
 }
 
 /// An interposer.
@@ -313,6 +325,10 @@ pub struct InfoRecord {
     pub interposers: Vec<InterposerRecord>,
     /// Requests redirected into this device by its interposers.
     pub redirected: u64,
+    /// Why recorded tables could not be rebuilt (a device they name is unavailable); `null`
+    /// when the device is complete.
+    #[serde(default)]
+    pub unavailable: Option<String>,
 }
 
 /// Kind of device in `List`.
@@ -342,6 +358,9 @@ pub struct DeviceRecord {
     pub deps: Vec<String>,
     /// `major:minor` of the devices it interposes.
     pub interposes: Vec<String>,
+    /// Why the device is unavailable; `null` when available.
+    #[serde(default)]
+    pub unavailable: Option<String>,
 }
 
 /// One table or status line.
@@ -418,6 +437,10 @@ pub struct ExportRecord {
     pub bytes_read: u64,
     /// Bytes written by clients.
     pub bytes_written: u64,
+    /// Why the export is not served now (its device is unavailable); it is kept and started
+    /// when the device comes back. `null` when served.
+    #[serde(default)]
+    pub unavailable: Option<String>,
 }
 
 /// Versions.

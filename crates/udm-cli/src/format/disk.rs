@@ -35,10 +35,7 @@ pub fn disk_list(disks: &[DiskRecord], style: &ReportStyle) -> String {
             } else {
                 d.holders.join(",")
             },
-            d.path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(memory)".into()),
+            path_column(d),
         ]);
         for p in &d.partitions {
             rows.push(vec![
@@ -52,6 +49,23 @@ pub fn disk_list(disks: &[DiskRecord], style: &ReportStyle) -> String {
         }
     }
     render(&cols, &rows, style)
+}
+
+/// The backing path, marked `[implicit]` (opened for a table naming it) and
+/// `[unavailable: REASON]` (it could not be opened; its tables and exports wait for it).
+fn path_column(d: &DiskRecord) -> String {
+    let mut s = d
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(memory)".into());
+    if d.implicit {
+        s.push_str(" [implicit]");
+    }
+    if let Some(r) = &d.unavailable {
+        s.push_str(&format!(" [unavailable: {r}]"));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -76,6 +90,8 @@ mod tests {
                 sectors: 1024,
             }],
             holders: vec!["o".into()],
+            unavailable: None,
+            implicit: false,
         };
         assert_eq!(
             disk_list(&[d], &ReportStyle::default()),
@@ -84,5 +100,21 @@ mod tests {
              vda1     254:1    1024 rw,direct -       part1 of vda @2048\n"
         );
         assert_eq!(disk_list(&[], &ReportStyle::default()), "No disks found\n");
+        let gone = DiskRecord {
+            name: "d0".into(),
+            dev: "8:0".into(),
+            path: Some("/srv/d0.img".into()),
+            sectors: 0,
+            read_only: false,
+            direct: false,
+            partitions: vec![],
+            holders: vec![],
+            unavailable: Some("/srv/d0.img: no such file".into()),
+            implicit: true,
+        };
+        assert_eq!(
+            disk_list(&[gone], &ReportStyle::noheadings()),
+            "d0:8:0:0:rw:-:/srv/d0.img [implicit] [unavailable: /srv/d0.img: no such file]\n"
+        );
     }
 }

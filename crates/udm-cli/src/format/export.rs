@@ -33,7 +33,10 @@ pub fn export_list(exports: &[ExportRecord], style: &ReportStyle) -> String {
                 e.errors.to_string(),
                 e.bytes_read.to_string(),
                 e.bytes_written.to_string(),
-                e.location.clone(),
+                match &e.unavailable {
+                    Some(r) => format!("{} [unavailable: {r}]", e.location),
+                    None => e.location.clone(),
+                },
             ]
         })
         .collect();
@@ -57,6 +60,7 @@ mod tests {
             errors: 0,
             bytes_read: 4096,
             bytes_written: 0,
+            unavailable: None,
         };
         assert_eq!(
             export_list(&[e], &ReportStyle::noheadings()),

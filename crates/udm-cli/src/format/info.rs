@@ -63,6 +63,9 @@ pub fn info_long(i: &InfoRecord) -> String {
         }
         s.push_str(&format!("Redirected:        {}\n", i.redirected));
     }
+    if let Some(r) = &i.unavailable {
+        s.push_str(&format!("Unavailable:       {r}\n"));
+    }
     if let Some(u) = i.uuid.as_deref().filter(|u| !u.is_empty()) {
         s.push_str(&format!("UUID: {u}\n"));
     }
@@ -119,6 +122,8 @@ pub enum Field {
     Interposes,
     /// udm: `redirected` (Redirected, 10): requests redirected into the device.
     Redirected,
+    /// udm: `unavailable` (Unavailable, 11): why recorded tables are not rebuilt, or empty.
+    Unavailable,
 }
 
 impl Field {
@@ -140,6 +145,7 @@ impl Field {
             "events" => Field::Events,
             "interposes" => Field::Interposes,
             "redirected" => Field::Redirected,
+            "unavailable" => Field::Unavailable,
             _ => return None,
         })
     }
@@ -163,6 +169,7 @@ impl Field {
             Field::Events => Column::num("Event", 6),
             Field::Interposes => Column::str("Interposes", 10),
             Field::Redirected => Column::num("Redirected", 10),
+            Field::Unavailable => Column::str("Unavailable", 11),
         }
     }
 
@@ -200,13 +207,15 @@ impl Field {
                 .collect::<Vec<_>>()
                 .join(","),
             Field::Redirected => i.redirected.to_string(),
+            Field::Unavailable => i.unavailable.clone().unwrap_or_default(),
         }
     }
 }
 
 /// Every field name `-o` accepts, for the error message and `--help`.
 pub const FIELD_NAMES: &str = "name, uuid, read_ahead, blkdevname, attr, tables_loaded, \
-suspended, readonly, devno, major, minor, open, segments, events; udm: interposes, redirected";
+suspended, readonly, devno, major, minor, open, segments, events; udm: interposes, redirected, \
+unavailable";
 
 /// Parses `-o`: a comma-separated field list, or `+list` to append to the defaults (as
 /// dmsetup.c `_report_init` does).
@@ -258,7 +267,26 @@ mod tests {
             interposed: false,
             interposers: vec![],
             redirected: 0,
+            unavailable: None,
         }
+    }
+
+    #[test]
+    fn unavailable_line_and_field() {
+        let mut i = rec("v");
+        i.live_present = false;
+        i.unavailable = Some("device d0 is unavailable: /srv/d0.img: gone".into());
+        let s = info_long(&i);
+        assert!(
+            s.contains("Number of targets: 1\nUnavailable:       device d0 is unavailable: /srv/d0.img: gone\n"),
+            "{s}"
+        );
+        assert!(!info_long(&rec("w")).contains("Unavailable"));
+        let f = parse_fields(Some("name,unavailable")).unwrap();
+        assert_eq!(
+            info_columns(&[i], &f, &ReportStyle::noheadings()),
+            "v:device d0 is unavailable: /srv/d0.img: gone\n"
+        );
     }
 
     #[test]

@@ -27,10 +27,17 @@ pub fn ls_names(devs: &[DeviceRecord], style: DevNameStyle) -> String {
         return NO_DEVICES.into();
     }
     v.iter()
-        .map(|d| match style {
-            DevNameStyle::DevNo => format!("{}\t({}:{})\n", d.name, d.major, d.minor),
-            DevNameStyle::BlkDevName => format!("{}\t(dm-{})\n", d.name, d.minor),
-            DevNameStyle::DevName => format!("{}\t({})\n", d.name, d.name),
+        .map(|d| {
+            let line = match style {
+                DevNameStyle::DevNo => format!("{}\t({}:{})", d.name, d.major, d.minor),
+                DevNameStyle::BlkDevName => format!("{}\t(dm-{})", d.name, d.minor),
+                DevNameStyle::DevName => format!("{}\t({})", d.name, d.name),
+            };
+            // udm: a device whose recorded tables cannot be rebuilt says why.
+            match &d.unavailable {
+                Some(r) => format!("{line}\tunavailable: {r}\n"),
+                None => format!("{line}\n"),
+            }
         })
         .collect()
 }
@@ -200,6 +207,8 @@ struct Node {
     uses: Vec<usize>,
     used_by: Vec<usize>,
     interposes: Vec<String>,
+    /// udm: its recorded tables wait for an unavailable device.
+    unavailable: bool,
 }
 
 /// libdm's dependency tree, built the way `dm_tree_add_dev` builds it.
@@ -224,6 +233,7 @@ impl DepTree {
                 uses: vec![],
                 used_by: vec![],
                 interposes: vec![],
+                unavailable: false,
             }],
             by_dev: HashMap::new(),
         }
@@ -318,6 +328,7 @@ impl DepTree {
                     uses: vec![],
                     used_by: vec![],
                     interposes,
+                    unavailable: rec.is_some_and(|r| r.unavailable.is_some()),
                 });
                 let i = self.nodes.len() - 1;
                 self.by_dev.insert(dev, i);
@@ -529,6 +540,9 @@ fn display_node(
     if !node.interposes.is_empty() {
         out.out_str(&format!(" [interposes {}]", node.interposes.join(", ")));
     }
+    if node.unavailable {
+        out.out_str(" [unavailable]");
+    }
     if o.print_compact() {
         out.width[depth] = out.cur_x - offset;
     }
@@ -549,6 +563,7 @@ mod tests {
             kind,
             deps: deps.iter().map(|s| s.to_string()).collect(),
             interposes: vec![],
+            unavailable: None,
         }
     }
 
@@ -611,6 +626,23 @@ mod tests {
         assert_eq!(
             ls_tree(&devs, &[], &o),
             "o <dm-0> (253:0) [interposes vda]\n `- <vda> (254:0)\n"
+        );
+    }
+
+    #[test]
+    fn unavailable_devices_say_so() {
+        use DeviceKindRecord::*;
+        let mut v = dev("v", Mapped, (253, 0), &[]);
+        v.unavailable = Some("/srv/d.img: no such file or block device".into());
+        let devs = vec![v, dev("w", Mapped, (253, 1), &[])];
+        assert_eq!(
+            ls_names(&devs, DevNameStyle::DevNo),
+            "v\t(253:0)\tunavailable: /srv/d.img: no such file or block device\nw\t(253:1)\n"
+        );
+        let o = TreeOptions::parse(None, false).unwrap();
+        assert_eq!(
+            ls_tree(&devs, &[], &o),
+            "v (253:0) [unavailable]\nw (253:1)\n"
         );
     }
 

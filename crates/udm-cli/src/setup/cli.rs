@@ -408,6 +408,16 @@ Examples:
     },
     /// List disks and their partitions.
     List,
+    /// Reopen unavailable disks now and bring back what depends on them.
+    #[command(long_about = "\
+A disk whose backing file could not be opened when udmd started (an unmounted file system, a
+late iSCSI login) is kept as unavailable with its tables and exports; udmd retries it every few
+seconds (--retry-interval). `disk retry` tries at once: every unavailable device, or NAME (a disk
+or mapped device), failing with ENODEV and the reason when NAME is still unavailable.")]
+    Retry {
+        /// Disk or mapped device (default: every unavailable device).
+        name: Option<String>,
+    },
 }
 
 /// `disk add`.

@@ -38,6 +38,11 @@ pub(super) fn disk(ctx: &mut Ctx<'_>, d: DiskCommand) -> Result<(), CliError> {
                 other => Err(unexpected("disk remove", &other)),
             }
         }
+        DiskCommand::Retry { name } => {
+            let req = Request::DiskRetry { name: name.clone() };
+            ctx.call("disk retry", name.as_deref().unwrap_or(""), req)
+                .map(|_| ())
+        }
         DiskCommand::List => match ctx.call("disk list", "", Request::DiskList)? {
             Response::Disks(v) if ctx.json => ctx.write(&format::json(&v)),
             Response::Disks(v) => ctx.write(&format::disk::disk_list(&v, &ReportStyle::default())),

@@ -24,6 +24,8 @@ pub struct StatusReport {
     pub interposing: usize,
     /// Exports.
     pub exports: usize,
+    /// Disks, devices and exports kept but not served (a backing file could not be opened).
+    pub unavailable: usize,
 }
 
 /// Gathers the report (four requests on one connection).
@@ -33,7 +35,7 @@ pub fn gather(s: &mut Session) -> Result<StatusReport, CliError> {
         other => return Err(unexpected("version", &other)),
     };
     let disks = match s.call("disk list", "", Request::DiskList)? {
-        Response::Disks(d) => d.len(),
+        Response::Disks(d) => d,
         other => return Err(unexpected("disk list", &other)),
     };
     let infos = match s.call("info", "", Request::Info { name: None })? {
@@ -41,30 +43,41 @@ pub fn gather(s: &mut Session) -> Result<StatusReport, CliError> {
         other => return Err(unexpected("info", &other)),
     };
     let exports = match s.call("export list", "", Request::ExportList)? {
-        Response::Exports(e) => e.len(),
+        Response::Exports(e) => e,
         other => return Err(unexpected("export list", &other)),
     };
     Ok(StatusReport {
         socket: s.socket().display().to_string(),
         daemon: v.daemon,
         protocol: v.protocol,
-        disks,
+        disks: disks.len(),
+        unavailable: disks.iter().filter(|d| d.unavailable.is_some()).count()
+            + infos.iter().filter(|i| i.unavailable.is_some()).count()
+            + exports.iter().filter(|e| e.unavailable.is_some()).count(),
         devices: infos.len(),
         suspended: infos.iter().filter(|i| i.suspended).count(),
         interposing: infos.iter().filter(|i| !i.interposers.is_empty()).count(),
-        exports,
+        exports: exports.len(),
     })
 }
 
 /// The human form.
 pub fn format(r: &StatusReport) -> String {
-    format!(
+    let mut s = format!(
         "udmd:     running (udmd {}, protocol {}) at {}\n\
          disks:    {}\n\
          devices:  {} ({} suspended, {} interposing)\n\
          exports:  {}\n",
         r.daemon, r.protocol, r.socket, r.disks, r.devices, r.suspended, r.interposing, r.exports
-    )
+    );
+    if r.unavailable > 0 {
+        s.push_str(&format!(
+            "unavailable: {} (kept, waiting for their files; see `udmsetup disk list`, `ls`, \
+             `export list`)\n",
+            r.unavailable
+        ));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -82,6 +95,7 @@ mod tests {
             suspended: 1,
             interposing: 1,
             exports: 0,
+            unavailable: 0,
         };
         assert_eq!(
             format(&r),
