@@ -14,12 +14,24 @@
 //! nothing. Successful non-read replies are simple replies even with structured replies on;
 //! errors are structured (with a message) when negotiated. No TLS (`NBD_OPT_STARTTLS` gets
 //! `NBD_REP_ERR_UNSUP`).
+//!
+//! Hostile or stuck clients are bounded by [`NbdLimits`]: a connection cap (refused clients are
+//! told why), handshake and send timeouts, a per-connection cap on payload memory (the reader
+//! stops reading until replies drain; write payloads are committed as they arrive), bounded
+//! and idle-trimmed buffer pools, and export removal that closes sockets after a short drain.
+//! [`NbdServer::memory`] reports what connections hold.
 
+mod buffers;
 pub mod client;
 mod conn;
+mod exec;
+mod limits;
 pub mod proto;
 mod server;
+mod transmission;
+mod watchdog;
 
+pub use limits::{NbdLimits, NbdMemory};
 pub use server::{NbdExportInfo, NbdExportOptions, NbdServer, NbdStats};
 
 use std::io::{self, Read, Write};
@@ -74,6 +86,13 @@ pub enum NbdError {
     /// The server was shut down.
     #[error("the NBD server is shut down")]
     ShutDown,
+    /// A connection over `NbdLimits::max_connections` while many refusals were already under
+    /// way: closed without a word.
+    #[error("too many NBD connections (limit {limit})")]
+    TooManyConnections {
+        /// The configured limit.
+        limit: usize,
+    },
 }
 
 impl HasErrno for NbdError {
@@ -86,6 +105,7 @@ impl HasErrno for NbdError {
                 Errno::from_io(source)
             }
             NbdError::ShutDown => Errno::ESHUTDOWN,
+            NbdError::TooManyConnections { .. } => Errno::EAGAIN,
         }
     }
 }
