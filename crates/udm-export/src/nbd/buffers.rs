@@ -32,12 +32,12 @@ impl Conn {
     /// A buffer of `len` bytes (contents unspecified), from the pool when one is big enough.
     pub(super) fn take_buf(&self, len: usize) -> Vec<u8> {
         let mut b = self.pool_take(len);
+        self.ctl.buffered.fetch_add(len as u64, Ordering::Relaxed);
         if b.len() > len {
             b.truncate(len);
         } else {
             b.resize(len, 0);
         }
-        self.ctl.buffered.fetch_add(len as u64, Ordering::Relaxed);
         b
     }
 
