@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
 use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use udm_export::nbd::client::{Client, Reply};
 use udm_export::nbd::proto::*;
-use udm_export::nbd::{NbdExportOptions, NbdLimits, NbdServer};
+use udm_export::nbd::{NbdExportOptions, NbdLimits, NbdServer, NbdStream, StreamControl};
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioOp, BlockDevice, IoError};
 
@@ -39,9 +40,10 @@ impl BlockDevice for ZeroDevice {
 }
 
 /// A device whose reads at sector 0 park until `release` (a suspended device), and whose
-/// reads at `SLOW_SECTOR` take `SLOW` (a slow request).
+/// reads at `SLOW_SECTOR` take `slow` (a slow request).
 struct ParkDevice {
     inner: MemDevice,
+    slow: Duration,
     open: Mutex<bool>,
     cv: Condvar,
     parked: AtomicU64,
@@ -49,12 +51,15 @@ struct ParkDevice {
 }
 
 const SLOW_SECTOR: u64 = 8;
-const SLOW: Duration = Duration::from_millis(600);
 
 impl ParkDevice {
     fn new() -> Arc<Self> {
+        Self::with(2048, Duration::from_millis(600))
+    }
+    fn with(sectors: u64, slow: Duration) -> Arc<Self> {
         Arc::new(ParkDevice {
-            inner: MemDevice::new(2048),
+            inner: MemDevice::new(sectors),
+            slow,
             open: Mutex::new(false),
             cv: Condvar::new(),
             parked: AtomicU64::new(0),
@@ -92,7 +97,7 @@ impl BlockDevice for ParkDevice {
             return r;
         }
         if read && bio.sector == SLOW_SECTOR {
-            std::thread::sleep(SLOW);
+            std::thread::sleep(self.slow);
         }
         self.inner.submit(bio)
     }
@@ -235,14 +240,18 @@ fn removal_with_request_parked_in_suspended_device_is_bounded() {
     wait_until("parked requests finishing", Duration::from_secs(5), || {
         park.finished.load(Ordering::SeqCst) == park.parked.load(Ordering::SeqCst)
     });
-    wait_until("the dead connection going away", Duration::from_secs(5), || {
-        e.server.memory().connections == 1
-    });
+    wait_until(
+        "the dead connection going away",
+        Duration::from_secs(5),
+        || e.server.memory().connections == 1,
+    );
     let m = e.server.memory();
     assert_eq!((m.inflight_bytes, m.buffered_bytes), (0, 0), "{m:?}");
     assert_eq!(d.read(0, 4096).unwrap(), Reply::Ok(vec![7; 4096]));
     let server = e.server.clone();
-    bounded("shutdown", Duration::from_secs(5), move || server.shutdown());
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
 }
 
 #[test]
@@ -258,7 +267,9 @@ fn shutdown_with_request_parked_in_suspended_device_is_bounded() {
     let mut idle = stream(&e.sock);
     let _ = read_array::<18>(&mut idle).unwrap();
     let server = e.server.clone();
-    bounded("shutdown", Duration::from_secs(5), move || server.shutdown());
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
     assert!(closed_within(c.stream(), Duration::from_secs(2)));
     assert!(closed_within(&mut idle, Duration::from_secs(2)));
     park.release();
@@ -284,18 +295,24 @@ fn client_not_reading_replies_stalls_neither_removal_nor_others() {
     let e = env(
         NbdLimits::default(),
         &[
-            ("big", Arc::new(ZeroDevice { sectors: 1 << 19 }) as _),
+            (
+                "big",
+                ParkDevice::with(1 << 15, Duration::from_millis(50)) as _,
+            ),
             ("other", park.clone() as _),
         ],
     );
-    // The hostile client: thousands of small reads (their replies batched) mixed with large
-    // ones, never reading a byte of the replies.
+    // The hostile client: rounds of small reads (their replies batched) each followed by a
+    // slower one (so batched replies are left for the watchdog), never reading a byte of the
+    // replies.
     let mut hostile = stream(&e.sock);
     let _h = Client::connect(hostile.try_clone().unwrap(), "big", false).unwrap();
     let mut reqs = Vec::new();
-    for i in 0..6000u64 {
-        let len = if i % 8 == 7 { 1 << 20 } else { 4096 };
-        reqs.extend_from_slice(&request(CMD_READ, i, (i % 64) * MIB, len));
+    for i in 0..400u64 {
+        for j in 0..10u64 {
+            reqs.extend_from_slice(&request(CMD_READ, i * 100 + j, (1 + j) * MIB, 4096));
+        }
+        reqs.extend_from_slice(&request(CMD_READ, i * 100 + 99, SLOW_SECTOR * 512, 512));
     }
     let flooder = flood(hostile.try_clone().unwrap(), reqs);
     // Let it fill every buffer on the way.
@@ -310,18 +327,7 @@ fn client_not_reading_replies_stalls_neither_removal_nor_others() {
         let mut worst = Duration::ZERO;
         let mut rounds = 0u64;
         while !stop2.load(Ordering::SeqCst) || rounds < 3 {
-            // Both requests in one send, so the server batches the write's reply.
-            let (w, r) = (1000 + rounds * 2, 1001 + rounds * 2);
-            let mut both = request(CMD_WRITE, w, 64 * 512, 4096).to_vec();
-            both.extend_from_slice(&[1; 4096]);
-            both.extend_from_slice(&request(CMD_READ, r, SLOW_SECTOR * 512, 512));
-            let t = Instant::now();
-            c.stream().write_all(&both).unwrap();
-            let (h1, rep) = c.recv(|h| (h == r).then_some(512)).unwrap();
-            let lat = t.elapsed();
-            assert_eq!((h1, rep), (w, Reply::Ok(vec![])), "write answered first");
-            let (h2, _) = c.recv(|h| (h == r).then_some(512)).unwrap();
-            assert_eq!(h2, r);
+            let lat = write_behind_slow_read(&mut c, rounds);
             for _ in 0..5 {
                 let t = Instant::now();
                 assert_eq!(c.write(128 * 512, &[2; 4096]).unwrap(), Reply::Ok(vec![]));
@@ -350,10 +356,147 @@ fn client_not_reading_replies_stalls_neither_removal_nor_others() {
         "the other client waited {worst:?}"
     );
     let server = e.server.clone();
-    bounded("shutdown", Duration::from_secs(5), move || server.shutdown());
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
     bounded("flooder", Duration::from_secs(35), move || flooder.join())
         .0
         .unwrap();
+}
+
+/// A stream whose writes block while `stuck` (a client that stopped reading, made
+/// deterministic) until the server closes it.
+#[derive(Default)]
+struct Gate {
+    /// (stuck, closed)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+struct GateStream {
+    sock: UnixStream,
+    gate: Arc<Gate>,
+}
+
+struct GateWriter {
+    sock: UnixStream,
+    gate: Arc<Gate>,
+}
+
+impl Write for GateWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.gate.state.lock().unwrap();
+        while g.0 && !g.1 {
+            g = self.gate.cv.wait(g).unwrap();
+        }
+        if g.1 {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        drop(g);
+        self.sock.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct GateCtl {
+    sock: UnixStream,
+    gate: Arc<Gate>,
+}
+
+impl StreamControl for GateCtl {
+    fn stop_reading(&self) {
+        let _ = self.sock.shutdown(Shutdown::Read);
+    }
+    fn close(&self) {
+        self.gate.state.lock().unwrap().1 = true;
+        self.gate.cv.notify_all();
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+impl NbdStream for GateStream {
+    #[allow(clippy::type_complexity)]
+    fn split(
+        self,
+    ) -> std::io::Result<(
+        Box<dyn Read + Send>,
+        Box<dyn Write + Send>,
+        Box<dyn StreamControl>,
+    )> {
+        let w = GateWriter {
+            sock: self.sock.try_clone()?,
+            gate: self.gate.clone(),
+        };
+        let c = GateCtl {
+            sock: self.sock.try_clone()?,
+            gate: self.gate.clone(),
+        };
+        Ok((Box::new(self.sock), Box::new(w), Box::new(c)))
+    }
+}
+
+/// Sends a small write and a slow read together and returns how long the write's reply took
+/// (it is batched, so it needs the watchdog to leave while the read runs).
+fn write_behind_slow_read(c: &mut Client<UnixStream>, round: u64) -> Duration {
+    let (w, r) = (1000 + round * 2, 1001 + round * 2);
+    let mut both = request(CMD_WRITE, w, 64 * 512, 4096).to_vec();
+    both.extend_from_slice(&[1; 4096]);
+    both.extend_from_slice(&request(CMD_READ, r, SLOW_SECTOR * 512, 512));
+    let t = Instant::now();
+    c.stream().write_all(&both).unwrap();
+    let (h1, rep) = c.recv(|h| (h == r).then_some(512)).unwrap();
+    let lat = t.elapsed();
+    assert_eq!((h1, rep), (w, Reply::Ok(vec![])), "write answered first");
+    let (h2, _) = c.recv(|h| (h == r).then_some(512)).unwrap();
+    assert_eq!(h2, r);
+    lat
+}
+
+#[test]
+fn stuck_reply_write_does_not_stall_other_connections() {
+    let e = env(
+        NbdLimits::default(),
+        &[
+            (
+                "stuck",
+                ParkDevice::with(2048, Duration::from_millis(50)) as _,
+            ),
+            ("other", ParkDevice::new() as _),
+        ],
+    );
+    let gate = Arc::new(Gate::default());
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    e.server
+        .serve_stream(GateStream {
+            sock: a,
+            gate: gate.clone(),
+        })
+        .unwrap();
+    let mut stuck = Client::connect(b, "stuck", false).unwrap();
+    // From now on the stuck client accepts no reply bytes. A batched reply is pending when
+    // the slow read stalls: whoever sends it blocks for good.
+    gate.state.lock().unwrap().0 = true;
+    let mut both = request(CMD_READ, 1, 16 * 512, 4096).to_vec();
+    both.extend_from_slice(&request(CMD_READ, 2, SLOW_SECTOR * 512, 512));
+    stuck.stream().write_all(&both).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = connect(&e.sock, "other");
+    for round in 0..3 {
+        let lat = write_behind_slow_read(&mut c, round);
+        eprintln!("other client, write behind a slow read: {lat:?}");
+        assert!(lat < Duration::from_millis(200), "waited {lat:?}");
+    }
+    let server = e.server.clone();
+    bounded("remove_export", Duration::from_secs(5), move || {
+        server.remove_export("stuck")
+    })
+    .0
+    .unwrap();
+    assert!(closed_within(stuck.stream(), Duration::from_secs(2)));
+    assert_eq!(c.write(0, &[3; 512]).unwrap(), Reply::Ok(vec![]));
 }
 
 #[test]
@@ -435,7 +578,9 @@ fn pipelined_huge_reads_hold_at_most_the_cap() {
     assert!(peak <= cap + 8 * MIB, "held {} MiB", peak / MIB);
     drop(s);
     let server = e.server.clone();
-    bounded("shutdown", Duration::from_secs(5), move || server.shutdown());
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
     bounded("flooder", Duration::from_secs(35), move || flooder.join())
         .0
         .unwrap();
@@ -504,7 +649,12 @@ fn connections_over_the_cap_are_refused_with_a_message() {
         ),
         ("nbdinfo", vec![uri.as_str()], "shutdown"),
     ] {
-        let Ok(out) = Command::new("timeout").arg("20").arg(tool).args(&args).output() else {
+        let Ok(out) = Command::new("timeout")
+            .arg("20")
+            .arg(tool)
+            .args(&args)
+            .output()
+        else {
             eprintln!("SKIPPED {tool} part: timeout(1) not available");
             continue;
         };
@@ -633,7 +783,12 @@ fn rss_stays_small_under_memory_attacks() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("child.sock");
     let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "rss_child_server", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "rss_child_server",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &sock)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

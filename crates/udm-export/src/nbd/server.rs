@@ -480,8 +480,10 @@ impl NbdServer {
                 if s.set_blocking().is_err() {
                     continue;
                 }
-                if let Err(e) = self.serve_stream(s) {
-                    tracing::warn!(error = %e, "cannot serve NBD connection");
+                match self.serve_stream(s) {
+                    // Counted and logged (rate-limited) when refused.
+                    Ok(_) | Err(NbdError::TooManyConnections { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot serve NBD connection"),
                 }
             }
         }
