@@ -19,13 +19,25 @@
 //! described before it). Plain TCP needs an explicit opt-in on the listener and serves only
 //! exports marked `insecure_tcp`. Unix sockets stay plain (`NBD_OPT_STARTTLS` gets
 //! `NBD_REP_ERR_UNSUP` there, as on any listener without credentials).
+//!
+//! Hostile or stuck clients are bounded by [`NbdLimits`]: a connection cap (refused clients are
+//! told why), handshake and send timeouts, a per-connection cap on payload memory (the reader
+//! stops reading until replies drain; write payloads are committed as they arrive), bounded
+//! and idle-trimmed buffer pools, and export removal that closes sockets after a short drain.
+//! [`NbdServer::memory`] reports what connections hold.
 
+mod buffers;
 pub mod client;
 mod conn;
+mod exec;
+mod limits;
 pub mod proto;
 mod server;
 pub mod tls;
+mod transmission;
+mod watchdog;
 
+pub use limits::{NbdLimits, NbdMemory};
 pub use server::{NbdExportInfo, NbdExportOptions, NbdServer, NbdStats};
 pub use tls::{ConnSecurity, TcpSecurity, TlsCreds, TlsError};
 
@@ -81,6 +93,13 @@ pub enum NbdError {
     /// The server was shut down.
     #[error("the NBD server is shut down")]
     ShutDown,
+    /// A connection over `NbdLimits::max_connections` while many refusals were already under
+    /// way: closed without a word.
+    #[error("too many NBD connections (limit {limit})")]
+    TooManyConnections {
+        /// The configured limit.
+        limit: usize,
+    },
 }
 
 impl HasErrno for NbdError {
@@ -93,6 +112,7 @@ impl HasErrno for NbdError {
                 Errno::from_io(source)
             }
             NbdError::ShutDown => Errno::ESHUTDOWN,
+            NbdError::TooManyConnections { .. } => Errno::EAGAIN,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! `remove_export` and `shutdown` use to disconnect clients cleanly.
 
 use super::conn;
+use super::limits::{self, NbdLimits, NbdMemory};
+use super::watchdog::Watchdog;
 use super::{ListenAddr, NbdError, NbdStream, StreamControl};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
@@ -9,10 +11,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use udm_io::BlockDevice;
 
 /// How an export is offered.
@@ -138,7 +140,13 @@ impl Export {
     }
 }
 
-/// Control block of one connection, shared with the server for disconnects.
+/// Connection phases (`ConnCtl::phase`).
+const PHASE_HANDSHAKE: u8 = 0;
+const PHASE_TRANSMISSION: u8 = 1;
+const PHASE_TIMED_OUT: u8 = 2;
+
+/// Control block of one connection, shared with the server for disconnects, timeouts and the
+/// memory gauge.
 pub(crate) struct ConnCtl {
     pub id: u64,
     pub stream: Box<dyn StreamControl>,
@@ -146,6 +154,22 @@ pub(crate) struct ConnCtl {
     pub security: super::ConnSecurity,
     /// Set when the server wants the connection gone (remove_export / shutdown).
     pub stopping: AtomicBool,
+    /// Over the connection cap: only told so, then closed.
+    refused: bool,
+    /// `PHASE_*`: the reaper closes connections still negotiating after `deadline`.
+    phase: AtomicU8,
+    /// Watchdog clock (ns) by which the handshake must be over.
+    deadline: u64,
+    /// Watchdog clock (ns) when the reply write in progress started, 0 when not writing.
+    pub write_since: AtomicU64,
+    /// Per-connection cap on `inflight` (from `NbdLimits::max_inflight_bytes`).
+    pub max_inflight: u64,
+    /// Payload bytes admitted and not yet answered.
+    pub inflight: AtomicU64,
+    /// Payload bytes held in request and reply buffers.
+    pub buffered: AtomicU64,
+    /// Bytes kept in the connection's buffer pool.
+    pub pooled: AtomicU64,
     done: Mutex<bool>,
     done_cv: Condvar,
 }
@@ -157,11 +181,31 @@ impl ConnCtl {
         self.stream.stop_reading();
     }
 
-    fn wait_done(&self) {
+    /// Moves to transmission; false if the handshake timed out first.
+    pub fn enter_transmission(&self) -> bool {
+        self.phase
+            .compare_exchange(
+                PHASE_HANDSHAKE,
+                PHASE_TRANSMISSION,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Waits for the connection to end, until `deadline`; true if it did.
+    fn wait_done_until(&self, deadline: Instant) -> bool {
         let mut d = self.done.lock();
         while !*d {
-            self.done_cv.wait(&mut d);
+            if self.done_cv.wait_until(&mut d, deadline).timed_out() {
+                return *d;
+            }
         }
+        true
+    }
+
+    fn is_done(&self) -> bool {
+        *self.done.lock()
     }
 
     fn set_done(&self) {
@@ -177,22 +221,67 @@ pub struct NbdServer {
     next_id: AtomicU64,
     shut: AtomicBool,
     listeners: Mutex<Vec<(ListenAddr, JoinHandle<()>)>>,
-    watchdog: Arc<conn::Watchdog>,
+    watchdog: Arc<Watchdog>,
+    limits: NbdLimits,
+    /// Connections refused over the cap (for rate-limited logging).
+    refusals: AtomicU64,
+    /// The reaper thread (handshake and send timeouts) runs.
+    reaper: Mutex<bool>,
+    reaper_cv: Condvar,
 }
 
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
+/// Period of the reaper that enforces handshake and send timeouts.
+const REAP_TICK: Duration = Duration::from_millis(100);
+/// A refused client gets at most this long to read why.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refused connections answered at once; beyond this they are closed without a word.
+const MAX_REFUSING: usize = 16;
+/// After the drain time and closing the sockets, how long removal still waits for the
+/// connection threads (a request parked in a suspended device is left to finish alone).
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 impl NbdServer {
-    /// A server with no exports and no listeners.
+    /// A server with no exports and no listeners, with the default [`NbdLimits`].
     pub fn new() -> Arc<NbdServer> {
+        Self::with_limits(NbdLimits::default())
+    }
+
+    /// A server with no exports and no listeners, with `limits` for every connection.
+    pub fn with_limits(limits: NbdLimits) -> Arc<NbdServer> {
         Arc::new(NbdServer {
             exports: RwLock::new(BTreeMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shut: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
-            watchdog: conn::Watchdog::new(),
+            watchdog: Watchdog::new(),
+            limits,
+            refusals: AtomicU64::new(0),
+            reaper: Mutex::new(false),
+            reaper_cv: Condvar::new(),
         })
+    }
+
+    /// The limits this server applies.
+    pub fn limits(&self) -> &NbdLimits {
+        &self.limits
+    }
+
+    /// Live connections and the payload memory they hold, summed from per-connection counters
+    /// (cheap; meant for monitoring and tests).
+    pub fn memory(&self) -> NbdMemory {
+        let conns = self.conns.lock();
+        let mut m = NbdMemory {
+            connections: conns.len(),
+            ..NbdMemory::default()
+        };
+        for c in conns.values() {
+            m.inflight_bytes += c.inflight.load(Ordering::Relaxed);
+            m.buffered_bytes += c.buffered.load(Ordering::Relaxed);
+            m.pooled_bytes += c.pooled.load(Ordering::Relaxed);
+        }
+        m
     }
 
     /// Offers `dev` under `name`. `EEXIST` if the name is taken.
@@ -238,8 +327,11 @@ impl NbdServer {
         Ok(())
     }
 
-    /// Withdraws an export: its clients stop being read, in-flight requests complete and are
-    /// answered, then their sockets are shut. Returns when all of them are gone.
+    /// Withdraws an export: its clients stop being read, in-flight requests get
+    /// `NbdLimits::drain_timeout` to complete and be answered, then the sockets are closed in
+    /// both directions. Returns within about `drain_timeout` + 1 s whatever the clients or the
+    /// device do: a request still parked in a (suspended) device is left to finish on its own
+    /// thread, and its reply is dropped.
     pub fn remove_export(&self, name: &str) -> Result<(), NbdError> {
         let export = self
             .exports
@@ -251,14 +343,41 @@ impl NbdServer {
             c.removed = true;
             c.map.values().cloned().collect()
         };
-        for c in &ctls {
+        let lingering = self.disconnect(&ctls);
+        tracing::info!(
+            export = name,
+            clients = ctls.len(),
+            lingering,
+            "NBD export removed"
+        );
+        Ok(())
+    }
+
+    /// Stops `ctls`, waits up to the drain time for them to end, closes the stragglers' sockets
+    /// and waits a little more. Returns how many are still running (blocked in the device).
+    fn disconnect(&self, ctls: &[Arc<ConnCtl>]) -> usize {
+        for c in ctls {
             c.stop();
         }
-        for c in &ctls {
-            c.wait_done();
+        let drain = Instant::now() + self.limits.drain_timeout;
+        let mut rest: Vec<&Arc<ConnCtl>> =
+            ctls.iter().filter(|c| !c.wait_done_until(drain)).collect();
+        if rest.is_empty() {
+            return 0;
         }
-        tracing::info!(export = name, clients = ctls.len(), "NBD export removed");
-        Ok(())
+        for c in &rest {
+            c.stream.close();
+        }
+        let end = Instant::now() + CLOSE_WAIT;
+        rest.retain(|c| !c.wait_done_until(end));
+        if !rest.is_empty() {
+            tracing::warn!(
+                connections = rest.len(),
+                "NBD connections closed with requests still in the device; their replies \
+                 will be dropped when the device completes them"
+            );
+        }
+        rest.len()
     }
 
     /// Every export with its client count and counters.
@@ -385,8 +504,10 @@ impl NbdServer {
                 if s.set_blocking().is_err() {
                     continue;
                 }
-                if let Err(e) = self.serve_stream(s) {
-                    tracing::warn!(error = %e, "cannot serve NBD connection");
+                match self.serve_stream(s) {
+                    // Counted and logged (rate-limited) when refused.
+                    Ok(_) | Err(NbdError::TooManyConnections { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot serve NBD connection"),
                 }
             }
         }
@@ -399,6 +520,7 @@ impl NbdServer {
         stream: S,
     ) -> Result<JoinHandle<()>, NbdError> {
         let (r, w, ctl) = self.register(stream)?;
+        self.start_reaper();
         let me = self.clone();
         let ctl2 = ctl.clone();
         std::thread::Builder::new()
@@ -422,7 +544,7 @@ impl NbdServer {
 
     #[allow(clippy::type_complexity)]
     fn register<S: NbdStream>(
-        &self,
+        self: &Arc<Self>,
         stream: S,
     ) -> Result<
         (
@@ -440,21 +562,119 @@ impl NbdServer {
             op: "split the stream",
             source,
         })?;
+        let mut conns = self.conns.lock();
+        if self.is_shut() {
+            c.close();
+            return Err(NbdError::ShutDown);
+        }
+        let (mut live, mut refusing) = (0, 0);
+        for x in conns.values() {
+            if x.refused {
+                refusing += 1;
+            } else if !x.stopping.load(Ordering::Relaxed) {
+                live += 1;
+            }
+        }
+        let refused = live >= self.limits.max_connections;
+        if refused {
+            let n = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= 10 || n % 100 == 0 {
+                tracing::warn!(
+                    limit = self.limits.max_connections,
+                    refused_so_far = n,
+                    "too many NBD connections; refusing a client"
+                );
+            }
+            if refusing >= MAX_REFUSING {
+                c.close();
+                return Err(NbdError::TooManyConnections {
+                    limit: self.limits.max_connections,
+                });
+            }
+        }
+        let timeout = if refused {
+            self.limits.handshake_timeout.min(REFUSE_TIMEOUT)
+        } else {
+            self.limits.handshake_timeout
+        };
         let ctl = Arc::new(ConnCtl {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             stream: c,
             security,
             stopping: AtomicBool::new(false),
+            refused,
+            phase: AtomicU8::new(PHASE_HANDSHAKE),
+            deadline: self
+                .watchdog
+                .now()
+                .saturating_add(timeout.as_nanos().min(u128::from(u64::MAX / 2)) as u64),
+            write_since: AtomicU64::new(0),
+            max_inflight: self.limits.max_inflight_bytes.max(1),
+            inflight: AtomicU64::new(0),
+            buffered: AtomicU64::new(0),
+            pooled: AtomicU64::new(0),
             done: Mutex::new(false),
             done_cv: Condvar::new(),
         });
-        let mut conns = self.conns.lock();
-        if self.is_shut() {
-            ctl.stream.close();
-            return Err(NbdError::ShutDown);
-        }
         conns.insert(ctl.id, ctl.clone());
         Ok((r, w, ctl))
+    }
+
+    /// Starts the reaper thread if it is not running.
+    fn start_reaper(self: &Arc<Self>) {
+        let mut running = self.reaper.lock();
+        if *running || self.is_shut() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        if std::thread::Builder::new()
+            .name("nbd-reaper".into())
+            .spawn(move || reap(me))
+            .is_ok()
+        {
+            *running = true;
+        }
+    }
+
+    /// One reaper pass: closes connections whose handshake is over time or whose reply write
+    /// has been stuck longer than the send timeout.
+    fn reap_once(&self) {
+        let now = self.watchdog.now();
+        let send_ns = self
+            .limits
+            .send_timeout
+            .map(|t| t.as_nanos().min(u128::from(u64::MAX)) as u64);
+        for c in self.conns.lock().values() {
+            if now > c.deadline
+                && c.phase
+                    .compare_exchange(
+                        PHASE_HANDSHAKE,
+                        PHASE_TIMED_OUT,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_ok()
+            {
+                if !c.refused {
+                    tracing::info!(
+                        timeout = ?self.limits.handshake_timeout,
+                        "NBD handshake timed out; dropping the client"
+                    );
+                }
+                c.stream.close();
+            }
+            let ws = c.write_since.load(Ordering::Relaxed);
+            if let Some(t) = send_ns {
+                if ws != 0 && now.saturating_sub(ws) > t && !c.stopping.swap(true, Ordering::SeqCst)
+                {
+                    tracing::warn!(
+                        timeout = ?self.limits.send_timeout,
+                        "NBD client stopped reading replies; dropping it"
+                    );
+                    c.stream.close();
+                }
+            }
+        }
     }
 
     fn run_conn(
@@ -463,13 +683,23 @@ impl NbdServer {
         w: Box<dyn std::io::Write + Send>,
         ctl: Arc<ConnCtl>,
     ) {
-        conn::run(&self, r, w, &ctl);
+        if ctl.refused {
+            let mut r = r;
+            let mut w = w;
+            let msg = format!(
+                "too many NBD connections (the server's limit is {}); try again later",
+                self.limits.max_connections
+            );
+            let _ = limits::refuse(&mut r, &mut w, &msg);
+        } else {
+            conn::run(&self, r, w, &ctl);
+        }
         ctl.stream.close();
         self.conns.lock().remove(&ctl.id);
         ctl.set_done();
     }
 
-    pub(crate) fn watchdog(&self) -> &Arc<conn::Watchdog> {
+    pub(crate) fn watchdog(&self) -> &Arc<Watchdog> {
         &self.watchdog
     }
 
@@ -493,8 +723,8 @@ impl NbdServer {
         self.exports.read().values().cloned().collect()
     }
 
-    /// Stops the listeners, disconnects every client cleanly (as `remove_export` does) and
-    /// drops connections still negotiating. Exports are withdrawn.
+    /// Stops the listeners, withdraws every export and disconnects every client as
+    /// `remove_export` does, all at once: returns within about `drain_timeout` + 1 s.
     pub fn shutdown(&self) {
         if self.shut.swap(true, Ordering::SeqCst) {
             return;
@@ -503,19 +733,48 @@ impl NbdServer {
         for (_, h) in ls {
             let _ = h.join();
         }
-        let names: Vec<String> = self.exports.read().keys().cloned().collect();
-        for n in names {
-            let _ = self.remove_export(&n);
+        let exports = std::mem::take(&mut *self.exports.write());
+        for e in exports.values() {
+            e.conns.lock().removed = true;
         }
-        let rest: Vec<Arc<ConnCtl>> = self.conns.lock().values().cloned().collect();
-        for c in &rest {
-            c.stopping.store(true, Ordering::SeqCst);
-            c.stream.close();
+        let all: Vec<Arc<ConnCtl>> = self.conns.lock().values().cloned().collect();
+        // Negotiating clients have nothing in flight: close them now.
+        for c in all.iter().filter(|c| !c.is_done()) {
+            if c.phase.load(Ordering::SeqCst) != PHASE_TRANSMISSION {
+                c.stopping.store(true, Ordering::SeqCst);
+                c.stream.close();
+            }
         }
-        for c in &rest {
-            c.wait_done();
-        }
+        let lingering = self.disconnect(&all);
+        tracing::info!(
+            exports = exports.len(),
+            clients = all.len(),
+            lingering,
+            "NBD server shut down"
+        );
         self.watchdog.stop();
+        *self.reaper.lock() = false;
+        self.reaper_cv.notify_all();
+    }
+}
+
+/// The reaper thread: every `REAP_TICK` enforces handshake and send timeouts; exits when the
+/// server is shut down or dropped.
+fn reap(server: Weak<NbdServer>) {
+    loop {
+        let Some(s) = server.upgrade() else { return };
+        if s.is_shut() {
+            return;
+        }
+        s.reap_once();
+        let mut running = s.reaper.lock();
+        if !*running {
+            return;
+        }
+        s.reaper_cv.wait_for(&mut running, REAP_TICK);
+        if !*running {
+            return;
+        }
     }
 }
 

@@ -1,0 +1,451 @@
+//! Executing requests on the device and writing their replies.
+
+use super::conn::MAX_BLOCK;
+use super::proto::*;
+use super::transmission::{Conn, Job, Wr, CHUNK, MAX_PENDING};
+use std::io::{self, IoSlice, Write};
+use std::sync::atomic::Ordering;
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, IoError};
+use udm_types::errno::HasErrno;
+use udm_types::{Errno, SECTOR_SIZE};
+
+/// Most bytes handed to one write call, so that a stalled client is seen as a write that
+/// makes no progress (the send timeout) rather than one long call.
+const WRITE_SLICE: usize = 4 << 20;
+
+impl Conn {
+    /// Checks a request against the negotiated session; the error is an NBD code.
+    pub(super) fn validate(&self, req: &Request) -> Result<(), (u32, &'static str)> {
+        let s = &self.sess;
+        let allowed = CMD_FLAG_FUA
+            | match req.cmd {
+                CMD_READ if s.structured => CMD_FLAG_DF,
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => 0,
+                _ => return Err((NBD_EINVAL, "unknown command")),
+            };
+        if req.flags & !allowed != 0 {
+            return Err((NBD_EINVAL, "command flag not valid for this command"));
+        }
+        let write_like = matches!(req.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if write_like && s.read_only {
+            return Err((NBD_EPERM, "export is read-only"));
+        }
+        if req.cmd == CMD_FLUSH {
+            if req.offset != 0 || req.length != 0 {
+                return Err((NBD_EINVAL, "flush offset and length must be zero"));
+            }
+            return Ok(());
+        }
+        if req.cmd == CMD_BLOCK_STATUS && !s.meta {
+            return Err((NBD_EINVAL, "no metadata context was negotiated"));
+        }
+        let min = u64::from(s.min_block);
+        if req.offset % min != 0
+            || (req.cmd != CMD_BLOCK_STATUS && u64::from(req.length) % min != 0)
+        {
+            return Err((NBD_EINVAL, "request not aligned to the minimum block size"));
+        }
+        let capped = matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_CACHE)
+            || (req.cmd == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO == 0);
+        if capped && req.length > MAX_BLOCK {
+            return Err((NBD_EINVAL, "request larger than the maximum block size"));
+        }
+        let end = req.offset.checked_add(u64::from(req.length));
+        if end.is_none_or(|e| e > s.size) {
+            return Err(if matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
+                (NBD_ENOSPC, "request beyond the end of the export")
+            } else {
+                (NBD_EINVAL, "request beyond the end of the export")
+            });
+        }
+        if req.cmd == CMD_BLOCK_STATUS && req.length == 0 {
+            return Err((NBD_EINVAL, "block status of zero length"));
+        }
+        Ok(())
+    }
+
+    /// Runs a request and answers it, then gives back its in-flight budget (also when the
+    /// connection is gone by then: the reply is dropped, the buffers freed).
+    pub(super) fn execute(&self, job: Job, defer: bool) {
+        let charge = job.charge;
+        self.run_request(job, defer);
+        self.release(charge);
+    }
+
+    fn run_request(&self, job: Job, defer: bool) {
+        let Job { req, payload, .. } = job;
+        let s = &self.sess;
+        let dev = s.export.dev.as_ref();
+        let sector = req.offset / SECTOR_SIZE;
+        let fua = if req.flags & CMD_FLAG_FUA != 0 {
+            BioFlags::FUA
+        } else {
+            BioFlags::empty()
+        };
+        let c = &s.export.counters;
+        match req.cmd {
+            CMD_READ => {
+                let mut buf = self.take_buf(req.length as usize);
+                match self.rw(dev, sector, RwBuf::Read(&mut buf), BioFlags::empty()) {
+                    Ok(()) => {
+                        c.bytes_read
+                            .fetch_add(u64::from(req.length), Ordering::Relaxed);
+                        self.reply_read(&req, &buf, defer);
+                    }
+                    Err(e) => self.reply_io_err(&req, &e, defer),
+                }
+                self.put_buf(buf);
+            }
+            CMD_WRITE => {
+                let r = self.rw(dev, sector, RwBuf::Write(&payload), fua);
+                self.put_buf(payload);
+                match r {
+                    Ok(()) => {
+                        c.bytes_written
+                            .fetch_add(u64::from(req.length), Ordering::Relaxed);
+                        self.reply_ok(&req, defer);
+                    }
+                    Err(e) => self.reply_io_err(&req, &e, defer),
+                }
+            }
+            CMD_FLUSH => match dev.submit(Bio::flush()) {
+                Ok(()) => self.reply_ok(&req, defer),
+                Err(e) => self.reply_io_err(&req, &e, defer),
+            },
+            CMD_TRIM => {
+                let sectors = u64::from(req.length) / SECTOR_SIZE;
+                let r = if !s.discard || sectors == 0 {
+                    Ok(())
+                } else {
+                    match dev.submit(Bio::discard(sector, sectors).with_flags(fua)) {
+                        Err(e) if e.errno() == Errno::EOPNOTSUPP => Ok(()),
+                        r => r,
+                    }
+                };
+                match r {
+                    Ok(()) => self.reply_ok(&req, defer),
+                    Err(e) => self.reply_io_err(&req, &e, defer),
+                }
+            }
+            CMD_WRITE_ZEROES => match self.write_zeroes(dev, &req, sector, fua) {
+                Ok(()) => self.reply_ok(&req, defer),
+                Err(e) => self.reply_io_err(&req, &e, defer),
+            },
+            CMD_CACHE => {
+                let mut buf = self.take_buf((req.length as usize).min(CHUNK));
+                let mut off = 0u64;
+                let mut res = Ok(());
+                while off < u64::from(req.length) && res.is_ok() {
+                    let n = (u64::from(req.length) - off).min(CHUNK as u64) as usize;
+                    res = self.rw(
+                        dev,
+                        sector + off / SECTOR_SIZE,
+                        RwBuf::Read(&mut buf[..n]),
+                        BioFlags::empty(),
+                    );
+                    off += n as u64;
+                }
+                self.put_buf(buf);
+                match res {
+                    Ok(()) => self.reply_ok(&req, defer),
+                    Err(e) => self.reply_io_err(&req, &e, defer),
+                }
+            }
+            CMD_BLOCK_STATUS => self.block_status(dev, &req, defer),
+            _ => self.reply_err(&req, NBD_EINVAL, "unknown command", defer),
+        }
+    }
+
+    fn write_zeroes(
+        &self,
+        dev: &dyn BlockDevice,
+        req: &Request,
+        sector: u64,
+        fua: BioFlags,
+    ) -> Result<(), IoError> {
+        let sectors = u64::from(req.length) / SECTOR_SIZE;
+        if sectors == 0 {
+            return Ok(());
+        }
+        let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+        let mut flags = fua;
+        if req.flags & CMD_FLAG_NO_HOLE != 0 {
+            flags |= BioFlags::NO_UNMAP;
+        }
+        if fast {
+            flags |= BioFlags::FAST_ZERO;
+        }
+        if self.sess.native_zeroes {
+            match dev.submit(Bio::write_zeroes(sector, sectors).with_flags(flags)) {
+                Err(e) if e.errno() == Errno::EOPNOTSUPP && !fast => {}
+                r => return r,
+            }
+        } else if fast {
+            return Err(IoError::Unsupported {
+                op: BioKind::WriteZeroes,
+                device: dev.describe(),
+            });
+        }
+        // Emulate with zero buffers.
+        let zeroes = vec![0u8; CHUNK.min(req.length as usize)];
+        let mut done = 0u64;
+        while done < sectors {
+            let n = (sectors - done).min(zeroes.len() as u64 / SECTOR_SIZE);
+            let buf = &zeroes[..(n * SECTOR_SIZE) as usize];
+            self.rw(dev, sector + done, RwBuf::Write(buf), fua)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn rw(
+        &self,
+        dev: &dyn BlockDevice,
+        sector: u64,
+        buf: RwBuf<'_>,
+        flags: BioFlags,
+    ) -> Result<(), IoError> {
+        let max = self.sess.max_io_bytes;
+        match buf {
+            RwBuf::Read(b) => {
+                let mut sec = sector;
+                for ch in b.chunks_mut(max) {
+                    let n = ch.len() as u64 / SECTOR_SIZE;
+                    dev.submit(Bio::read(sec, ch).with_flags(flags))?;
+                    sec += n;
+                }
+            }
+            RwBuf::Write(b) => {
+                let mut sec = sector;
+                for ch in b.chunks(max) {
+                    let n = ch.len() as u64 / SECTOR_SIZE;
+                    dev.submit(Bio::write(sec, ch).with_flags(flags))?;
+                    sec += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, dev: &dyn BlockDevice, req: &Request, defer: bool) {
+        let s = &self.sess;
+        let min = u64::from(s.min_block);
+        let len = (u64::from(req.length).div_ceil(min) * min).min(s.size - req.offset);
+        let sector = req.offset / SECTOR_SIZE;
+        let exts = match dev.block_status(sector, len.div_ceil(SECTOR_SIZE)) {
+            Ok(x) => x,
+            Err(e) => return self.reply_io_err(req, &e, defer),
+        };
+        let max_desc = u64::from(u32::MAX) / min * min;
+        let mut descs: Vec<(u64, u32)> = Vec::new();
+        let mut total = 0u64;
+        for e in exts {
+            if e.sectors == 0 || total >= len {
+                continue;
+            }
+            let flags = match e.kind {
+                ExtentKind::Data => 0,
+                ExtentKind::Hole => STATE_HOLE,
+                ExtentKind::Zero => STATE_ZERO,
+                ExtentKind::HoleZero => STATE_HOLE | STATE_ZERO,
+            };
+            let bytes = (e.sectors.saturating_mul(SECTOR_SIZE)).min(len - total);
+            total += bytes;
+            match descs.last_mut() {
+                Some(last) if last.1 == flags => last.0 += bytes,
+                _ => descs.push((bytes, flags)),
+            }
+        }
+        // Round to the minimum block size (a sub-block extent takes the status of its block).
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut carry = 0u64;
+        for (bytes, flags) in descs {
+            let mut b = bytes + carry;
+            carry = b % min;
+            b -= carry;
+            while b > 0 {
+                let n = b.min(max_desc);
+                out.push((n as u32, flags));
+                b -= n;
+            }
+        }
+        if carry > 0 {
+            match out.last_mut() {
+                Some(l) if u64::from(l.0) + min <= max_desc => l.0 += min as u32,
+                _ => out.push((min as u32, 0)),
+            }
+        }
+        if out.is_empty() {
+            out.push((min.min(len.max(min)) as u32, 0));
+        }
+        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            out.truncate(1);
+            let cap = (u64::from(req.length) / min * min).max(min);
+            if u64::from(out[0].0) > cap {
+                out[0].0 = cap as u32;
+            }
+        }
+        let mut payload = Vec::with_capacity(4 + out.len() * 8);
+        payload.extend_from_slice(&1u32.to_be_bytes());
+        for (l, f) in &out {
+            payload.extend_from_slice(&l.to_be_bytes());
+            payload.extend_from_slice(&f.to_be_bytes());
+        }
+        let hdr = structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.handle,
+            payload.len() as u32,
+        );
+        self.send(&[&hdr, &payload], defer);
+    }
+
+    fn reply_read(&self, req: &Request, data: &[u8], defer: bool) {
+        if self.sess.structured {
+            if data.is_empty() {
+                let hdr = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.handle, 0);
+                self.send(&[&hdr], defer);
+                return;
+            }
+            let hdr = structured_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.handle,
+                (data.len() + 8) as u32,
+            );
+            let off = req.offset.to_be_bytes();
+            self.send(&[&hdr, &off, data], defer);
+        } else {
+            self.send(&[&simple_reply(0, req.handle), data], defer);
+        }
+    }
+
+    fn reply_ok(&self, req: &Request, defer: bool) {
+        self.send(&[&simple_reply(0, req.handle)], defer);
+    }
+
+    fn reply_io_err(&self, req: &Request, e: &IoError, defer: bool) {
+        let mut code = e.errno().to_nbd();
+        let fast_zero = req.cmd == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO != 0;
+        if (code == NBD_ENOTSUP && !fast_zero) || code == NBD_EOVERFLOW {
+            code = NBD_EIO;
+        }
+        tracing::debug!(error = %e, cmd = cmd_name(req.cmd), "NBD request failed");
+        self.reply_err(req, code, &e.to_string(), defer);
+    }
+
+    pub(super) fn reply_err(&self, req: &Request, code: u32, msg: &str, defer: bool) {
+        self.sess
+            .export
+            .counters
+            .errors
+            .fetch_add(1, Ordering::Relaxed);
+        if self.sess.structured {
+            self.send(&[&structured_error(req.handle, code, msg)], defer);
+        } else {
+            self.send(&[&simple_reply(code, req.handle)], defer);
+        }
+    }
+
+    /// Writes one whole reply (header and payload with one writev where possible); with `defer`
+    /// small replies are batched until the reader runs out of buffered requests.
+    fn send(&self, parts: &[&[u8]], defer: bool) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let size: usize = parts.iter().map(|p| p.len()).sum();
+        let mut w = self.writer.lock();
+        let wr = &mut *w;
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        if defer && wr.pending.len() + size <= MAX_PENDING {
+            if wr.pending.is_empty() {
+                wr.pending_since = self.clock.now();
+            }
+            for p in parts {
+                wr.pending.extend_from_slice(p);
+            }
+            return;
+        }
+        let pend = std::mem::take(&mut wr.pending);
+        let mut all: [&[u8]; 4] = [&pend, &[], &[], &[]];
+        debug_assert!(parts.len() <= 3, "a reply has at most three parts");
+        let n = parts.len().min(3);
+        all[1..=n].copy_from_slice(&parts[..n]);
+        self.write_out(wr, &all[..=n]);
+        wr.pending = pend;
+        wr.pending.clear();
+    }
+
+    /// Writes `parts` whole and flushes; while a write call is in progress `write_since` tells
+    /// the reaper when it started (the send timeout). A failure marks the connection broken.
+    pub(super) fn write_out(&self, wr: &mut Wr, parts: &[&[u8]]) {
+        let since = &self.ctl.write_since;
+        let res = write_all_vectored(&mut *wr.w, parts, &mut || {
+            since.store(self.clock.now(), Ordering::Relaxed)
+        })
+        .and_then(|_| wr.w.flush());
+        since.store(0, Ordering::Relaxed);
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "NBD reply write failed; closing connection");
+            self.broken.store(true, Ordering::SeqCst);
+            self.ctl.stream.stop_reading();
+        }
+    }
+}
+
+enum RwBuf<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// Writes all of `parts` with as few calls as possible, each at most `WRITE_SLICE` bytes;
+/// `before` runs before every call.
+fn write_all_vectored(
+    w: &mut dyn Write,
+    parts: &[&[u8]],
+    before: &mut dyn FnMut(),
+) -> io::Result<()> {
+    let mut store = [IoSlice::new(&[]); 4];
+    let mut n = 0;
+    for p in parts.iter().filter(|p| !p.is_empty()) {
+        if n == store.len() {
+            return Err(io::Error::other("too many reply parts"));
+        }
+        store[n] = IoSlice::new(p);
+        n += 1;
+    }
+    let mut bufs: &mut [IoSlice<'_>] = &mut store[..n];
+    while !bufs.is_empty() {
+        before();
+        let r = {
+            let mut call = [IoSlice::new(&[]); 4];
+            let (mut total, mut k) = (0, 0);
+            for b in bufs.iter() {
+                if total == WRITE_SLICE {
+                    break;
+                }
+                let take = b.len().min(WRITE_SLICE - total);
+                call[k] = IoSlice::new(&b[..take]);
+                total += take;
+                k += 1;
+            }
+            w.write_vectored(&call[..k])
+        };
+        match r {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "connection closed",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,843 @@
+//! The NBD server against hostile and unlucky clients: requests parked in a suspended device,
+//! clients that never read their replies, memory attacks (pipelined huge reads, write headers
+//! without payload), too many connections, and clients that never finish the handshake.
+//! Removal and shutdown must stay bounded, memory must stay near the configured caps, and
+//! other clients must keep their latency.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use udm_export::nbd::client::{Client, Reply};
+use udm_export::nbd::proto::*;
+use udm_export::nbd::{NbdExportOptions, NbdLimits, NbdServer, NbdStream, StreamControl};
+use udm_io::backend::mem::MemDevice;
+use udm_io::{Bio, BioOp, BlockDevice, IoError};
+
+const MIB: u64 = 1 << 20;
+
+/// Reads return zeroes (touching the buffer), writes are dropped; no memory of its own.
+struct ZeroDevice {
+    sectors: u64,
+}
+
+impl BlockDevice for ZeroDevice {
+    fn size(&self) -> u64 {
+        self.sectors
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if let BioOp::Read(b) = bio.op {
+            b.fill(0);
+        }
+        Ok(())
+    }
+}
+
+/// A device whose reads at sector 0 park until `release` (a suspended device), and whose
+/// reads at `SLOW_SECTOR` take `slow` (a slow request).
+struct ParkDevice {
+    inner: MemDevice,
+    slow: Duration,
+    open: Mutex<bool>,
+    cv: Condvar,
+    parked: AtomicU64,
+    finished: AtomicU64,
+}
+
+const SLOW_SECTOR: u64 = 8;
+
+impl ParkDevice {
+    fn new() -> Arc<Self> {
+        Self::with(2048, Duration::from_millis(600))
+    }
+    fn with(sectors: u64, slow: Duration) -> Arc<Self> {
+        Arc::new(ParkDevice {
+            inner: MemDevice::new(sectors),
+            slow,
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+            parked: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+        })
+    }
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+    fn wait_parked(&self, n: u64) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.parked.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < end, "request never reached the device");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl BlockDevice for ParkDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        let read = matches!(bio.op, BioOp::Read(_));
+        if read && bio.sector == 0 {
+            self.parked.fetch_add(1, Ordering::SeqCst);
+            let mut g = self.open.lock().unwrap();
+            while !*g {
+                g = self.cv.wait(g).unwrap();
+            }
+            drop(g);
+            let r = self.inner.submit(bio);
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            return r;
+        }
+        if read && bio.sector == SLOW_SECTOR {
+            std::thread::sleep(self.slow);
+        }
+        self.inner.submit(bio)
+    }
+}
+
+struct Env {
+    server: Arc<NbdServer>,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Bounded by the fix; never let a failing test hang the run on it.
+        let s = self.server.clone();
+        let t = std::thread::spawn(move || s.shutdown());
+        let end = Instant::now() + Duration::from_secs(10);
+        while !t.is_finished() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn env(limits: NbdLimits, exports: &[(&str, Arc<dyn BlockDevice>)]) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let server = NbdServer::with_limits(limits);
+    for (name, dev) in exports {
+        server
+            .add_export(name, dev.clone(), NbdExportOptions::default())
+            .unwrap();
+    }
+    server.listen_unix(&sock).unwrap();
+    Env {
+        server,
+        sock,
+        _dir: dir,
+    }
+}
+
+fn stream(sock: &Path) -> UnixStream {
+    let s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+fn connect(sock: &Path, name: &str) -> Client<UnixStream> {
+    Client::connect(stream(sock), name, false).unwrap()
+}
+
+/// Runs `f` on a thread and returns its result and duration, failing if it takes over `limit`.
+fn bounded<T: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (T, Duration) {
+    let start = Instant::now();
+    let t = std::thread::spawn(f);
+    while !t.is_finished() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not return within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (t.join().unwrap(), start.elapsed())
+}
+
+/// True when the server closed the stream (EOF or reset) within `within`.
+fn closed_within(s: &mut UnixStream, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    let mut b = vec![0u8; 1 << 20];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < end, "{what} not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn request(cmd: u16, handle: u64, offset: u64, length: u32) -> [u8; REQUEST_LEN] {
+    Request {
+        flags: 0,
+        cmd,
+        handle,
+        offset,
+        length,
+    }
+    .encode()
+}
+
+#[test]
+fn removal_with_request_parked_in_suspended_device_is_bounded() {
+    let park = ParkDevice::new();
+    let e = env(
+        NbdLimits::default(),
+        &[
+            ("park", park.clone() as Arc<dyn BlockDevice>),
+            ("disk", Arc::new(MemDevice::new(2048))),
+        ],
+    );
+    let mut c = connect(&e.sock, "park");
+    c.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
+    c.send(CMD_READ, 0, 0, 512, &[]).unwrap();
+    park.wait_parked(1);
+    let server = e.server.clone();
+    let (r, took) = bounded("remove_export", Duration::from_secs(5), move || {
+        server.remove_export("park")
+    });
+    r.unwrap();
+    eprintln!("remove_export with a parked request took {took:?}");
+    assert!(closed_within(c.stream(), Duration::from_secs(2)));
+    // The other export is unaffected.
+    let mut d = connect(&e.sock, "disk");
+    assert_eq!(d.write(0, &[7; 4096]).unwrap(), Reply::Ok(vec![]));
+    // The device resumes: the parked requests finish, their replies are dropped, nothing
+    // panics and the connection's resources go away.
+    park.release();
+    wait_until("parked requests finishing", Duration::from_secs(5), || {
+        park.finished.load(Ordering::SeqCst) == park.parked.load(Ordering::SeqCst)
+    });
+    wait_until(
+        "the dead connection going away",
+        Duration::from_secs(5),
+        || e.server.memory().connections == 1,
+    );
+    let m = e.server.memory();
+    assert_eq!((m.inflight_bytes, m.buffered_bytes), (0, 0), "{m:?}");
+    assert_eq!(d.read(0, 4096).unwrap(), Reply::Ok(vec![7; 4096]));
+    let server = e.server.clone();
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
+}
+
+#[test]
+fn shutdown_with_request_parked_in_suspended_device_is_bounded() {
+    let park = ParkDevice::new();
+    let e = env(
+        NbdLimits::default(),
+        &[("park", park.clone() as Arc<dyn BlockDevice>)],
+    );
+    let mut c = connect(&e.sock, "park");
+    c.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
+    park.wait_parked(1);
+    let mut idle = stream(&e.sock);
+    let _ = read_array::<18>(&mut idle).unwrap();
+    let server = e.server.clone();
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
+    assert!(closed_within(c.stream(), Duration::from_secs(2)));
+    assert!(closed_within(&mut idle, Duration::from_secs(2)));
+    park.release();
+    wait_until("parked request finishing", Duration::from_secs(5), || {
+        park.finished.load(Ordering::SeqCst) == 1
+    });
+    wait_until("connections gone", Duration::from_secs(5), || {
+        e.server.memory().connections == 0
+    });
+}
+
+/// Sends `reqs` on `s` from a thread (the server may stop reading: that is the point), never
+/// reading a reply. The caller keeps another handle of the socket open.
+fn flood(mut s: UnixStream, reqs: Vec<u8>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = s.write_all(&reqs);
+    })
+}
+
+#[test]
+fn client_not_reading_replies_stalls_neither_removal_nor_others() {
+    let park = ParkDevice::new();
+    let e = env(
+        NbdLimits::default(),
+        &[
+            (
+                "big",
+                ParkDevice::with(1 << 15, Duration::from_millis(50)) as _,
+            ),
+            ("other", park.clone() as _),
+        ],
+    );
+    // The hostile client: rounds of small reads (their replies batched) each followed by a
+    // slower one (so batched replies are left for the watchdog), never reading a byte of the
+    // replies.
+    let mut hostile = stream(&e.sock);
+    let _h = Client::connect(hostile.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..400u64 {
+        for j in 0..10u64 {
+            reqs.extend_from_slice(&request(CMD_READ, i * 100 + j, (1 + j) * MIB, 4096));
+        }
+        reqs.extend_from_slice(&request(CMD_READ, i * 100 + 99, SLOW_SECTOR * 512, 512));
+    }
+    let flooder = flood(hostile.try_clone().unwrap(), reqs);
+    // Let it fill every buffer on the way.
+    std::thread::sleep(Duration::from_millis(1500));
+    // Meanwhile another client keeps its latency, including the replies that need the
+    // watchdog (a small write answered while a slow read runs behind it).
+    let sock = e.sock.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let other = std::thread::spawn(move || {
+        let mut c = connect(&sock, "other");
+        let mut worst = Duration::ZERO;
+        let mut rounds = 0u64;
+        while !stop2.load(Ordering::SeqCst) || rounds < 3 {
+            let lat = write_behind_slow_read(&mut c, rounds);
+            for _ in 0..5 {
+                let t = Instant::now();
+                assert_eq!(c.write(128 * 512, &[2; 4096]).unwrap(), Reply::Ok(vec![]));
+                worst = worst.max(t.elapsed());
+            }
+            worst = worst.max(lat);
+            rounds += 1;
+        }
+        worst
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let server = e.server.clone();
+    let (r, took) = bounded("remove_export", Duration::from_secs(5), move || {
+        server.remove_export("big")
+    });
+    r.unwrap();
+    eprintln!("remove_export of the stuck client's export took {took:?}");
+    assert!(closed_within(&mut hostile, Duration::from_secs(3)));
+    stop.store(true, Ordering::SeqCst);
+    let (worst, _) = bounded("the other client", Duration::from_secs(20), move || {
+        other.join().unwrap()
+    });
+    eprintln!("worst latency of the other client: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(200),
+        "the other client waited {worst:?}"
+    );
+    let server = e.server.clone();
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
+
+/// A stream whose writes block while `stuck` (a client that stopped reading, made
+/// deterministic) until the server closes it.
+#[derive(Default)]
+struct Gate {
+    /// (stuck, closed)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+struct GateStream {
+    sock: UnixStream,
+    gate: Arc<Gate>,
+}
+
+struct GateWriter {
+    sock: UnixStream,
+    gate: Arc<Gate>,
+}
+
+impl Write for GateWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.gate.state.lock().unwrap();
+        while g.0 && !g.1 {
+            g = self.gate.cv.wait(g).unwrap();
+        }
+        if g.1 {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        drop(g);
+        self.sock.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct GateCtl {
+    sock: UnixStream,
+    gate: Arc<Gate>,
+}
+
+impl StreamControl for GateCtl {
+    fn stop_reading(&self) {
+        let _ = self.sock.shutdown(Shutdown::Read);
+    }
+    fn close(&self) {
+        self.gate.state.lock().unwrap().1 = true;
+        self.gate.cv.notify_all();
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+impl NbdStream for GateStream {
+    #[allow(clippy::type_complexity)]
+    fn split(
+        self,
+    ) -> std::io::Result<(
+        Box<dyn Read + Send>,
+        Box<dyn Write + Send>,
+        Box<dyn StreamControl>,
+    )> {
+        let w = GateWriter {
+            sock: self.sock.try_clone()?,
+            gate: self.gate.clone(),
+        };
+        let c = GateCtl {
+            sock: self.sock.try_clone()?,
+            gate: self.gate.clone(),
+        };
+        Ok((Box::new(self.sock), Box::new(w), Box::new(c)))
+    }
+}
+
+/// Sends a small write and a slow read together and returns how long the write's reply took
+/// (it is batched, so it needs the watchdog to leave while the read runs).
+fn write_behind_slow_read(c: &mut Client<UnixStream>, round: u64) -> Duration {
+    let (w, r) = (1000 + round * 2, 1001 + round * 2);
+    let mut both = request(CMD_WRITE, w, 64 * 512, 4096).to_vec();
+    both.extend_from_slice(&[1; 4096]);
+    both.extend_from_slice(&request(CMD_READ, r, SLOW_SECTOR * 512, 512));
+    let t = Instant::now();
+    c.stream().write_all(&both).unwrap();
+    let (h1, rep) = c.recv(|h| (h == r).then_some(512)).unwrap();
+    let lat = t.elapsed();
+    assert_eq!((h1, rep), (w, Reply::Ok(vec![])), "write answered first");
+    let (h2, _) = c.recv(|h| (h == r).then_some(512)).unwrap();
+    assert_eq!(h2, r);
+    lat
+}
+
+#[test]
+fn stuck_reply_write_does_not_stall_other_connections() {
+    let e = env(
+        NbdLimits::default(),
+        &[
+            (
+                "stuck",
+                ParkDevice::with(2048, Duration::from_millis(50)) as _,
+            ),
+            ("other", ParkDevice::new() as _),
+        ],
+    );
+    let gate = Arc::new(Gate::default());
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    e.server
+        .serve_stream(GateStream {
+            sock: a,
+            gate: gate.clone(),
+        })
+        .unwrap();
+    let mut stuck = Client::connect(b, "stuck", false).unwrap();
+    // From now on the stuck client accepts no reply bytes. A batched reply is pending when
+    // the slow read stalls: whoever sends it blocks for good.
+    gate.state.lock().unwrap().0 = true;
+    let mut both = request(CMD_READ, 1, 16 * 512, 4096).to_vec();
+    both.extend_from_slice(&request(CMD_READ, 2, SLOW_SECTOR * 512, 512));
+    stuck.stream().write_all(&both).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = connect(&e.sock, "other");
+    for round in 0..3 {
+        let lat = write_behind_slow_read(&mut c, round);
+        eprintln!("other client, write behind a slow read: {lat:?}");
+        assert!(lat < Duration::from_millis(200), "waited {lat:?}");
+    }
+    let server = e.server.clone();
+    bounded("remove_export", Duration::from_secs(5), move || {
+        server.remove_export("stuck")
+    })
+    .0
+    .unwrap();
+    assert!(closed_within(stuck.stream(), Duration::from_secs(2)));
+    assert_eq!(c.write(0, &[3; 512]).unwrap(), Reply::Ok(vec![]));
+}
+
+#[test]
+fn shutdown_with_client_not_reading_replies_is_bounded() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
+    );
+    let mut s = stream(&e.sock);
+    let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..200u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 8 << 20));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    std::thread::sleep(Duration::from_millis(1000));
+    let server = e.server.clone();
+    let (_, took) = bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
+    eprintln!("shutdown took {took:?}");
+    assert!(closed_within(&mut s, Duration::from_secs(3)));
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
+
+#[test]
+fn client_not_reading_replies_is_dropped_after_send_timeout() {
+    let e = env(
+        NbdLimits {
+            send_timeout: Some(Duration::from_secs(1)),
+            ..NbdLimits::default()
+        },
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
+    );
+    let mut s = stream(&e.sock);
+    let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..64u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 8 << 20));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let start = Instant::now();
+    wait_until("stuck client dropped", Duration::from_secs(8), || {
+        e.server.memory().connections == 0
+    });
+    eprintln!("stuck client dropped after {:?}", start.elapsed());
+    assert!(closed_within(&mut s, Duration::from_secs(3)));
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
+
+#[test]
+fn pipelined_huge_reads_hold_at_most_the_cap() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
+    );
+    let cap = NbdLimits::default().max_inflight_bytes;
+    let s = stream(&e.sock);
+    let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..40u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let mut peak = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let m = e.server.memory();
+        peak = peak.max(m.buffered_bytes + m.pooled_bytes);
+        assert!(m.inflight_bytes <= cap, "{m:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("peak buffered bytes: {} MiB", peak / MIB);
+    assert!(peak >= 32 * MIB, "the attack did not run: {peak}");
+    assert!(peak <= cap + 8 * MIB, "held {} MiB", peak / MIB);
+    drop(s);
+    let server = e.server.clone();
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
+
+#[test]
+fn write_headers_without_payload_commit_only_what_arrived() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
+    );
+    let mut conns = Vec::new();
+    for i in 0..20u64 {
+        let mut s = stream(&e.sock);
+        let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+        s.write_all(&request(CMD_WRITE, i, 0, 32 << 20)).unwrap();
+        s.write_all(&[0xab; 1024]).unwrap();
+        conns.push(s);
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let m = e.server.memory();
+        assert_eq!(m.connections, 20);
+        assert!(m.buffered_bytes <= 20 * (MIB + (64 << 10)), "{m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("20 half-sent 32 MiB writes: {:?}", e.server.memory());
+    // Finishing one of them works normally.
+    let mut s = conns.pop().unwrap();
+    let mut c = Client::connect(stream(&e.sock), "big", false).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![0; 4096]));
+    s.write_all(&vec![0xab; (32 << 20) - 1024]).unwrap();
+    let h = read_array::<SIMPLE_REPLY_LEN>(&mut s).unwrap();
+    assert_eq!(be32(&h[4..8]), 0, "write succeeded");
+}
+
+#[test]
+fn connections_over_the_cap_are_refused_with_a_message() {
+    let e = env(
+        NbdLimits {
+            max_connections: 2,
+            ..NbdLimits::default()
+        },
+        &[("disk", Arc::new(MemDevice::new(2048)) as _)],
+    );
+    let mut a = connect(&e.sock, "disk");
+    let mut b = connect(&e.sock, "disk");
+    let err = match Client::connect(stream(&e.sock), "disk", false) {
+        Ok(_) => panic!("third connection accepted over a cap of 2"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("refused: {err}");
+    assert!(err.contains("too many NBD connections"), "{err}");
+    assert!(err.contains(&format!("{REP_ERR_SHUTDOWN:#x}")), "{err}");
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.write(0, &[5; 4096]).unwrap(), Reply::Ok(vec![]));
+        assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![5; 4096]));
+    }
+    // Real clients show the reason (qemu prints the server's message; libnbd its errno).
+    let uri = format!("nbd+unix:///disk?socket={}", e.sock.display());
+    for (tool, args, expect) in [
+        (
+            "qemu-img",
+            vec!["info", uri.as_str()],
+            "too many NBD connections",
+        ),
+        ("nbdinfo", vec![uri.as_str()], "shutdown"),
+    ] {
+        let Ok(out) = Command::new("timeout")
+            .arg("20")
+            .arg(tool)
+            .args(&args)
+            .output()
+        else {
+            eprintln!("SKIPPED {tool} part: timeout(1) not available");
+            continue;
+        };
+        if out.status.code() == Some(127) {
+            eprintln!("SKIPPED {tool} part: {tool} not installed");
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{tool}: {text}");
+        assert!(!out.status.success());
+        assert!(text.contains(expect), "{text}");
+    }
+    // A freed slot can be taken again.
+    a.disconnect().unwrap();
+    wait_until("slot freed", Duration::from_secs(5), || {
+        e.server.memory().connections == 1
+    });
+    let mut c = connect(&e.sock, "disk");
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![5; 4096]));
+}
+
+#[test]
+fn silent_and_slow_handshakes_time_out() {
+    let e = env(
+        NbdLimits {
+            handshake_timeout: Duration::from_secs(1),
+            ..NbdLimits::default()
+        },
+        &[("disk", Arc::new(MemDevice::new(2048)) as _)],
+    );
+    let start = Instant::now();
+    let mut silent = stream(&e.sock);
+    let _ = read_array::<18>(&mut silent).unwrap();
+    // A slow one: client flags, then an option one byte at a time.
+    let mut slow = stream(&e.sock);
+    let _ = read_array::<18>(&mut slow).unwrap();
+    slow.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    let opt = option_request(OPT_GO, &info_request_data("disk", &[]));
+    let trickle = std::thread::spawn({
+        let mut slow = slow.try_clone().unwrap();
+        move || {
+            for b in opt {
+                if slow.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    // A normal client is not affected by the timeout once in transmission.
+    let mut good = connect(&e.sock, "disk");
+    assert!(closed_within(&mut silent, Duration::from_secs(4)));
+    assert!(closed_within(&mut slow, Duration::from_secs(4)));
+    let took = start.elapsed();
+    eprintln!("handshakes dropped after {took:?}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(good.write(0, &[1; 512]).unwrap(), Reply::Ok(vec![]));
+    trickle.join().unwrap();
+    assert_eq!(e.server.memory().connections, 1);
+}
+
+#[test]
+fn idle_connection_frees_its_buffer_pool() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 15 }) as _)],
+    );
+    let mut c = connect(&e.sock, "big");
+    for _ in 0..4 {
+        assert_eq!(c.read(0, 1 << 20).unwrap(), Reply::Ok(vec![0; 1 << 20]));
+    }
+    let m = e.server.memory();
+    assert!(m.pooled_bytes >= MIB, "{m:?}");
+    wait_until("pool trimmed", Duration::from_secs(4), || {
+        e.server.memory().pooled_bytes == 0
+    });
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![0; 4096]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RSS: the server in a child process (this test binary, re-run as `rss_child_server`), so the
+// other tests of this process do not blur the numbers.
+
+const CHILD_ENV: &str = "UDM_NBD_HOSTILE_CHILD_SOCK";
+
+/// The child side of `rss_stays_small_under_memory_attacks`; a no-op in a normal test run.
+#[test]
+fn rss_child_server() {
+    let Ok(sock) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let server = NbdServer::new();
+    server
+        .add_export(
+            "big",
+            Arc::new(ZeroDevice { sectors: 1 << 17 }),
+            NbdExportOptions::default(),
+        )
+        .unwrap();
+    server.listen_unix(Path::new(&sock)).unwrap();
+    // Serve until the parent closes our stdin.
+    let mut b = [0u8; 1];
+    let _ = std::io::stdin().read(&mut b);
+    server.shutdown();
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn rss_stays_small_under_memory_attacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("child.sock");
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "rss_child_server",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = ChildGuard(child);
+    let pid = child.0.id();
+    wait_until("child server listening", Duration::from_secs(20), || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    // Warm up: a normal client.
+    let mut c = connect(&sock, "big");
+    for _ in 0..4 {
+        assert_eq!(c.read(0, 1 << 20).unwrap(), Reply::Ok(vec![0; 1 << 20]));
+    }
+    let base = rss_kib(pid);
+    // 40 pipelined 32 MiB reads on one connection, 20 connections with a 32 MiB write header
+    // and 1 KiB of payload.
+    let s = stream(&sock);
+    let _h = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..40u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let mut writers = Vec::new();
+    for i in 0..20u64 {
+        let mut w = stream(&sock);
+        let _c = Client::connect(w.try_clone().unwrap(), "big", false).unwrap();
+        w.write_all(&request(CMD_WRITE, i, 0, 32 << 20)).unwrap();
+        w.write_all(&[0xab; 1024]).unwrap();
+        writers.push(w);
+    }
+    let mut peak = base;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) && peak - base < 1024 * 1024 {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grew_mib = (peak.saturating_sub(base)) / 1024;
+    eprintln!("server RSS {} MiB -> peak {} MiB", base / 1024, peak / 1024);
+    // Cap (64 MiB) + 20 x (1 MiB chunk + read buffer) + thread stacks and slack.
+    assert!(grew_mib < 200, "server RSS grew by {grew_mib} MiB");
+    // The normal client still works.
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![0; 4096]));
+    drop(s);
+    drop(writers);
+    drop(child);
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
