@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_core::registry::{LoadFlags, ResumeOptions};
 use udm_core::Registry;
-use udm_export::nbd::{ListenAddr, NbdServer, TcpSecurity, TlsCreds};
+use udm_export::nbd::{ListenAddr, NbdLimits, NbdServer, TcpSecurity, TlsCreds};
 use udm_proto::paths;
 
 /// udmd — user-space device-mapper daemon with live interposition.
@@ -75,6 +75,21 @@ struct Args {
         value_name = "SECS"
     )]
     retry_interval: u64,
+    /// NBD connections served at once (Unix and TCP together); the next client is told why it
+    /// is refused and disconnected.
+    #[arg(long, default_value_t = NbdLimits::default().max_connections, value_name = "N")]
+    nbd_max_connections: usize,
+    /// Request and reply payload MiB one NBD connection may hold; beyond it the server stops
+    /// reading that client's requests until replies drain.
+    #[arg(long, default_value_t = NbdLimits::default().max_inflight_bytes >> 20, value_name = "MIB")]
+    nbd_max_inflight_mib: u64,
+    /// Seconds an NBD client has from connecting to the start of transmission.
+    #[arg(long, default_value_t = NbdLimits::default().handshake_timeout.as_secs(), value_name = "SECS")]
+    nbd_handshake_timeout: u64,
+    /// Seconds a reply write to an NBD client may make no progress (the client stopped reading)
+    /// before the client is disconnected; 0 waits forever (removal and shutdown still cut it).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    nbd_send_timeout: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
     #[arg(long, env = "UDM_LOG", default_value = "info")]
     log: String,
@@ -124,6 +139,22 @@ fn tcp_security(args: &Args) -> Result<TcpSecurity> {
     Ok(TcpSecurity {
         tls: tls.map(Arc::new),
         allow_insecure: args.nbd_insecure_tcp,
+    })
+}
+
+/// The NBD server's limits from the flags.
+fn nbd_limits(args: &Args) -> Result<NbdLimits> {
+    use std::time::Duration;
+    if args.nbd_max_connections == 0 || args.nbd_max_inflight_mib == 0 {
+        bail!("--nbd-max-connections and --nbd-max-inflight-mib must be at least 1");
+    }
+    Ok(NbdLimits {
+        max_connections: args.nbd_max_connections,
+        max_inflight_bytes: args.nbd_max_inflight_mib.saturating_mul(1 << 20),
+        handshake_timeout: Duration::from_secs(args.nbd_handshake_timeout.max(1)),
+        send_timeout: (args.nbd_send_timeout > 0)
+            .then(|| Duration::from_secs(args.nbd_send_timeout)),
+        ..NbdLimits::default()
     })
 }
 
@@ -207,7 +238,7 @@ fn main() -> Result<()> {
 
     let registry = Arc::new(Registry::new());
     let st = state::load(&state_dir)?;
-    let nbd = NbdServer::new();
+    let nbd = NbdServer::with_limits(nbd_limits(&args)?);
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),
         exports: exports::Exports::new(registry.clone(), nbd.clone(), nbd_path.clone()),

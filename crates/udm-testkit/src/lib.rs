@@ -83,6 +83,11 @@ impl Udmd {
         d
     }
 
+    /// The running daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Runtime directory (control.sock, nbd.sock).
     pub fn runtime(&self) -> PathBuf {
         self.dir.path().join("run")
