@@ -455,3 +455,45 @@ fn silent_and_slow_handshakes_time_out() {
     trickle.join().unwrap();
     assert_eq!(e.server.memory().connections, 1);
 }
+
+#[test]
+fn idle_clients_are_dropped_only_when_configured_and_idle() {
+    let park = ParkDevice::new();
+    let e = env(
+        NbdLimits {
+            idle_timeout: Some(Duration::from_secs(1)),
+            ..NbdLimits::default()
+        },
+        &[
+            ("disk", Arc::new(MemDevice::new(2048)) as _),
+            ("park", park.clone() as _),
+        ],
+    );
+    let mut idle = connect(&e.sock, "disk");
+    assert_eq!(idle.write(0, &[1; 512]).unwrap(), Reply::Ok(vec![]));
+    let mut active = connect(&e.sock, "disk");
+    // A client waiting for a request parked in the device is not idle.
+    let mut waiting = connect(&e.sock, "park");
+    let parked = waiting.send(CMD_READ, 0, 0, 512, &[]).unwrap();
+    park.wait_parked(1);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(active.read(0, 512).unwrap(), Reply::Ok(vec![1; 512]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed_within(idle.stream(), Duration::from_secs(2)));
+    assert_eq!(active.read(0, 512).unwrap(), Reply::Ok(vec![1; 512]));
+    park.release();
+    assert_eq!(
+        waiting.recv(|_| Some(512)).unwrap(),
+        (parked, Reply::Ok(vec![0; 512]))
+    );
+    // Without an idle timeout (the default), an idle client stays.
+    let e = env(
+        NbdLimits::default(),
+        &[("disk", Arc::new(MemDevice::new(2048)) as _)],
+    );
+    let mut c = connect(&e.sock, "disk");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.write(0, &[2; 512]).unwrap(), Reply::Ok(vec![]));
+}

@@ -167,6 +167,13 @@ pub(crate) struct ConnCtl {
     pub buffered: AtomicU64,
     /// Bytes kept in the connection's buffer pool.
     pub pooled: AtomicU64,
+    /// Requests read in transmission.
+    pub requests: AtomicU64,
+    /// Requests being executed (read, not yet answered).
+    pub busy: AtomicU64,
+    /// Reaper-only: `requests` at its last look, and when it last changed (watchdog clock).
+    idle_seen: AtomicU64,
+    idle_since: AtomicU64,
     done: Mutex<bool>,
     done_cv: Condvar,
 }
@@ -584,6 +591,10 @@ impl NbdServer {
             inflight: AtomicU64::new(0),
             buffered: AtomicU64::new(0),
             pooled: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            idle_seen: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
             done: Mutex::new(false),
             done_cv: Condvar::new(),
         });

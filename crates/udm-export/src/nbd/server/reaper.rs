@@ -1,9 +1,10 @@
 //! The reaper thread of a server: closes connections whose handshake takes longer than
 //! `NbdLimits::handshake_timeout` and connections whose reply write made no progress for
-//! `NbdLimits::send_timeout` (a client that stopped reading). Closing the stream unblocks the
-//! connection's threads; they clean up as for any disconnect.
+//! `NbdLimits::send_timeout` (a client that stopped reading), and, when configured, clients
+//! idle for `NbdLimits::idle_timeout`. Closing the stream unblocks the connection's threads;
+//! they clean up as for any disconnect.
 
-use super::{NbdServer, PHASE_HANDSHAKE, PHASE_TIMED_OUT};
+use super::{NbdServer, PHASE_HANDSHAKE, PHASE_TIMED_OUT, PHASE_TRANSMISSION};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -28,14 +29,13 @@ impl NbdServer {
         }
     }
 
-    /// One reaper pass: closes connections whose handshake is over time or whose reply write
-    /// has been stuck longer than the send timeout.
+    /// One reaper pass: closes connections whose handshake is over time, whose reply write
+    /// has been stuck longer than the send timeout, or that idled too long.
     fn reap_once(&self) {
         let now = self.watchdog.now();
-        let send_ns = self
-            .limits
-            .send_timeout
-            .map(|t| t.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let ns = |t: Duration| t.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let send_ns = self.limits.send_timeout.map(ns);
+        let idle_ns = self.limits.idle_timeout.map(ns);
         for c in self.conns.lock().values() {
             if now > c.deadline
                 && c.phase
@@ -62,6 +62,25 @@ impl NbdServer {
                     tracing::warn!(
                         timeout = ?self.limits.send_timeout,
                         "NBD client stopped reading replies; dropping it"
+                    );
+                    c.stream.close();
+                }
+            }
+            if let Some(t) = idle_ns {
+                let n = c.requests.load(Ordering::Relaxed);
+                let busy = c.busy.load(Ordering::SeqCst) != 0 || ws != 0;
+                if c.idle_seen.swap(n, Ordering::Relaxed) != n
+                    || busy
+                    || c.idle_since.load(Ordering::Relaxed) == 0
+                {
+                    c.idle_since.store(now, Ordering::Relaxed);
+                } else if c.phase.load(Ordering::SeqCst) == PHASE_TRANSMISSION
+                    && now.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > t
+                    && !c.stopping.swap(true, Ordering::SeqCst)
+                {
+                    tracing::info!(
+                        timeout = ?self.limits.idle_timeout,
+                        "NBD client idle; dropping it"
                     );
                     c.stream.close();
                 }
