@@ -72,6 +72,7 @@ impl Conn {
         let charge = job.charge;
         self.run_request(job, defer);
         self.release(charge);
+        self.ctl.busy.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn run_request(&self, job: Job, defer: bool) {

@@ -29,6 +29,10 @@ pub struct NbdLimits {
     /// When an export is removed or the server shut down, in-flight requests get this long to
     /// be answered before the sockets are closed in both directions.
     pub drain_timeout: Duration,
+    /// A client in transmission that sends no request for this long, with nothing in flight,
+    /// is disconnected. `None` (the default) keeps idle clients forever, as kernel and VM
+    /// clients may legitimately idle for hours.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for NbdLimits {
@@ -39,6 +43,7 @@ impl Default for NbdLimits {
             handshake_timeout: Duration::from_secs(10),
             send_timeout: Some(Duration::from_secs(60)),
             drain_timeout: Duration::from_secs(2),
+            idle_timeout: None,
         }
     }
 }

@@ -21,10 +21,10 @@
 //! `NBD_REP_ERR_UNSUP` there, as on any listener without credentials).
 //!
 //! Hostile or stuck clients are bounded by [`NbdLimits`]: a connection cap (refused clients are
-//! told why), handshake and send timeouts, a per-connection cap on payload memory (the reader
-//! stops reading until replies drain; write payloads are committed as they arrive), bounded
-//! and idle-trimmed buffer pools, and export removal that closes sockets after a short drain.
-//! [`NbdServer::memory`] reports what connections hold.
+//! told why), handshake and send timeouts (and an optional idle timeout), a per-connection cap
+//! on payload memory (the reader stops reading until replies drain; write payloads are
+//! committed as they arrive), bounded and idle-trimmed buffer pools, and export removal that
+//! closes sockets after a short drain. [`NbdServer::memory`] reports what connections hold.
 
 mod buffers;
 pub mod client;

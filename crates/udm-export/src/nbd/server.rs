@@ -5,6 +5,8 @@ use super::conn;
 use super::limits::{self, NbdLimits, NbdMemory};
 use super::watchdog::Watchdog;
 use super::{ListenAddr, NbdError, NbdStream, StreamControl};
+
+mod reaper;
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -12,7 +14,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use udm_io::BlockDevice;
@@ -170,6 +172,13 @@ pub(crate) struct ConnCtl {
     pub buffered: AtomicU64,
     /// Bytes kept in the connection's buffer pool.
     pub pooled: AtomicU64,
+    /// Requests read in transmission.
+    pub requests: AtomicU64,
+    /// Requests being executed (read, not yet answered).
+    pub busy: AtomicU64,
+    /// Reaper-only: `requests` at its last look, and when it last changed (watchdog clock).
+    idle_seen: AtomicU64,
+    idle_since: AtomicU64,
     done: Mutex<bool>,
     done_cv: Condvar,
 }
@@ -231,8 +240,6 @@ pub struct NbdServer {
 }
 
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
-/// Period of the reaper that enforces handshake and send timeouts.
-const REAP_TICK: Duration = Duration::from_millis(100);
 /// A refused client gets at most this long to read why.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refused connections answered at once; beyond this they are closed without a word.
@@ -613,68 +620,15 @@ impl NbdServer {
             inflight: AtomicU64::new(0),
             buffered: AtomicU64::new(0),
             pooled: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            idle_seen: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
             done: Mutex::new(false),
             done_cv: Condvar::new(),
         });
         conns.insert(ctl.id, ctl.clone());
         Ok((r, w, ctl))
-    }
-
-    /// Starts the reaper thread if it is not running.
-    fn start_reaper(self: &Arc<Self>) {
-        let mut running = self.reaper.lock();
-        if *running || self.is_shut() {
-            return;
-        }
-        let me = Arc::downgrade(self);
-        if std::thread::Builder::new()
-            .name("nbd-reaper".into())
-            .spawn(move || reap(me))
-            .is_ok()
-        {
-            *running = true;
-        }
-    }
-
-    /// One reaper pass: closes connections whose handshake is over time or whose reply write
-    /// has been stuck longer than the send timeout.
-    fn reap_once(&self) {
-        let now = self.watchdog.now();
-        let send_ns = self
-            .limits
-            .send_timeout
-            .map(|t| t.as_nanos().min(u128::from(u64::MAX)) as u64);
-        for c in self.conns.lock().values() {
-            if now > c.deadline
-                && c.phase
-                    .compare_exchange(
-                        PHASE_HANDSHAKE,
-                        PHASE_TIMED_OUT,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    )
-                    .is_ok()
-            {
-                if !c.refused {
-                    tracing::info!(
-                        timeout = ?self.limits.handshake_timeout,
-                        "NBD handshake timed out; dropping the client"
-                    );
-                }
-                c.stream.close();
-            }
-            let ws = c.write_since.load(Ordering::Relaxed);
-            if let Some(t) = send_ns {
-                if ws != 0 && now.saturating_sub(ws) > t && !c.stopping.swap(true, Ordering::SeqCst)
-                {
-                    tracing::warn!(
-                        timeout = ?self.limits.send_timeout,
-                        "NBD client stopped reading replies; dropping it"
-                    );
-                    c.stream.close();
-                }
-            }
-        }
     }
 
     fn run_conn(
@@ -755,26 +709,6 @@ impl NbdServer {
         self.watchdog.stop();
         *self.reaper.lock() = false;
         self.reaper_cv.notify_all();
-    }
-}
-
-/// The reaper thread: every `REAP_TICK` enforces handshake and send timeouts; exits when the
-/// server is shut down or dropped.
-fn reap(server: Weak<NbdServer>) {
-    loop {
-        let Some(s) = server.upgrade() else { return };
-        if s.is_shut() {
-            return;
-        }
-        s.reap_once();
-        let mut running = s.reaper.lock();
-        if !*running {
-            return;
-        }
-        s.reaper_cv.wait_for(&mut running, REAP_TICK);
-        if !*running {
-            return;
-        }
     }
 }
 

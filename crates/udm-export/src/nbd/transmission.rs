@@ -54,9 +54,8 @@ pub(crate) struct Conn {
     /// Set by the watchdog when deferred replies waited too long: the next thread of this
     /// connection to get there sends them (the watchdog never writes to a socket).
     flush_asked: AtomicBool,
-    /// Requests read (the watchdog trims the pool of connections where this stands still).
-    requests: AtomicU64,
-    /// Watchdog-only state: `requests` at the last tick and ticks since it changed.
+    /// Watchdog-only state: `ctl.requests` at the last tick and ticks since it changed (the
+    /// pool of a connection where it stands still is freed).
     idle_seen: AtomicU64,
     idle_ticks: AtomicU32,
     pub(super) pool: Mutex<Pool>,
@@ -128,7 +127,6 @@ pub(super) fn transmission(
         standby_cv: Condvar::new(),
         released_at: AtomicU64::new(0),
         flush_asked: AtomicBool::new(false),
-        requests: AtomicU64::new(0),
         idle_seen: AtomicU64::new(0),
         idle_ticks: AtomicU32::new(0),
         pool: Mutex::new(Pool::default()),
@@ -262,7 +260,7 @@ impl Conn {
         if aged && !self.flush_asked.swap(true, Ordering::SeqCst) {
             self.add_reader();
         }
-        let n = self.requests.load(Ordering::Relaxed);
+        let n = self.ctl.requests.load(Ordering::Relaxed);
         if self.idle_seen.swap(n, Ordering::Relaxed) != n {
             self.idle_ticks.store(0, Ordering::Relaxed);
         } else if self.idle_ticks.fetch_add(1, Ordering::Relaxed) == IDLE_TRIM_TICKS {
@@ -304,7 +302,7 @@ impl Conn {
         if req.cmd == CMD_DISC {
             return Next::End;
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.ctl.requests.fetch_add(1, Ordering::Relaxed);
         let mut payload = Vec::new();
         let mut charge = 0;
         if req.cmd == CMD_WRITE {
@@ -363,6 +361,7 @@ impl Conn {
                 return Next::End;
             }
         }
+        self.ctl.busy.fetch_add(1, Ordering::SeqCst);
         Next::Job(Job {
             req,
             payload,

@@ -1,0 +1,209 @@
+//! NBD server memory under attack: pipelined huge reads and write headers without payload
+//! hold at most the per-connection cap, idle connections free their buffer pools, and the
+//! server's RSS (in a child process) stays small.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
+
+#[path = "nbd_hostile/support.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+use udm_export::nbd::client::{Client, Reply};
+use udm_export::nbd::proto::*;
+use udm_export::nbd::{NbdExportOptions, NbdLimits, NbdServer};
+
+#[test]
+fn pipelined_huge_reads_hold_at_most_the_cap() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
+    );
+    let cap = NbdLimits::default().max_inflight_bytes;
+    let s = stream(&e.sock);
+    let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..40u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let mut peak = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let m = e.server.memory();
+        peak = peak.max(m.buffered_bytes + m.pooled_bytes);
+        assert!(m.inflight_bytes <= cap, "{m:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("peak buffered bytes: {} MiB", peak / MIB);
+    assert!(peak >= 32 * MIB, "the attack did not run: {peak}");
+    assert!(peak <= cap + 8 * MIB, "held {} MiB", peak / MIB);
+    drop(s);
+    let server = e.server.clone();
+    bounded("shutdown", Duration::from_secs(5), move || {
+        server.shutdown()
+    });
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
+
+#[test]
+fn write_headers_without_payload_commit_only_what_arrived() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
+    );
+    let mut conns = Vec::new();
+    for i in 0..20u64 {
+        let mut s = stream(&e.sock);
+        let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+        s.write_all(&request(CMD_WRITE, i, 0, 32 << 20)).unwrap();
+        s.write_all(&[0xab; 1024]).unwrap();
+        conns.push(s);
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let m = e.server.memory();
+        assert_eq!(m.connections, 20);
+        assert!(m.buffered_bytes <= 20 * (MIB + (64 << 10)), "{m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("20 half-sent 32 MiB writes: {:?}", e.server.memory());
+    // Finishing one of them works normally.
+    let mut s = conns.pop().unwrap();
+    let mut c = Client::connect(stream(&e.sock), "big", false).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![0; 4096]));
+    s.write_all(&vec![0xab; (32 << 20) - 1024]).unwrap();
+    let h = read_array::<SIMPLE_REPLY_LEN>(&mut s).unwrap();
+    assert_eq!(be32(&h[4..8]), 0, "write succeeded");
+}
+
+#[test]
+fn idle_connection_frees_its_buffer_pool() {
+    let e = env(
+        NbdLimits::default(),
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 15 }) as _)],
+    );
+    let mut c = connect(&e.sock, "big");
+    for _ in 0..4 {
+        assert_eq!(c.read(0, 1 << 20).unwrap(), Reply::Ok(vec![0; 1 << 20]));
+    }
+    let m = e.server.memory();
+    assert!(m.pooled_bytes >= MIB, "{m:?}");
+    wait_until("pool trimmed", Duration::from_secs(4), || {
+        e.server.memory().pooled_bytes == 0
+    });
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![0; 4096]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RSS: the server in a child process (this test binary, re-run as `rss_child_server`), so the
+// other tests of this process do not blur the numbers.
+
+const CHILD_ENV: &str = "UDM_NBD_HOSTILE_CHILD_SOCK";
+
+/// The child side of `rss_stays_small_under_memory_attacks`; a no-op in a normal test run.
+#[test]
+fn rss_child_server() {
+    let Ok(sock) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let server = NbdServer::new();
+    server
+        .add_export(
+            "big",
+            Arc::new(ZeroDevice { sectors: 1 << 17 }),
+            NbdExportOptions::default(),
+        )
+        .unwrap();
+    server.listen_unix(Path::new(&sock)).unwrap();
+    // Serve until the parent closes our stdin.
+    let mut b = [0u8; 1];
+    let _ = std::io::stdin().read(&mut b);
+    server.shutdown();
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn rss_stays_small_under_memory_attacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("child.sock");
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "rss_child_server",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = ChildGuard(child);
+    let pid = child.0.id();
+    wait_until("child server listening", Duration::from_secs(20), || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    // Warm up: a normal client.
+    let mut c = connect(&sock, "big");
+    for _ in 0..4 {
+        assert_eq!(c.read(0, 1 << 20).unwrap(), Reply::Ok(vec![0; 1 << 20]));
+    }
+    let base = rss_kib(pid);
+    // 40 pipelined 32 MiB reads on one connection, 20 connections with a 32 MiB write header
+    // and 1 KiB of payload.
+    let s = stream(&sock);
+    let _h = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..40u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let mut writers = Vec::new();
+    for i in 0..20u64 {
+        let mut w = stream(&sock);
+        let _c = Client::connect(w.try_clone().unwrap(), "big", false).unwrap();
+        w.write_all(&request(CMD_WRITE, i, 0, 32 << 20)).unwrap();
+        w.write_all(&[0xab; 1024]).unwrap();
+        writers.push(w);
+    }
+    let mut peak = base;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) && peak - base < 1024 * 1024 {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grew_mib = (peak.saturating_sub(base)) / 1024;
+    eprintln!("server RSS {} MiB -> peak {} MiB", base / 1024, peak / 1024);
+    // Cap (64 MiB) + 20 x (1 MiB chunk + read buffer) + thread stacks and slack.
+    assert!(grew_mib < 200, "server RSS grew by {grew_mib} MiB");
+    // The normal client still works.
+    assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![0; 4096]));
+    drop(s);
+    drop(writers);
+    drop(child);
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
