@@ -32,17 +32,24 @@ fn pipelined_huge_reads_hold_at_most_the_cap() {
         reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
     }
     let flooder = flood(s.try_clone().unwrap(), reqs);
-    let mut peak = 0;
+    let (mut peak, mut admitted) = (0, 0);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
         let m = e.server.memory();
         peak = peak.max(m.buffered_bytes + m.pooled_bytes);
+        admitted = admitted.max(m.inflight_bytes);
         assert!(m.inflight_bytes <= cap, "{m:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    eprintln!("peak buffered bytes: {} MiB", peak / MIB);
-    assert!(peak >= 32 * MIB, "the attack did not run: {peak}");
-    assert!(peak <= cap + 8 * MIB, "held {} MiB", peak / MIB);
+    eprintln!(
+        "peak admitted {} MiB, peak buffered bytes: {} MiB",
+        admitted / MIB,
+        peak / MIB
+    );
+    assert!(admitted >= 32 * MIB, "the attack did not run: {admitted}");
+    // Reads above 1 MiB are read and sent a chunk at a time: a client that takes no reply
+    // makes the server hold one chunk per admitted request, not the whole payload.
+    assert!(peak <= 8 * MIB, "held {} MiB", peak / MIB);
     drop(s);
     let server = e.server.clone();
     bounded("shutdown", Duration::from_secs(5), move || {
@@ -91,10 +98,18 @@ fn idle_connection_frees_its_buffer_pool() {
         &[("big", Arc::new(ZeroDevice { sectors: 1 << 15 }) as _)],
     );
     let mut c = connect(&e.sock, "big");
-    for _ in 0..4 {
-        assert_eq!(c.read(0, 1 << 20).unwrap(), Reply::Ok(vec![0; 1 << 20]));
+    // The pool is trimmed after 1 s without requests: on a loaded machine that can happen
+    // before we look, so read again until the pool is seen holding buffers.
+    let mut m = e.server.memory();
+    for _ in 0..5 {
+        for _ in 0..4 {
+            assert_eq!(c.read(0, 1 << 20).unwrap(), Reply::Ok(vec![0; 1 << 20]));
+        }
+        m = e.server.memory();
+        if m.pooled_bytes >= MIB {
+            break;
+        }
     }
-    let m = e.server.memory();
     assert!(m.pooled_bytes >= MIB, "{m:?}");
     wait_until("pool trimmed", Duration::from_secs(4), || {
         e.server.memory().pooled_bytes == 0

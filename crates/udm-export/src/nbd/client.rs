@@ -3,6 +3,7 @@
 //! time (or several sent before reading replies, for pipelining tests).
 
 use super::proto::*;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
 /// Server reply to one request.
@@ -37,6 +38,16 @@ pub struct Client<S: Read + Write> {
     structured: bool,
     meta_id: Option<u32>,
     next_handle: u64,
+    /// Structured replies received in part, by handle.
+    partial: HashMap<u64, Partial>,
+}
+
+/// The chunks of one structured reply received so far.
+#[derive(Default)]
+struct Partial {
+    data: Vec<u8>,
+    extents: Option<Vec<(u32, u32)>>,
+    error: Option<u32>,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -153,6 +164,7 @@ impl<S: Read + Write> Client<S> {
             structured,
             meta_id,
             next_handle: 1,
+            partial: HashMap::new(),
         })
     }
 
@@ -181,27 +193,26 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// Receives one reply; `read_len` gives the payload length of a simple read reply, looked
-    /// up by handle.
+    /// up by handle. Structured replies may come in several chunks, interleaved with other
+    /// handles' chunks (the server sends large reads a chunk at a time): chunks are gathered per
+    /// handle until one ends with `NBD_REPLY_FLAG_DONE`.
     pub fn recv(&mut self, read_len: impl Fn(u64) -> Option<u32>) -> io::Result<(u64, Reply)> {
-        let m = read_array::<4>(&mut self.s)?;
-        match be32(&m) {
-            SIMPLE_REPLY_MAGIC => {
-                let r = read_array::<12>(&mut self.s)?;
-                let err = be32(&r[0..4]);
-                let handle = be64(&r[4..12]);
-                if err != 0 {
-                    return Ok((handle, Reply::Err(err)));
+        loop {
+            let m = read_array::<4>(&mut self.s)?;
+            match be32(&m) {
+                SIMPLE_REPLY_MAGIC => {
+                    let r = read_array::<12>(&mut self.s)?;
+                    let err = be32(&r[0..4]);
+                    let handle = be64(&r[4..12]);
+                    if err != 0 {
+                        return Ok((handle, Reply::Err(err)));
+                    }
+                    let n = read_len(handle).unwrap_or(0);
+                    let mut d = vec![0u8; n as usize];
+                    self.s.read_exact(&mut d)?;
+                    return Ok((handle, Reply::Ok(d)));
                 }
-                let n = read_len(handle).unwrap_or(0);
-                let mut d = vec![0u8; n as usize];
-                self.s.read_exact(&mut d)?;
-                Ok((handle, Reply::Ok(d)))
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                let mut data = Vec::new();
-                let mut extents = None;
-                let mut error = None;
-                loop {
+                STRUCTURED_REPLY_MAGIC => {
                     let h = read_array::<16>(&mut self.s)?;
                     let flags = be16(&h[0..2]);
                     let typ = be16(&h[2..4]);
@@ -209,13 +220,16 @@ impl<S: Read + Write> Client<S> {
                     let len = be32(&h[12..16]);
                     let mut p = vec![0u8; len as usize];
                     self.s.read_exact(&mut p)?;
+                    let part = self.partial.entry(handle).or_default();
                     match typ {
-                        REPLY_TYPE_OFFSET_DATA if p.len() >= 8 => data.extend_from_slice(&p[8..]),
-                        REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => {
-                            data.resize(data.len() + be32(&p[8..12]) as usize, 0)
+                        REPLY_TYPE_OFFSET_DATA if p.len() >= 8 => {
+                            part.data.extend_from_slice(&p[8..])
                         }
+                        REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => part
+                            .data
+                            .resize(part.data.len() + be32(&p[8..12]) as usize, 0),
                         REPLY_TYPE_BLOCK_STATUS if p.len() >= 12 => {
-                            extents = Some(
+                            part.extents = Some(
                                 p[4..]
                                     .chunks_exact(8)
                                     .map(|c| (be32(&c[0..4]), be32(&c[4..8])))
@@ -223,20 +237,21 @@ impl<S: Read + Write> Client<S> {
                             )
                         }
                         REPLY_TYPE_NONE => {}
-                        t if t & 0x8000 != 0 && p.len() >= 6 => error = Some(be32(&p[0..4])),
+                        t if t & 0x8000 != 0 && p.len() >= 6 => part.error = Some(be32(&p[0..4])),
                         t => return Err(proto_err(format!("unexpected chunk type {t}"))),
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
-                        let r = match (error, extents) {
+                        let part = self.partial.remove(&handle).unwrap_or_default();
+                        let r = match (part.error, part.extents) {
                             (Some(e), _) => Reply::Err(e),
                             (None, Some(x)) => Reply::Extents(x),
-                            (None, None) => Reply::Ok(data),
+                            (None, None) => Reply::Ok(part.data),
                         };
                         return Ok((handle, r));
                     }
                 }
+                m => return Err(proto_err(format!("bad reply magic {m:#x}"))),
             }
-            m => Err(proto_err(format!("bad reply magic {m:#x}"))),
         }
     }
 
