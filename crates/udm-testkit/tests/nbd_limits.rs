@@ -106,7 +106,7 @@ fn memory_attacks_keep_udmd_small_and_other_clients_fast() {
         let _ = Client::connect(s.try_clone().unwrap(), "vol", false).unwrap();
         let mut reqs = Vec::new();
         for h in 0..40u64 {
-            reqs.extend(request(CMD_READ, h, (i * 40 + h) % 16 << 25, 32 << 20));
+            reqs.extend(request(CMD_READ, h, ((i * 40 + h) % 16) << 25, 32 << 20));
         }
         flooders.push(std::thread::spawn(move || {
             let _ = s.write_all(&reqs);
