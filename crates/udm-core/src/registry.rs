@@ -5,8 +5,6 @@
 
 use crate::config::TableConfig;
 use crate::error::{CoreError, Result};
-use crate::freeze::Frozen;
-use crate::gate::Flow;
 use crate::mapped::{Events, LiveTable, MappedDevice};
 use crate::node::{DeviceNode, Hook, NodeAccess, NodeKind};
 use parking_lot::Mutex;
@@ -23,6 +21,7 @@ use udm_types::errno::HasErrno;
 use udm_types::{DevId, DevName, Errno};
 
 mod implicit;
+mod switch;
 mod unavailable;
 
 use unavailable::Pending;
@@ -305,6 +304,8 @@ struct Inner {
     /// Recorded exports not opened yet (holder id -> device name): they count as openers for
     /// deferred removal, which they may also join.
     expected: HashMap<String, String>,
+    /// Switches running without the lock.
+    switches: switch::Switches,
 }
 
 /// The registry of devices.
@@ -575,6 +576,7 @@ impl TableContext for BuildCtx<'_> {
             })?;
         self.inner
             .usable(id, path)
+            .and_then(|()| self.inner.not_switching(id, path))
             .map_err(|e| TargetError::new(e.errno(), e.to_string()))?;
         if !self.interposed {
             if let Some(h) = entry
@@ -896,6 +898,7 @@ impl Registry {
         let mut inner = self.inner.lock();
         let id = inner.id_of(name)?;
         inner.usable(id, name)?;
+        inner.not_switching(id, name)?;
         let holders = inner
             .entries
             .get(&id)
@@ -933,7 +936,7 @@ impl Registry {
                 e.holders.remove(i);
             }
         }
-        self.run_deferred(&mut inner);
+        self.run_deferred(inner);
     }
 
     /// The node of any device, without claiming it (status, tests).
@@ -1058,6 +1061,7 @@ impl Registry {
         let (id, m) = inner.md_entry(name)?;
         let md = m.md.clone();
         inner.available(id, name)?;
+        inner.not_switching(id, name)?;
         let (slot, opened) = self.build(&inner, id, name, &md, spec, flags)?;
         implicit::enter(&mut inner, opened);
         // Claims and shared opens of the new table.
@@ -1214,271 +1218,12 @@ impl Registry {
         let mut inner = self.inner.lock();
         let (id, _) = inner.md_entry(name)?;
         inner.available(id, name)?;
+        inner.not_switching(id, name)?;
         if let Some(old) = inner.md_mut(id)?.inactive.take() {
             Self::release_slot(&mut inner, id, &old);
         }
-        self.run_deferred(&mut inner);
+        self.run_deferred(inner);
         Ok(())
-    }
-
-    /// `suspend`: holds new I/O and drains in-flight I/O. A no-op when already suspended.
-    pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<()> {
-        let md = {
-            let inner = self.inner.lock();
-            let (id, m) = inner.md_entry(name)?;
-            inner.available(id, name)?;
-            m.md.clone()
-        };
-        let _ = flags; // The synchronous data path has no requeue list: noflush and lockfs change nothing.
-        md.suspend();
-        tracing::info!(device = name, "suspended");
-        Ok(())
-    }
-
-    /// `resume`: makes the inactive table live (suspending first), attaching and detaching
-    /// interposers with a quiesced switch, then releases held I/O.
-    pub fn resume(&self, name: &str, opts: &ResumeOptions) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        inner.available(id, name)?;
-        let md = m.md.clone();
-        if m.inactive.is_none() {
-            if md.is_suspended() {
-                if let Some(l) = md.live() {
-                    l.table
-                        .preresume()
-                        .map_err(|e| CoreError::new(e.errno, format!("{name}: {}", e.msg)))?;
-                    l.table.resume();
-                }
-                md.unsuspend();
-            }
-            return Ok(());
-        }
-        let was_suspended = md.is_suspended();
-        let old_hooks: Vec<HookSpec> = m.live.as_ref().map(|l| l.hooks.clone()).unwrap_or_default();
-        let new_hooks: Vec<HookSpec> = m
-            .inactive
-            .as_ref()
-            .map(|l| l.hooks.clone())
-            .unwrap_or_default();
-        for h in &new_hooks {
-            if let Some(other) = inner.overlapping_hook(h.dev, h.start, h.len, id) {
-                return Err(CoreError::Busy(format!(
-                    "{name}: interposer range overlaps the interposer of {other}"
-                )));
-            }
-        }
-        let mut affected: Vec<DevId> = old_hooks
-            .iter()
-            .chain(new_hooks.iter())
-            .map(|h| h.dev)
-            .collect();
-        affected.sort();
-        affected.dedup();
-        let switching = old_hooks != new_hooks;
-        let _frozen = match (&opts.freeze, switching) {
-            (Some(mp), true) => Some(Frozen::freeze(mp)?),
-            _ => None,
-        };
-        let nodes: Vec<Arc<DeviceNode>> = if switching {
-            affected
-                .iter()
-                .filter_map(|d| inner.entries.get(d).map(|e| e.node.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        // Quiesce the interposed devices: hold new I/O at their entry, drain what is in flight.
-        // Requests already redirected into this device drain too, unless it is suspended (then
-        // they wait inside it and run on the new table after the resume).
-        let held_since = std::time::Instant::now();
-        for n in &nodes {
-            n.gate().close();
-            let flows: &[Flow] = if was_suspended {
-                &[Flow::Direct]
-            } else {
-                &[Flow::Direct, Flow::Redirected]
-            };
-            let waited = n.gate().drain(flows);
-            tracing::debug!(device = %n.name(), ?waited, "interposed device quiesced");
-        }
-        md.suspend();
-        let new = inner.md_mut(id)?.inactive.take();
-        let Some(new) = new else {
-            return Err(CoreError::invalid("inactive table vanished"));
-        };
-        if let Err(e) = new.live.table.preresume() {
-            // Abort: keep the old table live, the new one inactive.
-            inner.md_mut(id)?.inactive = Some(new);
-            for n in &nodes {
-                n.gate().open();
-            }
-            if !was_suspended {
-                md.unsuspend();
-            }
-            return Err(CoreError::new(
-                e.errno,
-                format!("{name}: preresume failed: {}", e.msg),
-            ));
-        }
-        md.set_live(Some(new.live.clone()));
-        let old = inner.md_mut(id)?.live.replace(new);
-        if let Some(old) = &old {
-            Self::release_slot(&mut inner, id, old);
-        }
-        for n in &nodes {
-            n.set_hooks(inner.live_hooks_on(n.id()));
-        }
-        if let Some(l) = md.live() {
-            l.table.resume();
-        }
-        md.unsuspend();
-        for n in &nodes {
-            n.gate().open();
-        }
-        if !nodes.is_empty() {
-            self.record_stall(held_since.elapsed());
-        }
-        drop(old);
-        self.run_deferred(&mut inner);
-        tracing::info!(
-            device = name,
-            attached = new_hooks.len(),
-            detached = old_hooks.len(),
-            "resumed with new table"
-        );
-        Ok(())
-    }
-
-    /// Detaches every interposer of `id` (quiesced), leaving its live table in place.
-    fn detach_all(&self, inner: &mut Inner, id: DevId) -> Result<()> {
-        let Some(m) = inner.entries.get(&id).and_then(|e| e.md()) else {
-            return Ok(());
-        };
-        let suspended = m.md.is_suspended();
-        let Some(live) = m.live.as_ref() else {
-            return Ok(());
-        };
-        if live.hooks.is_empty() {
-            return Ok(());
-        }
-        let devs: Vec<DevId> = live.hooks.iter().map(|h| h.dev).collect();
-        let nodes: Vec<Arc<DeviceNode>> = devs
-            .iter()
-            .filter_map(|d| inner.entries.get(d).map(|e| e.node.clone()))
-            .collect();
-        let held_since = std::time::Instant::now();
-        for n in &nodes {
-            n.gate().close();
-            let flows: &[Flow] = if suspended {
-                &[Flow::Direct]
-            } else {
-                &[Flow::Direct, Flow::Redirected]
-            };
-            n.gate().drain(flows);
-        }
-        // Writes the interposer acknowledged but still holds must be on the device before its
-        // I/O stops passing through the interposer.
-        live.live.table.drain_writeback();
-        if let Some(l) = inner.md_mut(id)?.live.as_mut() {
-            l.hooks.clear();
-        }
-        for n in &nodes {
-            n.set_hooks(inner.live_hooks_on(n.id()));
-            n.gate().open();
-        }
-        self.record_stall(held_since.elapsed());
-        Ok(())
-    }
-
-    /// `remove`: EBUSY while open (unless `deferred`: removed at last close); `force` first
-    /// swaps in an error table of the same size.
-    pub fn remove(&self, name: &str, force: bool, deferred: bool) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        let open = inner.opens(id);
-        if open > 0 {
-            if deferred {
-                inner.md_mut(id)?.deferred_remove = true;
-                return Ok(());
-            }
-            if force {
-                let size = m.md.size();
-                drop(inner);
-                if size > 0 {
-                    let spec = TableSpec::parse(&format!("0 {size} error"))?;
-                    self.load(name, &spec, LoadFlags::default())?;
-                    self.resume(name, &ResumeOptions::default())?;
-                }
-                inner = self.inner.lock();
-                let open = inner.opens(id);
-                if open > 0 {
-                    let holders = inner.holders_of(id);
-                    return Err(CoreError::Busy(format!(
-                        "device {name} is still open ({}); its table was replaced by an error table",
-                        holders.join(", ")
-                    )));
-                }
-            } else {
-                let holders = inner.holders_of(id);
-                return Err(CoreError::Busy(format!(
-                    "device {name} is in use by {}",
-                    holders.join(", ")
-                )));
-            }
-        }
-        self.remove_locked(&mut inner, id)?;
-        self.run_deferred(&mut inner);
-        Ok(())
-    }
-
-    fn remove_locked(&self, inner: &mut Inner, id: DevId) -> Result<()> {
-        self.detach_all(inner, id)?;
-        let Some(entry) = inner.entries.remove(&id) else {
-            return Ok(());
-        };
-        let name = entry.node.name();
-        inner.names.remove(&name);
-        inner.order.retain(|x| *x != id);
-        if let EntryKind::Mapped(m) = entry.kind {
-            for slot in [&m.live, &m.inactive].into_iter().flatten() {
-                Self::release_slot(inner, id, slot);
-            }
-            if let Some(l) = m.live.as_ref() {
-                if !m.md.is_suspended() {
-                    l.live.table.presuspend();
-                    l.live.table.postsuspend();
-                }
-            }
-            m.md.set_live(None);
-            m.md.unsuspend();
-            m.md.events().raise();
-        }
-        tracing::info!(device = %name, "removed");
-        Ok(())
-    }
-
-    fn run_deferred(&self, inner: &mut Inner) {
-        loop {
-            let due: Vec<DevId> = inner
-                .entries
-                .iter()
-                .filter(|(_, e)| {
-                    e.open_count() == 0
-                        && e.md().is_some_and(|m| m.deferred_remove)
-                        && !inner.expected.values().any(|d| *d == e.node.name())
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            if due.is_empty() {
-                return;
-            }
-            for id in due {
-                if let Err(e) = self.remove_locked(inner, id) {
-                    tracing::error!(%id, "deferred remove failed: {e}");
-                }
-            }
-        }
     }
 
     /// `rename`.
@@ -1670,6 +1415,7 @@ impl Registry {
         match argv.first().map(String::as_str) {
             Some("@cancel_deferred_remove") => {
                 let mut inner = self.inner.lock();
+                inner.not_switching(id, name)?;
                 let m = inner.md_mut(id)?;
                 if !m.deferred_remove {
                     return Err(CoreError::new(
