@@ -200,7 +200,7 @@ fn create_interpose_waits_for_parked_io_without_the_registry_lock() {
         .unwrap();
     assert!(info.redirected == 0 && reg.info("ip").unwrap().redirected > 0);
     reg.remove("ip", false, false).unwrap();
-    assert!(reg.info("o").unwrap().interposers.is_empty());
+    assert!(reg.node("o").unwrap().hooks().is_empty(), "o is still interposed");
 }
 
 #[test]
@@ -239,7 +239,7 @@ fn remove_detaching_an_interposer_waits_for_parked_io_without_the_registry_lock(
     resume_low(&reg, reader);
     join_within(remove, Duration::from_secs(2), "remove ip").expect("remove ip");
     assert!(reg.info("ip").is_err(), "ip still exists");
-    assert!(reg.info("o").unwrap().interposers.is_empty());
+    assert!(reg.node("o").unwrap().hooks().is_empty(), "o is still interposed");
 }
 
 #[test]
@@ -266,4 +266,54 @@ fn reload_of_a_device_with_parked_io_does_not_hold_the_registry_lock() {
     join_within(switch, Duration::from_secs(2), "resume o").expect("resume o");
     let info = reg.info("o").unwrap();
     assert!(!info.inactive_present && !info.suspended, "{info:?}");
+}
+
+#[test]
+fn deferred_removal_of_an_interposer_detaches_without_the_registry_lock() {
+    let reg = Arc::new(Registry::new());
+    let mem = Arc::new(MemDevice::new(SECTORS));
+    mem.submit(Bio::write(0, &[0x5a; 4096])).unwrap();
+    reg.add_disk_device("d", mem).unwrap();
+    let lin = |dev: &str| format!("0 {SECTORS} linear {dev} 0");
+    create(&reg, "low", &lin("d"), LoadFlags::default()).unwrap();
+    create(&reg, "o", &lin("low"), LoadFlags::default()).unwrap();
+    create(&reg, "ip", &lin("o"), IP).unwrap();
+    let ip = reg.open_export("ip", "test:ip").unwrap();
+    reg.remove("ip", false, true).unwrap();
+    assert!(reg.info("ip").unwrap().deferred_remove);
+    reg.suspend("low", SuspendFlags::default()).unwrap();
+    let o = reg.node("o").unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        o.submit(Bio::read(0, &mut buf)).unwrap();
+        buf
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !reader.is_finished(),
+        "the READ was not held by the suspend"
+    );
+    // The last close runs the deferred removal, which detaches the interposer.
+    let r = reg.clone();
+    let close = std::thread::spawn(move || r.close_export(ip.id(), "test:ip"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !close.is_finished(),
+        "the removal did not wait for the READ"
+    );
+    let r = reg.clone();
+    within(Duration::from_millis(100), "info o", move || r.info("o")).unwrap();
+    let r = reg.clone();
+    within(Duration::from_millis(100), "list_mapped", move || {
+        r.list_mapped()
+    });
+    let r = reg.clone();
+    let busy = within(Duration::from_millis(100), "export of ip", move || {
+        r.open_export("ip", "test:again").map(|_| ())
+    });
+    assert_eq!(busy.unwrap_err().errno(), Errno::EBUSY);
+    resume_low(&reg, reader);
+    join_within(close, Duration::from_secs(2), "close_export");
+    assert!(reg.info("ip").is_err(), "ip still exists");
+    assert!(reg.node("o").unwrap().hooks().is_empty(), "o is still interposed");
 }
