@@ -200,7 +200,10 @@ fn create_interpose_waits_for_parked_io_without_the_registry_lock() {
         .unwrap();
     assert!(info.redirected == 0 && reg.info("ip").unwrap().redirected > 0);
     reg.remove("ip", false, false).unwrap();
-    assert!(reg.node("o").unwrap().hooks().is_empty(), "o is still interposed");
+    assert!(
+        reg.node("o").unwrap().hooks().is_empty(),
+        "o is still interposed"
+    );
 }
 
 #[test]
@@ -239,7 +242,10 @@ fn remove_detaching_an_interposer_waits_for_parked_io_without_the_registry_lock(
     resume_low(&reg, reader);
     join_within(remove, Duration::from_secs(2), "remove ip").expect("remove ip");
     assert!(reg.info("ip").is_err(), "ip still exists");
-    assert!(reg.node("o").unwrap().hooks().is_empty(), "o is still interposed");
+    assert!(
+        reg.node("o").unwrap().hooks().is_empty(),
+        "o is still interposed"
+    );
 }
 
 #[test]
@@ -315,5 +321,8 @@ fn deferred_removal_of_an_interposer_detaches_without_the_registry_lock() {
     resume_low(&reg, reader);
     join_within(close, Duration::from_secs(2), "close_export");
     assert!(reg.info("ip").is_err(), "ip still exists");
-    assert!(reg.node("o").unwrap().hooks().is_empty(), "o is still interposed");
+    assert!(
+        reg.node("o").unwrap().hooks().is_empty(),
+        "o is still interposed"
+    );
 }
