@@ -150,8 +150,12 @@ impl Registry {
             inner.not_switching(id, name)?;
             let md = m.md.clone();
             let Some(inactive) = m.inactive.as_ref() else {
+                // Marked like a switch: a table swap must not start while the old table resumes.
+                inner.switches.owners.insert(id);
                 drop(inner);
-                return Self::unsuspend(name, &md);
+                let r = Self::unsuspend(name, &md);
+                self.inner.lock().switches.owners.remove(&id);
+                return r;
             };
             let new = inactive.live.clone();
             let new_hooks = inactive.hooks.clone();
