@@ -1,7 +1,9 @@
 //! The registry of every device: disks, partitions and mapped devices, their names and device
 //! numbers, who holds them (claims), and the control operations of `udmsetup`.
 //!
-//! Control operations are serialised by one lock; the data path never takes it.
+//! Control operations are serialised by one lock; the data path never takes it. Nothing waits
+//! for I/O under it: suspends and table switches drain without it (see `switch`), marking the
+//! devices they work on so that conflicting operations are refused with EBUSY meanwhile.
 
 use crate::config::TableConfig;
 use crate::error::{CoreError, Result};
