@@ -326,3 +326,68 @@ fn deferred_removal_of_an_interposer_detaches_without_the_registry_lock() {
         "o is still interposed"
     );
 }
+
+#[test]
+fn removing_an_origin_with_held_writes_settles_them_without_the_registry_lock() {
+    // A write to a snapshot origin is acknowledged once held; it reaches the origin after its
+    // chunk is copied to the COW device, which is suspended here. The removal's postsuspend
+    // settles the held write: it waits for `resume cow`, which must not wait for it.
+    let reg = Arc::new(Registry::new());
+    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    create(
+        &reg,
+        "cow",
+        &format!("0 {SECTORS} linear c 0"),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    create(
+        &reg,
+        "o",
+        &format!("0 {SECTORS} snapshot-origin d"),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    create(
+        &reg,
+        "s",
+        &format!("0 {SECTORS} snapshot d cow P 8"),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    reg.suspend("cow", SuspendFlags::default()).unwrap();
+    let o = reg.node("o").unwrap();
+    within(Duration::from_secs(2), "a held origin write", move || {
+        o.submit(Bio::write(0, &[0xab; 4096])).unwrap()
+    });
+    let r = reg.clone();
+    let remove = std::thread::spawn(move || r.remove("o", false, false));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !remove.is_finished(),
+        "remove did not wait for the held write: {:?}",
+        remove.join()
+    );
+    let r = reg.clone();
+    within(Duration::from_millis(100), "info s", move || r.info("s")).unwrap();
+    let r = reg.clone();
+    within(Duration::from_millis(100), "list_mapped", move || {
+        r.list_mapped()
+    });
+    let r = reg.clone();
+    within(Duration::from_secs(1), "resume cow", move || {
+        r.resume("cow", &ResumeOptions::default())
+    })
+    .unwrap();
+    join_within(remove, Duration::from_secs(5), "remove o").expect("remove o");
+    assert!(reg.info("o").is_err(), "o still exists");
+    let mut buf = vec![0u8; 4096];
+    reg.node("d")
+        .unwrap()
+        .submit(Bio::read(0, &mut buf))
+        .unwrap();
+    assert!(buf.iter().all(|b| *b == 0xab), "the held write was lost");
+}

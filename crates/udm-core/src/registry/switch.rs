@@ -385,43 +385,56 @@ impl Registry {
         }
         // Openers are refused while the interposers detach (the device is marked), so it is
         // still unused when the lock is back.
-        let (mut inner, detached) = self.detach_all(inner, id);
+        let (inner, detached) = self.detach_all(inner, id);
         detached?;
-        self.remove_locked(&mut inner, id)?;
+        let inner = self.remove_detached(inner, id);
         self.run_deferred(inner);
         Ok(())
     }
 
-    /// Removes `id`, whose interposers are detached.
-    fn remove_locked(&self, inner: &mut Inner, id: DevId) -> Result<()> {
+    /// Removes `id`, whose interposers are detached: its name and number go at once; its
+    /// table's suspend hooks (which settle write-back to the devices below, and so may wait for
+    /// a `resume` of one of them) run without the lock; its claims are released after them.
+    /// Returns the lock taken again.
+    fn remove_detached<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        id: DevId,
+    ) -> MutexGuard<'a, Inner> {
         let Some(entry) = inner.entries.remove(&id) else {
-            return Ok(());
+            return inner;
         };
         let name = entry.node.name();
         inner.names.remove(&name);
         inner.order.retain(|x| *x != id);
-        if let EntryKind::Mapped(m) = entry.kind {
-            for slot in [&m.live, &m.inactive].into_iter().flatten() {
-                Self::release_slot(inner, id, slot);
+        let EntryKind::Mapped(m) = entry.kind else {
+            return inner;
+        };
+        drop(inner);
+        if let Some(l) = m.live.as_ref() {
+            if !m.md.is_suspended() {
+                l.live.table.presuspend();
+                l.live.table.postsuspend();
             }
-            if let Some(l) = m.live.as_ref() {
-                if !m.md.is_suspended() {
-                    l.live.table.presuspend();
-                    l.live.table.postsuspend();
-                }
-            }
-            m.md.set_live(None);
-            m.md.unsuspend();
-            m.md.events().raise();
+        }
+        m.md.set_live(None);
+        m.md.unsuspend();
+        m.md.events().raise();
+        let mut inner = self.inner.lock();
+        for slot in [&m.live, &m.inactive].into_iter().flatten() {
+            Self::release_slot(&mut inner, id, slot);
         }
         tracing::info!(device = %name, "removed");
-        Ok(())
+        drop(inner);
+        // The tables are destroyed without the lock.
+        drop(m);
+        self.inner.lock()
     }
 
     /// Completes the deferred removals that are due (no opener left), detaching their
-    /// interposers without the lock. Consumes the lock.
+    /// interposers and settling their tables without the lock. Consumes the lock.
     pub(super) fn run_deferred<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) {
-        let mut failed: HashSet<DevId> = HashSet::new();
+        let mut postponed: HashSet<DevId> = HashSet::new();
         loop {
             let due = inner.entries.iter().find_map(|(id, e)| {
                 let due = e.open_count() == 0
@@ -429,7 +442,7 @@ impl Registry {
                     && !inner.expected.values().any(|d| *d == e.node.name())
                     && !inner.switches.owners.contains(id)
                     && !inner.switches.held.contains(id)
-                    && !failed.contains(id);
+                    && !postponed.contains(id);
                 due.then_some(*id)
             });
             let Some(id) = due else {
@@ -449,14 +462,11 @@ impl Registry {
                     // Another switch holds a device it interposes; that switch runs the
                     // deferred removals again when it completes.
                     tracing::debug!(%id, "deferred remove postponed: {e}");
-                    failed.insert(id);
+                    postponed.insert(id);
                 }
                 continue;
             }
-            if let Err(e) = self.remove_locked(&mut inner, id) {
-                tracing::error!(%id, "deferred remove failed: {e}");
-                failed.insert(id);
-            }
+            inner = self.remove_detached(inner, id);
         }
     }
 }
