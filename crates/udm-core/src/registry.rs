@@ -229,6 +229,7 @@ pub struct DeviceSummary {
     pub unavailable: Option<String>,
 }
 
+#[derive(Clone)]
 struct DevUse {
     dev: DevId,
     access: Arc<NodeAccess>,
@@ -241,6 +242,7 @@ struct HookSpec {
     len: u64,
 }
 
+#[derive(Clone)]
 struct TableSlot {
     config: TableConfig,
     live: Arc<LiveTable>,
@@ -249,6 +251,7 @@ struct TableSlot {
     interposed: bool,
 }
 
+#[derive(Clone)]
 struct MdState {
     md: Arc<MappedDevice>,
     uuid: Option<String>,
@@ -259,6 +262,7 @@ struct MdState {
     pending: Option<Pending>,
 }
 
+#[derive(Clone)]
 enum EntryKind {
     Disk {
         path: Option<PathBuf>,
@@ -276,6 +280,7 @@ enum EntryKind {
     Mapped(Box<MdState>),
 }
 
+#[derive(Clone)]
 struct Entry {
     node: Arc<DeviceNode>,
     holders: Vec<Holder>,
@@ -302,7 +307,8 @@ impl Entry {
     }
 }
 
-#[derive(Default)]
+/// Cloned (a view) to build a table without the lock.
+#[derive(Clone, Default)]
 struct Inner {
     entries: BTreeMap<DevId, Entry>,
     names: HashMap<String, DevId>,
@@ -530,7 +536,7 @@ impl Registry {
         let mut inner = self.inner.lock();
         let id = inner.id_of(name)?;
         inner.usable(id, name)?;
-        inner.not_switching(id, name)?;
+        inner.not_removing(id, name)?;
         let holders = inner
             .entries
             .get(&id)
@@ -685,34 +691,6 @@ impl Registry {
             }
         }
         self.info(name)
-    }
-
-    /// `load`/`reload`: constructs the table into the inactive slot (replacing any previous one).
-    pub fn load(&self, name: &str, spec: &TableSpec, flags: LoadFlags) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        let md = m.md.clone();
-        inner.available(id, name)?;
-        inner.not_switching(id, name)?;
-        let (slot, opened) = self.build(&inner, id, name, &md, spec, flags)?;
-        implicit::enter(&mut inner, opened);
-        // Claims and shared opens of the new table.
-        for u in &slot.uses {
-            if let Some(e) = inner.entries.get_mut(&u.dev) {
-                if slot.interposed {
-                    e.shared += 1;
-                } else {
-                    e.holders.push(Holder::Table(id));
-                }
-            }
-        }
-        let old = inner.md_mut(id)?.inactive.replace(slot);
-        if let Some(old) = old {
-            Self::release_slot(&mut inner, id, &old);
-        }
-        drop(inner);
-        tracing::info!(device = name, "table loaded into the inactive slot");
-        Ok(())
     }
 
     fn release_slot(inner: &mut Inner, me: DevId, slot: &TableSlot) {

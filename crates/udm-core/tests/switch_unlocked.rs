@@ -391,3 +391,97 @@ fn removing_an_origin_with_held_writes_settles_them_without_the_registry_lock() 
         .unwrap();
     assert!(buf.iter().all(|b| *b == 0xab), "the held write was lost");
 }
+
+#[test]
+fn loading_a_snapshot_whose_cow_is_suspended_does_not_hold_the_registry_lock() {
+    // The snapshot's constructor reads the COW's metadata, which waits for `resume cow`.
+    let reg = Arc::new(Registry::new());
+    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    create(
+        &reg,
+        "cow",
+        &format!("0 {SECTORS} linear c 0"),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    reg.suspend("cow", SuspendFlags::default()).unwrap();
+    let r = reg.clone();
+    let load = std::thread::spawn(move || {
+        create(
+            &r,
+            "s",
+            &format!("0 {SECTORS} snapshot d cow P 8"),
+            LoadFlags::default(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !load.is_finished(),
+        "the snapshot did not read its COW: {:?}",
+        load.join()
+    );
+    let r = reg.clone();
+    within(Duration::from_millis(100), "info cow", move || {
+        r.info("cow")
+    })
+    .unwrap();
+    let r = reg.clone();
+    within(Duration::from_millis(100), "list_mapped", move || {
+        r.list_mapped()
+    });
+    let r = reg.clone();
+    within(Duration::from_secs(1), "resume cow", move || {
+        r.resume("cow", &ResumeOptions::default())
+    })
+    .unwrap();
+    join_within(load, Duration::from_secs(5), "create s").expect("create s");
+    let info = reg.info("s").unwrap();
+    assert!(info.live_present && !info.suspended, "{info:?}");
+    let deps = reg.deps("s", false).unwrap();
+    assert_eq!(deps.len(), 2, "{deps:?}");
+    assert!(reg.disks()[0].holders.iter().any(|h| h.contains('s')));
+}
+
+#[test]
+fn a_table_built_without_the_lock_is_checked_again_before_it_is_entered() {
+    // While the snapshot's build waits for its COW, its origin disk is exported: the table
+    // must not then claim it (it would be refused had the export come first).
+    let reg = Arc::new(Registry::new());
+    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    create(
+        &reg,
+        "cow",
+        &format!("0 {SECTORS} linear c 0"),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    reg.suspend("cow", SuspendFlags::default()).unwrap();
+    let r = reg.clone();
+    let load = std::thread::spawn(move || {
+        create(
+            &r,
+            "s",
+            &format!("0 {SECTORS} snapshot d cow P 8"),
+            LoadFlags::default(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!load.is_finished(), "the snapshot did not read its COW");
+    let r = reg.clone();
+    within(Duration::from_millis(100), "export d", move || {
+        r.open_export("d", "test:d").map(|_| ())
+    })
+    .unwrap();
+    reg.resume("cow", &ResumeOptions::default()).unwrap();
+    let err = join_within(load, Duration::from_secs(5), "create s").unwrap_err();
+    assert_eq!(err.errno(), Errno::EBUSY, "{err}");
+    assert!(reg.info("s").is_err(), "s was left behind");
+    let holders = &reg.disks()[0].holders;
+    assert_eq!(holders, &vec!["export test:d".to_string()]);
+}

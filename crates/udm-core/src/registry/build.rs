@@ -93,7 +93,7 @@ impl TableContext for BuildCtx<'_> {
             })?;
         self.inner
             .usable(id, path)
-            .and_then(|()| self.inner.not_switching(id, path))
+            .and_then(|()| self.inner.not_removing(id, path))
             .map_err(|e| TargetError::new(e.errno(), e.to_string()))?;
         if !self.interposed {
             if let Some(h) = entry
@@ -244,4 +244,89 @@ impl Registry {
         };
         Ok((slot, ctx.implicit))
     }
+}
+
+/// How often `load` builds a table again when the registry changed under the build.
+const BUILD_ATTEMPTS: usize = 3;
+
+impl Registry {
+    /// `load`/`reload`: constructs the table into the inactive slot (replacing any previous
+    /// one). Target constructors may read their devices (a snapshot reads its COW), which can
+    /// wait for a `resume`: the table is built on a view of the registry without the lock, and
+    /// entered under it only if what the build relied on is unchanged (else it is built again).
+    pub fn load(&self, name: &str, spec: &TableSpec, flags: LoadFlags) -> Result<()> {
+        for _ in 0..BUILD_ATTEMPTS {
+            let (id, md, view) = {
+                let inner = self.inner.lock();
+                let (id, m) = inner.md_entry(name)?;
+                let md = m.md.clone();
+                inner.available(id, name)?;
+                inner.not_switching(id, name)?;
+                (id, md, inner.clone())
+            };
+            let (slot, opened) = self.build(&view, id, name, &md, spec, flags)?;
+            drop(view);
+            let mut inner = self.inner.lock();
+            // Looked up by number: a rename meanwhile does not matter, a removal does.
+            match inner.entries.get(&id).and_then(|e| e.md()) {
+                Some(m) if Arc::ptr_eq(&m.md, &md) => {}
+                _ => return Err(nodev(name)),
+            }
+            inner.available(id, name)?;
+            inner.not_switching(id, name)?;
+            let opened_ids: Vec<DevId> = opened.iter().map(implicit::ImplicitDisk::id).collect();
+            if !unchanged(&inner, id, &slot, &opened_ids) || !implicit::still_free(&inner, &opened)
+            {
+                tracing::debug!(device = name, "devices changed while the table was built");
+                continue;
+            }
+            implicit::enter(&mut inner, opened);
+            // Claims and shared opens of the new table.
+            for u in &slot.uses {
+                if let Some(e) = inner.entries.get_mut(&u.dev) {
+                    if slot.interposed {
+                        e.shared += 1;
+                    } else {
+                        e.holders.push(Holder::Table(id));
+                    }
+                }
+            }
+            let old = inner.md_mut(id)?.inactive.replace(slot);
+            if let Some(old) = &old {
+                Self::release_slot(&mut inner, id, old);
+            }
+            drop(inner);
+            // The replaced table is destroyed without the lock.
+            drop(old);
+            tracing::info!(device = name, "table loaded into the inactive slot");
+            return Ok(());
+        }
+        Err(CoreError::Busy(format!(
+            "{name}: the devices its table uses kept changing while it was built; try again"
+        )))
+    }
+}
+
+/// True when what a table built on a view relied on still holds: each device it uses is the
+/// same node, usable, not being removed, not exported unless the table is
+/// interposed; its interposers overlap no other.
+fn unchanged(inner: &Inner, me: DevId, slot: &TableSlot, opened: &[DevId]) -> bool {
+    let uses_ok = slot.uses.iter().all(|u| {
+        if opened.contains(&u.dev) {
+            // A disk the build opened itself: checked by `implicit::still_free`.
+            return true;
+        }
+        let Some(e) = inner.entries.get(&u.dev) else {
+            return false;
+        };
+        Arc::ptr_eq(&e.node, u.access.node())
+            && inner.usable(u.dev, "").is_ok()
+            && inner.not_removing(u.dev, "").is_ok()
+            && (slot.interposed || !e.holders.iter().any(|h| matches!(h, Holder::Export(_))))
+    });
+    uses_ok
+        && slot
+            .hooks
+            .iter()
+            .all(|h| inner.overlapping_hook(h.dev, h.start, h.len, me).is_none())
 }

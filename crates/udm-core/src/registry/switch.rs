@@ -22,13 +22,16 @@ use std::time::Instant;
 use udm_io::BlockDevice;
 
 /// Devices taking part in switches now running without the registry lock.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Switches {
     /// Mapped devices whose table is being switched (or whose interposers are being detached
     /// before removal): their suspend state, slots and openers must not change meanwhile.
     owners: HashSet<DevId>,
     /// Devices whose entry gate a switch holds closed: a gate serves one switch at a time.
     held: HashSet<DevId>,
+    /// Mapped devices whose interposers are detached before their removal: nothing may open
+    /// them meanwhile.
+    removing: HashSet<DevId>,
 }
 
 /// A switch planned under the registry lock, carried out without it.
@@ -65,6 +68,14 @@ impl Inner {
         Ok(())
     }
 
+    /// EBUSY while `id` is being removed (its interposers detach): it cannot be opened.
+    pub(super) fn not_removing(&self, id: DevId, name: &str) -> Result<()> {
+        if self.switches.removing.contains(&id) {
+            return Err(CoreError::Busy(format!("device {name} is being removed")));
+        }
+        Ok(())
+    }
+
     /// EBUSY while a switch holds the gate of `id` (it is being interposed or released).
     fn not_held(&self, id: DevId) -> Result<()> {
         if self.switches.held.contains(&id) {
@@ -82,11 +93,15 @@ impl Inner {
 
     fn mark(&mut self, p: &Plan) {
         self.switches.owners.insert(p.id);
+        if matches!(p.change, Change::Detach(_)) {
+            self.switches.removing.insert(p.id);
+        }
         self.switches.held.extend(p.nodes.iter().map(|n| n.id()));
     }
 
     fn unmark(&mut self, p: &Plan) {
         self.switches.owners.remove(&p.id);
+        self.switches.removing.remove(&p.id);
         for n in &p.nodes {
             self.switches.held.remove(&n.id());
         }
