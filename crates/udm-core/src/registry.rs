@@ -1,12 +1,12 @@
 //! The registry of every device: disks, partitions and mapped devices, their names and device
 //! numbers, who holds them (claims), and the control operations of `udmsetup`.
 //!
-//! Control operations are serialised by one lock; the data path never takes it.
+//! Control operations are serialised by one lock; the data path never takes it. Nothing waits
+//! for I/O under it: suspends and table switches drain without it (see `switch`), marking the
+//! devices they work on so that conflicting operations are refused with EBUSY meanwhile.
 
 use crate::config::TableConfig;
 use crate::error::{CoreError, Result};
-use crate::freeze::Frozen;
-use crate::gate::Flow;
 use crate::mapped::{Events, LiveTable, MappedDevice};
 use crate::node::{DeviceNode, Hook, NodeAccess, NodeKind};
 use parking_lot::Mutex;
@@ -22,8 +22,14 @@ use udm_target::{DevRef, EventSink, TargetEnv, TargetError};
 use udm_types::errno::HasErrno;
 use udm_types::{DevId, DevName, Errno};
 
+mod build;
+mod disks;
 mod implicit;
+mod query;
+mod switch;
 mod unavailable;
+
+use build::BuildCtx;
 
 use unavailable::Pending;
 
@@ -223,6 +229,7 @@ pub struct DeviceSummary {
     pub unavailable: Option<String>,
 }
 
+#[derive(Clone)]
 struct DevUse {
     dev: DevId,
     access: Arc<NodeAccess>,
@@ -235,6 +242,7 @@ struct HookSpec {
     len: u64,
 }
 
+#[derive(Clone)]
 struct TableSlot {
     config: TableConfig,
     live: Arc<LiveTable>,
@@ -243,6 +251,7 @@ struct TableSlot {
     interposed: bool,
 }
 
+#[derive(Clone)]
 struct MdState {
     md: Arc<MappedDevice>,
     uuid: Option<String>,
@@ -253,6 +262,7 @@ struct MdState {
     pending: Option<Pending>,
 }
 
+#[derive(Clone)]
 enum EntryKind {
     Disk {
         path: Option<PathBuf>,
@@ -270,6 +280,7 @@ enum EntryKind {
     Mapped(Box<MdState>),
 }
 
+#[derive(Clone)]
 struct Entry {
     node: Arc<DeviceNode>,
     holders: Vec<Holder>,
@@ -296,7 +307,8 @@ impl Entry {
     }
 }
 
-#[derive(Default)]
+/// Cloned (a view) to build a table without the lock.
+#[derive(Clone, Default)]
 struct Inner {
     entries: BTreeMap<DevId, Entry>,
     names: HashMap<String, DevId>,
@@ -305,6 +317,8 @@ struct Inner {
     /// Recorded exports not opened yet (holder id -> device name): they count as openers for
     /// deferred removal, which they may also join.
     expected: HashMap<String, String>,
+    /// Switches running without the lock.
+    switches: switch::Switches,
 }
 
 /// The registry of devices.
@@ -485,129 +499,6 @@ impl Inner {
     }
 }
 
-impl BuildCtx<'_> {
-    /// Records that the table uses `node` for `[begin, begin+len)`.
-    fn use_device(
-        &mut self,
-        id: DevId,
-        node: Arc<DeviceNode>,
-        begin: u64,
-        len: u64,
-        marked: bool,
-    ) -> DevRef {
-        let idx = match self.uses.iter().position(|u| u.dev == id) {
-            Some(i) => i,
-            None => {
-                self.uses.push(DevUse {
-                    dev: id,
-                    access: Arc::new(NodeAccess::new(node.clone())),
-                });
-                self.uses.len() - 1
-            }
-        };
-        self.opens.push((idx, begin, len, marked));
-        DevRef {
-            id,
-            name: node.name(),
-            dev: self.uses[idx].access.clone(),
-        }
-    }
-}
-
-/// The table-construction context: resolves devices, checks claims, records uses.
-struct BuildCtx<'a> {
-    inner: &'a Inner,
-    me: DevId,
-    me_name: String,
-    read_only: bool,
-    interposed: bool,
-    events: EventSink,
-    env: Arc<TargetEnv>,
-    uses: Vec<DevUse>,
-    /// (use index, target begin, target len, marked with `[interpose]`)
-    opens: Vec<(usize, u64, u64, bool)>,
-    /// Disks opened on demand for absolute paths; entered into the registry when the table is.
-    implicit: Vec<implicit::ImplicitDisk>,
-}
-
-impl TableContext for BuildCtx<'_> {
-    fn get_device(
-        &mut self,
-        begin: u64,
-        len: u64,
-        path: &str,
-    ) -> std::result::Result<DevRef, TargetError> {
-        let (marked, path) = match path.strip_prefix('[') {
-            Some(rest) => match rest.split_once(']') {
-                Some(("interpose", p)) => (true, p),
-                Some((opt, _)) => {
-                    return Err(TargetError::invalid(format!(
-                        "unknown device path option [{opt}] (only [interpose] is known)"
-                    )))
-                }
-                None => {
-                    return Err(TargetError::invalid(format!(
-                        "unterminated '[' in device path {path:?}"
-                    )))
-                }
-            },
-            None => (false, path),
-        };
-        if marked {
-            self.interposed = true;
-        }
-        let id = match self.inner.resolve(path) {
-            Some(id) => id,
-            None => self.open_implicit(path)?,
-        };
-        if let Some(node) = self.implicit_node(id) {
-            return Ok(self.use_device(id, node, begin, len, marked));
-        }
-        if id == self.me {
-            return Err(TargetError::invalid(format!(
-                "table of {} references its own device",
-                self.me_name
-            )));
-        }
-        let entry =
-            self.inner.entries.get(&id).ok_or_else(|| {
-                TargetError::new(Errno::ENODEV, format!("device {path} not found"))
-            })?;
-        self.inner
-            .usable(id, path)
-            .map_err(|e| TargetError::new(e.errno(), e.to_string()))?;
-        if !self.interposed {
-            if let Some(h) = entry
-                .holders
-                .iter()
-                .find(|h| matches!(h, Holder::Export(_)))
-            {
-                return Err(TargetError::new(
-                    Errno::EBUSY,
-                    format!(
-                        "device {} ({id}) is in use by {}; use --interpose to attach a mapped device to a device in use",
-                        entry.node.name(),
-                        holder_text(self.inner, h)
-                    ),
-                ));
-            }
-        }
-        Ok(self.use_device(id, entry.node.clone(), begin, len, marked))
-    }
-
-    fn events(&self) -> EventSink {
-        self.events.clone()
-    }
-
-    fn env(&self) -> Arc<TargetEnv> {
-        self.env.clone()
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-}
-
 impl Registry {
     /// An empty registry with the built-in targets.
     pub fn new() -> Self {
@@ -637,257 +528,6 @@ impl Registry {
         self.targets.list()
     }
 
-    // ----- disks -----
-
-    /// Adds a disk backed by a file or block device, and its partitions.
-    pub fn add_disk(&self, name: &str, path: &Path, opts: &DiskOptions) -> Result<DiskInfo> {
-        DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
-        // `disk add` of an unavailable disk's name and path brings it (and its dependents) back.
-        if let Some(info) = self.add_disk_again(name, path)? {
-            return Ok(info);
-        }
-        if let Some(bytes) = opts.create {
-            udm_io::backend::file::FileDevice::create(path, bytes).map_err(|e| {
-                CoreError::new(
-                    Errno::from_io(&e),
-                    format!("cannot create {}: {e}", path.display()),
-                )
-            })?;
-        }
-        let path = std::fs::canonicalize(path).map_err(|e| {
-            CoreError::new(
-                Errno::from_io(&e),
-                format!("cannot open {}: {e}", path.display()),
-            )
-        })?;
-        {
-            let inner = self.inner.lock();
-            if inner.names.contains_key(name) {
-                return Err(CoreError::Exists(format!("device {name} already exists")));
-            }
-            if let Some(id) = inner.resolve(&path.to_string_lossy()) {
-                return Err(CoreError::Exists(format!(
-                    "{} is already served as {}",
-                    path.display(),
-                    inner
-                        .entries
-                        .get(&id)
-                        .map(|e| e.node.name())
-                        .unwrap_or_default()
-                )));
-            }
-        }
-        let oo = OpenOptions {
-            read_only: opts.read_only,
-            direct: opts.direct,
-            engine: Engine::Auto,
-        };
-        let backend =
-            open_backend(&path, &oo).map_err(|e| CoreError::new(e.errno(), e.to_string()))?;
-        let flags = DiskFlags {
-            read_only: opts.read_only,
-            direct: opts.direct,
-            implicit: false,
-        };
-        self.insert_disk(name, Some(path), backend, flags, None)
-    }
-
-    /// Adds a disk from any block device (memory devices in tests, embedders' own backends).
-    pub fn add_disk_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<DiskInfo> {
-        DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
-        let ro = dev.read_only();
-        let flags = DiskFlags {
-            read_only: ro,
-            ..DiskFlags::default()
-        };
-        self.insert_disk(name, None, dev, flags, None)
-    }
-
-    fn insert_disk(
-        &self,
-        name: &str,
-        path: Option<PathBuf>,
-        backend: Arc<dyn BlockDevice>,
-        flags: DiskFlags,
-        minor: Option<u32>,
-    ) -> Result<DiskInfo> {
-        let DiskFlags {
-            read_only,
-            direct,
-            implicit,
-        } = flags;
-        // A file a table names by path is used whole: its partitions are not served.
-        let parts = if implicit {
-            Vec::new()
-        } else {
-            udm_io::partition::read_partitions(backend.as_ref()).unwrap_or_else(|e| {
-                tracing::warn!(disk = name, "partition table ignored: {e}");
-                Vec::new()
-            })
-        };
-        let mut inner = self.inner.lock();
-        if inner.names.contains_key(name) {
-            return Err(CoreError::Exists(format!("device {name} already exists")));
-        }
-        let minor = minor
-            .filter(|m| !inner.entries.contains_key(&DevId::new(DISK_MAJOR, *m)))
-            .unwrap_or_else(|| inner.free_minor(DISK_MAJOR, 16));
-        let id = DevId::new(DISK_MAJOR, minor);
-        let node = Arc::new(DeviceNode::new(id, name, NodeKind::Disk, backend));
-        let mut part_ids = Vec::new();
-        for p in &parts {
-            let pid = if p.number < 16 {
-                DevId::new(DISK_MAJOR, minor + p.number)
-            } else {
-                DevId::new(EXT_MAJOR, inner.free_minor(EXT_MAJOR, 1))
-            };
-            let pname = udm_io::slice::partition_name(name, p.number);
-            if inner.names.contains_key(&pname) {
-                tracing::warn!("partition name {pname} is taken; partition skipped");
-                continue;
-            }
-            let slice = match udm_io::slice::SliceDevice::for_partition(node.clone(), name, p) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("partition {pname} skipped: {e}");
-                    continue;
-                }
-            };
-            let pnode = Arc::new(DeviceNode::new(
-                pid,
-                &pname,
-                NodeKind::Partition {
-                    parent: id,
-                    number: p.number,
-                    start: p.start,
-                },
-                Arc::new(slice),
-            ));
-            inner.entries.insert(
-                pid,
-                Entry {
-                    node: pnode,
-                    holders: Vec::new(),
-                    shared: 0,
-                    kind: EntryKind::Partition { parent: id },
-                },
-            );
-            inner.names.insert(pname, pid);
-            part_ids.push(pid);
-        }
-        inner.entries.insert(
-            id,
-            Entry {
-                node,
-                holders: Vec::new(),
-                shared: 0,
-                kind: EntryKind::Disk {
-                    path,
-                    read_only,
-                    direct,
-                    partitions: part_ids,
-                    implicit,
-                    unavailable: None,
-                },
-            },
-        );
-        inner.names.insert(name.to_string(), id);
-        // A revived disk keeps its place in the creation order.
-        if !inner.order.contains(&id) {
-            inner.order.push(id);
-        }
-        tracing::info!(disk = name, %id, partitions = parts.len(), "disk added");
-        Self::disk_info(&inner, id).ok_or_else(|| nodev(name))
-    }
-
-    fn disk_info(inner: &Inner, id: DevId) -> Option<DiskInfo> {
-        let e = inner.entries.get(&id)?;
-        let EntryKind::Disk {
-            path,
-            read_only,
-            direct,
-            partitions,
-            implicit,
-            unavailable,
-        } = &e.kind
-        else {
-            return None;
-        };
-        let parts = partitions
-            .iter()
-            .filter_map(|p| {
-                let pe = inner.entries.get(p)?;
-                let NodeKind::Partition { number, start, .. } = pe.node.kind() else {
-                    return None;
-                };
-                Some(PartitionSummary {
-                    name: pe.node.name(),
-                    id: *p,
-                    number: *number,
-                    start: *start,
-                    sectors: pe.node.size(),
-                })
-            })
-            .collect();
-        Some(DiskInfo {
-            name: e.node.name(),
-            id,
-            path: path.clone(),
-            sectors: e.node.size(),
-            read_only: *read_only,
-            direct: *direct,
-            partitions: parts,
-            holders: inner.holders_of(id),
-            unavailable: unavailable.clone(),
-            implicit: *implicit,
-        })
-    }
-
-    /// Removes a disk: EBUSY while it or a partition is held, open or interposed.
-    pub fn remove_disk(&self, name: &str) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let id = inner.id_of(name)?;
-        let Some(Entry {
-            kind: EntryKind::Disk { partitions, .. },
-            ..
-        }) = inner.entries.get(&id)
-        else {
-            return Err(CoreError::invalid(format!(
-                "{name} is not a disk (use `udmsetup remove` for mapped devices)"
-            )));
-        };
-        let partitions = partitions.clone();
-        let holders = inner.holders_of(id);
-        if !holders.is_empty() {
-            return Err(CoreError::Busy(format!(
-                "disk {name} is in use by {}",
-                holders.join(", ")
-            )));
-        }
-        for d in std::iter::once(id).chain(partitions.iter().copied()) {
-            if !inner.live_hooks_on(d).is_empty() {
-                return Err(CoreError::Busy(format!("disk {name} is interposed")));
-            }
-        }
-        for d in std::iter::once(id).chain(partitions) {
-            if let Some(e) = inner.entries.remove(&d) {
-                inner.names.remove(&e.node.name());
-            }
-        }
-        inner.order.retain(|x| *x != id);
-        Ok(())
-    }
-
-    /// Every disk.
-    pub fn disks(&self) -> Vec<DiskInfo> {
-        let inner = self.inner.lock();
-        inner
-            .order
-            .iter()
-            .filter_map(|id| Self::disk_info(&inner, *id))
-            .collect()
-    }
-
     // ----- lookups for exports -----
 
     /// The node of a device, for an export: claims it like a mount does. EBUSY when mapped
@@ -896,6 +536,7 @@ impl Registry {
         let mut inner = self.inner.lock();
         let id = inner.id_of(name)?;
         inner.usable(id, name)?;
+        inner.not_removing(id, name)?;
         let holders = inner
             .entries
             .get(&id)
@@ -933,7 +574,7 @@ impl Registry {
                 e.holders.remove(i);
             }
         }
-        self.run_deferred(&mut inner);
+        self.run_deferred(inner);
     }
 
     /// The node of any device, without claiming it (status, tests).
@@ -1052,150 +693,6 @@ impl Registry {
         self.info(name)
     }
 
-    /// `load`/`reload`: constructs the table into the inactive slot (replacing any previous one).
-    pub fn load(&self, name: &str, spec: &TableSpec, flags: LoadFlags) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        let md = m.md.clone();
-        inner.available(id, name)?;
-        let (slot, opened) = self.build(&inner, id, name, &md, spec, flags)?;
-        implicit::enter(&mut inner, opened);
-        // Claims and shared opens of the new table.
-        for u in &slot.uses {
-            if let Some(e) = inner.entries.get_mut(&u.dev) {
-                if slot.interposed {
-                    e.shared += 1;
-                } else {
-                    e.holders.push(Holder::Table(id));
-                }
-            }
-        }
-        let old = inner.md_mut(id)?.inactive.replace(slot);
-        if let Some(old) = old {
-            Self::release_slot(&mut inner, id, &old);
-        }
-        drop(inner);
-        tracing::info!(device = name, "table loaded into the inactive slot");
-        Ok(())
-    }
-
-    fn build(
-        &self,
-        inner: &Inner,
-        id: DevId,
-        name: &str,
-        md: &Arc<MappedDevice>,
-        spec: &TableSpec,
-        flags: LoadFlags,
-    ) -> Result<(TableSlot, Vec<implicit::ImplicitDisk>)> {
-        let events = md.events().clone();
-        let mut ctx = BuildCtx {
-            inner,
-            me: id,
-            me_name: name.to_string(),
-            read_only: flags.read_only,
-            interposed: flags.interpose,
-            events: EventSink::new(move || events.raise()),
-            env: self.env.clone(),
-            uses: Vec::new(),
-            opens: Vec::new(),
-            implicit: Vec::new(),
-        };
-        let table = Table::build(spec, &self.targets, &mut ctx)?;
-        let interposed = ctx.interposed;
-        let mut hooks: Vec<(usize, HookSpec)> = Vec::new();
-        if interposed {
-            let any_marked = ctx.opens.iter().any(|o| o.3);
-            if any_marked {
-                for &(idx, begin, len, marked) in &ctx.opens {
-                    if marked {
-                        hooks.push((
-                            idx,
-                            HookSpec {
-                                dev: ctx.uses[idx].dev,
-                                start: begin,
-                                len,
-                            },
-                        ));
-                    }
-                }
-            } else {
-                // Unmarked: the one device of each target that names a single device.
-                let mut by_target: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
-                for &(idx, begin, len, _) in &ctx.opens {
-                    let devs = by_target.entry(begin).or_default();
-                    // A target may open one device several times (delay: once per class).
-                    if !devs.iter().any(|(i, _)| *i == idx) {
-                        devs.push((idx, len));
-                    }
-                }
-                for (begin, devs) in by_target {
-                    if let [(idx, len)] = devs[..] {
-                        hooks.push((
-                            idx,
-                            HookSpec {
-                                dev: ctx.uses[idx].dev,
-                                start: begin,
-                                len,
-                            },
-                        ));
-                    }
-                }
-            }
-            if hooks.len() > 1 {
-                return Err(CoreError::new(
-                    Errno::EALREADY,
-                    format!("{name}: a mapped device can have only one interposer; the table would attach {}", hooks.len()),
-                ));
-            }
-            for (idx, h) in &hooks {
-                let size = ctx.uses[*idx].access.size();
-                if h.start.checked_add(h.len).is_none_or(|end| end > size) {
-                    return Err(CoreError::new(
-                        Errno::ERANGE,
-                        format!(
-                            "{name}: interposer range {}+{} is beyond the end of {} ({size} sectors)",
-                            h.start,
-                            h.len,
-                            ctx.uses[*idx].access.node().name()
-                        ),
-                    ));
-                }
-                if let Some(other) = inner.overlapping_hook(h.dev, h.start, h.len, id) {
-                    return Err(CoreError::Busy(format!(
-                        "{name}: interposer range {}+{} of {} overlaps the interposer of {other}",
-                        h.start,
-                        h.len,
-                        ctx.uses[*idx].access.node().name()
-                    )));
-                }
-                ctx.uses[*idx].access.set_bypass(true);
-            }
-        }
-        let mut text = String::new();
-        for l in &spec.lines {
-            text.push_str(&format!(
-                "{} {} {} {}\n",
-                l.start, l.len, l.target_type, l.params
-            ));
-        }
-        let slot = TableSlot {
-            config: TableConfig {
-                text,
-                read_only: flags.read_only,
-                interposed,
-            },
-            live: Arc::new(LiveTable {
-                table,
-                read_only: flags.read_only,
-            }),
-            uses: ctx.uses,
-            hooks: hooks.into_iter().map(|(_, h)| h).collect(),
-            interposed,
-        };
-        Ok((slot, ctx.implicit))
-    }
-
     fn release_slot(inner: &mut Inner, me: DevId, slot: &TableSlot) {
         for u in &slot.uses {
             if let Some(e) = inner.entries.get_mut(&u.dev) {
@@ -1214,271 +711,12 @@ impl Registry {
         let mut inner = self.inner.lock();
         let (id, _) = inner.md_entry(name)?;
         inner.available(id, name)?;
+        inner.not_switching(id, name)?;
         if let Some(old) = inner.md_mut(id)?.inactive.take() {
             Self::release_slot(&mut inner, id, &old);
         }
-        self.run_deferred(&mut inner);
+        self.run_deferred(inner);
         Ok(())
-    }
-
-    /// `suspend`: holds new I/O and drains in-flight I/O. A no-op when already suspended.
-    pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<()> {
-        let md = {
-            let inner = self.inner.lock();
-            let (id, m) = inner.md_entry(name)?;
-            inner.available(id, name)?;
-            m.md.clone()
-        };
-        let _ = flags; // The synchronous data path has no requeue list: noflush and lockfs change nothing.
-        md.suspend();
-        tracing::info!(device = name, "suspended");
-        Ok(())
-    }
-
-    /// `resume`: makes the inactive table live (suspending first), attaching and detaching
-    /// interposers with a quiesced switch, then releases held I/O.
-    pub fn resume(&self, name: &str, opts: &ResumeOptions) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        inner.available(id, name)?;
-        let md = m.md.clone();
-        if m.inactive.is_none() {
-            if md.is_suspended() {
-                if let Some(l) = md.live() {
-                    l.table
-                        .preresume()
-                        .map_err(|e| CoreError::new(e.errno, format!("{name}: {}", e.msg)))?;
-                    l.table.resume();
-                }
-                md.unsuspend();
-            }
-            return Ok(());
-        }
-        let was_suspended = md.is_suspended();
-        let old_hooks: Vec<HookSpec> = m.live.as_ref().map(|l| l.hooks.clone()).unwrap_or_default();
-        let new_hooks: Vec<HookSpec> = m
-            .inactive
-            .as_ref()
-            .map(|l| l.hooks.clone())
-            .unwrap_or_default();
-        for h in &new_hooks {
-            if let Some(other) = inner.overlapping_hook(h.dev, h.start, h.len, id) {
-                return Err(CoreError::Busy(format!(
-                    "{name}: interposer range overlaps the interposer of {other}"
-                )));
-            }
-        }
-        let mut affected: Vec<DevId> = old_hooks
-            .iter()
-            .chain(new_hooks.iter())
-            .map(|h| h.dev)
-            .collect();
-        affected.sort();
-        affected.dedup();
-        let switching = old_hooks != new_hooks;
-        let _frozen = match (&opts.freeze, switching) {
-            (Some(mp), true) => Some(Frozen::freeze(mp)?),
-            _ => None,
-        };
-        let nodes: Vec<Arc<DeviceNode>> = if switching {
-            affected
-                .iter()
-                .filter_map(|d| inner.entries.get(d).map(|e| e.node.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        // Quiesce the interposed devices: hold new I/O at their entry, drain what is in flight.
-        // Requests already redirected into this device drain too, unless it is suspended (then
-        // they wait inside it and run on the new table after the resume).
-        let held_since = std::time::Instant::now();
-        for n in &nodes {
-            n.gate().close();
-            let flows: &[Flow] = if was_suspended {
-                &[Flow::Direct]
-            } else {
-                &[Flow::Direct, Flow::Redirected]
-            };
-            let waited = n.gate().drain(flows);
-            tracing::debug!(device = %n.name(), ?waited, "interposed device quiesced");
-        }
-        md.suspend();
-        let new = inner.md_mut(id)?.inactive.take();
-        let Some(new) = new else {
-            return Err(CoreError::invalid("inactive table vanished"));
-        };
-        if let Err(e) = new.live.table.preresume() {
-            // Abort: keep the old table live, the new one inactive.
-            inner.md_mut(id)?.inactive = Some(new);
-            for n in &nodes {
-                n.gate().open();
-            }
-            if !was_suspended {
-                md.unsuspend();
-            }
-            return Err(CoreError::new(
-                e.errno,
-                format!("{name}: preresume failed: {}", e.msg),
-            ));
-        }
-        md.set_live(Some(new.live.clone()));
-        let old = inner.md_mut(id)?.live.replace(new);
-        if let Some(old) = &old {
-            Self::release_slot(&mut inner, id, old);
-        }
-        for n in &nodes {
-            n.set_hooks(inner.live_hooks_on(n.id()));
-        }
-        if let Some(l) = md.live() {
-            l.table.resume();
-        }
-        md.unsuspend();
-        for n in &nodes {
-            n.gate().open();
-        }
-        if !nodes.is_empty() {
-            self.record_stall(held_since.elapsed());
-        }
-        drop(old);
-        self.run_deferred(&mut inner);
-        tracing::info!(
-            device = name,
-            attached = new_hooks.len(),
-            detached = old_hooks.len(),
-            "resumed with new table"
-        );
-        Ok(())
-    }
-
-    /// Detaches every interposer of `id` (quiesced), leaving its live table in place.
-    fn detach_all(&self, inner: &mut Inner, id: DevId) -> Result<()> {
-        let Some(m) = inner.entries.get(&id).and_then(|e| e.md()) else {
-            return Ok(());
-        };
-        let suspended = m.md.is_suspended();
-        let Some(live) = m.live.as_ref() else {
-            return Ok(());
-        };
-        if live.hooks.is_empty() {
-            return Ok(());
-        }
-        let devs: Vec<DevId> = live.hooks.iter().map(|h| h.dev).collect();
-        let nodes: Vec<Arc<DeviceNode>> = devs
-            .iter()
-            .filter_map(|d| inner.entries.get(d).map(|e| e.node.clone()))
-            .collect();
-        let held_since = std::time::Instant::now();
-        for n in &nodes {
-            n.gate().close();
-            let flows: &[Flow] = if suspended {
-                &[Flow::Direct]
-            } else {
-                &[Flow::Direct, Flow::Redirected]
-            };
-            n.gate().drain(flows);
-        }
-        // Writes the interposer acknowledged but still holds must be on the device before its
-        // I/O stops passing through the interposer.
-        live.live.table.drain_writeback();
-        if let Some(l) = inner.md_mut(id)?.live.as_mut() {
-            l.hooks.clear();
-        }
-        for n in &nodes {
-            n.set_hooks(inner.live_hooks_on(n.id()));
-            n.gate().open();
-        }
-        self.record_stall(held_since.elapsed());
-        Ok(())
-    }
-
-    /// `remove`: EBUSY while open (unless `deferred`: removed at last close); `force` first
-    /// swaps in an error table of the same size.
-    pub fn remove(&self, name: &str, force: bool, deferred: bool) -> Result<()> {
-        let mut inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        let open = inner.opens(id);
-        if open > 0 {
-            if deferred {
-                inner.md_mut(id)?.deferred_remove = true;
-                return Ok(());
-            }
-            if force {
-                let size = m.md.size();
-                drop(inner);
-                if size > 0 {
-                    let spec = TableSpec::parse(&format!("0 {size} error"))?;
-                    self.load(name, &spec, LoadFlags::default())?;
-                    self.resume(name, &ResumeOptions::default())?;
-                }
-                inner = self.inner.lock();
-                let open = inner.opens(id);
-                if open > 0 {
-                    let holders = inner.holders_of(id);
-                    return Err(CoreError::Busy(format!(
-                        "device {name} is still open ({}); its table was replaced by an error table",
-                        holders.join(", ")
-                    )));
-                }
-            } else {
-                let holders = inner.holders_of(id);
-                return Err(CoreError::Busy(format!(
-                    "device {name} is in use by {}",
-                    holders.join(", ")
-                )));
-            }
-        }
-        self.remove_locked(&mut inner, id)?;
-        self.run_deferred(&mut inner);
-        Ok(())
-    }
-
-    fn remove_locked(&self, inner: &mut Inner, id: DevId) -> Result<()> {
-        self.detach_all(inner, id)?;
-        let Some(entry) = inner.entries.remove(&id) else {
-            return Ok(());
-        };
-        let name = entry.node.name();
-        inner.names.remove(&name);
-        inner.order.retain(|x| *x != id);
-        if let EntryKind::Mapped(m) = entry.kind {
-            for slot in [&m.live, &m.inactive].into_iter().flatten() {
-                Self::release_slot(inner, id, slot);
-            }
-            if let Some(l) = m.live.as_ref() {
-                if !m.md.is_suspended() {
-                    l.live.table.presuspend();
-                    l.live.table.postsuspend();
-                }
-            }
-            m.md.set_live(None);
-            m.md.unsuspend();
-            m.md.events().raise();
-        }
-        tracing::info!(device = %name, "removed");
-        Ok(())
-    }
-
-    fn run_deferred(&self, inner: &mut Inner) {
-        loop {
-            let due: Vec<DevId> = inner
-                .entries
-                .iter()
-                .filter(|(_, e)| {
-                    e.open_count() == 0
-                        && e.md().is_some_and(|m| m.deferred_remove)
-                        && !inner.expected.values().any(|d| *d == e.node.name())
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            if due.is_empty() {
-                return;
-            }
-            for id in due {
-                if let Err(e) = self.remove_locked(inner, id) {
-                    tracing::error!(%id, "deferred remove failed: {e}");
-                }
-            }
-        }
     }
 
     /// `rename`.
@@ -1517,192 +755,5 @@ impl Registry {
         md.uuid = Some(uuid.to_string());
         md.md.events().raise();
         Ok(())
-    }
-
-    /// Looks a mapped device up by uuid.
-    pub fn name_by_uuid(&self, uuid: &str) -> Option<String> {
-        let inner = self.inner.lock();
-        inner
-            .entries
-            .values()
-            .find(|e| e.md().is_some_and(|m| m.uuid.as_deref() == Some(uuid)))
-            .map(|e| e.node.name())
-    }
-
-    /// `info`.
-    pub fn info(&self, name: &str) -> Result<MdInfo> {
-        let inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        let e = inner.entries.get(&id).ok_or_else(|| nodev(name))?;
-        let live = m.live.as_ref();
-        let shown = live.or(m.inactive.as_ref());
-        let interposers = shown
-            .map(|s| {
-                s.hooks
-                    .iter()
-                    .map(|h| InterposerInfo {
-                        device: inner
-                            .entries
-                            .get(&h.dev)
-                            .map(|e| e.node.name())
-                            .unwrap_or_default(),
-                        id: h.dev,
-                        start: h.start,
-                        len: h.len,
-                        attached: live.is_some(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(MdInfo {
-            name: e.node.name(),
-            uuid: m.uuid.clone(),
-            id,
-            suspended: m.md.is_suspended(),
-            read_only: live.is_some_and(|l| l.config.read_only),
-            live_present: live.is_some(),
-            inactive_present: m.inactive.is_some(),
-            open_count: e.open_count(),
-            event_nr: m.md.events().current(),
-            target_count: live.map_or(0, |l| l.live.table.target_count() as u32),
-            deferred_remove: m.deferred_remove,
-            sectors: m.md.size(),
-            interposers,
-            redirected: m.md.redirected(),
-            interposed: live.is_some_and(|l| l.interposed),
-            unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
-        })
-    }
-
-    /// Mapped devices sorted by name (`ls`).
-    pub fn list_mapped(&self) -> Vec<(String, DevId)> {
-        let inner = self.inner.lock();
-        let mut v: Vec<(String, DevId)> = inner
-            .entries
-            .iter()
-            .filter(|(_, e)| e.md().is_some())
-            .map(|(id, e)| (e.node.name(), *id))
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn slot(m: &MdState, inactive: bool) -> Option<&TableSlot> {
-        if inactive {
-            m.inactive.as_ref()
-        } else {
-            m.live.as_ref()
-        }
-    }
-
-    /// `table` (`--inactive` for the inactive slot). Empty when the slot is empty.
-    pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
-        if let Some(recorded) = self.pending_lines(name, inactive) {
-            return Ok(recorded);
-        }
-        self.lines(name, inactive, Table::table_lines)
-    }
-
-    /// `status`.
-    pub fn status(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
-        self.lines(name, inactive, Table::status_lines)
-    }
-
-    /// Lines of one slot's table; the registry lock is released before the targets are asked
-    /// (status may take a target's own locks).
-    fn lines(
-        &self,
-        name: &str,
-        inactive: bool,
-        get: fn(&Table) -> Vec<udm_target::table::TableLine>,
-    ) -> Result<Vec<TargetLine>> {
-        let table = {
-            let inner = self.inner.lock();
-            let (_, m) = inner.md_entry(name)?;
-            Self::slot(m, inactive).map(|s| s.live.clone())
-        };
-        Ok(table
-            .map(|t| {
-                get(&t.table)
-                    .into_iter()
-                    .map(|(start, len, target_type, params)| TargetLine {
-                        start,
-                        len,
-                        target_type,
-                        params,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-
-    /// `deps`: devices the table uses, as (number, name).
-    pub fn deps(&self, name: &str, inactive: bool) -> Result<Vec<(DevId, String)>> {
-        let inner = self.inner.lock();
-        let (_, m) = inner.md_entry(name)?;
-        Ok(Self::slot(m, inactive)
-            .map(|s| {
-                s.uses
-                    .iter()
-                    .map(|u| {
-                        (
-                            u.dev,
-                            inner
-                                .entries
-                                .get(&u.dev)
-                                .map(|e| e.node.name())
-                                .unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-
-    /// `message`: to the target at `sector` of the live table, or to the core for `@` messages.
-    pub fn message(&self, name: &str, sector: u64, argv: &[String]) -> Result<Option<String>> {
-        let (id, table) = {
-            let inner = self.inner.lock();
-            let (id, m) = inner.md_entry(name)?;
-            inner.available(id, name)?;
-            (id, m.live.as_ref().map(|s| s.live.clone()))
-        };
-        match argv.first().map(String::as_str) {
-            Some("@cancel_deferred_remove") => {
-                let mut inner = self.inner.lock();
-                let m = inner.md_mut(id)?;
-                if !m.deferred_remove {
-                    return Err(CoreError::new(
-                        Errno::ENXIO,
-                        format!("device {name} is not scheduled for deferred removal"),
-                    ));
-                }
-                m.deferred_remove = false;
-                return Ok(None);
-            }
-            Some(s) if s.starts_with('@') => {
-                return Err(CoreError::invalid(format!("unsupported core message {s}")));
-            }
-            None => return Err(CoreError::invalid("empty message")),
-            _ => {}
-        }
-        let table =
-            table.ok_or_else(|| CoreError::invalid(format!("device {name} has no live table")))?;
-        table
-            .table
-            .message(sector, argv)
-            .map_err(|e| CoreError::new(e.errno, e.msg))
-    }
-
-    /// The event counter of a device (`wait` sleeps on it without holding the registry).
-    pub fn events(&self, name: &str) -> Result<Arc<Events>> {
-        let inner = self.inner.lock();
-        Ok(inner.md_entry(name)?.1.md.events().clone())
-    }
-
-    /// Waits until the event number of `name` differs from `seen` (or `timeout`).
-    pub fn wait_event(&self, name: &str, seen: u32, timeout: Duration) -> Result<u32> {
-        let ev = self.events(name)?;
-        Ok(ev.wait(seen, timeout))
     }
 }

@@ -112,6 +112,13 @@ impl BuildCtx<'_> {
     }
 }
 
+impl ImplicitDisk {
+    /// The number the disk gets.
+    pub(super) fn id(&self) -> DevId {
+        self.id
+    }
+}
+
 /// Enters the disks a successfully built table opened.
 pub(super) fn enter(inner: &mut Inner, disks: Vec<ImplicitDisk>) {
     for d in disks {
@@ -176,4 +183,14 @@ pub(super) fn release_unused(inner: &mut Inner) {
         inner.order.retain(|x| *x != id);
         tracing::info!(disk = %name, %id, "implicit disk released: no table uses it");
     }
+}
+
+/// True when the disks a table opened can still be entered: no device took their numbers,
+/// names or paths while the table was built without the registry lock.
+pub(super) fn still_free(inner: &Inner, disks: &[ImplicitDisk]) -> bool {
+    disks.iter().all(|d| {
+        !inner.entries.contains_key(&d.id)
+            && !inner.names.contains_key(&d.name)
+            && inner.resolve(&d.path.to_string_lossy()).is_none()
+    })
 }

@@ -275,7 +275,7 @@ impl Registry {
     pub fn forget_export(&self, holder: &str) {
         let mut inner = self.inner.lock();
         inner.expected.remove(holder);
-        self.run_deferred(&mut inner);
+        self.run_deferred(inner);
     }
 
     /// True when a disk or mapped device is unavailable (the daemon retries then).

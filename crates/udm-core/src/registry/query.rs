@@ -1,0 +1,194 @@
+//! Queries (`info`, `ls`, `table`, `status`, `deps`) and messages: they take the registry lock
+//! only briefly and never wait for I/O, so they answer while a switch drains.
+
+use super::*;
+
+impl Registry {
+    /// Looks a mapped device up by uuid.
+    pub fn name_by_uuid(&self, uuid: &str) -> Option<String> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .values()
+            .find(|e| e.md().is_some_and(|m| m.uuid.as_deref() == Some(uuid)))
+            .map(|e| e.node.name())
+    }
+
+    /// `info`.
+    pub fn info(&self, name: &str) -> Result<MdInfo> {
+        let inner = self.inner.lock();
+        let (id, m) = inner.md_entry(name)?;
+        let e = inner.entries.get(&id).ok_or_else(|| nodev(name))?;
+        let live = m.live.as_ref();
+        let shown = live.or(m.inactive.as_ref());
+        let interposers = shown
+            .map(|s| {
+                s.hooks
+                    .iter()
+                    .map(|h| InterposerInfo {
+                        device: inner
+                            .entries
+                            .get(&h.dev)
+                            .map(|e| e.node.name())
+                            .unwrap_or_default(),
+                        id: h.dev,
+                        start: h.start,
+                        len: h.len,
+                        attached: live.is_some(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(MdInfo {
+            name: e.node.name(),
+            uuid: m.uuid.clone(),
+            id,
+            suspended: m.md.is_suspended(),
+            read_only: live.is_some_and(|l| l.config.read_only),
+            live_present: live.is_some(),
+            inactive_present: m.inactive.is_some(),
+            open_count: e.open_count(),
+            event_nr: m.md.events().current(),
+            target_count: live.map_or(0, |l| l.live.table.target_count() as u32),
+            deferred_remove: m.deferred_remove,
+            sectors: m.md.size(),
+            interposers,
+            redirected: m.md.redirected(),
+            interposed: live.is_some_and(|l| l.interposed),
+            unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
+        })
+    }
+
+    /// Mapped devices sorted by name (`ls`).
+    pub fn list_mapped(&self) -> Vec<(String, DevId)> {
+        let inner = self.inner.lock();
+        let mut v: Vec<(String, DevId)> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.md().is_some())
+            .map(|(id, e)| (e.node.name(), *id))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn slot(m: &MdState, inactive: bool) -> Option<&TableSlot> {
+        if inactive {
+            m.inactive.as_ref()
+        } else {
+            m.live.as_ref()
+        }
+    }
+
+    /// `table` (`--inactive` for the inactive slot). Empty when the slot is empty.
+    pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+        if let Some(recorded) = self.pending_lines(name, inactive) {
+            return Ok(recorded);
+        }
+        self.lines(name, inactive, Table::table_lines)
+    }
+
+    /// `status`.
+    pub fn status(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+        self.lines(name, inactive, Table::status_lines)
+    }
+
+    /// Lines of one slot's table; the registry lock is released before the targets are asked
+    /// (status may take a target's own locks).
+    fn lines(
+        &self,
+        name: &str,
+        inactive: bool,
+        get: fn(&Table) -> Vec<udm_target::table::TableLine>,
+    ) -> Result<Vec<TargetLine>> {
+        let table = {
+            let inner = self.inner.lock();
+            let (_, m) = inner.md_entry(name)?;
+            Self::slot(m, inactive).map(|s| s.live.clone())
+        };
+        Ok(table
+            .map(|t| {
+                get(&t.table)
+                    .into_iter()
+                    .map(|(start, len, target_type, params)| TargetLine {
+                        start,
+                        len,
+                        target_type,
+                        params,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `deps`: devices the table uses, as (number, name).
+    pub fn deps(&self, name: &str, inactive: bool) -> Result<Vec<(DevId, String)>> {
+        let inner = self.inner.lock();
+        let (_, m) = inner.md_entry(name)?;
+        Ok(Self::slot(m, inactive)
+            .map(|s| {
+                s.uses
+                    .iter()
+                    .map(|u| {
+                        (
+                            u.dev,
+                            inner
+                                .entries
+                                .get(&u.dev)
+                                .map(|e| e.node.name())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `message`: to the target at `sector` of the live table, or to the core for `@` messages.
+    pub fn message(&self, name: &str, sector: u64, argv: &[String]) -> Result<Option<String>> {
+        let (id, table) = {
+            let inner = self.inner.lock();
+            let (id, m) = inner.md_entry(name)?;
+            inner.available(id, name)?;
+            (id, m.live.as_ref().map(|s| s.live.clone()))
+        };
+        match argv.first().map(String::as_str) {
+            Some("@cancel_deferred_remove") => {
+                let mut inner = self.inner.lock();
+                inner.not_switching(id, name)?;
+                let m = inner.md_mut(id)?;
+                if !m.deferred_remove {
+                    return Err(CoreError::new(
+                        Errno::ENXIO,
+                        format!("device {name} is not scheduled for deferred removal"),
+                    ));
+                }
+                m.deferred_remove = false;
+                return Ok(None);
+            }
+            Some(s) if s.starts_with('@') => {
+                return Err(CoreError::invalid(format!("unsupported core message {s}")));
+            }
+            None => return Err(CoreError::invalid("empty message")),
+            _ => {}
+        }
+        let table =
+            table.ok_or_else(|| CoreError::invalid(format!("device {name} has no live table")))?;
+        table
+            .table
+            .message(sector, argv)
+            .map_err(|e| CoreError::new(e.errno, e.msg))
+    }
+
+    /// The event counter of a device (`wait` sleeps on it without holding the registry).
+    pub fn events(&self, name: &str) -> Result<Arc<Events>> {
+        let inner = self.inner.lock();
+        Ok(inner.md_entry(name)?.1.md.events().clone())
+    }
+
+    /// Waits until the event number of `name` differs from `seen` (or `timeout`).
+    pub fn wait_event(&self, name: &str, seen: u32, timeout: Duration) -> Result<u32> {
+        let ev = self.events(name)?;
+        Ok(ev.wait(seen, timeout))
+    }
+}
