@@ -235,7 +235,15 @@ pub enum ListenAddr {
     Tcp(std::net::SocketAddr),
 }
 
+/// One server for every fuzz input (its exports' contents carry over, which only widens what
+/// is explored): a fresh server per input spends most of the run starting and joining its
+/// threads.
 fn fuzz_server() -> std::sync::Arc<NbdServer> {
+    static SERVER: std::sync::OnceLock<std::sync::Arc<NbdServer>> = std::sync::OnceLock::new();
+    SERVER.get_or_init(new_fuzz_server).clone()
+}
+
+fn new_fuzz_server() -> std::sync::Arc<NbdServer> {
     let server = NbdServer::new();
     let dev = std::sync::Arc::new(udm_io::backend::mem::MemDevice::new(64));
     let _ = server.add_export(
@@ -267,7 +275,6 @@ pub fn fuzz_handshake(data: &[u8]) {
     server.serve_blocking(MemoryStream {
         input: data.to_vec(),
     });
-    server.shutdown();
 }
 
 /// Feeds arbitrary bytes as transmission-phase requests, after a valid handshake that
@@ -292,5 +299,4 @@ pub fn fuzz_requests(data: &[u8]) {
     ));
     input.extend_from_slice(data.get(1..).unwrap_or(&[]));
     server.serve_blocking(MemoryStream { input });
-    server.shutdown();
 }
