@@ -7,7 +7,7 @@
 #   FUZZ_TIME=600 scripts/fuzz.sh        ... or after that many seconds (the first reached wins)
 #
 # Defaults: FUZZ_TIME=60 when neither is set. A crash stops its target (libFuzzer writes the
-# input to fuzz/artifacts/TARGET/); the next target still runs. Logs: target/fuzz-logs/TARGET.log.
+# input to fuzz/artifacts/TARGET/); the next target still runs. Seeds: fuzz/seeds/TARGET/. Logs: target/fuzz-logs/TARGET.log.
 # Exits non-zero when any target crashed or did not run. Needs cargo-fuzz (installed here with
 # `cargo install cargo-fuzz` when missing) and a nightly compiler or RUSTC_BOOTSTRAP=1 (set here).
 set -euo pipefail
@@ -36,7 +36,10 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
   before=$(find "artifacts/$t" -type f | wc -l)
   rc=0
-  cargo fuzz run "$t" -- "${args[@]}" >"$log" 2>&1 || rc=$?
+  # Committed seeds (fuzz/seeds/TARGET) start the corpus; new inputs go to fuzz/corpus/TARGET.
+  seeds=()
+  [ -d "seeds/$t" ] && seeds=("seeds/$t")
+  cargo fuzz run "$t" "corpus/$t" "${seeds[@]}" -- "${args[@]}" >"$log" 2>&1 || rc=$?
   # libFuzzer's last word: "Done N runs in S second(s)", or the final stats after a crash.
   n=$(grep -oE '^Done [0-9]+ runs' "$log" | tail -1 | grep -oE '[0-9]+' || true)
   [ -n "$n" ] || n=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || true)
