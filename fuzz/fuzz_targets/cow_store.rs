@@ -55,8 +55,14 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mut olds = HashSet::new();
     let mut news = HashSet::new();
     for &(o, n) in &loaded {
-        assert!(n < chunks, "exception {o}->{n} beyond the device ({chunks} chunks)");
-        assert!(n != 0 && n % stride != 1, "exception {o}->{n} in a metadata chunk");
+        assert!(
+            n < chunks,
+            "exception {o}->{n} beyond the device ({chunks} chunks)"
+        );
+        assert!(
+            n != 0 && n % stride != 1,
+            "exception {o}->{n} in a metadata chunk"
+        );
         assert!(olds.insert(o), "old chunk {o} twice");
         assert!(news.insert(n), "new chunk {n} twice");
     }
