@@ -9,17 +9,19 @@
 #
 # Prints verify errors, hangs (control commands run under `timeout 30`), failed control
 # commands, and start/end RSS; exits non-zero on any verify error, hang, failed command, a
-# failed fio or a dead udmd.
+# failed fio, a dead udmd, or RSS grown by more than SOAK_RSS_GROWTH_MB.
 #
 #   SOAK_MINUTES=30        duration
 #   SOAK_DISK_MB=64        size of each disk
-#   SOAK_PROFILE=release   cargo profile of udmd/udmsetup/udm (debug: no release build)
+#   SOAK_PROFILE=release   cargo profile of udmd/udmsetup/udm (dev: no release build)
+#   SOAK_RSS_GROWTH_MB=256 allowed growth of udmd's RSS from start to end
 #   KEEP=1                 keep the work directory (logs) afterwards
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MINUTES=${SOAK_MINUTES:-30}
 DISK_MB=${SOAK_DISK_MB:-64}
 PROFILE=${SOAK_PROFILE:-release}
+RSS_GROWTH_MB=${SOAK_RSS_GROWTH_MB:-256}
 for t in fio python3 timeout; do
   command -v $t >/dev/null || { echo "soak: $t missing (scripts/deps.sh installs it)" >&2; exit 1; }
 done
@@ -155,9 +157,12 @@ echo "failed commands:  $failures"
 echo "hostile client:   $(tail -1 "$WORK/hostile.log")"
 echo "udmd alive:       $alive"
 echo "udmd RSS:         start ${RSS_START} kB, end ${RSS_END} kB (every minute: $RSS_SAMPLES $RSS_END)"
+rss_ok=yes
+[ $((RSS_END - RSS_START)) -le $((RSS_GROWTH_MB * 1024)) ] || rss_ok=no
+echo "RSS growth ok:    $rss_ok (limit ${RSS_GROWTH_MB} MiB)"
 fail=0
 if [ "$verify_errors" -ne 0 ] || [ "$io_errors" -ne 0 ] || [ "$fio_rc" -ne 0 ] || [ "$hangs" -ne 0 ] ||
-  [ "$failures" -ne 0 ] || [ "$alive" != yes ]; then
+  [ "$failures" -ne 0 ] || [ "$alive" != yes ] || [ "$rss_ok" != yes ]; then
   fail=1
   echo "soak: FAILED (logs: $WORK; set KEEP=1 to keep them)"
   grep -iE 'verify|error' "$WORK/fio.err" | head -5 || true
