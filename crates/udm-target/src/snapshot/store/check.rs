@@ -5,23 +5,18 @@
 //! chunk 2, skips every area's chunk, refuses a chunk past the device's end, and records each
 //! old chunk and each new chunk once (merging only removes entries).
 
-use std::collections::HashMap;
-
 use udm_types::Errno;
 
 use crate::target::TargetError;
 
-/// Where an exception sits on disk: `(area, index in the area)`.
-type Place = (u64, u64);
-
-/// Validates exceptions one by one, in on-disk order.
+/// Validates exceptions as they are read ([`Checker::exception`]), then, once all are read,
+/// that no old or new chunk repeats ([`Checker::duplicates`]: two sorted arrays of chunk
+/// numbers rather than hash sets, so the check costs 8 bytes per exception at a time).
 pub(super) struct Checker {
     /// Whole chunks on the COW device.
     chunks: u64,
     /// `epa + 1`: area `i` is chunk `1 + i * stride`.
     stride: u64,
-    olds: HashMap<u64, (Place, u64)>,
-    news: HashMap<u64, (Place, u64)>,
 }
 
 fn describe(area: u64, index: u64, area_chunk: u64, old: u64, new: u64) -> String {
@@ -38,9 +33,11 @@ impl Checker {
         Checker {
             chunks: cow_sectors / chunk_size.max(1),
             stride: epa + 1,
-            olds: HashMap::new(),
-            news: HashMap::new(),
         }
+    }
+
+    fn area_chunk(&self, area: u64) -> u64 {
+        area.saturating_mul(self.stride).saturating_add(1)
     }
 
     /// Refuses metadata area `area` (at chunk `area_chunk`) when it does not fit on the
@@ -62,16 +59,15 @@ impl Checker {
     }
 
     /// Checks exception `index` of area `area`: ENXIO when its new chunk is past the device,
-    /// EINVAL when it is a metadata chunk or when its old or new chunk was seen before.
+    /// EINVAL when it is the header or a metadata area's chunk.
     pub(super) fn exception(
-        &mut self,
+        &self,
         area: u64,
         index: u64,
-        area_chunk: u64,
         old: u64,
         new: u64,
     ) -> Result<(), TargetError> {
-        let what = || describe(area, index, area_chunk, old, new);
+        let what = || describe(area, index, self.area_chunk(area), old, new);
         if new >= self.chunks {
             return Err(TargetError::new(
                 Errno::ENXIO,
@@ -82,6 +78,7 @@ impl Checker {
                 ),
             ));
         }
+        // (0 cannot occur: it ends an area.)
         if new == 0 {
             return Err(TargetError::invalid(format!(
                 "{}, the header chunk",
@@ -95,22 +92,51 @@ impl Checker {
                 new / self.stride
             )));
         }
-        if let Some(((a, i), n)) = self.olds.get(&old) {
-            return Err(TargetError::invalid(format!(
-                "{}, but old chunk {old} already has exception {i} of metadata area {a} \
-                 (new chunk {n})",
-                what()
-            )));
+        Ok(())
+    }
+
+    /// Refuses (EINVAL) two exceptions with the same old chunk or the same new chunk. `found`
+    /// is every exception in on-disk order: exception `k` is entry `k % epa` of area
+    /// `k / epa`, every area but the last being full.
+    pub(super) fn duplicates(&self, found: &[(u64, u64)]) -> Result<(), TargetError> {
+        let epa = self.stride - 1;
+        let place = |k: usize| (k as u64 / epa.max(1), k as u64 % epa.max(1));
+        for new_side in [false, true] {
+            let key = |e: &(u64, u64)| if new_side { e.1 } else { e.0 };
+            let mut v: Vec<u64> = found.iter().map(key).collect();
+            // New chunks of a store written in allocation order are already increasing.
+            if !v.windows(2).all(|w| w[0] < w[1]) {
+                v.sort_unstable();
+            }
+            let Some(dup) = v.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]) else {
+                continue;
+            };
+            drop(v);
+            let mut at = found
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| key(e) == dup)
+                .map(|(k, _)| k);
+            let (Some(first), Some(second)) = (at.next(), at.next()) else {
+                continue;
+            };
+            let (a1, i1) = place(first);
+            let (a2, i2) = place(second);
+            let (o1, n1) = found[first];
+            let (o2, n2) = found[second];
+            let what = describe(a2, i2, self.area_chunk(a2), o2, n2);
+            return Err(TargetError::invalid(if new_side {
+                format!(
+                    "{what}, but new chunk {n2} is already used by exception {i1} of metadata \
+                     area {a1} (old chunk {o1})"
+                )
+            } else {
+                format!(
+                    "{what}, but old chunk {o2} already has exception {i1} of metadata area \
+                     {a1} (new chunk {n1})"
+                )
+            }));
         }
-        if let Some(((a, i), o)) = self.news.get(&new) {
-            return Err(TargetError::invalid(format!(
-                "{}, but new chunk {new} is already used by exception {i} of metadata area {a} \
-                 (old chunk {o})",
-                what()
-            )));
-        }
-        self.olds.insert(old, ((area, index), new));
-        self.news.insert(new, ((area, index), old));
         Ok(())
     }
 }

@@ -146,7 +146,7 @@ impl Persistent {
     /// ([`Checker`]) before any is reported: a refused store reports none and is not written.
     fn read_exceptions(&mut self, add: &mut dyn FnMut(u64, u64)) -> Result<(), TargetError> {
         let mut buf = vec![0u8; self.chunk_bytes()];
-        let mut check = Checker::new(self.cow.size(), self.chunk_size, self.epa);
+        let check = Checker::new(self.cow.size(), self.chunk_size, self.epa);
         let mut found = Vec::new();
         self.current_area = 0;
         loop {
@@ -169,7 +169,7 @@ impl Persistent {
                     full = false;
                     break;
                 }
-                check.exception(self.current_area, i, chunk, old, new)?;
+                check.exception(self.current_area, i, old, new)?;
                 if self.next_free <= new {
                     self.next_free = new.saturating_add(1);
                 }
@@ -186,6 +186,7 @@ impl Persistent {
             }
             self.current_area += 1;
         }
+        check.duplicates(&found)?;
         self.skip_metadata();
         for (old, new) in found {
             add(old, new);
