@@ -76,7 +76,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         if olds.contains(&old) {
             break;
         }
-        p.commit(old, n, true);
+        // A failed metadata write (the next area would lie past the device, as in the
+        // kernel) invalidates the store: that exception is not durable, nothing more is.
+        if p.commit(old, n, true) != Some(true) {
+            break;
+        }
         all.push((old, n));
     }
     drop(p);
