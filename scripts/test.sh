@@ -17,9 +17,13 @@ else
   echo "SKIPPED kernel cross-checks: no qemu-system-x86_64 could be prepared (or UDM_VMLAB=0)"
 fi
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --features udm-export/ublk -- -D warnings
+# Lint every feature combination the README offers: none, and ublk (`--features udm-daemon/ublk`,
+# which turns on udm-export/ublk too). Build and test the one that compiles everything.
+cargo clippy --workspace --all-targets -- -D warnings
+features=udm-daemon/ublk
+cargo clippy --workspace --all-targets --features "$features" -- -D warnings
 # The integration tests run the udmd, udmsetup and udm binaries: build them all first.
-cargo build --workspace --features udm-export/ublk
+cargo build --workspace --features "$features"
 # --show-output: passing tests' SKIPPED notices reach the log (and the summary below).
-cargo test --workspace --no-fail-fast --features udm-export/ublk -- --test-threads=2 --show-output 2>&1 | tee target/test.log
+cargo test --workspace --no-fail-fast --features "$features" -- --test-threads=2 --show-output 2>&1 | tee target/test.log
 echo "skipped tests:"; grep -h "SKIPPED" target/test.log | sort -u || echo "  none"

@@ -410,8 +410,9 @@ pub struct ConciseDevice {
 }
 
 fn push_quoted(out: &mut String, s: &str) {
-    for c in s.chars() {
-        if matches!(c, ',' | ';' | '\\') {
+    for (i, c) in s.chars().enumerate() {
+        // Leading whitespace too: the parser skips it after a separator.
+        if matches!(c, ',' | ';' | '\\') || (i == 0 && is_c_space(c)) {
             out.push('\\');
         }
         out.push(c);

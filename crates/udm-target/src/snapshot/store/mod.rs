@@ -3,6 +3,7 @@
 //! Two kinds, as in the kernel: [`persistent::Persistent`] (`P`/`PO`, the on-disk format of
 //! `dm-snap-persistent.c`, byte for byte) and [`transient::Transient`] (`N`, memory only).
 
+mod check;
 pub mod persistent;
 pub mod transient;
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use udm_io::{BioFlags, BlockDevice, IoError};
 use udm_types::{Errno, SECTOR_SIZE};
 
+use super::check::Checker;
 use super::DEFAULT_CHUNK_SECTORS;
 use super::{
     check_chunk_size, chunk_io, lbs_sectors, ExceptionStore, LoadState, MetaStep, MetaWrite,
@@ -141,11 +142,16 @@ impl Persistent {
         self.area[off + 8..off + 16].copy_from_slice(&new.to_le_bytes());
     }
 
-    fn read_exceptions(&mut self, add: &mut dyn FnMut(u64, u64)) -> Result<(), IoError> {
+    /// Reads areas 0, 1, ... up to the first one not full, checking every exception
+    /// ([`Checker`]) before any is reported: a refused store reports none and is not written.
+    fn read_exceptions(&mut self, add: &mut dyn FnMut(u64, u64)) -> Result<(), TargetError> {
         let mut buf = vec![0u8; self.chunk_bytes()];
+        let check = Checker::new(self.cow.size(), self.chunk_size, self.epa);
+        let mut found = Vec::new();
         self.current_area = 0;
         loop {
             let chunk = self.area_location(self.current_area);
+            check.area(self.current_area, chunk)?;
             chunk_io(
                 &*self.cow,
                 chunk,
@@ -153,7 +159,8 @@ impl Persistent {
                 &mut buf,
                 false,
                 BioFlags::empty(),
-            )?;
+            )
+            .map_err(io_err)?;
             let mut full = true;
             for i in 0..self.epa {
                 let (old, new) = decode_exception(&buf, i as usize);
@@ -162,18 +169,28 @@ impl Persistent {
                     full = false;
                     break;
                 }
+                check.exception(self.current_area, i, old, new)?;
                 if self.next_free <= new {
                     self.next_free = new.saturating_add(1);
                 }
-                add(old, new);
+                found.push((old, new));
             }
             if !full {
+                // Whatever follows the end marker is not an exception: it must not become
+                // one when the next commit overwrites the marker (the kernel's own areas are
+                // zero there).
+                let end = self.current_committed as usize * DE_SIZE;
+                buf[end..].fill(0);
                 self.area.copy_from_slice(&buf);
                 break;
             }
             self.current_area += 1;
         }
+        check.duplicates(&found)?;
         self.skip_metadata();
+        for (old, new) in found {
+            add(old, new);
+        }
         Ok(())
     }
 }
@@ -311,7 +328,7 @@ impl ExceptionStore for Persistent {
         if !self.valid {
             return Ok(LoadState::Invalid);
         }
-        self.read_exceptions(add).map_err(io_err)?;
+        self.read_exceptions(add)?;
         Ok(LoadState::Valid)
     }
 
