@@ -15,22 +15,8 @@ use udm_target::table::TableSpec;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-const IP: LoadFlags = LoadFlags {
-    read_only: false,
-    interpose: true,
-};
-
-fn create(reg: &Registry, name: &str, table: &str, flags: LoadFlags) -> udm_core::Result<()> {
-    let spec = TableSpec::parse(table).map_err(udm_core::CoreError::from)?;
-    reg.create(
-        name,
-        None,
-        None,
-        Some((&spec, flags)),
-        &ResumeOptions::default(),
-    )
-    .map(|_| ())
-}
+mod common;
+use common::{create, IP};
 
 fn setup() -> (Registry, Arc<MemDevice>) {
     let reg = Registry::new();

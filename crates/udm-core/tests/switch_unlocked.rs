@@ -7,66 +7,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use udm_core::registry::{LoadFlags, ResumeOptions, SuspendFlags};
 use udm_core::Registry;
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BlockDevice};
 use udm_target::table::TableSpec;
+use udm_testkit::{join_within, within};
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
+mod common;
+use common::{create, IP};
+
 const SECTORS: u64 = 8192;
-
-const IP: LoadFlags = LoadFlags {
-    read_only: false,
-    interpose: true,
-};
-
-fn create(reg: &Registry, name: &str, table: &str, flags: LoadFlags) -> udm_core::Result<()> {
-    let spec = TableSpec::parse(table).map_err(udm_core::CoreError::from)?;
-    reg.create(
-        name,
-        None,
-        None,
-        Some((&spec, flags)),
-        &ResumeOptions::default(),
-    )
-    .map(|_| ())
-}
-
-/// Runs `f` on a thread and returns its result, failing the test if it takes longer than
-/// `limit` (the thread is left behind: it may be blocked for good).
-fn within<T: Send + 'static>(
-    limit: Duration,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not return within {limit:?}"),
-    }
-}
-
-/// Waits for `t` at most `limit`.
-fn join_within<T>(t: JoinHandle<T>, limit: Duration, what: &str) -> T {
-    let deadline = Instant::now() + limit;
-    while !t.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not finish within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    t.join().unwrap()
-}
 
 /// `d` (memory) <- `low` (linear) <- `o` (linear); `low` suspended and a READ of `o` parked in
 /// it. Returns the registry and the reader.

@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod bounded;
+mod park;
+pub use bounded::{join_within, udmsetup_bg, within};
+pub use park::{parked_below, parked_read, ParkedRead};
+
 /// Directory holding the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();

@@ -12,41 +12,8 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use udm_export::nbd::client::Client;
-use udm_testkit::{bin, Udmd};
-
-/// NBD_CMD_READ.
-const CMD_READ: u16 = 0;
-
-/// Waits for `t` at most `limit`; a thread still running fails the test.
-fn join_within<T>(t: JoinHandle<T>, limit: Duration, what: &str) -> T {
-    let deadline = Instant::now() + limit;
-    while !t.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not finish within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t.join().unwrap()
-}
-
-/// `udmsetup ARGS` on a thread (so that a hang can be detected).
-fn udmsetup_bg(d: &Udmd, args: &[&str]) -> JoinHandle<Output> {
-    let exe = bin("udmsetup");
-    let runtime = d.runtime();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    std::thread::spawn(move || {
-        Command::new(exe)
-            .env("UDM_RUNTIME_DIR", runtime)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    })
-}
+use udm_testkit::{bin, join_within, parked_below, parked_read, udmsetup_bg, Udmd};
 
 fn ok(o: &Output, what: &str) {
     assert!(
@@ -69,14 +36,6 @@ fn stop_within_10s(d: &mut Udmd) {
     );
 }
 
-/// An NBD client whose READ is parked on the suspended device `name`.
-fn parked_read(d: &Udmd, name: &str) -> Client<UnixStream> {
-    let mut c = Client::connect(UnixStream::connect(d.nbd_socket()).unwrap(), name, false).unwrap();
-    c.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    c
-}
-
 /// Item 1: `export remove` of an export whose client has a READ parked on a suspended device
 /// must not keep `resume` (which releases the READ) from running; the removal then completes,
 /// and a concurrent add of the same id meanwhile is refused with EBUSY.
@@ -87,7 +46,7 @@ fn export_remove_with_a_parked_request_does_not_block_resume() {
     d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
     d.ok(&["export", "add", "lin", "--nbd"]);
     d.ok(&["suspend", "lin"]);
-    let _client = parked_read(&d, "lin");
+    let _parked = parked_read(&d, "lin");
     let remove = udmsetup_bg(&d, &["export", "remove", "nbd:lin"]);
     std::thread::sleep(Duration::from_millis(300));
     if !remove.is_finished() {
@@ -158,7 +117,7 @@ fn sigterm_with_a_parked_nbd_request_finishes() {
     d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
     d.ok(&["export", "add", "lin", "--nbd"]);
     d.ok(&["suspend", "lin"]);
-    let _client = parked_read(&d, "lin");
+    let _parked = parked_read(&d, "lin");
     let pid = peer_pid(&d.runtime().join("control.sock"));
     let start = Instant::now();
     // SAFETY: kill with a valid pid and signal number.
@@ -190,12 +149,7 @@ fn sigterm_with_a_parked_nbd_request_finishes() {
 #[test]
 fn sigterm_with_a_control_operation_stuck_on_held_io_finishes() {
     let mut d = Udmd::start();
-    d.disk("f0", 4 << 20, 1);
-    d.ok(&["create", "low", "--table", "0 8192 linear f0 0"]);
-    d.ok(&["create", "o", "--table", "0 8192 linear low 0"]);
-    d.ok(&["export", "add", "o", "--nbd"]);
-    d.ok(&["suspend", "low"]);
-    let _client = parked_read(&d, "o");
+    let _parked = parked_below(&d);
     let create = udmsetup_bg(
         &d,
         &[

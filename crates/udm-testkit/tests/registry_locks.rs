@@ -7,43 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::os::unix::net::UnixStream;
-use std::process::{Command, Output, Stdio};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-use udm_export::nbd::client::{Client, Reply};
-use udm_testkit::{bin, fill_pattern, Udmd};
-
-/// NBD_CMD_READ.
-const CMD_READ: u16 = 0;
-
-/// Waits for `t` at most `limit`; a thread still running fails the test.
-fn join_within<T>(t: JoinHandle<T>, limit: Duration, what: &str) -> T {
-    let deadline = Instant::now() + limit;
-    while !t.is_finished() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not finish within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    t.join().unwrap()
-}
-
-/// `udmsetup ARGS` on a thread (so that a hang can be detected).
-fn udmsetup_bg(d: &Udmd, args: &[&str]) -> JoinHandle<Output> {
-    let exe = bin("udmsetup");
-    let runtime = d.runtime();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    std::thread::spawn(move || {
-        Command::new(exe)
-            .env("UDM_RUNTIME_DIR", runtime)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    })
-}
+use std::time::Duration;
+use udm_export::nbd::client::Reply;
+use udm_testkit::{fill_pattern, join_within, parked_below, udmsetup_bg, ParkedRead, Udmd};
 
 /// `udmsetup ARGS`, which must succeed within `limit`; returns its stdout.
 fn ok_within(d: &Udmd, args: &[&str], limit: Duration) -> String {
@@ -70,16 +36,7 @@ fn busy_within(d: &Udmd, args: &[&str], limit: Duration) {
 #[test]
 fn create_interpose_over_parked_io_leaves_queries_and_resume_free() {
     let mut d = Udmd::start();
-    d.disk("f0", 4 << 20, 1);
-    d.ok(&["create", "low", "--table", "0 8192 linear f0 0"]);
-    d.ok(&["create", "o", "--table", "0 8192 linear low 0"]);
-    d.ok(&["export", "add", "o", "--nbd"]);
-    d.ok(&["suspend", "low"]);
-    let s = UnixStream::connect(d.nbd_socket()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut client = Client::connect(s, "o", false).unwrap();
-    let handle = client.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let ParkedRead { mut client, handle } = parked_below(&d);
 
     let create = udmsetup_bg(
         &d,
