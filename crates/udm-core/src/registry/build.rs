@@ -154,18 +154,16 @@ impl Registry {
         let interposed = ctx.interposed;
         let mut hooks: Vec<(usize, HookSpec)> = Vec::new();
         if interposed {
+            // The hook on device use `idx` for the sectors [start, start + len).
+            let hook = |idx: usize, start: u64, len: u64| {
+                let dev = ctx.uses[idx].dev;
+                (idx, HookSpec { dev, start, len })
+            };
             let any_marked = ctx.opens.iter().any(|o| o.3);
             if any_marked {
                 for &(idx, begin, len, marked) in &ctx.opens {
                     if marked {
-                        hooks.push((
-                            idx,
-                            HookSpec {
-                                dev: ctx.uses[idx].dev,
-                                start: begin,
-                                len,
-                            },
-                        ));
+                        hooks.push(hook(idx, begin, len));
                     }
                 }
             } else {
@@ -180,14 +178,7 @@ impl Registry {
                 }
                 for (begin, devs) in by_target {
                     if let [(idx, len)] = devs[..] {
-                        hooks.push((
-                            idx,
-                            HookSpec {
-                                dev: ctx.uses[idx].dev,
-                                start: begin,
-                                len,
-                            },
-                        ));
+                        hooks.push(hook(idx, begin, len));
                     }
                 }
             }
