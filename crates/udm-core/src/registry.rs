@@ -290,6 +290,16 @@ struct Entry {
 }
 
 impl Entry {
+    /// A new entry: nothing holds or shares the device yet.
+    fn new(node: Arc<DeviceNode>, kind: EntryKind) -> Entry {
+        Entry {
+            node,
+            holders: Vec::new(),
+            shared: 0,
+            kind,
+        }
+    }
+
     fn md(&self) -> Option<&MdState> {
         match &self.kind {
             EntryKind::Mapped(m) => Some(m),
@@ -659,11 +669,9 @@ impl Registry {
             let node = Arc::new(DeviceNode::new(id, name, NodeKind::Mapped, md.clone()));
             inner.entries.insert(
                 id,
-                Entry {
+                Entry::new(
                     node,
-                    holders: Vec::new(),
-                    shared: 0,
-                    kind: EntryKind::Mapped(Box::new(MdState {
+                    EntryKind::Mapped(Box::new(MdState {
                         md,
                         uuid: uuid.map(str::to_string),
                         live: None,
@@ -671,7 +679,7 @@ impl Registry {
                         deferred_remove: false,
                         pending: None,
                     })),
-                },
+                ),
             );
             inner.names.insert(name.to_string(), id);
             inner.order.push(id);

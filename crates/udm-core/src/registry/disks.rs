@@ -127,25 +127,17 @@ impl Registry {
                 },
                 Arc::new(slice),
             ));
-            inner.entries.insert(
-                pid,
-                Entry {
-                    node: pnode,
-                    holders: Vec::new(),
-                    shared: 0,
-                    kind: EntryKind::Partition { parent: id },
-                },
-            );
+            inner
+                .entries
+                .insert(pid, Entry::new(pnode, EntryKind::Partition { parent: id }));
             inner.names.insert(pname, pid);
             part_ids.push(pid);
         }
         inner.entries.insert(
             id,
-            Entry {
+            Entry::new(
                 node,
-                holders: Vec::new(),
-                shared: 0,
-                kind: EntryKind::Disk {
+                EntryKind::Disk {
                     path,
                     read_only,
                     direct,
@@ -153,7 +145,7 @@ impl Registry {
                     implicit,
                     unavailable: None,
                 },
-            },
+            ),
         );
         inner.names.insert(name.to_string(), id);
         // A revived disk keeps its place in the creation order.

@@ -125,11 +125,9 @@ pub(super) fn enter(inner: &mut Inner, disks: Vec<ImplicitDisk>) {
         tracing::info!(disk = %d.name, id = %d.id, path = %d.path.display(), "implicit disk opened for a table");
         inner.entries.insert(
             d.id,
-            Entry {
-                node: d.node,
-                holders: Vec::new(),
-                shared: 0,
-                kind: EntryKind::Disk {
+            Entry::new(
+                d.node,
+                EntryKind::Disk {
                     path: Some(d.path),
                     read_only: d.read_only,
                     direct: false,
@@ -137,7 +135,7 @@ pub(super) fn enter(inner: &mut Inner, disks: Vec<ImplicitDisk>) {
                     implicit: true,
                     unavailable: None,
                 },
-            },
+            ),
         );
         inner.names.insert(d.name, d.id);
         inner.order.push(d.id);

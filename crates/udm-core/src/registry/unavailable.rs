@@ -397,11 +397,9 @@ impl Registry {
         ));
         inner.entries.insert(
             id,
-            Entry {
+            Entry::new(
                 node,
-                holders: Vec::new(),
-                shared: 0,
-                kind: EntryKind::Disk {
+                EntryKind::Disk {
                     path: Some(d.path.clone()),
                     read_only: d.read_only,
                     direct: d.direct,
@@ -409,7 +407,7 @@ impl Registry {
                     implicit: d.implicit,
                     unavailable: Some(reason.clone()),
                 },
-            },
+            ),
         );
         inner.names.insert(d.name.clone(), id);
         if !inner.order.contains(&id) {
