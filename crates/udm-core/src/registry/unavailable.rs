@@ -147,6 +147,28 @@ fn flags(d: &DiskConfig) -> super::DiskFlags {
     }
 }
 
+/// What the state directory records of a disk entry with a backing path (`None` for any other
+/// entry).
+fn disk_config(id: DevId, e: &Entry) -> Option<DiskConfig> {
+    match &e.kind {
+        EntryKind::Disk {
+            path: Some(path),
+            read_only,
+            direct,
+            implicit,
+            ..
+        } => Some(DiskConfig {
+            name: e.node.name(),
+            path: path.clone(),
+            read_only: *read_only,
+            direct: *direct,
+            minor: id.minor,
+            implicit: *implicit,
+        }),
+        _ => None,
+    }
+}
+
 impl Registry {
     /// What to record in the state directory.
     pub fn config(&self) -> RegistryConfig {
@@ -156,23 +178,11 @@ impl Registry {
             let Some(e) = inner.entries.get(id) else {
                 continue;
             };
-            match &e.kind {
-                EntryKind::Disk {
-                    path: Some(path),
-                    read_only,
-                    direct,
-                    implicit,
-                    ..
-                } => cfg.disks.push(DiskConfig {
-                    name: e.node.name(),
-                    path: path.clone(),
-                    read_only: *read_only,
-                    direct: *direct,
-                    minor: id.minor,
-                    implicit: *implicit,
-                }),
+            if let Some(disk) = disk_config(*id, e) {
+                cfg.disks.push(disk);
+            } else if let EntryKind::Mapped(m) = &e.kind {
                 // Tables not rebuilt yet are recorded exactly as they were read.
-                EntryKind::Mapped(m) => cfg.mapped.push(MappedConfig {
+                cfg.mapped.push(MappedConfig {
                     name: e.node.name(),
                     uuid: m.uuid.clone(),
                     minor: id.minor,
@@ -191,8 +201,7 @@ impl Registry {
                         _ => m.md.is_suspended(),
                     },
                     deferred_remove: m.deferred_remove,
-                }),
-                _ => {}
+                });
             }
         }
         cfg
@@ -425,24 +434,19 @@ impl Registry {
             let Some(e) = inner.entries.get(&id) else {
                 return Ok(None);
             };
-            match &e.kind {
+            if !matches!(
+                e.kind,
                 EntryKind::Disk {
-                    path: Some(path),
-                    read_only,
-                    direct,
-                    implicit,
                     unavailable: Some(_),
                     ..
-                } => DiskConfig {
-                    name: e.node.name(),
-                    path: path.clone(),
-                    read_only: *read_only,
-                    direct: *direct,
-                    minor: id.minor,
-                    implicit: *implicit,
-                },
-                _ => return Ok(None),
+                }
+            ) {
+                return Ok(None);
             }
+            let Some(cfg) = disk_config(id, e) else {
+                return Ok(None);
+            };
+            cfg
         };
         let backend = match open_backend(&cfg.path, &open_options(&cfg)) {
             Ok(b) => b,
