@@ -110,12 +110,7 @@ fn handshake(
     w: &mut Box<dyn Write + Send>,
     ctl: &Arc<ConnCtl>,
 ) -> io::Result<Hs> {
-    let mut g = Vec::with_capacity(18);
-    g.extend_from_slice(&NBD_MAGIC.to_be_bytes());
-    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&g)?;
-    w.flush()?;
+    write_greeting(w)?;
     let cflags = u32::from_be_bytes(read_array::<4>(r)?);
     if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         tracing::debug!(cflags, "unknown NBD client flags; dropping");

@@ -69,12 +69,7 @@ const REFUSE_MAX_OPTIONS: usize = 8;
 /// `NBD_REP_ERR_SHUTDOWN` and `msg` (so `qemu`, `nbdinfo`... show why), then returns to close.
 /// `NBD_OPT_EXPORT_NAME` cannot carry an error and just gets the close.
 pub(super) fn refuse(r: &mut impl Read, w: &mut impl Write, msg: &str) -> io::Result<()> {
-    let mut g = Vec::with_capacity(18);
-    g.extend_from_slice(&NBD_MAGIC.to_be_bytes());
-    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&g)?;
-    w.flush()?;
+    write_greeting(w)?;
     let _cflags = read_array::<4>(r)?;
     for _ in 0..REFUSE_MAX_OPTIONS {
         let hdr = read_array::<OPTION_HEADER_LEN>(r)?;

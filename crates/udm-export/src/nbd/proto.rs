@@ -1,7 +1,7 @@
 //! The NBD wire format (NetworkBlockDevice/nbd `doc/proto.md`): constants and the encoders and
 //! decoders shared by the server and the test client, so both sides speak the same bytes.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 /// `NBDMAGIC`, first word of the server greeting.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -291,6 +291,17 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Sends the server's fixed newstyle greeting (magic, `IHAVEOPT`, handshake flags) and flushes
+/// it: the client answers before anything else is sent.
+pub fn write_greeting(w: &mut impl Write) -> io::Result<()> {
+    let mut g = Vec::with_capacity(18);
+    g.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&g)?;
+    w.flush()
 }
 
 /// An option reply (fixed newstyle).
