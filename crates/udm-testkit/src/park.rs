@@ -29,6 +29,15 @@ pub fn parked_read(d: &Udmd, name: &str) -> ParkedRead {
     ParkedRead { client, handle }
 }
 
+/// `udmsetup` arguments creating the interposer `ip` of `o` of [`parked_below`].
+pub const CREATE_IP_OVER_O: [&str; 5] = [
+    "create",
+    "ip",
+    "--interpose",
+    "--table",
+    "0 8192 linear o 0",
+];
+
 /// Disk `f0` (4 MiB, pattern seed 1) <- `low` <- `o` (both linear, 8192 sectors), `o` exported
 /// over NBD and `low` suspended, with a READ of `o` parked in `low`.
 pub fn parked_below(d: &Udmd) -> ParkedRead {

@@ -13,7 +13,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use udm_testkit::{bin, join_within, parked_below, parked_read, udmsetup_bg, Udmd};
+use udm_testkit::{
+    bin, join_within, parked_below, parked_read, udmsetup_bg, Udmd, CREATE_IP_OVER_O,
+};
 
 fn ok(o: &Output, what: &str) {
     assert!(
@@ -88,13 +90,7 @@ fn sigterm_with_a_suspended_interposer_finishes_and_keeps_it_suspended() {
     d.disk("f0", 4 << 20, 1);
     d.ok(&["create", "o", "--table", "0 8192 linear f0 0"]);
     d.ok(&["export", "add", "o", "--nbd"]);
-    d.ok(&[
-        "create",
-        "ip",
-        "--interpose",
-        "--table",
-        "0 8192 linear o 0",
-    ]);
+    d.ok(&CREATE_IP_OVER_O);
     d.ok(&["suspend", "ip"]);
     stop_within_10s(&mut d);
     let log = d.log();
@@ -150,16 +146,7 @@ fn sigterm_with_a_parked_nbd_request_finishes() {
 fn sigterm_with_a_control_operation_stuck_on_held_io_finishes() {
     let mut d = Udmd::start();
     let _parked = parked_below(&d);
-    let create = udmsetup_bg(
-        &d,
-        &[
-            "create",
-            "ip",
-            "--interpose",
-            "--table",
-            "0 8192 linear o 0",
-        ],
-    );
+    let create = udmsetup_bg(&d, &CREATE_IP_OVER_O);
     std::thread::sleep(Duration::from_millis(500));
     let resume = udmsetup_bg(&d, &["resume", "low"]);
     std::thread::sleep(Duration::from_millis(500));

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 use udm_export::nbd::client::Reply;
-use udm_testkit::{fill_pattern, join_within, parked_below, udmsetup_bg, ParkedRead, Udmd};
+use udm_testkit::{
+    fill_pattern, join_within, parked_below, udmsetup_bg, ParkedRead, Udmd, CREATE_IP_OVER_O,
+};
 
 /// `udmsetup ARGS`, which must succeed within `limit`; returns its stdout.
 fn ok_within(d: &Udmd, args: &[&str], limit: Duration) -> String {
@@ -38,16 +40,7 @@ fn create_interpose_over_parked_io_leaves_queries_and_resume_free() {
     let mut d = Udmd::start();
     let ParkedRead { mut client, handle } = parked_below(&d);
 
-    let create = udmsetup_bg(
-        &d,
-        &[
-            "create",
-            "ip",
-            "--interpose",
-            "--table",
-            "0 8192 linear o 0",
-        ],
-    );
+    let create = udmsetup_bg(&d, &CREATE_IP_OVER_O);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !create.is_finished(),
