@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use udm_testkit::{
-    bin, join_within, parked_below, parked_read, udmsetup_bg, Udmd, CREATE_IP_OVER_O,
+    bin, join_within, parked_below, parked_read, udmsetup_bg, ParkedRead, Udmd, CREATE_IP_OVER_O,
 };
 
 fn ok(o: &Output, what: &str) {
@@ -38,17 +38,22 @@ fn stop_within_10s(d: &mut Udmd) {
     );
 }
 
+/// Disk `f0` <- `lin`, exported over NBD and suspended, with a READ of `lin` parked in it.
+fn parked_in_lin(d: &Udmd) -> ParkedRead {
+    d.disk("f0", 4 << 20, 1);
+    d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
+    d.ok(&["export", "add", "lin", "--nbd"]);
+    d.ok(&["suspend", "lin"]);
+    parked_read(d, "lin")
+}
+
 /// Item 1: `export remove` of an export whose client has a READ parked on a suspended device
 /// must not keep `resume` (which releases the READ) from running; the removal then completes,
 /// and a concurrent add of the same id meanwhile is refused with EBUSY.
 #[test]
 fn export_remove_with_a_parked_request_does_not_block_resume() {
     let mut d = Udmd::start();
-    d.disk("f0", 4 << 20, 1);
-    d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
-    d.ok(&["export", "add", "lin", "--nbd"]);
-    d.ok(&["suspend", "lin"]);
-    let _parked = parked_read(&d, "lin");
+    let _parked = parked_in_lin(&d);
     let remove = udmsetup_bg(&d, &["export", "remove", "nbd:lin"]);
     std::thread::sleep(Duration::from_millis(300));
     if !remove.is_finished() {
@@ -109,11 +114,7 @@ fn sigterm_with_a_suspended_interposer_finishes_and_keeps_it_suspended() {
 #[test]
 fn sigterm_with_a_parked_nbd_request_finishes() {
     let mut d = Udmd::start();
-    d.disk("f0", 4 << 20, 1);
-    d.ok(&["create", "lin", "--table", "0 8192 linear f0 0"]);
-    d.ok(&["export", "add", "lin", "--nbd"]);
-    d.ok(&["suspend", "lin"]);
-    let _parked = parked_read(&d, "lin");
+    let _parked = parked_in_lin(&d);
     let pid = peer_pid(&d.runtime().join("control.sock"));
     let start = Instant::now();
     // SAFETY: kill with a valid pid and signal number.
