@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -115,7 +114,7 @@ fn sigterm_with_a_suspended_interposer_finishes_and_keeps_it_suspended() {
 fn sigterm_with_a_parked_nbd_request_finishes() {
     let mut d = Udmd::start();
     let _parked = parked_in_lin(&d);
-    let pid = peer_pid(&d.runtime().join("control.sock"));
+    let pid = d.pid().unwrap() as i32;
     let start = Instant::now();
     // SAFETY: kill with a valid pid and signal number.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -324,29 +323,6 @@ fn export_remove_by_device_name() {
     assert!(err.contains("no export vol"), "{err}");
 }
 
-/// The pid of the process listening on a Unix socket.
-fn peer_pid(sock: &Path) -> i32 {
-    let s = UnixStream::connect(sock).unwrap();
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given; the fd is a live socket.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0);
-    cred.pid
-}
-
 fn locked_kb(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -369,7 +345,7 @@ fn fuse_memory_lock_ends_with_the_last_mount() {
     let d = Udmd::start();
     d.disk("f0", 1 << 20, 1);
     d.ok(&["create", "vol", "--table", "0 2048 linear f0 0"]);
-    let pid = peer_pid(&d.runtime().join("control.sock"));
+    let pid = d.pid().unwrap() as i32;
     assert_eq!(locked_kb(pid), 0);
     let mnt = d.path("mnt");
     std::fs::create_dir(&mnt).unwrap();
