@@ -177,6 +177,21 @@ fn check_back(d: &Udmd, recorded: &serde_json::Value) {
     assert_eq!(&state(d), recorded);
 }
 
+/// udmd started with `args`, with the [`stack`] recorded and then restarted with d0's file
+/// moved away: everything is kept as unavailable. Returns the daemon, d0's path, where the file
+/// is now and the recorded state.
+fn restarted_without_d0(args: &[&str]) -> (Udmd, PathBuf, PathBuf, serde_json::Value) {
+    let mut d = Udmd::start_with(args);
+    let d0 = stack(&d);
+    let recorded = state(&d);
+    assert!(d.stop());
+    let away = d.path("d0.away");
+    std::fs::rename(&d0, &away).unwrap();
+    d.restart();
+    check_unavailable(&d, d0.to_str().unwrap(), &recorded);
+    (d, d0, away, recorded)
+}
+
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -187,14 +202,7 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn missing_backing_file_at_start_keeps_everything_until_it_returns() {
-    let mut d = Udmd::start();
-    let d0 = stack(&d);
-    let recorded = state(&d);
-    assert!(d.stop());
-    let away = d.path("d0.away");
-    std::fs::rename(&d0, &away).unwrap();
-    d.restart();
-    check_unavailable(&d, d0.to_str().unwrap(), &recorded);
+    let (mut d, d0, away, recorded) = restarted_without_d0(&[]);
     // A second start while still missing loses nothing either.
     d.crash_and_restart();
     check_unavailable(&d, d0.to_str().unwrap(), &recorded);
@@ -206,14 +214,7 @@ fn missing_backing_file_at_start_keeps_everything_until_it_returns() {
 
 #[test]
 fn returning_file_is_picked_up_by_the_periodic_retry() {
-    let mut d = Udmd::start_with(&["--retry-interval", "1"]);
-    let d0 = stack(&d);
-    let recorded = state(&d);
-    assert!(d.stop());
-    let away = d.path("d0.away");
-    std::fs::rename(&d0, &away).unwrap();
-    d.restart();
-    check_unavailable(&d, d0.to_str().unwrap(), &recorded);
+    let (d, d0, away, recorded) = restarted_without_d0(&["--retry-interval", "1"]);
     std::fs::rename(&away, &d0).unwrap();
     wait_until("the exports to come back", Duration::from_secs(20), || {
         nbd(&d, "snap").is_ok()
@@ -223,14 +224,7 @@ fn returning_file_is_picked_up_by_the_periodic_retry() {
 
 #[test]
 fn returning_file_is_picked_up_by_disk_retry() {
-    let mut d = Udmd::start_with(&["--retry-interval", "3600"]);
-    let d0 = stack(&d);
-    let recorded = state(&d);
-    assert!(d.stop());
-    let away = d.path("d0.away");
-    std::fs::rename(&d0, &away).unwrap();
-    d.restart();
-    check_unavailable(&d, d0.to_str().unwrap(), &recorded);
+    let (mut d, d0, away, recorded) = restarted_without_d0(&["--retry-interval", "3600"]);
     let e = d.fails(&["disk", "retry", "d0"]);
     assert!(e.contains(d0.to_str().unwrap()), "{e}");
     std::fs::rename(&away, &d0).unwrap();
@@ -305,14 +299,7 @@ fn absolute_path_in_a_table_is_opened_on_demand_and_released() {
 
 #[test]
 fn returning_file_is_picked_up_by_disk_add_of_the_same_disk() {
-    let mut d = Udmd::start_with(&["--retry-interval", "3600"]);
-    let d0 = stack(&d);
-    let recorded = state(&d);
-    assert!(d.stop());
-    let away = d.path("d0.away");
-    std::fs::rename(&d0, &away).unwrap();
-    d.restart();
-    check_unavailable(&d, d0.to_str().unwrap(), &recorded);
+    let (d, d0, away, recorded) = restarted_without_d0(&["--retry-interval", "3600"]);
     // Another file under the recorded name is refused; the recorded file brings it all back.
     let other = d.path("other.img");
     std::fs::write(&other, vec![0u8; 4096]).unwrap();
