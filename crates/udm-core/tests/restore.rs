@@ -65,6 +65,14 @@ impl Rig {
     fn path(&self, n: &str) -> PathBuf {
         self.dir.path().join(n)
     }
+
+    /// Moves d0's file away (as if its disk went missing); returns its path and where it is.
+    fn move_d0_away(&self) -> (PathBuf, PathBuf) {
+        let d0 = self.path("d0.img");
+        let away = self.path("d0.away");
+        std::fs::rename(&d0, &away).unwrap();
+        (d0, away)
+    }
 }
 
 /// d0 (missing later) and e0 (stays); lin on d0, top on lin, sus (suspended) on d0, mixed with a
@@ -94,9 +102,7 @@ fn rig() -> Rig {
 #[test]
 fn missing_disk_is_kept_with_its_dependents_and_comes_back() {
     let r = rig();
-    let d0 = r.path("d0.img");
-    let away = r.path("d0.away");
-    std::fs::rename(&d0, &away).unwrap();
+    let (d0, away) = r.move_d0_away();
 
     let reg = Registry::new();
     let problems = reg.restore(&r.cfg);
@@ -171,9 +177,7 @@ fn missing_disk_is_kept_with_its_dependents_and_comes_back() {
 #[test]
 fn unavailable_devices_can_be_removed_and_disk_add_brings_the_disk_back() {
     let r = rig();
-    let d0 = r.path("d0.img");
-    let away = r.path("d0.away");
-    std::fs::rename(&d0, &away).unwrap();
+    let (d0, away) = r.move_d0_away();
     let reg = Registry::new();
     reg.expect_export("top", "nbd:top");
     reg.restore(&r.cfg);
