@@ -24,9 +24,9 @@ use common::{create, IP};
 
 const SECTORS: u64 = 8192;
 
-/// `d` (memory) <- `low` (linear) <- `o` (linear); `low` suspended and a READ of `o` parked in
-/// it. Returns the registry and the reader.
-fn parked() -> (Arc<Registry>, JoinHandle<Vec<u8>>) {
+/// `d` (memory, 0x5a in its first 4 KiB) <- `low` (linear) <- `o` (linear), and `ip`
+/// interposing `o` when `interposed`.
+fn stack(interposed: bool) -> Arc<Registry> {
     let reg = Arc::new(Registry::new());
     let mem = Arc::new(MemDevice::new(SECTORS));
     mem.submit(Bio::write(0, &[0x5a; 4096])).unwrap();
@@ -34,6 +34,14 @@ fn parked() -> (Arc<Registry>, JoinHandle<Vec<u8>>) {
     let lin = |dev: &str| format!("0 {SECTORS} linear {dev} 0");
     create(&reg, "low", &lin("d"), LoadFlags::default()).unwrap();
     create(&reg, "o", &lin("low"), LoadFlags::default()).unwrap();
+    if interposed {
+        create(&reg, "ip", &lin("o"), IP).unwrap();
+    }
+    reg
+}
+
+/// Suspends `low` of the [`stack`] and parks a READ of `o` in it; returns the reader.
+fn park_read_of_o(reg: &Registry) -> JoinHandle<Vec<u8>> {
     reg.suspend("low", SuspendFlags::default()).unwrap();
     let o = reg.node("o").unwrap();
     let reader = std::thread::spawn(move || {
@@ -46,81 +54,125 @@ fn parked() -> (Arc<Registry>, JoinHandle<Vec<u8>>) {
         !reader.is_finished(),
         "the READ was not held by the suspend"
     );
+    reader
+}
+
+/// The [`stack`] without an interposer and a READ of `o` parked in the suspended `low`.
+fn parked() -> (Arc<Registry>, JoinHandle<Vec<u8>>) {
+    let reg = stack(false);
+    let reader = park_read_of_o(&reg);
     (reg, reader)
+}
+
+/// Memory disks `d` and `c`, and `cow` (linear) on `c`.
+fn cow_rig() -> Arc<Registry> {
+    let reg = Arc::new(Registry::new());
+    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    create(
+        &reg,
+        "cow",
+        &format!("0 {SECTORS} linear c 0"),
+        LoadFlags::default(),
+    )
+    .unwrap();
+    reg
+}
+
+/// Runs `f` on the registry from another thread; it must return within 100 ms (a query, or a
+/// change refused at once).
+fn quick<T: Send + 'static>(
+    reg: &Arc<Registry>,
+    what: &str,
+    f: impl FnOnce(&Registry) -> T + Send + 'static,
+) -> T {
+    let r = reg.clone();
+    within(Duration::from_millis(100), what, move || f(&r))
+}
+
+/// Starts `f` on the registry on a thread and checks that it still waits 200 ms later.
+fn waiting<T: Send + std::fmt::Debug + 'static>(
+    reg: &Arc<Registry>,
+    what: &str,
+    f: impl FnOnce(&Registry) -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let r = reg.clone();
+    let t = std::thread::spawn(move || f(&r));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!t.is_finished(), "{what}: {:?}", t.join());
+    t
+}
+
+/// `resume NAME`, which must succeed within 1 s.
+fn resume_within_1s(reg: &Arc<Registry>, name: &str) {
+    let r = reg.clone();
+    let n = name.to_string();
+    within(
+        Duration::from_secs(1),
+        &format!("resume {name}"),
+        move || r.resume(&n, &ResumeOptions::default()),
+    )
+    .unwrap();
 }
 
 /// While a switch waits for the parked READ: queries answer within 100 ms and conflicting
 /// operations are refused with EBUSY.
 fn queries_answer_and_conflicts_are_refused(reg: &Arc<Registry>, switching: &str) {
-    let fast = Duration::from_millis(100);
     for dev in [switching, "o", "low"] {
-        let r = reg.clone();
         let d = dev.to_string();
-        within(fast, &format!("info {dev}"), move || r.info(&d)).unwrap();
-        let r = reg.clone();
+        quick(reg, &format!("info {dev}"), move |r| r.info(&d)).unwrap();
         let d = dev.to_string();
-        within(fast, &format!("status {dev}"), move || r.status(&d, false)).unwrap();
-        let r = reg.clone();
+        quick(reg, &format!("status {dev}"), move |r| r.status(&d, false)).unwrap();
         let d = dev.to_string();
-        within(fast, &format!("table {dev}"), move || r.table(&d, false)).unwrap();
+        quick(reg, &format!("table {dev}"), move |r| r.table(&d, false)).unwrap();
     }
-    let r = reg.clone();
-    let names = within(fast, "list_mapped", move || r.list_mapped());
+    let names = quick(reg, "list_mapped", |r| r.list_mapped());
     assert!(names.iter().any(|(n, _)| n == switching), "{names:?}");
-    let r = reg.clone();
-    within(fast, "devices", move || r.devices());
-    let r = reg.clone();
-    within(fast, "disks", move || r.disks());
+    quick(reg, "devices", |r| r.devices());
+    quick(reg, "disks", |r| r.disks());
 
     let busy = |what: &str, r: udm_core::Result<()>| match r {
         Err(e) => assert_eq!(e.errno(), Errno::EBUSY, "{what}: {e}"),
         Ok(()) => panic!("{what} succeeded during the switch of {switching}"),
     };
-    let r = reg.clone();
     let s = switching.to_string();
     busy(
         "suspend",
-        within(fast, "suspend", move || {
+        quick(reg, "suspend", move |r| {
             r.suspend(&s, SuspendFlags::default())
         }),
     );
-    let r = reg.clone();
     let s = switching.to_string();
     busy(
         "remove",
-        within(fast, "remove", move || r.remove(&s, false, false)),
+        quick(reg, "remove", move |r| r.remove(&s, false, false)),
     );
-    let r = reg.clone();
     let s = switching.to_string();
     busy(
         "load",
-        within(fast, "load", move || {
+        quick(reg, "load", move |r| {
             let spec = TableSpec::parse(&format!("0 {SECTORS} zero")).unwrap();
             r.load(&s, &spec, LoadFlags::default())
         }),
     );
-    let r = reg.clone();
     busy(
         "remove o",
-        within(fast, "remove o", move || r.remove("o", false, false)),
+        quick(reg, "remove o", |r| r.remove("o", false, false)),
     );
     // A second interposer of `o` waits for nothing: the device is held by the first switch.
-    let r = reg.clone();
     busy(
         "second interposer",
-        within(fast, "create ip2 --interpose", move || {
-            create(&r, "ip2", &format!("0 {SECTORS} linear o 0"), IP)
+        quick(reg, "create ip2 --interpose", |r| {
+            create(r, "ip2", &format!("0 {SECTORS} linear o 0"), IP)
         }),
     );
 }
 
 /// Releases the parked READ with `resume low` (within 1 s) and checks what it read.
 fn resume_low(reg: &Arc<Registry>, reader: JoinHandle<Vec<u8>>) {
-    let r = reg.clone();
-    within(Duration::from_secs(1), "resume low", move || {
-        r.resume("low", &ResumeOptions::default())
-    })
-    .unwrap();
+    resume_within_1s(reg, "low");
     let buf = join_within(reader, Duration::from_secs(2), "the parked READ");
     assert!(
         buf.iter().all(|b| *b == 0x5a),
@@ -131,14 +183,10 @@ fn resume_low(reg: &Arc<Registry>, reader: JoinHandle<Vec<u8>>) {
 #[test]
 fn create_interpose_waits_for_parked_io_without_the_registry_lock() {
     let (reg, reader) = parked();
-    let r = reg.clone();
-    let switch =
-        std::thread::spawn(move || create(&r, "ip", &format!("0 {SECTORS} linear o 0"), IP));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !switch.is_finished(),
-        "create --interpose did not wait for the parked READ: {:?}",
-        switch.join()
+    let switch = waiting(
+        &reg,
+        "create --interpose did not wait for the parked READ",
+        |r| create(r, "ip", &format!("0 {SECTORS} linear o 0"), IP),
     );
     queries_answer_and_conflicts_are_refused(&reg, "ip");
     resume_low(&reg, reader);
@@ -164,36 +212,13 @@ fn create_interpose_waits_for_parked_io_without_the_registry_lock() {
 
 #[test]
 fn remove_detaching_an_interposer_waits_for_parked_io_without_the_registry_lock() {
-    let reg = Arc::new(Registry::new());
-    let mem = Arc::new(MemDevice::new(SECTORS));
-    mem.submit(Bio::write(0, &[0x5a; 4096])).unwrap();
-    reg.add_disk_device("d", mem).unwrap();
-    let lin = |dev: &str| format!("0 {SECTORS} linear {dev} 0");
-    create(&reg, "low", &lin("d"), LoadFlags::default()).unwrap();
-    create(&reg, "o", &lin("low"), LoadFlags::default()).unwrap();
-    create(&reg, "ip", &lin("o"), IP).unwrap();
-    reg.suspend("low", SuspendFlags::default()).unwrap();
+    let reg = stack(true);
     // The READ goes o -> ip (redirected) -> o's table -> low, where it is held.
-    let o = reg.node("o").unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 4096];
-        o.submit(Bio::read(0, &mut buf)).unwrap();
-        buf
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        !reader.is_finished(),
-        "the READ was not held by the suspend"
-    );
+    let reader = park_read_of_o(&reg);
     assert_eq!(reg.info("ip").unwrap().redirected, 1);
-    let r = reg.clone();
-    let remove = std::thread::spawn(move || r.remove("ip", false, false));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !remove.is_finished(),
-        "remove did not wait for the parked READ: {:?}",
-        remove.join()
-    );
+    let remove = waiting(&reg, "remove did not wait for the parked READ", |r| {
+        r.remove("ip", false, false)
+    });
     queries_answer_and_conflicts_are_refused(&reg, "ip");
     resume_low(&reg, reader);
     join_within(remove, Duration::from_secs(2), "remove ip").expect("remove ip");
@@ -211,19 +236,11 @@ fn reload_of_a_device_with_parked_io_does_not_hold_the_registry_lock() {
     let (reg, reader) = parked();
     let spec = TableSpec::parse(&format!("0 {SECTORS} linear low 0")).unwrap();
     reg.load("o", &spec, LoadFlags::default()).unwrap();
-    let r = reg.clone();
-    let switch = std::thread::spawn(move || r.resume("o", &ResumeOptions::default()));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !switch.is_finished(),
-        "resume o did not wait for the parked READ"
-    );
-    let r = reg.clone();
-    within(Duration::from_millis(100), "info o", move || r.info("o")).unwrap();
-    let r = reg.clone();
-    within(Duration::from_millis(100), "list_mapped", move || {
-        r.list_mapped()
+    let switch = waiting(&reg, "resume o did not wait for the parked READ", |r| {
+        r.resume("o", &ResumeOptions::default())
     });
+    quick(&reg, "info o", |r| r.info("o")).unwrap();
+    quick(&reg, "list_mapped", |r| r.list_mapped());
     resume_low(&reg, reader);
     join_within(switch, Duration::from_secs(2), "resume o").expect("resume o");
     let info = reg.info("o").unwrap();
@@ -232,45 +249,18 @@ fn reload_of_a_device_with_parked_io_does_not_hold_the_registry_lock() {
 
 #[test]
 fn deferred_removal_of_an_interposer_detaches_without_the_registry_lock() {
-    let reg = Arc::new(Registry::new());
-    let mem = Arc::new(MemDevice::new(SECTORS));
-    mem.submit(Bio::write(0, &[0x5a; 4096])).unwrap();
-    reg.add_disk_device("d", mem).unwrap();
-    let lin = |dev: &str| format!("0 {SECTORS} linear {dev} 0");
-    create(&reg, "low", &lin("d"), LoadFlags::default()).unwrap();
-    create(&reg, "o", &lin("low"), LoadFlags::default()).unwrap();
-    create(&reg, "ip", &lin("o"), IP).unwrap();
+    let reg = stack(true);
     let ip = reg.open_export("ip", "test:ip").unwrap();
     reg.remove("ip", false, true).unwrap();
     assert!(reg.info("ip").unwrap().deferred_remove);
-    reg.suspend("low", SuspendFlags::default()).unwrap();
-    let o = reg.node("o").unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 4096];
-        o.submit(Bio::read(0, &mut buf)).unwrap();
-        buf
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        !reader.is_finished(),
-        "the READ was not held by the suspend"
-    );
+    let reader = park_read_of_o(&reg);
     // The last close runs the deferred removal, which detaches the interposer.
-    let r = reg.clone();
-    let close = std::thread::spawn(move || r.close_export(ip.id(), "test:ip"));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !close.is_finished(),
-        "the removal did not wait for the READ"
-    );
-    let r = reg.clone();
-    within(Duration::from_millis(100), "info o", move || r.info("o")).unwrap();
-    let r = reg.clone();
-    within(Duration::from_millis(100), "list_mapped", move || {
-        r.list_mapped()
+    let close = waiting(&reg, "the removal did not wait for the READ", move |r| {
+        r.close_export(ip.id(), "test:ip")
     });
-    let r = reg.clone();
-    let busy = within(Duration::from_millis(100), "export of ip", move || {
+    quick(&reg, "info o", |r| r.info("o")).unwrap();
+    quick(&reg, "list_mapped", |r| r.list_mapped());
+    let busy = quick(&reg, "export of ip", |r| {
         r.open_export("ip", "test:again").map(|_| ())
     });
     assert_eq!(busy.unwrap_err().errno(), Errno::EBUSY);
@@ -288,18 +278,7 @@ fn removing_an_origin_with_held_writes_settles_them_without_the_registry_lock() 
     // A write to a snapshot origin is acknowledged once held; it reaches the origin after its
     // chunk is copied to the COW device, which is suspended here. The removal's postsuspend
     // settles the held write: it waits for `resume cow`, which must not wait for it.
-    let reg = Arc::new(Registry::new());
-    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
-        .unwrap();
-    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
-        .unwrap();
-    create(
-        &reg,
-        "cow",
-        &format!("0 {SECTORS} linear c 0"),
-        LoadFlags::default(),
-    )
-    .unwrap();
+    let reg = cow_rig();
     create(
         &reg,
         "o",
@@ -319,25 +298,12 @@ fn removing_an_origin_with_held_writes_settles_them_without_the_registry_lock() 
     within(Duration::from_secs(2), "a held origin write", move || {
         o.submit(Bio::write(0, &[0xab; 4096])).unwrap()
     });
-    let r = reg.clone();
-    let remove = std::thread::spawn(move || r.remove("o", false, false));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !remove.is_finished(),
-        "remove did not wait for the held write: {:?}",
-        remove.join()
-    );
-    let r = reg.clone();
-    within(Duration::from_millis(100), "info s", move || r.info("s")).unwrap();
-    let r = reg.clone();
-    within(Duration::from_millis(100), "list_mapped", move || {
-        r.list_mapped()
+    let remove = waiting(&reg, "remove did not wait for the held write", |r| {
+        r.remove("o", false, false)
     });
-    let r = reg.clone();
-    within(Duration::from_secs(1), "resume cow", move || {
-        r.resume("cow", &ResumeOptions::default())
-    })
-    .unwrap();
+    quick(&reg, "info s", |r| r.info("s")).unwrap();
+    quick(&reg, "list_mapped", |r| r.list_mapped());
+    resume_within_1s(&reg, "cow");
     join_within(remove, Duration::from_secs(5), "remove o").expect("remove o");
     assert!(reg.info("o").is_err(), "o still exists");
     let mut buf = vec![0u8; 4096];
@@ -351,48 +317,19 @@ fn removing_an_origin_with_held_writes_settles_them_without_the_registry_lock() 
 #[test]
 fn loading_a_snapshot_whose_cow_is_suspended_does_not_hold_the_registry_lock() {
     // The snapshot's constructor reads the COW's metadata, which waits for `resume cow`.
-    let reg = Arc::new(Registry::new());
-    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
-        .unwrap();
-    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
-        .unwrap();
-    create(
-        &reg,
-        "cow",
-        &format!("0 {SECTORS} linear c 0"),
-        LoadFlags::default(),
-    )
-    .unwrap();
+    let reg = cow_rig();
     reg.suspend("cow", SuspendFlags::default()).unwrap();
-    let r = reg.clone();
-    let load = std::thread::spawn(move || {
+    let load = waiting(&reg, "the snapshot did not read its COW", |r| {
         create(
-            &r,
+            r,
             "s",
             &format!("0 {SECTORS} snapshot d cow P 8"),
             LoadFlags::default(),
         )
     });
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !load.is_finished(),
-        "the snapshot did not read its COW: {:?}",
-        load.join()
-    );
-    let r = reg.clone();
-    within(Duration::from_millis(100), "info cow", move || {
-        r.info("cow")
-    })
-    .unwrap();
-    let r = reg.clone();
-    within(Duration::from_millis(100), "list_mapped", move || {
-        r.list_mapped()
-    });
-    let r = reg.clone();
-    within(Duration::from_secs(1), "resume cow", move || {
-        r.resume("cow", &ResumeOptions::default())
-    })
-    .unwrap();
+    quick(&reg, "info cow", |r| r.info("cow")).unwrap();
+    quick(&reg, "list_mapped", |r| r.list_mapped());
+    resume_within_1s(&reg, "cow");
     join_within(load, Duration::from_secs(5), "create s").expect("create s");
     let info = reg.info("s").unwrap();
     assert!(info.live_present && !info.suspended, "{info:?}");
@@ -405,32 +342,17 @@ fn loading_a_snapshot_whose_cow_is_suspended_does_not_hold_the_registry_lock() {
 fn a_table_built_without_the_lock_is_checked_again_before_it_is_entered() {
     // While the snapshot's build waits for its COW, its origin disk is exported: the table
     // must not then claim it (it would be refused had the export come first).
-    let reg = Arc::new(Registry::new());
-    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
-        .unwrap();
-    reg.add_disk_device("c", Arc::new(MemDevice::new(SECTORS)))
-        .unwrap();
-    create(
-        &reg,
-        "cow",
-        &format!("0 {SECTORS} linear c 0"),
-        LoadFlags::default(),
-    )
-    .unwrap();
+    let reg = cow_rig();
     reg.suspend("cow", SuspendFlags::default()).unwrap();
-    let r = reg.clone();
-    let load = std::thread::spawn(move || {
+    let load = waiting(&reg, "the snapshot did not read its COW", |r| {
         create(
-            &r,
+            r,
             "s",
             &format!("0 {SECTORS} snapshot d cow P 8"),
             LoadFlags::default(),
         )
     });
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(!load.is_finished(), "the snapshot did not read its COW");
-    let r = reg.clone();
-    within(Duration::from_millis(100), "export d", move || {
+    quick(&reg, "export d", |r| {
         r.open_export("d", "test:d").map(|_| ())
     })
     .unwrap();
