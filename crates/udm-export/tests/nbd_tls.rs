@@ -115,13 +115,14 @@ fn psk_dir(dir: &Path, user: &str, key: &str) -> PathBuf {
     d
 }
 
-fn psk_server(dir: &Path) -> Srv {
+/// A server with alice's PSK; `allow_insecure` serves exports marked insecure in plain text.
+fn psk_server(dir: &Path, allow_insecure: bool) -> Srv {
     let keys = psk_dir(dir, "alice", KEY);
     serve(TcpSecurity {
         tls: Some(Arc::new(
             TlsCreds::psk_file(&keys.join("keys.psk")).unwrap(),
         )),
-        allow_insecure: false,
+        allow_insecure,
     })
 }
 
@@ -316,7 +317,7 @@ fn psk_with_libnbd_and_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let s = psk_server(dir.path());
+    let s = psk_server(dir.path(), false);
     let keys = psk_dir(dir.path(), "alice", KEY).join("keys.psk");
     let uri = |export: &str| {
         format!(
@@ -389,7 +390,7 @@ fn psk_wrong_key_or_user_fails() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let s = psk_server(dir.path());
+    let s = psk_server(dir.path(), false);
     let wrong = KEY.replace('9', "8");
     for (user, key) in [("alice", wrong.as_str()), ("mallory", KEY)] {
         let keys = psk_dir(dir.path(), user, key).join("keys.psk");
@@ -523,7 +524,7 @@ fn tcp(port: u16) -> TcpStream {
 #[test]
 fn plain_client_gets_tls_required_and_sees_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = psk_server(dir.path());
+    let s = psk_server(dir.path(), false);
     let mut c = tcp(s.port);
     greet(&mut c).unwrap();
     let requests = [
@@ -613,11 +614,8 @@ fn selective_tls_serves_marked_exports_plain_and_the_rest_after_starttls() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let s = psk_server(dir.path(), true);
     let keys = psk_dir(dir.path(), "alice", KEY).join("keys.psk");
-    let s = serve(TcpSecurity {
-        tls: Some(Arc::new(TlsCreds::psk_file(&keys).unwrap())),
-        allow_insecure: true,
-    });
     let mut c = tcp(s.port);
     greet(&mut c).unwrap();
     c.write_all(&option_request(OPT_GO, &info_request_data("vol", &[])))
@@ -645,7 +643,7 @@ fn selective_tls_serves_marked_exports_plain_and_the_rest_after_starttls() {
 #[test]
 fn unix_socket_stays_plain_and_refuses_starttls() {
     let dir = tempfile::tempdir().unwrap();
-    let s = psk_server(dir.path());
+    let s = psk_server(dir.path(), false);
     let sock = dir.path().join("nbd.sock");
     s.server.listen_unix(&sock).unwrap();
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
@@ -737,11 +735,7 @@ fn starttls(mut s: TcpStream) -> openssl::ssl::SslStream<TcpStream> {
 #[test]
 fn starttls_forgets_plain_state_pipelines_and_is_cut_by_remove_export() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = psk_dir(dir.path(), "alice", KEY).join("keys.psk");
-    let s = serve(TcpSecurity {
-        tls: Some(Arc::new(TlsCreds::psk_file(&keys).unwrap())),
-        allow_insecure: true,
-    });
+    let s = psk_server(dir.path(), true);
     let mut c = tcp(s.port);
     greet(&mut c).unwrap();
     // Structured replies negotiated in plain text are forgotten by STARTTLS.
@@ -807,7 +801,7 @@ fn starttls_forgets_plain_state_pipelines_and_is_cut_by_remove_export() {
 #[test]
 fn shutdown_cuts_a_client_stalled_in_the_tls_handshake() {
     let dir = tempfile::tempdir().unwrap();
-    let s = psk_server(dir.path());
+    let s = psk_server(dir.path(), false);
     let mut c = tcp(s.port);
     greet(&mut c).unwrap();
     c.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
