@@ -81,6 +81,22 @@ fn cow_rig() -> Arc<Registry> {
     reg
 }
 
+/// The [`cow_rig`] with `cow` suspended and `create s` of a snapshot of `d` in `cow` waiting
+/// for it (the snapshot's constructor reads the COW's metadata).
+fn snapshot_waiting_for_its_cow() -> (Arc<Registry>, JoinHandle<udm_core::Result<()>>) {
+    let reg = cow_rig();
+    reg.suspend("cow", SuspendFlags::default()).unwrap();
+    let load = waiting(&reg, "the snapshot did not read its COW", |r| {
+        create(
+            r,
+            "s",
+            &format!("0 {SECTORS} snapshot d cow P 8"),
+            LoadFlags::default(),
+        )
+    });
+    (reg, load)
+}
+
 /// Runs `f` on the registry from another thread; it must return within 100 ms (a query, or a
 /// change refused at once).
 fn quick<T: Send + 'static>(
@@ -317,16 +333,7 @@ fn removing_an_origin_with_held_writes_settles_them_without_the_registry_lock() 
 #[test]
 fn loading_a_snapshot_whose_cow_is_suspended_does_not_hold_the_registry_lock() {
     // The snapshot's constructor reads the COW's metadata, which waits for `resume cow`.
-    let reg = cow_rig();
-    reg.suspend("cow", SuspendFlags::default()).unwrap();
-    let load = waiting(&reg, "the snapshot did not read its COW", |r| {
-        create(
-            r,
-            "s",
-            &format!("0 {SECTORS} snapshot d cow P 8"),
-            LoadFlags::default(),
-        )
-    });
+    let (reg, load) = snapshot_waiting_for_its_cow();
     quick(&reg, "info cow", |r| r.info("cow")).unwrap();
     quick(&reg, "list_mapped", |r| r.list_mapped());
     resume_within_1s(&reg, "cow");
@@ -342,16 +349,7 @@ fn loading_a_snapshot_whose_cow_is_suspended_does_not_hold_the_registry_lock() {
 fn a_table_built_without_the_lock_is_checked_again_before_it_is_entered() {
     // While the snapshot's build waits for its COW, its origin disk is exported: the table
     // must not then claim it (it would be refused had the export come first).
-    let reg = cow_rig();
-    reg.suspend("cow", SuspendFlags::default()).unwrap();
-    let load = waiting(&reg, "the snapshot did not read its COW", |r| {
-        create(
-            r,
-            "s",
-            &format!("0 {SECTORS} snapshot d cow P 8"),
-            LoadFlags::default(),
-        )
-    });
+    let (reg, load) = snapshot_waiting_for_its_cow();
     quick(&reg, "export d", |r| {
         r.open_export("d", "test:d").map(|_| ())
     })
