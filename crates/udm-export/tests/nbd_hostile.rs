@@ -14,7 +14,6 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use support::*;
 use udm_export::nbd::client::{Client, Reply};
@@ -305,33 +304,13 @@ fn stuck_reply_write_does_not_stall_other_connections() {
     assert_eq!(c.write(0, &[3; 512]).unwrap(), Reply::Ok(vec![]));
 }
 
-/// A client of `big` that sends `n` READs of 8 MiB and never reads a reply: returns its socket,
-/// the client (to keep open) and the thread still writing the requests.
-fn flood_big_reads(e: &Env, n: u64) -> (UnixStream, Client<UnixStream>, JoinHandle<()>) {
-    let s = stream(&e.sock);
-    let c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
-    let mut reqs = Vec::new();
-    for i in 0..n {
-        reqs.extend_from_slice(&request(CMD_READ, i, 0, 8 << 20));
-    }
-    let flooder = flood(s.try_clone().unwrap(), reqs);
-    (s, c, flooder)
-}
-
-/// Waits at most 35 s for a flooding thread (its writes fail once the server closes).
-fn join_flooder(flooder: JoinHandle<()>) {
-    bounded("flooder", Duration::from_secs(35), move || flooder.join())
-        .0
-        .unwrap();
-}
-
 #[test]
 fn shutdown_with_client_not_reading_replies_is_bounded() {
     let e = env(
         NbdLimits::default(),
         &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
     );
-    let (mut s, _c, flooder) = flood_big_reads(&e, 200);
+    let (mut s, _c, flooder) = flood_reads(&e.sock, "big", 200, 8 << 20);
     std::thread::sleep(Duration::from_millis(1000));
     let server = e.server.clone();
     let (_, took) = bounded("shutdown", Duration::from_secs(5), move || {
@@ -351,7 +330,7 @@ fn client_not_reading_replies_is_dropped_after_send_timeout() {
         },
         &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
     );
-    let (mut s, _c, flooder) = flood_big_reads(&e, 64);
+    let (mut s, _c, flooder) = flood_reads(&e.sock, "big", 64, 8 << 20);
     let start = Instant::now();
     wait_until("stuck client dropped", Duration::from_secs(8), || {
         e.server.memory().connections == 0

@@ -25,13 +25,7 @@ fn pipelined_huge_reads_hold_at_most_the_cap() {
         &[("big", Arc::new(ZeroDevice { sectors: 1 << 17 }) as _)],
     );
     let cap = NbdLimits::default().max_inflight_bytes;
-    let s = stream(&e.sock);
-    let _c = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
-    let mut reqs = Vec::new();
-    for i in 0..40u64 {
-        reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
-    }
-    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let (s, _c, flooder) = flood_reads(&e.sock, "big", 40, 32 << 20);
     let (mut peak, mut admitted) = (0, 0);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
@@ -55,9 +49,7 @@ fn pipelined_huge_reads_hold_at_most_the_cap() {
     bounded("shutdown", Duration::from_secs(5), move || {
         server.shutdown()
     });
-    bounded("flooder", Duration::from_secs(35), move || flooder.join())
-        .0
-        .unwrap();
+    join_flooder(flooder);
 }
 
 #[test]
@@ -188,13 +180,7 @@ fn rss_stays_small_under_memory_attacks() {
     let base = rss_kib(pid);
     // 40 pipelined 32 MiB reads on one connection, 20 connections with a 32 MiB write header
     // and 1 KiB of payload.
-    let s = stream(&sock);
-    let _h = Client::connect(s.try_clone().unwrap(), "big", false).unwrap();
-    let mut reqs = Vec::new();
-    for i in 0..40u64 {
-        reqs.extend_from_slice(&request(CMD_READ, i, 0, 32 << 20));
-    }
-    let flooder = flood(s.try_clone().unwrap(), reqs);
+    let (s, _h, flooder) = flood_reads(&sock, "big", 40, 32 << 20);
     let mut writers = Vec::new();
     for i in 0..20u64 {
         let mut w = stream(&sock);
@@ -218,7 +204,5 @@ fn rss_stays_small_under_memory_attacks() {
     drop(s);
     drop(writers);
     drop(child);
-    bounded("flooder", Duration::from_secs(35), move || flooder.join())
-        .0
-        .unwrap();
+    join_flooder(flooder);
 }

@@ -206,6 +206,32 @@ pub fn request(cmd: u16, handle: u64, offset: u64, length: u32) -> [u8; REQUEST_
     .encode()
 }
 
+/// A client of `export` on `sock` that sends `n` READs of `len` bytes at offset 0 and never
+/// reads a reply: returns its socket, the client (to keep open) and the thread still writing
+/// the requests.
+pub fn flood_reads(
+    sock: &Path,
+    export: &str,
+    n: u64,
+    len: u32,
+) -> (UnixStream, Client<UnixStream>, std::thread::JoinHandle<()>) {
+    let s = stream(sock);
+    let c = Client::connect(s.try_clone().unwrap(), export, false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, len));
+    }
+    let flooder = flood(s.try_clone().unwrap(), reqs);
+    (s, c, flooder)
+}
+
+/// Waits at most 35 s for a flooding thread (its writes fail once the server closes).
+pub fn join_flooder(flooder: std::thread::JoinHandle<()>) {
+    bounded("flooder", Duration::from_secs(35), move || flooder.join())
+        .0
+        .unwrap();
+}
+
 /// Sends `reqs` on `s` from a thread (the server may stop reading: that is the point), never
 /// reading a reply. The caller keeps another handle of the socket open.
 pub fn flood(mut s: UnixStream, reqs: Vec<u8>) -> std::thread::JoinHandle<()> {
