@@ -6,7 +6,6 @@ use crate::exports::Exports;
 use crate::state::{self, DaemonState, ExportConfig, STATE_VERSION};
 use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -539,38 +538,13 @@ fn disk_record(d: udm_core::registry::DiskInfo) -> DiskRecord {
     }
 }
 
-/// The uid of the peer of a Unix stream.
-fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the sizes given; the fd is a live socket.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred.uid)
-}
-
 /// Serves the control socket until the process exits.
 pub fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = udm_proto::peer::euid();
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
-        match peer_uid(&stream) {
-            Ok(uid) if uid == me || uid == 0 => {}
+        match udm_proto::peer::peer_uid(&stream) {
+            Ok(uid) if udm_proto::peer::trusted(uid, me) => {}
             Ok(uid) => {
                 tracing::warn!(
                     uid,

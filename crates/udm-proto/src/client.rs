@@ -19,6 +19,15 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket is served by another user than root or ourselves: it may be a trap planted
+    /// in a shared directory, so nothing is sent to it.
+    #[error("refusing to talk to {path}: it is served by uid {uid}, neither root nor this user (is UDM_RUNTIME_DIR a shared directory?)")]
+    Untrusted {
+        /// Socket path.
+        path: PathBuf,
+        /// The uid of the process serving it.
+        uid: u32,
+    },
     /// The connection broke.
     #[error("control connection to udmd failed: {0}")]
     Io(#[from] std::io::Error),
@@ -34,6 +43,7 @@ impl udm_types::errno::HasErrno for ClientError {
     fn errno(&self) -> udm_types::Errno {
         match self {
             ClientError::Connect { .. } => udm_types::Errno::ENXIO,
+            ClientError::Untrusted { .. } => udm_types::Errno::EPERM,
             ClientError::Io(e) => udm_types::Errno::from_io(e),
             ClientError::Decode(_) => udm_types::Errno::EPROTO,
             ClientError::Refused(e) => udm_types::Errno(e.errno),
@@ -55,6 +65,13 @@ impl ControlClient {
             path: path.to_path_buf(),
             source,
         })?;
+        let uid = crate::peer::peer_uid(&s)?;
+        if !crate::peer::trusted(uid, crate::peer::euid()) {
+            return Err(ClientError::Untrusted {
+                path: path.to_path_buf(),
+                uid,
+            });
+        }
         let writer = s.try_clone()?;
         Ok(ControlClient {
             reader: BufReader::new(s),

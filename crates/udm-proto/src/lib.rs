@@ -1,12 +1,13 @@
 //! The control protocol of `udmd`.
 //!
-//! One JSON object per line on a Unix socket (owner-only permissions; the daemon checks the
-//! peer's credentials). Every request carries the protocol version; the reply is either a typed
+//! One JSON object per line on a Unix socket (owner-only permissions; the daemon and the CLI check
+//! each other's credentials, [`peer`]). Every request carries the protocol version; the reply is either a typed
 //! [`Response`] or an [`ErrorReply`] with the kernel-compatible errno. The CLI links only this
 //! crate, never the data path.
 
 pub mod client;
 pub mod paths;
+pub mod peer;
 pub mod types;
 
 pub use client::{ClientError, ControlClient};

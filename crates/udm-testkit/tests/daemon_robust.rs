@@ -465,3 +465,57 @@ fn fallback_runtime_dir_in_shared_tmp_is_checked() {
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), uid);
     assert_eq!(mode(&fallback), 0o700);
 }
+
+/// Item 7, the client's side: `udmsetup` sends nothing to a control socket served by another
+/// user than root or itself (a daemon, or a trap, in a predictable shared directory).
+#[test]
+fn udmsetup_refuses_a_socket_served_by_another_user() {
+    let t = "udmsetup_refuses_a_socket_served_by_another_user";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED {t}: needs root to run a udmd as another user");
+        return;
+    }
+    if !udm_testkit::have("setpriv", t) {
+        return;
+    }
+    let uid = 65534;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (run, state) = (tmp.path().join("run"), tmp.path().join("state"));
+    for d in [&run, &state] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(uid), Some(uid)).unwrap();
+    }
+    let env = [
+        ("UDM_RUNTIME_DIR", run.as_path()),
+        ("UDM_STATE_DIR", &state),
+    ];
+    let mut udmd = udmd_as(uid, &env).spawn().unwrap();
+    let sock = run.join("control.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(bin("udmsetup"))
+        .arg("ls")
+        .env("UDM_RUNTIME_DIR", &run)
+        .output()
+        .unwrap();
+    let _ = udmd.kill();
+    let _ = udmd.wait();
+    assert!(
+        sock.exists(),
+        "udmd as uid {uid} did not serve {}",
+        sock.display()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "udmsetup talked to uid {uid}'s socket"
+    );
+    assert!(
+        err.contains("refusing to talk") && err.contains("uid 65534"),
+        "{err}"
+    );
+}
