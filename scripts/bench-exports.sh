@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side NBD benchmark: the same 1 GiB file served by udm, by nbdkit's file plugin and by
 # qemu-storage-daemon, driven by the same fio jobs (ioengine=nbd), one server at a time.
-# Prints IOPS, MiB/s and p99 latency per job and server, and the udm/peer ratios.
+# Prints IOPS, MiB/s and p99 latency per job and server, and the udm/peer ratios. A failed fio
+# stops it, and each job runs once per server as a crc32c-verified write pass (bench-fio.sh).
 #
 # Environment: RUNTIME (seconds per run, default 5), ROUNDS (runs per job and server, median
 # reported, default 3), SIZE (default 1G), WORKDIR (default a
@@ -13,6 +14,8 @@ RUNTIME=${RUNTIME:-5}
 ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-1G}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench-fio.sh
+. "$ROOT/scripts/bench-fio.sh"
 WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench.XXXXXX)}
 FILE=$WORKDIR/disk.img
 SOCK=$WORKDIR/nbd.sock
@@ -96,10 +99,9 @@ run_job() { # server job-spec
     local server=$1 name rw bs depth jobs
     read -r name rw bs depth jobs <<<"$2"
     local out=$WORKDIR/$server-$name.json
-    fio --name="$name" --ioengine=nbd --uri="nbd+unix:///bench?socket=$SOCK" \
+    fio_json "$out" --name="$name" --ioengine=nbd --uri="nbd+unix:///bench?socket=$SOCK" \
         --"$rw" --bs="$bs" --iodepth="$depth" --numjobs="$jobs" --group_reporting \
-        --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 \
-        --output-format=json --output="$out" >/dev/null 2>&1
+        --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1
     local dir=read
     [[ $rw == *write* ]] && dir=write
     jq -r --arg s "$server" --arg n "$name" --arg d "$dir" \
@@ -129,6 +131,11 @@ for j in "${SELECTED[@]}"; do
             echo "bench-exports: ${j%% *} round $round $server" >&2
             "start_$server"
             run_job "$server" "$j"
+            # Once per job and server: the same pattern, written and read back verified.
+            if [[ $round == 1 ]]; then
+                read -r _ rw bs depth _ <<<"$j"
+                fio_verify "nbd+unix:///bench?socket=$SOCK" "${rw#rw=}" "$bs" "$depth"
+            fi
             stop_server
         done
     done

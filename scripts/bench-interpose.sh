@@ -3,7 +3,8 @@
 # plain and with a linear interposer attached (`udmsetup create ip --interpose ...`), with the
 # same fio jobs (nbd engine: 4k random read/write at iodepth 16, 1M sequential read/write at
 # iodepth 4). Modes alternate within each round; the median of ROUNDS is reported with the
-# interposed/plain ratio. Not a timed test: run it by hand and read the table.
+# interposed/plain ratio. Not a timed test: run it by hand and read the table. A failed fio stops
+# it; in the first round each job and mode also runs a crc32c-verified write pass (bench-fio.sh).
 #
 # Environment: RUNTIME (s per run, default 5), ROUNDS (default 3), SIZE (default 1G), WORKDIR.
 set -euo pipefail
@@ -14,6 +15,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench-ip.XXXXXX)}
 # shellcheck source=bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+# shellcheck source=bench-fio.sh
+. "$ROOT/scripts/bench-fio.sh"
 u disk add d --file "$WORKDIR/disk.img" >/dev/null
 SECTORS=$(( $(stat -c %s "$WORKDIR/disk.img") / 512 ))
 u export add d --nbd >/dev/null
@@ -26,8 +29,9 @@ for j in "${JOBS[@]}"; do
     for mode in plain interposed; do
       [[ $mode == interposed ]] && u create ip --interpose --table "0 $SECTORS linear d 0" >/dev/null
       out=$WORKDIR/$mode-$name-$round.json
-      fio --name="$name" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" --iodepth="$depth" \
-          --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 --output-format=json --output="$out" >/dev/null 2>&1
+      fio_json "$out" --name="$name" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$bs" --iodepth="$depth" \
+          --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1
+      [[ $round == 1 ]] && fio_verify "$URI" "$rw" "$bs" "$depth"
       dir=read; [[ $rw == *write* ]] && dir=write
       jq -r --arg m "$mode" --arg n "$name" --arg d "$dir" \
         '.jobs[0][$d] | [$m, $n, .iops, (.bw_bytes/1048576), ((.clat_ns.percentile["99.000000"] // 0)/1000)] | @tsv' "$out" >>"$RESULTS"

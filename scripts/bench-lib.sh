@@ -1,7 +1,7 @@
 # Sourced by the bench-*.sh scripts: builds udmd and udmsetup (release), starts a private udmd in
 # $WORKDIR (stopped and cleaned up on exit unless KEEP is set), defines `u` (udmsetup), and fills
 # $WORKDIR/disk.img with $SIZE of data. Expects ROOT, WORKDIR and SIZE to be set.
-for t in fio jq bc; do command -v $t >/dev/null || { echo "$(basename "$0"): $t missing (scripts/deps.sh installs it)" >&2; exit 1; }; done
+for t in fio jq bc nbdcopy; do command -v $t >/dev/null || { echo "$(basename "$0"): $t missing (scripts/deps.sh installs it)" >&2; exit 1; }; done
 (cd "$ROOT" && cargo build --quiet --release -p udm-daemon -p udm-cli)
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 export UDM_RUNTIME_DIR=$WORKDIR/run UDM_STATE_DIR=$WORKDIR/state

@@ -16,6 +16,10 @@
 # CHUNK (sectors, default 8), ROUNDS (default 3), SNAPS (snapshot counts, default "0 1 2";
 # the first is the base of the ratios), ONLY (one job: randwrite-4k or write-64k), NOREAD
 # (skip the read comparison), VERBOSE (print every run), WORKDIR.
+# Wrong data cannot score: a failed fio stops the script; in the first round every job and
+# snapshot count also runs a crc32c-verified write pass on the origin, and each snapshot must
+# read back exactly the origin's content from before it was taken (a write-back that skipped
+# the copy would fail here).
 set -euo pipefail
 RUNTIME=${RUNTIME:-5}
 SIZE=${SIZE:-1G}
@@ -28,6 +32,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORKDIR=${WORKDIR:-$(mktemp -d /tmp/udm-bench-snap.XXXXXX)}
 # shellcheck source=bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+# shellcheck source=bench-fio.sh
+. "$ROOT/scripts/bench-fio.sh"
 u disk add vol --file "$WORKDIR/disk.img" >/dev/null
 u export add vol --nbd >/dev/null
 BYTES=$(stat -c %s "$WORKDIR/disk.img")
@@ -38,15 +44,30 @@ take() { # n
   done
 }
 drop() { for s in $("$BIN/udm" --json snapshot list | jq -r '.[].name'); do "$BIN/udm" snapshot drop "$s" >/dev/null; rm -f "$WORKDIR/$s.cow"; done; }
-run() { # name uri rw bs depth -> "iops mibs"
+run() { # name uri rw bs depth -> RESULT="iops mibs"
   local out=$WORKDIR/$1.json dir=read amount=(--time_based --runtime="$RUNTIME")
   [[ $3 == *write* ]] && { dir=write; amount=(--io_size="$IO"); }
   # Start every run with no dirty data of earlier runs being written back meanwhile (the COW's
   # flushes would queue behind it).
   sync
-  fio --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs="$4" --iodepth="$5" --size="$SIZE" \
-      "${amount[@]}" --output-format=json --output="$out" >/dev/null 2>&1
-  jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes/1048576)"' "$out"
+  fio_json "$out" --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs="$4" --iodepth="$5" \
+      --size="$SIZE" "${amount[@]}"
+  RESULT=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes/1048576)"' "$out")
+}
+# digest DEV -> DIGEST=md5 of DEV's content read over NBD (a read that fails or hangs stops the script).
+digest() {
+  local out
+  out=$(timeout 600 nbdcopy "$(uri "$1")" - | md5sum) || { echo "bench-snapshot: reading $1 failed or hung" >&2; exit 1; }
+  DIGEST=${out%% *}
+}
+# After a write job with n snapshots: each snapshot still reads the origin's old content, and
+# a verified write pass on the origin reads back what it wrote.
+check() { # n origin-digest-before job-rw bs depth
+  for i in $(seq "$1"); do
+    digest "s$i"
+    [[ $DIGEST == "$2" ]] || { echo "bench-snapshot: snapshot s$i does not hold the origin's old data" >&2; exit 1; }
+  done
+  fio_verify "$(uri vol)" "$3" "$4" "$5"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 declare -A IOPS MIBS
@@ -55,8 +76,11 @@ for round in $(seq "$ROUNDS"); do
     read -r name rw bs depth <<<"$job"
     [[ -n ${ONLY:-} && $name != "$ONLY" ]] && continue
     for n in $SNAPS; do
+      [[ $round == 1 ]] && digest vol && before=$DIGEST
       take "$n"
-      read -r iops mib <<<"$(run "$name-$n" "$(uri vol)" "$rw" "$bs" "$depth")"
+      run "$name-$n" "$(uri vol)" "$rw" "$bs" "$depth"
+      read -r iops mib <<<"$RESULT"
+      [[ $round == 1 ]] && check "$n" "$before" "$rw" "$bs" "$depth"
       drop
       IOPS[$name-$n]+="$iops "
       MIBS[$name-$n]+="$mib "
@@ -79,8 +103,10 @@ done
 [[ -n ${NOREAD:-} ]] && exit 0
 # Reads: origin vs a snapshot that has taken a round of writes (half its chunks copied).
 take 1
-run warm "$(uri vol)" randwrite 64k 4 >/dev/null
-read -r _ o <<<"$(run read-origin "$(uri vol)" read 64k 4)"
-read -r _ s <<<"$(run read-snap "$(uri s1)" read 64k 4)"
+run warm "$(uri vol)" randwrite 64k 4
+run read-origin "$(uri vol)" read 64k 4
+read -r _ o <<<"$RESULT"
+run read-snap "$(uri s1)" read 64k 4
+read -r _ s <<<"$RESULT"
 printf '%-22s %10s %9.1f\n%-22s %10s %9.1f %7.2fx\n' "read-64k origin" - "$o" "read-64k snapshot" - "$s" "$(echo "$s / $o" | bc -l)"
 drop
