@@ -21,7 +21,7 @@ fio_verify() {
   local log
   log=$(mktemp)
   if ! fio --name=verify --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$depth" \
-      --size="$size" --verify=crc32c --do_verify=1 --verify_fatal=1 >"$log" 2>&1; then
+      --size="$size" --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 >"$log" 2>&1; then
     echo "$(basename "$0"): VERIFY FAILED ($rw $bs on $uri):" >&2; cat "$log" >&2; rm -f "$log"; exit 1
   fi
   rm -f "$log"
