@@ -3,23 +3,84 @@
 //! of 1 to 8 writes, each group followed by a flush, so writes acknowledged but still held by
 //! the origin's write-back are in flight at the kills); after each restart the snapshot is
 //! exactly the point-in-time image and every origin write that was acknowledged before an
-//! acknowledged flush is present.
+//! acknowledged flush is present. Every round must make acknowledged progress (an error reply
+//! fails the test: a killed daemon sends none, only its socket dies), and nearly every kill must
+//! land on acknowledged writes that no flush covered yet.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use rand::{Rng, SeedableRng};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use udm_export::nbd::client::{Client, Reply};
 use udm_testkit::Udmd;
 
 const SIZE: u64 = 16 << 20;
 const BLOCK: usize = 4096;
+/// Kill points.
+const ROUNDS: u64 = 50;
 
-/// The blocks a writer has sent since its last acknowledged flush, with their data, in order.
-type InFlight = Vec<(usize, Vec<u8>)>;
+/// What one round's writer has done, shared with the test thread.
+#[derive(Default)]
+struct Round {
+    /// The blocks sent since the last acknowledged flush, with their data, in order.
+    in_flight: Vec<(usize, Vec<u8>)>,
+    /// How many of `in_flight` were acknowledged: data the daemon holds that no flush covers.
+    acked: usize,
+    /// Flushes acknowledged in this round.
+    flushes: u64,
+}
+
+/// The round's writer: groups of 1 to 8 writes, each group followed by a flush, until the
+/// connection dies. Returns `Ok` when the socket is dead (the kill) and `Err` on an error
+/// reply: a killed daemon sends none, so an error reply is a failure of the product.
+fn write_until_killed(
+    mut c: Client<UnixStream>,
+    seed: u64,
+    model: &Mutex<Vec<u8>>,
+    round: &Mutex<Round>,
+) -> Result<(), String> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    loop {
+        for _ in 0..r.gen_range(1..=8) {
+            let blk = r.gen_range(0..SIZE as usize / BLOCK);
+            let data: Vec<u8> = (0..BLOCK).map(|_| r.gen()).collect();
+            round.lock().unwrap().in_flight.push((blk, data.clone()));
+            match c.write((blk * BLOCK) as u64, &data) {
+                Err(_) => return Ok(()),
+                Ok(Reply::Ok(_)) => round.lock().unwrap().acked += 1,
+                Ok(e) => return Err(format!("write of block {blk} got an error reply: {e:?}")),
+            }
+        }
+        match c.flush() {
+            Err(_) => return Ok(()),
+            Ok(Reply::Ok(_)) => {}
+            Ok(e) => return Err(format!("flush got an error reply: {e:?}")),
+        }
+        let mut model = model.lock().unwrap();
+        let mut round = round.lock().unwrap();
+        for (blk, data) in round.in_flight.drain(..) {
+            model[blk * BLOCK..(blk + 1) * BLOCK].copy_from_slice(&data);
+        }
+        round.acked = 0;
+        round.flushes += 1;
+    }
+}
+
+/// Waits (at most 20 s) until `f` holds for the round, or the writer has stopped.
+fn wait_round(
+    round: &Mutex<Round>,
+    writer: &std::thread::JoinHandle<Result<(), String>>,
+    what: &str,
+    f: impl Fn(&Round) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f(&round.lock().unwrap()) && !writer.is_finished() {
+        assert!(Instant::now() < deadline, "{what} within 20 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 fn client(d: &Udmd, name: &str) -> Client<UnixStream> {
     Client::connect(
@@ -64,53 +125,47 @@ fn snapshot_survives_fifty_kill9_points() {
     // The model of the origin: the content every acknowledged (flushed) write left.
     let model = Arc::new(Mutex::new(point_in_time.clone()));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    for round in 0..50u64 {
-        let stop = Arc::new(AtomicBool::new(false));
-        let in_flight: Arc<Mutex<InFlight>> = Arc::default();
-        let mut c = client(&d, "vol");
-        let (m, s, f) = (model.clone(), stop.clone(), in_flight.clone());
+    // Rounds whose kill hit acknowledged writes that no flush covered yet (held by the
+    // origin's write-back, or just written to the origin without a flush).
+    let mut held_at_kill = 0;
+    for round_nr in 0..ROUNDS {
+        let round: Arc<Mutex<Round>> = Arc::default();
+        let c = client(&d, "vol");
+        let (m, r) = (model.clone(), round.clone());
         let seed = rng.gen::<u64>();
-        let writer = std::thread::spawn(move || {
-            let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-            while !s.load(Ordering::Relaxed) {
-                for _ in 0..r.gen_range(1..=8) {
-                    let blk = r.gen_range(0..SIZE as usize / BLOCK);
-                    let data: Vec<u8> = (0..BLOCK).map(|_| r.gen()).collect();
-                    f.lock().unwrap().push((blk, data.clone()));
-                    if !matches!(c.write((blk * BLOCK) as u64, &data), Ok(Reply::Ok(_))) {
-                        return; // the daemon was killed
-                    }
-                }
-                if !matches!(c.flush(), Ok(Reply::Ok(_))) {
-                    return;
-                }
-                let mut model = m.lock().unwrap();
-                for (blk, data) in f.lock().unwrap().drain(..) {
-                    model[blk * BLOCK..(blk + 1) * BLOCK].copy_from_slice(&data);
-                }
-            }
-        });
-        std::thread::sleep(Duration::from_millis(rng.gen_range(5..120)));
+        let writer = std::thread::spawn(move || write_until_killed(c, seed, &m, &r));
+        // Every round makes acknowledged progress before its kill (a daemon that came back
+        // unable to write fails here, not quietly), and the kill lands on acknowledged,
+        // unflushed writes.
+        let what = format!("round {round_nr}: no flush acknowledged");
+        wait_round(&round, &writer, &what, |r| r.flushes > 0);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+        let what = format!("round {round_nr}: no write acknowledged after the last flush");
+        wait_round(&round, &writer, &what, |r| r.acked > 0);
         d.crash_and_restart();
-        stop.store(true, Ordering::Relaxed);
-        writer.join().unwrap();
+        if let Err(e) = writer.join().unwrap() {
+            panic!("round {round_nr}: {e}");
+        }
+        let round = std::mem::take(&mut *round.lock().unwrap());
+        assert!(round.flushes > 0, "round {round_nr}: no flush acknowledged");
+        if round.acked > 0 {
+            held_at_kill += 1;
+        }
         // Writes not covered by an acknowledged flush may or may not have landed: a block
         // may hold any version written to it since.
-        let unflushed = std::mem::take(&mut *in_flight.lock().unwrap());
-        if !unflushed.is_empty() {
-            let on_disk = std::fs::read(&img).unwrap();
-            let mut model = model.lock().unwrap();
-            for (blk, data) in &unflushed {
-                let r = blk * BLOCK..(blk + 1) * BLOCK;
-                if on_disk[r.clone()] == data[..] {
-                    model[r].copy_from_slice(data);
-                }
+        let on_disk = std::fs::read(&img).unwrap();
+        let mut want = model.lock().unwrap();
+        for (blk, data) in &round.in_flight {
+            let r = blk * BLOCK..(blk + 1) * BLOCK;
+            if on_disk[r.clone()] == data[..] {
+                want[r].copy_from_slice(data);
             }
         }
+        drop(want);
         let mut snap = client(&d, "vol-snap");
         assert!(
             read_all(&mut snap) == point_in_time,
-            "round {round}: snapshot is not the point-in-time image"
+            "round {round_nr}: snapshot is not the point-in-time image"
         );
         let mut origin = client(&d, "vol");
         let got = read_all(&mut origin);
@@ -121,9 +176,15 @@ fn snapshot_survives_fifty_kill9_points() {
                 .zip(want.iter())
                 .position(|(a, b)| a != b)
                 .unwrap_or(0);
-            panic!("round {round}: origin lost an acknowledged write (first difference at byte {first})");
+            panic!("round {round_nr}: origin lost an acknowledged write (first difference at byte {first})");
         }
     }
+    // The wait before each kill makes this all but certain; a few kills may still land just
+    // after a flush was acknowledged.
+    assert!(
+        held_at_kill >= ROUNDS * 4 / 5,
+        "only {held_at_kill} of {ROUNDS} kills hit acknowledged, unflushed writes"
+    );
     let list = String::from_utf8_lossy(&d.udm(&["snapshot", "list"]).stdout).to_string();
     assert!(list.contains("active"), "{list}");
 }
