@@ -15,15 +15,18 @@ use udm_types::Errno;
 
 const O: u64 = 1024;
 
-/// An origin with an active persistent snapshot: (context, origin device, origin target,
-/// snapshot target, point-in-time image).
-fn rig() -> (
-    Ctx,
-    std::sync::Arc<MemDevice>,
-    Box<dyn Target>,
-    Box<dyn Target>,
-    Vec<u8>,
-) {
+/// An origin with an active persistent snapshot.
+struct Rig {
+    /// Keeps the devices and the shared environment.
+    _c: Ctx,
+    o: std::sync::Arc<MemDevice>,
+    org: Box<dyn Target>,
+    s: Box<dyn Target>,
+    /// The point-in-time image.
+    img: Vec<u8>,
+}
+
+fn rig() -> Rig {
     let mut c = Ctx::new();
     let o = c.mem("o", O);
     c.mem("c", 4096);
@@ -32,12 +35,24 @@ fn rig() -> (
     let s = c.snapshot(O, "o c P 8").unwrap();
     activate(&*s);
     let img = dev_read(&*o, 0, O);
-    (c, o, org, s, img)
+    Rig {
+        _c: c,
+        o,
+        org,
+        s,
+        img,
+    }
 }
 
 #[test]
 fn held_write_failing_on_the_origin_is_reported_by_the_next_flush() {
-    let (_c, o, org, s, img) = rig();
+    let Rig {
+        _c: _ctx,
+        o,
+        org,
+        s,
+        img,
+    } = rig();
     o.inject(Fault::range(16, 24, Errno::EIO).ops(&[BioKind::Write]));
     // Both copy a chunk, so both are held; only the first fails on the origin.
     write(&*org, 16, &pattern(2, 16, 8)).unwrap();
@@ -77,7 +92,13 @@ fn held_write_failing_on_the_origin_is_reported_by_the_next_flush() {
 
 #[test]
 fn origin_flush_failure_is_reported_with_a_snapshot_active() {
-    let (_c, o, org, s, img) = rig();
+    let Rig {
+        _c: _ctx,
+        o,
+        org,
+        s,
+        img,
+    } = rig();
     write(&*org, 8, &pattern(6, 8, 8)).unwrap();
     o.inject(
         Fault::range(0, O, Errno::EIO)
@@ -93,7 +114,13 @@ fn origin_flush_failure_is_reported_with_a_snapshot_active() {
 
 #[test]
 fn origin_read_failure_while_copying_invalidates_the_snapshot() {
-    let (_c, o, org, s, _img) = rig();
+    let Rig {
+        _c: _ctx,
+        o,
+        org,
+        s,
+        ..
+    } = rig();
     // The copy of the chunk reads the origin first: it fails, so the snapshot cannot keep the
     // old data. As in the kernel, the snapshot is invalidated and the origin write proceeds.
     o.inject(Fault::range(32, 40, Errno::EIO).ops(&[BioKind::Read]));
