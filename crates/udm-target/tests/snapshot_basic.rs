@@ -366,29 +366,81 @@ fn merge_restores_origin_and_survives_restart() {
     // The on-disk state after the merge: area 0 empty.
     assert!(w.contents()[8 * 512..16 * 512].iter().all(|&b| b == 0));
 
-    // Restart: a merge stopped half-way continues from the on-disk state.
+    // Restart: a merge stopped half-way continues from the on-disk state, and leaves alone the
+    // chunks it had merged (a client may have written them since).
     let (mut c, o, _w) = setup(4096 * 2);
     let org = c.origin(O, "o").unwrap();
     let s = c.snapshot(O, "o c P 8").unwrap();
     activate(&*s);
     let img = dev_read(&*o, 0, O);
-    for i in (0..O).step_by(16) {
-        // non-consecutive exceptions so the merge takes many steps
+    let changed: Vec<u64> = (0..O).step_by(16).collect();
+    for &i in &changed {
+        // non-consecutive exceptions so the merge takes many steps, highest chunk first
         write(&*org, i, &pattern(52, i, 1)).unwrap();
     }
     drop(org);
     s.presuspend();
     s.postsuspend();
+    // A few milliseconds per merge step, so that it can be stopped half-way.
+    o.set_latency(std::time::Duration::from_millis(5));
     let m = c.merge(O, "o c P 8").unwrap();
     m.preresume().unwrap();
     m.resume();
+    let used = |t: &dyn udm_target::Target| -> u64 {
+        let st = t.status();
+        st.split('/')
+            .next()
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(0)
+    };
+    let start = used(&*m);
+    let t = std::time::Instant::now();
+    while used(&*m) + 3 * 8 > start {
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "no merge progress: {}",
+            m.status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     m.presuspend(); // stops after the current step
+    o.set_latency(std::time::Duration::ZERO);
+    let at_stop = dev_read(&*o, 0, O);
+    let chunk = |i: u64| (i * 512) as usize..((i + 8) * 512) as usize;
+    let merged: Vec<u64> = changed
+        .iter()
+        .copied()
+        .filter(|&i| at_stop[chunk(i)] == img[chunk(i)])
+        .collect();
+    assert!(
+        merged.len() >= 3 && merged.len() < changed.len(),
+        "not a partial merge when stopped: {} of {} chunks merged",
+        merged.len(),
+        changed.len()
+    );
+    // Written after their merge, before the merge resumes: the resumed merge keeps them.
+    let mut want = img.clone();
+    for &i in &merged {
+        let p = pattern(54, i, 8);
+        write(&*m, i, &p).unwrap();
+        want[chunk(i)].copy_from_slice(&p);
+    }
     drop(m);
     drop(s);
     let m = c.merge(O, "o c P 8").unwrap();
     activate(&*m);
     assert_eq!(wait_merged(&*m), "16/8192 16");
-    assert_eq!(dev_read(&*o, 0, O), img);
+    let got = dev_read(&*o, 0, O);
+    for &i in &merged {
+        assert!(
+            got[chunk(i)] == want[chunk(i)],
+            "sector {i} was written after its chunk was merged; the resumed merge reverted it"
+        );
+    }
+    assert!(
+        got == want,
+        "the merged origin differs from the snapshot image"
+    );
     // Writes through the merge target during/after merge reach the origin.
     write(&*m, 3, &pattern(53, 3, 1)).unwrap();
     assert_eq!(dev_read(&*o, 3, 1), pattern(53, 3, 1));

@@ -433,12 +433,27 @@ fn remove_force_deferred_and_wait_events() {
     let waiter = std::thread::spawn(move || {
         std::process::Command::new(udm_testkit::bin("udmsetup"))
             .env("UDM_RUNTIME_DIR", rt)
-            .args(["wait", "z2", &ev.to_string()])
+            .args(["--json", "wait", "z", &ev.to_string()])
             .output()
             .unwrap()
     });
+    // The waiter sleeps until the event: it is still waiting a moment later.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !waiter.is_finished(),
+        "wait returned before the event number moved: {:?}",
+        waiter
+            .join()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    );
     d.ok(&["rename", "z", "z2"]);
-    let _ = waiter.join().unwrap();
+    let o = udm_testkit::join_within(waiter, std::time::Duration::from_secs(20), "wait");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["event_nr"].as_u64().is_some_and(|n| n != u64::from(ev)),
+        "wait returned an unmoved event number (was {ev}): {v}"
+    );
     let o = d.udmsetup(&["wait", "z2", &ev.to_string()]);
     assert!(
         o.status.success(),
