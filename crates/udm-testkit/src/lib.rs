@@ -121,6 +121,24 @@ impl Udmd {
         )
     }
 
+    /// The TCP port the daemon logged last ("NBD listening on TCP addr=127.0.0.1:PORT"), for a
+    /// daemon started with `--nbd-listen 127.0.0.1:0`.
+    pub fn tcp_port(&self) -> u16 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("NBD listening on TCP"))
+            .unwrap_or_else(|| panic!("no TCP listener in the log:\n{log}"));
+        let at = line.rfind("127.0.0.1:").expect("address in the log line") + "127.0.0.1:".len();
+        line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .expect("port")
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -16,23 +16,6 @@ use udm_testkit::{bin, fill_pattern, have, Udmd};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-/// The TCP port udmd logged last ("NBD listening on TCP addr=127.0.0.1:PORT").
-fn tcp_port(d: &Udmd) -> u16 {
-    let log = d.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("NBD listening on TCP"))
-        .unwrap_or_else(|| panic!("no TCP listener in the log:\n{log}"));
-    let at = line.rfind("127.0.0.1:").expect("address in the log line") + "127.0.0.1:".len();
-    line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .expect("port")
-}
-
 fn tcp(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -89,7 +72,7 @@ fn psk_clients_read_and_write_plain_clients_are_refused() {
         "--tls-psk",
         keys.to_str().unwrap(),
     ]);
-    let port = tcp_port(&d);
+    let port = d.tcp_port();
     d.disk("a", 8 << 20, 3);
     d.ok(&["create", "vol", "--table", "0 16384 linear a 0"]);
     d.ok(&["export", "add", "vol", "--nbd"]);
@@ -176,7 +159,7 @@ fn insecure_tcp_is_per_export_and_survives_restart() {
     d.ok(&["export", "add", "a", "--nbd"]);
     d.ok(&["export", "add", "b", "--nbd", "--insecure-tcp"]);
     for round in 0..2 {
-        let port = tcp_port(&d);
+        let port = d.tcp_port();
         assert_eq!(names(port), ["b"], "round {round}");
         assert!(
             plain_read(port, "a").is_none(),
@@ -298,7 +281,7 @@ fn x509_with_client_certificates() {
         server.to_str().unwrap(),
         "--tls-verify-peer",
     ]);
-    let port = tcp_port(&d);
+    let port = d.tcp_port();
     d.disk("a", 4 << 20, 6);
     d.ok(&["export", "add", "a", "--nbd"]);
     let with = |dir: &Path| {
