@@ -195,10 +195,27 @@ impl Udmd {
         }
     }
 
-    /// SIGTERM, wait for a clean exit, start again.
+    /// SIGTERM, wait for a clean exit, start again. A daemon that does not stop cleanly, or
+    /// that panicked on any thread, fails the test that restarts it (with the log).
     pub fn restart(&mut self) {
-        self.stop();
+        let clean = self.stop();
+        assert!(
+            clean,
+            "udmd did not stop cleanly before the restart; log:\n{}",
+            self.log()
+        );
+        self.assert_no_panic("before the restart");
         self.spawn();
+    }
+
+    /// Fails the calling test if the daemon's log shows a panic on any of its threads: a
+    /// panicking worker thread need not take the daemon down, so nothing else would notice.
+    pub fn assert_no_panic(&self, when: &str) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked at"),
+            "udmd panicked ({when}); log:\n{log}"
+        );
     }
 
     /// SIGTERM and wait; returns the exit status success.
@@ -281,10 +298,18 @@ impl Udmd {
 }
 
 impl Drop for Udmd {
+    /// Stops the daemon. A failed stop or a panic in the log fails the test, unless it is
+    /// already failing (a second panic would abort the test binary).
     fn drop(&mut self) {
-        if !self.stop() {
-            eprintln!("udmd did not stop cleanly; log:\n{}", self.log());
+        let clean = self.stop();
+        if std::thread::panicking() {
+            if !clean {
+                eprintln!("udmd did not stop cleanly; log:\n{}", self.log());
+            }
+            return;
         }
+        assert!(clean, "udmd did not stop cleanly; log:\n{}", self.log());
+        self.assert_no_panic("at the end of the test");
     }
 }
 

@@ -438,7 +438,12 @@ fn remove_force_deferred_and_wait_events() {
             .unwrap()
     });
     d.ok(&["rename", "z", "z2"]);
-    let _ = waiter.join().unwrap();
+    let woken = waiter.join().unwrap();
+    assert!(
+        woken.status.success(),
+        "wait returns when the device is renamed: {}",
+        String::from_utf8_lossy(&woken.stderr)
+    );
     let o = d.udmsetup(&["wait", "z2", &ev.to_string()]);
     assert!(
         o.status.success(),
