@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 mod bounded;
 mod park;
+mod pki;
 pub use bounded::{join_within, udmsetup_bg, within};
 pub use park::{parked_below, parked_read, ParkedRead, CREATE_IP_OVER_O};
+pub use pki::pki;
 
 /// Directory holding the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn bin_dir() -> PathBuf {

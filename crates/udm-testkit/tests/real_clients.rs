@@ -2,17 +2,22 @@
 //! nbdcopy and fio talk to udmd's exports of a mapped device, an interposed device and a
 //! snapshot with its origin, over the Unix socket and over TCP with TLS (PSK). Writes (large,
 //! unaligned, FUA, parallel), WRITE_ZEROES, TRIM, FLUSH and BLOCK_STATUS are all exercised and
-//! checked where they land: in the backing file, in the interposer, in the snapshot. The in-house
-//! client shares the protocol code with the server, so it cannot catch a protocol mistake that
-//! both make; these clients can. Skips (loudly) without the clients (scripts/deps.sh).
+//! checked where they land: in the backing file, in the interposer, in the snapshot. fio's nbd
+//! engine cannot take a PSK file, so its TLS run uses X.509 from libnbd's default place. The
+//! in-house client shares the protocol code with the server, so it cannot catch a protocol
+//! mistake that both make; these clients can. Skips (loudly) without the clients
+//! (scripts/deps.sh).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 #[path = "real_clients/support.rs"]
 mod support;
 
+use udm_testkit::{have, pki, Udmd};
+
 use support::{
-    have_clients, run, run_fails, same, source, sparse_file, Srv, Via, BOTH, MIB, SECTORS, SIZE,
+    fio_verify_x509, have_clients, run, run_fails, same, source, sparse_file, Srv, Via, BOTH, MIB,
+    SECTORS, SIZE,
 };
 
 /// One connection's worth of qemu-io: a large write, an unaligned one across a MiB edge,
@@ -239,4 +244,54 @@ fn snapshot_and_its_origin_with_real_clients() {
     s.agreed_map("c-snap");
     s.fio_verify("c");
     same(&s.copy_out(Via::Tls, "c-snap"), &c, "c-snap after fio on c");
+}
+
+#[test]
+fn fio_over_tls_on_mapped_and_interposed_devices() {
+    let test = "fio_over_tls_on_mapped_and_interposed_devices";
+    if !have("fio", test) || !have("openssl", test) || !have("setpriv", test) {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    pki(certs.path());
+    let server = certs.path().join("server");
+    let d = Udmd::start_with(&[
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--tls-creds",
+        server.to_str().unwrap(),
+    ]);
+    let port = d.tcp_port();
+    d.disk("a", SIZE, 6);
+    d.ok(&[
+        "create",
+        "vol",
+        "--table",
+        &format!("0 {SECTORS} linear a 0"),
+    ]);
+    d.ok(&["export", "add", "vol", "--nbd"]);
+    let img = d.path("b.img");
+    let b = sparse_file(&img, 7, 8 * MIB, 12 * MIB);
+    d.ok(&["disk", "add", "b", "--file", img.to_str().unwrap()]);
+    let cow = d.path("b.cow");
+    d.ok(&[
+        "disk",
+        "add",
+        "bcow",
+        "--file",
+        cow.to_str().unwrap(),
+        "--create",
+        "48M",
+    ]);
+    d.ok(&["export", "add", "b", "--nbd"]);
+    let table = format!("0 {SECTORS} snapshot [interpose]b bcow P 8");
+    d.ok(&["create", "ip", "--interpose", "--table", &table]);
+    for export in ["vol", "b"] {
+        fio_verify_x509(port, export, &certs.path().join("client"));
+    }
+    same(
+        &std::fs::read(&img).unwrap(),
+        &b,
+        "b.img (fio's writes to b went into the interposer)",
+    );
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 use udm_export::nbd::client::{greet, list, read_option_reply, Client, Reply};
 use udm_export::nbd::proto::{info_request_data, option_request, OPT_GO, REP_ERR_TLS_REQD};
-use udm_testkit::{bin, fill_pattern, have, Udmd};
+use udm_testkit::{bin, fill_pattern, have, pki, Udmd};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -183,87 +183,6 @@ fn insecure_tcp_is_per_export_and_survives_restart() {
     }
     let state = std::fs::read_to_string(d.state().join("state.json")).unwrap();
     assert!(state.contains("insecure_tcp"), "{state}");
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A CA and, in `dir/server` and `dir/client`, certificates it signed (qemu/libnbd layout).
-fn pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=udm test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca);
-    for (who, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
-        let d = dir.join(who);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
-        std::fs::write(
-            d.join("ext"),
-            format!(
-                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n\
-                 basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            ),
-        )
-        .unwrap();
-        let key = format!("{who}/{who}-key.pem");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", "req.csr", "-subj", "/CN=localhost"]);
-        openssl(dir, &req);
-        let cert = format!("{who}/{who}-cert.pem");
-        let ext = format!("{who}/ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "req.csr",
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
 }
 
 #[test]

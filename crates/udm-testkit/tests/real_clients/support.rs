@@ -214,6 +214,60 @@ impl Srv {
     }
 }
 
+/// fio's nbd engine over TLS with X.509: random writes of 4-128 KiB at [16M, 24M), verified.
+/// The engine cannot pass `tls-certificates` in its URI, so libnbd looks in its default place,
+/// `$HOME/.pki/libnbd` for a user other than root: fio runs as nobody with the CA there (and so
+/// presents no client certificate; the daemon must not ask for one).
+pub fn fio_verify_x509(port: u16, export: &str, client: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::Builder::new()
+        .prefix("udm-fio-home")
+        .tempdir()
+        .unwrap();
+    let pkidir = home.path().join(".pki").join("libnbd");
+    std::fs::create_dir_all(&pkidir).unwrap();
+    std::fs::copy(client.join("ca-cert.pem"), pkidir.join("ca-cert.pem")).unwrap();
+    let ca = pkidir.join("ca-cert.pem");
+    for p in [home.path(), &home.path().join(".pki"), &pkidir, &ca] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        let mode = if p == ca.as_path() { 0o600 } else { 0o700 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let o = Command::new("timeout")
+        .args([
+            "120",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args(["fio", "--name=tls", "--ioengine=nbd"])
+        .arg(format!("--uri=nbds://127.0.0.1:{port}/{export}"))
+        .args([
+            "--rw=randwrite",
+            "--bsrange=4k-128k",
+            "--offset=16M",
+            "--size=8M",
+        ])
+        .args([
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ])
+        .args(["--verify_state_save=0", "--output-format=terse"])
+        .env("HOME", home.path())
+        .current_dir(home.path())
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "fio over TLS on {export}: {out}{err}");
+    assert!(out.contains(";tls;"), "fio printed no result: {out}{err}");
+}
+
 /// Merges adjacent runs of the same kind and checks they tile `[0, SIZE)`.
 fn merge(runs: impl Iterator<Item = (u64, u64, bool)>, raw: &str) -> Vec<(u64, u64, bool)> {
     let mut out: Vec<(u64, u64, bool)> = Vec::new();
