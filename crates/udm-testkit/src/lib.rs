@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 mod bounded;
 mod park;
+mod pki;
 pub use bounded::{join_within, udmsetup_bg, within};
 pub use park::{parked_below, parked_read, ParkedRead, CREATE_IP_OVER_O};
+pub use pki::pki;
 
 /// Directory holding the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn bin_dir() -> PathBuf {
@@ -121,6 +123,24 @@ impl Udmd {
         )
     }
 
+    /// The TCP port the daemon logged last ("NBD listening on TCP addr=127.0.0.1:PORT"), for a
+    /// daemon started with `--nbd-listen 127.0.0.1:0`.
+    pub fn tcp_port(&self) -> u16 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("NBD listening on TCP"))
+            .unwrap_or_else(|| panic!("no TCP listener in the log:\n{log}"));
+        let at = line.rfind("127.0.0.1:").expect("address in the log line") + "127.0.0.1:".len();
+        line[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .expect("port")
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -177,10 +197,27 @@ impl Udmd {
         }
     }
 
-    /// SIGTERM, wait for a clean exit, start again.
+    /// SIGTERM, wait for a clean exit, start again. A daemon that does not stop cleanly, or
+    /// that panicked on any thread, fails the test that restarts it (with the log).
     pub fn restart(&mut self) {
-        self.stop();
+        let clean = self.stop();
+        assert!(
+            clean,
+            "udmd did not stop cleanly before the restart; log:\n{}",
+            self.log()
+        );
+        self.assert_no_panic("before the restart");
         self.spawn();
+    }
+
+    /// Fails the calling test if the daemon's log shows a panic on any of its threads: a
+    /// panicking worker thread need not take the daemon down, so nothing else would notice.
+    pub fn assert_no_panic(&self, when: &str) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked at"),
+            "udmd panicked ({when}); log:\n{log}"
+        );
     }
 
     /// SIGTERM and wait; returns the exit status success.
@@ -263,10 +300,18 @@ impl Udmd {
 }
 
 impl Drop for Udmd {
+    /// Stops the daemon. A failed stop or a panic in the log fails the test, unless it is
+    /// already failing (a second panic would abort the test binary).
     fn drop(&mut self) {
-        if !self.stop() {
-            eprintln!("udmd did not stop cleanly; log:\n{}", self.log());
+        let clean = self.stop();
+        if std::thread::panicking() {
+            if !clean {
+                eprintln!("udmd did not stop cleanly; log:\n{}", self.log());
+            }
+            return;
         }
+        assert!(clean, "udmd did not stop cleanly; log:\n{}", self.log());
+        self.assert_no_panic("at the end of the test");
     }
 }
 

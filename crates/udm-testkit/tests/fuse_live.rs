@@ -1,7 +1,9 @@
 //! Live workflows on a real filesystem: ext4 on a kernel loop device over udm's FUSE export,
 //! under a write load, while interposers come and go (issue "Live interposition") and while a
-//! snapshot is taken with a filesystem freeze (issue "Snapshots"). Needs root, losetup, mkfs.ext4,
-//! e2fsck and /dev/fuse; skips loudly otherwise.
+//! snapshot is taken with a filesystem freeze (issue "Snapshots"). The files are checked in the
+//! backing image after unmount and drop_caches, so a write the page cache still holds but the
+//! device never got is caught. Needs root, losetup, mkfs.ext4, e2fsck and /dev/fuse; skips loudly
+//! otherwise.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
@@ -141,11 +143,29 @@ impl Writer {
     }
 }
 
-fn verify_all(dir: &Path, log: &[(u64, Instant, Instant)]) {
+fn verify_all(dir: &Path, log: &[(u64, Instant, Instant)], what: &str) {
     for (i, _, _) in log {
         let got = std::fs::read(dir.join(format!("f{i}"))).unwrap();
-        assert!(got == content(*i), "f{i} differs");
+        assert!(got == content(*i), "f{i} differs {what}");
     }
+}
+
+/// Checks what reached the device rather than what the page cache remembers: unmounts `m` and
+/// detaches its loop device, drops the kernel's caches, then mounts the backing image `img`
+/// read-only on a fresh loop device (no FUSE, no udmd in between), compares every file of
+/// `log` and runs e2fsck there.
+fn verify_on_device(m: Mounted, img: &Path, mp: &Path, log: &[(u64, Instant, Instant)]) {
+    drop(m);
+    let (ok, _, err) = sh("sync && echo 3 > /proc/sys/vm/drop_caches");
+    assert!(ok, "drop_caches: {err}");
+    let mut back = Mounted::new(img, mp, true, false);
+    verify_all(
+        mp,
+        log,
+        "in the backing image after unmount and drop_caches",
+    );
+    let (clean, out) = back.fsck();
+    assert!(clean, "e2fsck of the backing image:\n{out}");
 }
 
 /// A daemon serving a 256 MiB disk `vol` as the FUSE file `fuse/vol`, with ext4 made on a loop
@@ -176,7 +196,7 @@ fn ext4_on_fuse_loop_survives_interposer_switches_under_load() {
     if !can_run(test) {
         return;
     }
-    let (d, fdir, mp, mut m) = ext4_on_fuse();
+    let (d, fdir, mp, m) = ext4_on_fuse();
     let w = Writer::start(&mp);
     w.wait_files(20);
     let sectors = 256 * 2048;
@@ -204,10 +224,8 @@ fn ext4_on_fuse_loop_survives_interposer_switches_under_load() {
     d.ok(&["remove", "ip"]);
     let log = w.finish();
     assert!(log.len() > 20);
-    verify_all(&mp, &log);
-    let (clean, out) = m.fsck();
-    assert!(clean, "e2fsck after interposer switches:\n{out}");
-    drop(m);
+    verify_all(&mp, &log, "in the mounted filesystem");
+    verify_on_device(m, &d.path("vol.img"), &d.path("check"), &log);
     d.ok(&[
         "export",
         "remove",
@@ -221,7 +239,7 @@ fn snapshot_with_freeze_of_mounted_ext4_is_the_point_in_time() {
     if !can_run(test) {
         return;
     }
-    let (d, _fdir, mp, mut m) = ext4_on_fuse();
+    let (d, _fdir, mp, m) = ext4_on_fuse();
     let w = Writer::start(&mp);
     w.wait_files(30);
     let sdir = d.path("snaps");
@@ -286,7 +304,6 @@ fn snapshot_with_freeze_of_mounted_ext4_is_the_point_in_time() {
         String::from_utf8_lossy(&o.stderr)
     );
     // The origin is whole and clean.
-    verify_all(&mp, &log);
-    let (clean, out) = m.fsck();
-    assert!(clean, "e2fsck of the origin:\n{out}");
+    verify_all(&mp, &log, "in the mounted origin");
+    verify_on_device(m, &d.path("vol.img"), &d.path("check"), &log);
 }

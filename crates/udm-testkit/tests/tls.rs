@@ -12,26 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 use udm_export::nbd::client::{greet, list, read_option_reply, Client, Reply};
 use udm_export::nbd::proto::{info_request_data, option_request, OPT_GO, REP_ERR_TLS_REQD};
-use udm_testkit::{bin, fill_pattern, have, Udmd};
+use udm_testkit::{bin, fill_pattern, have, pki, Udmd};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-/// The TCP port udmd logged last ("NBD listening on TCP addr=127.0.0.1:PORT").
-fn tcp_port(d: &Udmd) -> u16 {
-    let log = d.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("NBD listening on TCP"))
-        .unwrap_or_else(|| panic!("no TCP listener in the log:\n{log}"));
-    let at = line.rfind("127.0.0.1:").expect("address in the log line") + "127.0.0.1:".len();
-    line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .expect("port")
-}
 
 fn tcp(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -89,7 +72,7 @@ fn psk_clients_read_and_write_plain_clients_are_refused() {
         "--tls-psk",
         keys.to_str().unwrap(),
     ]);
-    let port = tcp_port(&d);
+    let port = d.tcp_port();
     d.disk("a", 8 << 20, 3);
     d.ok(&["create", "vol", "--table", "0 16384 linear a 0"]);
     d.ok(&["export", "add", "vol", "--nbd"]);
@@ -176,7 +159,7 @@ fn insecure_tcp_is_per_export_and_survives_restart() {
     d.ok(&["export", "add", "a", "--nbd"]);
     d.ok(&["export", "add", "b", "--nbd", "--insecure-tcp"]);
     for round in 0..2 {
-        let port = tcp_port(&d);
+        let port = d.tcp_port();
         assert_eq!(names(port), ["b"], "round {round}");
         assert!(
             plain_read(port, "a").is_none(),
@@ -202,87 +185,6 @@ fn insecure_tcp_is_per_export_and_survives_restart() {
     assert!(state.contains("insecure_tcp"), "{state}");
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A CA and, in `dir/server` and `dir/client`, certificates it signed (qemu/libnbd layout).
-fn pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=udm test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca);
-    for (who, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
-        let d = dir.join(who);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
-        std::fs::write(
-            d.join("ext"),
-            format!(
-                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n\
-                 basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            ),
-        )
-        .unwrap();
-        let key = format!("{who}/{who}-key.pem");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", "req.csr", "-subj", "/CN=localhost"]);
-        openssl(dir, &req);
-        let cert = format!("{who}/{who}-cert.pem");
-        let ext = format!("{who}/ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "req.csr",
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-}
-
 #[test]
 fn x509_with_client_certificates() {
     if !have("openssl", "tls x509") || !have("nbdinfo", "tls x509") {
@@ -298,7 +200,7 @@ fn x509_with_client_certificates() {
         server.to_str().unwrap(),
         "--tls-verify-peer",
     ]);
-    let port = tcp_port(&d);
+    let port = d.tcp_port();
     d.disk("a", 4 << 20, 6);
     d.ok(&["export", "add", "a", "--nbd"]);
     let with = |dir: &Path| {

@@ -162,7 +162,11 @@ impl Registry {
             let any_marked = ctx.opens.iter().any(|o| o.3);
             if any_marked {
                 for &(idx, begin, len, marked) in &ctx.opens {
-                    if marked {
+                    // A target may open one marked device several times (delay: once per class).
+                    let seen = hooks
+                        .iter()
+                        .any(|(i, h)| *i == idx && h.start == begin && h.len == len);
+                    if marked && !seen {
                         hooks.push(hook(idx, begin, len));
                     }
                 }

@@ -42,14 +42,22 @@ pub fn start_merge(s: &Arc<Snap>) {
         }
     }
     if let Some(h) = ctl.handle.take() {
-        let _ = h.join();
+        join_worker(h);
     }
     let stop = Arc::new(AtomicBool::new(false));
     ctl.stop = stop.clone();
     let snap = s.clone();
     let spawned = std::thread::Builder::new()
         .name("snapshot-merge".into())
-        .spawn(move || merge_loop(&snap, &stop));
+        .spawn(move || {
+            // A panic must not end the merge silently, with the status still showing progress.
+            let run = std::panic::AssertUnwindSafe(|| merge_loop(&snap, &stop));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("the merge thread panicked: shutting down merge");
+                snap.state.write().merge_failed = true;
+                snap.events.raise();
+            }
+        });
     match spawned {
         Ok(h) => ctl.handle = Some(h),
         Err(e) => {
@@ -68,8 +76,16 @@ pub fn stop_merge(s: &Snap) {
     };
     if let Some(h) = h {
         if h.thread().id() != std::thread::current().id() {
-            let _ = h.join();
+            join_worker(h);
         }
+    }
+}
+
+/// Joins a finished or stopping worker. Its panics are caught inside it; one that escaped
+/// anyway is logged here, not dropped.
+fn join_worker(h: JoinHandle<()>) {
+    if h.join().is_err() {
+        tracing::error!("the merge thread panicked");
     }
 }
 

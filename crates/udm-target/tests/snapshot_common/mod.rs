@@ -162,3 +162,50 @@ pub fn fill(seed: u64, buf: &mut [u8]) {
         c.copy_from_slice(&b[..c.len()]);
     }
 }
+
+/// Panics on udm's background threads (the merge, copy, commit and wait workers), as a
+/// process-wide panic hook sees them. Such a panic never reaches the test thread by itself:
+/// the product catches it (the merge reports "Merge failed") or it is lost at a join, so a test
+/// that demands "nothing panics" checks here. Start before the work, check after it.
+pub struct PanicWatch {
+    seen_before: usize,
+}
+
+static BACKGROUND_PANICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+impl PanicWatch {
+    pub fn start() -> PanicWatch {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                if name == "snapshot-merge" || name.starts_with("udm-") {
+                    let mut v = BACKGROUND_PANICS.lock().unwrap_or_else(|e| e.into_inner());
+                    v.push(format!("thread {name}: {info}"));
+                }
+                default(info);
+            }));
+        });
+        PanicWatch {
+            seen_before: Self::all().len(),
+        }
+    }
+
+    fn all() -> Vec<String> {
+        BACKGROUND_PANICS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Fails the calling test if a background thread panicked since [`PanicWatch::start`].
+    pub fn assert_none(&self) {
+        let all = Self::all();
+        assert!(
+            all.len() == self.seen_before,
+            "a background thread panicked: {:?}",
+            &all[self.seen_before..]
+        );
+    }
+}
