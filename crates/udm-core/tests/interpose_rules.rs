@@ -224,6 +224,34 @@ fn write_zeroes_and_discard_keep_working_through_an_interposer_without_them() {
     assert_eq!(node.submit(fast).unwrap_err().errno(), Errno::EOPNOTSUPP);
 }
 
+/// The zero-write emulation of write-zeroes covers requests of several emulation chunks (2048
+/// sectors each), unaligned at both ends, and FUA on the last chunk, over data written first.
+#[test]
+fn emulated_write_zeroes_beyond_one_chunk() {
+    const SECTORS: u64 = 8192;
+    let reg = Registry::new();
+    let mem = Arc::new(MemDevice::new(SECTORS));
+    reg.add_disk_device("d", mem.clone()).unwrap();
+    let node = reg.node("d").unwrap();
+    node.submit(Bio::write(0, &vec![0xffu8; (SECTORS * 512) as usize]))
+        .unwrap();
+    create(&reg, "o", &format!("0 {SECTORS} snapshot-origin d"), IP).unwrap();
+    let mut model = vec![0xffu8; (SECTORS * 512) as usize];
+    for (start, len) in [(3u64, 2048u64), (2051, 2049), (4111, 3 * 1024 + 5)] {
+        node.submit(Bio::write_zeroes(start, len).with_flags(udm_io::BioFlags::FUA))
+            .unwrap();
+        model[(start * 512) as usize..((start + len) * 512) as usize].fill(0);
+        let got = mem.contents();
+        let diff = (0..SECTORS as usize).find(|s| got[s * 512..][..512] != model[s * 512..][..512]);
+        assert_eq!(
+            diff, None,
+            "after write-zeroes of {len} sectors at {start}: sector {diff:?} differs from the model"
+        );
+    }
+    assert!(reg.info("o").unwrap().redirected >= 3);
+    reg.remove("o", false, false).unwrap();
+}
+
 #[test]
 fn reload_without_interpose_and_remove_force_detach() {
     let (reg, mem) = setup();
@@ -248,10 +276,53 @@ fn reload_without_interpose_and_remove_force_detach() {
     node.submit(Bio::write(0, &[9u8; 512])).unwrap();
     assert_eq!(mem.contents()[0], 9);
     reg.remove("ip", false, false).unwrap();
-    // remove --force of an interposer: error table first (it stays interposing, so the device's
-    // clients see errors, as dmsetup remove -f does), then removal detaches.
+    // remove --force of an interposer nobody opened is a plain remove: it detaches (the open
+    // case is remove_force_of_an_open_interposer).
     create(&reg, "ip2", "0 2048 linear d 0", IP).unwrap();
     reg.remove("ip2", true, false).unwrap();
     assert!(node.hooks().is_empty());
     node.submit(Bio::read(0, &mut [0u8; 512])).unwrap();
+}
+
+/// `remove --force` of an interposer that is open (held as an NBD export holds it) does what
+/// dmsetup does: the table becomes an error table and the device stays for its opener (EBUSY),
+/// who now gets EIO. The error table interposes nothing, so the interposed device's own clients
+/// reach it directly again. After the last close a plain remove succeeds.
+#[test]
+fn remove_force_of_an_open_interposer() {
+    let (reg, mem) = setup();
+    let node = reg.node("d").unwrap();
+    create(&reg, "ip", "0 2048 linear d 0", IP).unwrap();
+    let held = reg.open_export("ip", "nbd:ip").unwrap();
+    node.submit(Bio::write(0, &[1u8; 512])).unwrap();
+    assert!(reg.info("ip").unwrap().redirected >= 1);
+    let e = reg.remove("ip", true, false).unwrap_err();
+    assert_eq!(e.errno(), Errno::EBUSY, "{e}");
+    assert!(e.to_string().contains("error table"), "{e}");
+    let t = reg.table("ip", false).unwrap();
+    let lines: Vec<_> = t
+        .iter()
+        .map(|l| (l.start, l.len, l.target_type.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        [(0, 2048, "error")],
+        "remove --force loads an error table"
+    );
+    let mut b = [0u8; 512];
+    let e = held.submit(Bio::read(0, &mut b)).unwrap_err();
+    assert_eq!(e.errno(), Errno::EIO, "the opener gets EIO: {e}");
+    assert!(
+        node.hooks().is_empty(),
+        "the error table interposes nothing"
+    );
+    let before = reg.info("ip").unwrap().redirected;
+    node.submit(Bio::write(0, &[2u8; 512])).unwrap();
+    assert_eq!(mem.contents()[0], 2, "d's clients reach d directly");
+    assert_eq!(reg.info("ip").unwrap().redirected, before);
+    let id = held.id();
+    drop(held);
+    reg.close_export(id, "nbd:ip");
+    reg.remove("ip", false, false).unwrap();
+    assert!(reg.info("ip").is_err());
 }

@@ -97,6 +97,9 @@ fn qemu_io_patterns() {
         "read -P 0x11 1023k 2k",
         "read -P 0xa5 0 1023k",
         "discard 4M 1M",
+        // Zeroes over data: a WRITE_ZEROES that does nothing must not pass as zeroes.
+        "write -P 0xe1 8M 3M",
+        "read -P 0xe1 8M 3M",
         "write -z 8M 2M",
         "read -P 0 8M 2M",
         "write -z -u 10M 1M",

@@ -293,6 +293,8 @@ fn qemu_io_checks(object: &str, port: u16, export: &str) {
         "-c",
         "read -P 0x6b 8M 64k",
         "-c",
+        "write -P 0x7c 2M 1M",
+        "-c",
         "write -z 2M 1M",
         "-c",
         "read -P 0 2M 1M",

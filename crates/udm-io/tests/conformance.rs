@@ -379,7 +379,7 @@ fn loop_device_all_engines() {
             .unwrap()
             .set_len(SECTORS * 512)
             .unwrap();
-        let flush = std::process::Command::new("blockdev")
+        let flush = common::tool_cmd("blockdev")
             .arg("--flushbufs")
             .arg(&lo.path)
             .status();

@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{have_tool, LoopDev};
+use common::{find_tool_in, have_tool, tool_cmd, LoopDev};
 use proptest::prelude::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use udm_io::backend::file::FileDevice;
 use udm_io::partition::{
@@ -17,13 +17,34 @@ use udm_io::partition::{
 use udm_io::slice::SliceDevice;
 use udm_io::{Bio, BlockDevice};
 
+/// The sfdisk cross-checks do not skip for a user whose PATH lacks /usr/sbin and /sbin (the
+/// Debian default for non-root): the tools are looked up there too.
+#[test]
+fn sbin_tools_found_without_sbin_on_path() {
+    for t in ["sfdisk", "losetup", "blockdev"] {
+        let installed = ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(t).exists());
+        if !installed {
+            eprintln!(
+                "SKIPPED sbin_tools_found_without_sbin_on_path: {t} is not in /usr/sbin or /sbin"
+            );
+            continue;
+        }
+        assert!(
+            find_tool_in(t, "/usr/local/bin:/usr/bin:/bin").is_some(),
+            "{t} is installed in an sbin directory but not found with a non-root PATH"
+        );
+    }
+}
+
 /// Runs `sfdisk [extra] img < script`; false (after printing SKIPPED) without sfdisk.
 fn sfdisk(img: &Path, extra: &[&str], script: &str) -> bool {
     if !have_tool("sfdisk") {
         eprintln!("SKIPPED: sfdisk is not installed (Debian package fdisk)");
         return false;
     }
-    let mut child = Command::new("sfdisk")
+    let mut child = tool_cmd("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
         .args(extra)
         .arg(img)
@@ -44,7 +65,7 @@ fn sfdisk(img: &Path, extra: &[&str], script: &str) -> bool {
 
 /// `(number, start, size, type)` per partition from `sfdisk --json`, in 512-byte sectors.
 fn sfdisk_json(img: &Path, extra: &[&str]) -> (String, Vec<(u32, u64, u64, String)>) {
-    let out = Command::new("sfdisk")
+    let out = tool_cmd("sfdisk")
         .args(extra)
         .arg("--json")
         .arg(img)
@@ -82,7 +103,7 @@ fn partx(img: &Path) -> Option<Vec<(u32, u64, u64)>> {
         eprintln!("SKIPPED: partx is not installed (Debian package util-linux)");
         return None;
     }
-    let out = Command::new("partx")
+    let out = tool_cmd("partx")
         .args(["--show", "--noheadings", "--output", "NR,START,SECTORS"])
         .arg(img)
         .output()
@@ -356,7 +377,7 @@ fn same_partitions_as_the_kernel() {
         let part_dev = format!("/dev/{}p1", lo.name());
         if Path::new(&part_dev).exists() {
             // The kernel's view goes through the loop device's page cache: drop it first.
-            let _ = Command::new("blockdev")
+            let _ = tool_cmd("blockdev")
                 .arg("--flushbufs")
                 .arg(&part_dev)
                 .status();

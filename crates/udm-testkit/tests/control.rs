@@ -460,3 +460,67 @@ fn remove_force_deferred_and_wait_events() {
         "wait on a moved event number returns at once"
     );
 }
+
+/// `remove --force` of an interposer held open by an NBD client, through udmd, as dmsetup does
+/// it: the table becomes an error table and the device stays for its opener (EBUSY), whose
+/// reads now fail with EIO. The error table interposes nothing, so the interposed disk's own
+/// NBD client reaches the disk directly again. Once the client and its export are gone, a
+/// plain remove succeeds.
+#[test]
+fn remove_force_of_an_interposer_held_by_an_nbd_client() {
+    use std::os::unix::fs::FileExt;
+    use udm_export::nbd::client::{Client, Reply};
+    let d = Udmd::start();
+    let img = d.disk("a", 8 * MIB, 1);
+    d.ok(&[
+        "create",
+        "ip",
+        "--interpose",
+        "--table",
+        "0 2048 linear a 0",
+    ]);
+    d.ok(&["export", "add", "ip", "--nbd"]);
+    d.ok(&["export", "add", "a", "--nbd"]);
+    let connect = |name: &str| {
+        let s = std::os::unix::net::UnixStream::connect(d.nbd_socket()).unwrap();
+        Client::connect(s, name, false).unwrap()
+    };
+    let (mut held, mut direct) = (connect("ip"), connect("a"));
+    assert_eq!(direct.write(0, &[0x11; 512]).unwrap(), Reply::Ok(vec![]));
+    assert!(
+        d.ok(&["status", "ip"]).contains("linear"),
+        "interposer live before the remove"
+    );
+    let e = d.fails(&["remove", "--force", "ip"]);
+    assert!(e.contains("[EBUSY]") && e.contains("error table"), "{e}");
+    assert_eq!(d.ok(&["table", "ip"]), "0 2048 error \n");
+    assert_eq!(
+        held.read(0, 512).unwrap(),
+        Reply::Err(5),
+        "the interposer's client gets EIO"
+    );
+    assert_eq!(direct.write(512, &[0x22; 512]).unwrap(), Reply::Ok(vec![]));
+    assert_eq!(direct.flush().unwrap(), Reply::Ok(vec![]));
+    assert_eq!(
+        direct.read(0, 1024).unwrap(),
+        Reply::Ok([[0x11u8; 512], [0x22; 512]].concat()),
+        "the disk's client reaches the disk, not the error table"
+    );
+    let mut on_disk = [0u8; 1024];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 0)
+        .unwrap();
+    assert_eq!(on_disk[512..], [0x22; 512], "written to a.img directly");
+    held.disconnect().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.udmsetup(&["export", "remove", "nbd:ip"]).status.code() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export remove nbd:ip kept failing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    d.ok(&["remove", "ip"]);
+    assert!(d.fails(&["info", "ip"]).contains("Device does not exist."));
+}

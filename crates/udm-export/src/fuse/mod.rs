@@ -258,6 +258,11 @@ fn check_name(name: &str) -> Result<(), FuseError> {
     Ok(())
 }
 
+/// True when fusermount refused the mount because allow_root needs `user_allow_other`.
+fn refuses_allow_root(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied && e.to_string().contains("user_allow_other")
+}
+
 fn canonical_dir(dir: &Path) -> Result<PathBuf, FuseError> {
     let err = |source| FuseError::Directory {
         dir: dir.to_path_buf(),
@@ -337,11 +342,28 @@ impl FuseExports {
         let fs = DeviceFs {
             state: state.clone(),
         };
-        let session =
-            fuser::Session::new(fs, &key, &config).map_err(|source| FuseError::Mount {
-                dir: key.clone(),
-                source,
-            })?;
+        let session = match fuser::Session::new(fs, &key, &config) {
+            // fusermount3 refuses allow_root unless /etc/fuse.conf has user_allow_other (off by
+            // default): mount for the owner alone rather than not at all.
+            Err(e) if config.acl != fuser::SessionACL::Owner && refuses_allow_root(&e) => {
+                tracing::warn!(
+                    "fuse: {}: allow_root refused ({}); mounted for its owner only, so root \
+                     (and losetup) cannot open the files: set user_allow_other in /etc/fuse.conf",
+                    key.display(),
+                    e.to_string().trim()
+                );
+                config.acl = fuser::SessionACL::Owner;
+                let fs = DeviceFs {
+                    state: state.clone(),
+                };
+                fuser::Session::new(fs, &key, &config)
+            }
+            r => r,
+        }
+        .map_err(|source| FuseError::Mount {
+            dir: key.clone(),
+            source,
+        })?;
         let notifier = session.notifier();
         let worker = std::thread::Builder::new()
             .name("udm-fuse".to_string())

@@ -4,9 +4,35 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// True when `tool` runs (`tool --version` exits, whatever its status).
+/// Searched after PATH: sbin tools (sfdisk, losetup, blockdev) run for anyone but are missing
+/// from an ordinary user's PATH on Debian.
+const SBIN: [&str; 3] = ["/usr/sbin", "/sbin", "/usr/local/sbin"];
+
+/// Where `tool` is: in the directories of `path` (a PATH value), then in [`SBIN`].
+pub fn find_tool_in(tool: &str, path: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .chain(SBIN)
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Where `tool` is, on PATH or in an sbin directory.
+pub fn tool_path(tool: &str) -> Option<PathBuf> {
+    find_tool_in(tool, &std::env::var("PATH").unwrap_or_default())
+}
+
+/// True when `tool` is installed (see [`tool_path`]).
 pub fn have_tool(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
+    tool_path(tool).is_some()
+}
+
+/// A command running `tool` from wherever [`tool_path`] finds it.
+pub fn tool_cmd(tool: &str) -> Command {
+    Command::new(tool_path(tool).unwrap_or_else(|| PathBuf::from(tool)))
 }
 
 /// True when running as root.
@@ -31,7 +57,7 @@ impl LoopDev {
             eprintln!("SKIPPED: losetup is not installed (util-linux / mount package)");
             return None;
         }
-        let out = Command::new("losetup")
+        let out = tool_cmd("losetup")
             .args(["-f", "--show"])
             .args(extra)
             .arg(file)
@@ -60,7 +86,7 @@ impl LoopDev {
 impl Drop for LoopDev {
     fn drop(&mut self) {
         for _ in 0..50 {
-            match Command::new("losetup").arg("-d").arg(&self.path).status() {
+            match tool_cmd("losetup").arg("-d").arg(&self.path).status() {
                 Ok(s) if s.success() => return,
                 _ => std::thread::sleep(std::time::Duration::from_millis(100)),
             }
