@@ -115,6 +115,16 @@ impl Udmd {
         self.runtime().join("nbd.sock")
     }
 
+    /// An in-house NBD client of `export` over the Unix socket (simple replies).
+    pub fn nbd_client(
+        &self,
+        export: &str,
+    ) -> udm_export::nbd::client::Client<std::os::unix::net::UnixStream> {
+        let s = std::os::unix::net::UnixStream::connect(self.nbd_socket())
+            .expect("connect to the NBD socket");
+        udm_export::nbd::client::Client::connect(s, export, false).expect("NBD handshake")
+    }
+
     /// `nbd+unix:///NAME?socket=...` for an export.
     pub fn nbd_uri(&self, export: &str) -> String {
         format!(
@@ -382,4 +392,20 @@ pub fn sh(cmd: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// Reads the first `size` bytes of an export, 1 MiB per READ; any error reply fails the test.
+pub fn read_whole<S: Read + Write>(
+    c: &mut udm_export::nbd::client::Client<S>,
+    size: u64,
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(size as usize);
+    for off in (0..size).step_by(1 << 20) {
+        let len = (size - off).min(1 << 20) as u32;
+        match c.read(off, len).expect("read") {
+            udm_export::nbd::client::Reply::Ok(b) => v.extend_from_slice(&b),
+            r => panic!("read at {off}: {r:?}"),
+        }
+    }
+    v
 }

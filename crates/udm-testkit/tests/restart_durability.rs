@@ -6,12 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 use rand::{Rng, SeedableRng};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use udm_export::nbd::client::{Client, Reply};
+use udm_export::nbd::client::Reply;
 use udm_proto::Request;
 use udm_testkit::Udmd;
 
@@ -23,26 +22,6 @@ const WRITE: usize = 64 << 10;
 const HELD_WRITES: usize = 4;
 /// Delay of every write to the COW: the write-back still holds the data when SIGTERM comes.
 const COW_DELAY_MS: u32 = 300;
-
-fn client(d: &Udmd, name: &str) -> Client<UnixStream> {
-    Client::connect(
-        UnixStream::connect(d.nbd_socket()).expect("nbd"),
-        name,
-        false,
-    )
-    .expect("handshake")
-}
-
-fn read_all(c: &mut Client<UnixStream>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(SIZE as usize);
-    for off in (0..SIZE).step_by(1 << 20) {
-        match c.read(off, 1 << 20).expect("read") {
-            Reply::Ok(b) => v.extend_from_slice(&b),
-            r => panic!("read at {off}: {r:?}"),
-        }
-    }
-    v
-}
 
 #[test]
 fn graceful_restart_keeps_unflushed_snapshot_origin_writes() {
@@ -73,7 +52,7 @@ fn graceful_restart_keeps_unflushed_snapshot_origin_writes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7e57);
     let mut slots: Vec<usize> = (0..SIZE as usize / WRITE).collect();
     for round in 0..2 {
-        let mut c = client(&d, "vol");
+        let mut c = d.nbd_client("vol");
         for _ in 0..HELD_WRITES {
             let at = slots.swap_remove(rng.gen_range(0..slots.len())) * WRITE;
             let mut data = vec![0u8; WRITE];
@@ -85,12 +64,12 @@ fn graceful_restart_keeps_unflushed_snapshot_origin_writes() {
         assert!(d.stop(), "udmd did not stop cleanly; log:\n{}", d.log());
         drop(c);
         d.restart();
-        let got = read_all(&mut client(&d, "vol"));
+        let got = udm_testkit::read_whole(&mut d.nbd_client("vol"), SIZE);
         if let Some(first) = got.iter().zip(&want).position(|(a, b)| a != b) {
             panic!("round {round}: an acknowledged write is lost over a graceful restart (first difference at byte {first})");
         }
         assert!(
-            read_all(&mut client(&d, "vol-snap")) == point_in_time,
+            udm_testkit::read_whole(&mut d.nbd_client("vol-snap"), SIZE) == point_in_time,
             "round {round}: the snapshot is not the point-in-time image"
         );
     }

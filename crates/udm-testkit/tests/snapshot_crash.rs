@@ -83,26 +83,6 @@ fn wait_round(
     }
 }
 
-fn client(d: &Udmd, name: &str) -> Client<UnixStream> {
-    Client::connect(
-        UnixStream::connect(d.nbd_socket()).expect("nbd"),
-        name,
-        false,
-    )
-    .expect("handshake")
-}
-
-fn read_all(c: &mut Client<UnixStream>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(SIZE as usize);
-    for off in (0..SIZE).step_by(1 << 20) {
-        match c.read(off, 1 << 20).expect("read") {
-            Reply::Ok(b) => v.extend_from_slice(&b),
-            r => panic!("read at {off}: {r:?}"),
-        }
-    }
-    v
-}
-
 #[test]
 fn snapshot_survives_fifty_kill9_points() {
     let mut d = Udmd::start();
@@ -131,7 +111,7 @@ fn snapshot_survives_fifty_kill9_points() {
     let mut held_at_kill = 0;
     for round_nr in 0..ROUNDS {
         let round: Arc<Mutex<Round>> = Arc::default();
-        let c = client(&d, "vol");
+        let c = d.nbd_client("vol");
         let (m, r) = (model.clone(), round.clone());
         let seed = rng.gen::<u64>();
         let writer = std::thread::spawn(move || write_until_killed(c, seed, &m, &r));
@@ -163,13 +143,13 @@ fn snapshot_survives_fifty_kill9_points() {
             }
         }
         drop(want);
-        let mut snap = client(&d, "vol-snap");
+        let mut snap = d.nbd_client("vol-snap");
         assert!(
-            read_all(&mut snap) == point_in_time,
+            udm_testkit::read_whole(&mut snap, SIZE) == point_in_time,
             "round {round_nr}: snapshot is not the point-in-time image"
         );
-        let mut origin = client(&d, "vol");
-        let got = read_all(&mut origin);
+        let mut origin = d.nbd_client("vol");
+        let got = udm_testkit::read_whole(&mut origin, SIZE);
         let want = model.lock().unwrap().clone();
         if got != want {
             let first = got
@@ -240,7 +220,7 @@ fn merge_resumes_after_kill9() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let point_in_time = std::fs::read(&img).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x3e7);
-    let mut c = client(&d, "vol");
+    let mut c = d.nbd_client("vol");
     for i in (0..MERGE_CHUNKS).rev() {
         let data: Vec<u8> = (0..BLOCK).map(|_| rng.gen()).collect();
         let off = merge_chunk(i).start as u64;
@@ -308,8 +288,8 @@ fn merge_resumes_after_kill9() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut c = client(&d, "vol");
-    let got = read_all(&mut c);
+    let mut c = d.nbd_client("vol");
+    let got = udm_testkit::read_whole(&mut c, SIZE);
     for i in 0..n - 1 {
         assert!(
             got[merge_chunk(i)] == after[merge_chunk(i)],
