@@ -3,9 +3,10 @@
 # and integration tests that start udmd and drive it with udmsetup and real clients (qemu-io,
 # qemu-img, nbdinfo, nbdcopy, fio, losetup + mkfs + mount + e2fsck). Tests that need a tool or
 # privilege the machine lacks print a SKIPPED line.
-# The kernel cross-checks (dm-snapshot COW format, both directions, in a real kernel under
-# QEMU via ../shared/vmlab/run.sh) run when a qemu-system-x86_64 can be prepared; set
-# UDM_VMLAB=0 to leave them out.
+# The kernel cross-checks (dm-snapshot COW format, both directions) and the kernel NBD client
+# test (Debian's nbd-client and the nbd driver against udmd over TLS and the Unix socket), in a
+# real kernel under QEMU via ../shared/vmlab/run.sh, run when a qemu-system-x86_64 can be
+# prepared; set UDM_VMLAB=0 to leave them out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
