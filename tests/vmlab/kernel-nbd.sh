@@ -6,7 +6,8 @@
 # kernel-nbd-guest.sh). Afterwards the host runs e2fsck -fn on the disk the guest copied out and
 # compares the files (debugfs) with the guest's checksums.
 # Usage: kernel-nbd.sh [tls|insecure]  (default tls). Needs root and what run.sh needs.
-# Env: VMLAB_RUN (path of run.sh), VMLAB_EXTRA_PATH (a private qemu), VMLAB_KERNEL (6.1, 6.12).
+# Env: VMLAB_RUN (path of run.sh), VMLAB_EXTRA_PATH (a private qemu), VMLAB_KERNEL (6.1, 6.12),
+# UDM_BIN_DIR (udmd and udmsetup to test; built from this checkout when unset).
 set -euo pipefail
 MODE=${1:-tls}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -22,8 +23,13 @@ export PATH="$PATH:/usr/sbin:/sbin"
 for t in nbd-client mkfs.ext4 e2fsck debugfs openssl strip; do
   command -v $t >/dev/null || { echo "SKIPPED kernel NBD test: $t missing (scripts/deps.sh installs it)"; exit 0; }
 done
-(cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup)
-T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+# The test harness passes the binaries it tests (UDM_BIN_DIR); run by hand, build them.
+if [ -n "${UDM_BIN_DIR:-}" ]; then
+  T=$UDM_BIN_DIR
+else
+  (cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup)
+  T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+fi
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 # Stripped copies: the debug binaries are ~100 MiB, all of which would go into the initramfs.

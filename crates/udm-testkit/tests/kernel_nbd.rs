@@ -18,6 +18,7 @@ fn kernel_nbd_client() {
     let out = Command::new("bash")
         .arg(&script)
         .arg("tls")
+        .env("UDM_BIN_DIR", udm_testkit::bin_dir())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
