@@ -132,7 +132,7 @@ fn standard() -> Handler {
         Request::Status { name: None, .. } => Reply::Ok(Response::Lines(vec![
             DeviceLines {
                 name: "zeta".into(),
-                lines: vec![TargetLineRecord {
+                lines: vec![TableLine {
                     start: 0,
                     len: 8,
                     target_type: "zero".into(),
@@ -141,7 +141,7 @@ fn standard() -> Handler {
             },
             DeviceLines {
                 name: "alpha".into(),
-                lines: vec![TargetLineRecord {
+                lines: vec![TableLine {
                     start: 0,
                     len: 2048,
                     target_type: "linear".into(),
