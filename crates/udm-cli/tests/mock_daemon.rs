@@ -224,7 +224,7 @@ fn create_reads_the_table_from_stdin_and_normalises_it() {
         Request::Create {
             name: "new".into(),
             uuid: None,
-            table: Some("0 8 linear vda 0\n8 8 zero".into()),
+            table: Some("0 8 linear vda 0\n8 8 zero \n".into()),
             read_only: true,
             interpose: true,
             freeze: None,
