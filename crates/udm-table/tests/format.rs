@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use udm_target::table::{fuzz_parse, split_args, ConciseDevice, TableLine, TableSpec};
+use udm_table::{fuzz_parse, split_args, ConciseDevice, TableLine, TableSpec};
 
 /// Target type names: what a kernel type name looks like (no whitespace, no '#').
 fn type_name() -> impl Strategy<Value = String> {
