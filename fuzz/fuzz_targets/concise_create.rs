@@ -1,7 +1,7 @@
 //! The concise `dm-mod.create=` syntax on its own (table_text also tries it, after the table
 //! text): whatever parses must print back to text that parses to the same devices.
 #![no_main]
-use udm_target::table::ConciseDevice;
+use udm_table::ConciseDevice;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

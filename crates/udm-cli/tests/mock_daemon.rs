@@ -132,7 +132,7 @@ fn standard() -> Handler {
         Request::Status { name: None, .. } => Reply::Ok(Response::Lines(vec![
             DeviceLines {
                 name: "zeta".into(),
-                lines: vec![TargetLineRecord {
+                lines: vec![TableLine {
                     start: 0,
                     len: 8,
                     target_type: "zero".into(),
@@ -141,7 +141,7 @@ fn standard() -> Handler {
             },
             DeviceLines {
                 name: "alpha".into(),
-                lines: vec![TargetLineRecord {
+                lines: vec![TableLine {
                     start: 0,
                     len: 2048,
                     target_type: "linear".into(),
@@ -224,7 +224,7 @@ fn create_reads_the_table_from_stdin_and_normalises_it() {
         Request::Create {
             name: "new".into(),
             uuid: None,
-            table: Some("0 8 linear vda 0\n8 8 zero".into()),
+            table: Some("0 8 linear vda 0\n8 8 zero \n".into()),
             read_only: true,
             interpose: true,
             freeze: None,

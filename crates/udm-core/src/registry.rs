@@ -17,6 +17,8 @@ use std::time::Duration;
 use udm_io::backend::open::{open_backend, Engine, OpenOptions};
 use udm_io::BlockDevice;
 use udm_target::registry::TargetRegistry;
+/// Lines of `table` and `status` (one line type for parser, daemon, protocol and CLI).
+pub use udm_target::table::TableLine;
 use udm_target::table::{Table, TableContext, TableSpec};
 use udm_target::{DevRef, EventSink, TargetEnv, TargetError};
 use udm_types::errno::HasErrno;
@@ -186,19 +188,6 @@ pub struct MdInfo {
     /// Why a recorded table could not be rebuilt (a device it names is unavailable); `None`
     /// when the device is complete.
     pub unavailable: Option<String>,
-}
-
-/// One line of `table` or `status`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TargetLine {
-    /// Start sector.
-    pub start: u64,
-    /// Length.
-    pub len: u64,
-    /// Target type.
-    pub target_type: String,
-    /// Parameters (table) or status text.
-    pub params: String,
 }
 
 /// Kind of device in a listing.

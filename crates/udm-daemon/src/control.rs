@@ -14,7 +14,7 @@ use std::time::Duration;
 use udm_core::registry::{DeviceKind, LoadFlags, ResumeOptions, SuspendFlags};
 use udm_core::{CoreError, Registry};
 use udm_proto::*;
-use udm_target::table::{ConciseDevice, TableSpec, TargetSpec};
+use udm_target::table::{ConciseDevice, TableSpec};
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
@@ -386,10 +386,7 @@ impl Daemon {
                 let mut out = Vec::new();
                 for n in self.names(&name) {
                     let lines = reg.table(&n, inactive).map_err(err)?;
-                    out.push(DeviceLines {
-                        name: n,
-                        lines: lines.into_iter().map(line_record).collect(),
-                    });
+                    out.push(DeviceLines { name: n, lines });
                 }
                 if concise {
                     return self.concise(&out);
@@ -400,10 +397,7 @@ impl Daemon {
                 let mut out = Vec::new();
                 for n in self.names(&name) {
                     let lines = reg.status(&n, inactive).map_err(err)?;
-                    out.push(DeviceLines {
-                        name: n,
-                        lines: lines.into_iter().map(line_record).collect(),
-                    });
+                    out.push(DeviceLines { name: n, lines });
                 }
                 Ok(Response::Lines(out))
             }
@@ -461,16 +455,7 @@ impl Daemon {
                 read_only: info.read_only,
                 interpose: info.interposed,
                 table: TableSpec {
-                    lines: d
-                        .lines
-                        .iter()
-                        .map(|l| TargetSpec {
-                            start: l.start,
-                            len: l.len,
-                            target_type: l.target_type.clone(),
-                            params: l.params.clone(),
-                        })
-                        .collect(),
+                    lines: d.lines.clone(),
                 },
             });
         }
@@ -501,15 +486,6 @@ fn absolute_paths(req: &Request) -> Result<(), ErrorReply> {
             p.display()
         )))),
         None => Ok(()),
-    }
-}
-
-fn line_record(l: udm_core::registry::TargetLine) -> TargetLineRecord {
-    TargetLineRecord {
-        start: l.start,
-        len: l.len,
-        target_type: l.target_type,
-        params: l.params,
     }
 }
 

@@ -363,18 +363,9 @@ pub struct DeviceRecord {
     pub unavailable: Option<String>,
 }
 
-/// One table or status line.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TargetLineRecord {
-    /// Start.
-    pub start: u64,
-    /// Length.
-    pub len: u64,
-    /// Target type.
-    pub target_type: String,
-    /// Parameters or status.
-    pub params: String,
-}
+/// One table or status line: udm-table's line type, whose JSON is `{"start", "len",
+/// "target_type", "params"}` on the wire.
+pub use udm_table::TableLine;
 
 /// Lines of one device.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -382,7 +373,7 @@ pub struct DeviceLines {
     /// Device name.
     pub name: String,
     /// Lines.
-    pub lines: Vec<TargetLineRecord>,
+    pub lines: Vec<TableLine>,
 }
 
 /// Dependency of a device.

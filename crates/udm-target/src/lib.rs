@@ -1,8 +1,8 @@
 //! Device-mapper targets and tables.
 //!
-//! [`target`] holds the contract between the core and a target; [`table`] parses and prints the
-//! dmsetup table text and dispatches requests to the targets of a constructed table; every target
-//! is one module (`linear`, `striped`, ...), registered by name in [`registry`].
+//! [`target`] holds the contract between the core and a target; [`table`] dispatches requests to
+//! the targets of a constructed table (the table text is udm-table's, re-exported there); every
+//! target is one module (`linear`, `striped`, ...), registered by name in [`registry`].
 
 pub mod delay;
 pub mod error;

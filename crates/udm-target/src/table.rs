@@ -1,311 +1,35 @@
-//! Tables: the dmsetup text format, the kernel's `dm-mod.create=` concise format, and a
-//! constructed table that dispatches requests to its targets.
+//! Constructed tables: the targets of one table slot, dispatching requests to them.
 //!
-//! Parsing follows dmsetup's `_parse_line` (text) and `_create_concise` (concise) and the
-//! kernel's `dm_split_args`; validation and dispatch follow `drivers/md/dm-table.c` and
-//! `drivers/md/dm.c`. Where the C code silently wraps an overflowing number, udm refuses it.
+//! The table text itself (dmsetup text, concise `dm-mod.create=` syntax, argument helpers) lives
+//! in udm-table, which the CLI shares without linking the data path; it is re-exported here so
+//! targets and the core keep one path for it. Validation and dispatch follow
+//! `drivers/md/dm-table.c` and `drivers/md/dm.c`.
 
 use std::fmt;
 use std::sync::Arc;
 
 use udm_io::{Bio, BioFlags, BioKind, BioOp, Extent, ExtentKind, IoError, Limits};
-use udm_types::errno::HasErrno;
-use udm_types::{Errno, SECTOR_SIZE};
+use udm_types::SECTOR_SIZE;
 
 use crate::registry::TargetRegistry;
 use crate::target::{CtorContext, DevRef, EventSink, Target, TargetEnv, TargetError};
+pub use udm_table::{
+    check_adjoin, check_count, check_extent, fuzz_parse, is_c_space, split_args, ConciseDevice,
+    TableError, TableLine, TableSpec, DM_MAX_TARGETS, DM_MAX_TYPE_NAME, MAX_MINOR,
+    MAX_TABLE_SECTORS,
+};
 
-/// Most targets one table may hold (`DM_MAX_TARGETS`, dm-core.h); more is EOVERFLOW.
-pub const DM_MAX_TARGETS: usize = 1_048_576;
-
-/// Size of the kernel's target type name buffer (`DM_MAX_TYPE_NAME`); names must be shorter.
-pub const DM_MAX_TYPE_NAME: usize = 16;
-
-/// Largest end sector of a table (`LLONG_MAX >> SECTOR_SHIFT`, `dm_table_add_target`).
-pub const MAX_TABLE_SECTORS: u64 = (i64::MAX as u64) >> 9;
-
-/// Minors are 20 bits in the kernel (`MINORBITS`); the concise format refuses larger ones.
-pub const MAX_MINOR: u32 = (1 << 20) - 1;
-
-/// A table that cannot be parsed, validated or constructed. `line` is the 1-based number of the
-/// text line (parsing) or of the target line (validation, construction) at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{msg}", line_prefix(.line))]
-pub struct TableError {
-    /// Line at fault, where one is.
-    pub line: Option<usize>,
-    /// errno the kernel (or dmsetup) would report.
-    pub errno: Errno,
-    /// What is wrong (the kernel's message where it has one).
-    pub msg: String,
-}
-
-fn line_prefix(line: &Option<usize>) -> String {
-    match line {
-        Some(n) => format!("line {n}: "),
-        None => String::new(),
-    }
-}
-
-impl TableError {
-    /// An EINVAL at `line`.
-    pub fn invalid(line: Option<usize>, msg: impl Into<String>) -> Self {
-        TableError {
-            line,
-            errno: Errno::EINVAL,
-            msg: msg.into(),
-        }
-    }
-}
-
-impl HasErrno for TableError {
-    fn errno(&self) -> Errno {
-        self.errno
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Text format
-// ---------------------------------------------------------------------------------------------
-
-/// C `isspace` in the "C" locale: the separators of dmsetup and of the kernel's argument split.
-pub fn is_c_space(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
-}
-
-fn trim_c(s: &str) -> &str {
-    s.trim_matches(is_c_space)
-}
-
-/// Splits off the first whitespace-delimited token; `None` when only whitespace is left.
-fn next_token(s: &str) -> Option<(&str, &str)> {
-    let s = s.trim_start_matches(is_c_space);
-    if s.is_empty() {
-        return None;
-    }
-    let end = s.find(is_c_space).unwrap_or(s.len());
-    Some((&s[..end], &s[end..]))
-}
-
-/// One table line: `<start> <len> <target_type> <params>`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TargetSpec {
-    /// First sector of the target in the mapped device.
-    pub start: u64,
-    /// Length in sectors.
-    pub len: u64,
-    /// Target type name (`linear`).
-    pub target_type: String,
-    /// Constructor arguments as written (split later with [`split_args`]).
-    pub params: String,
-}
-
-impl fmt::Display for TargetSpec {
-    /// The `dmsetup table` form, including its trailing space when `params` is empty.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} {} {}",
-            self.start, self.len, self.target_type, self.params
-        )
-    }
-}
-
-/// A parsed table: its target lines in order.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TableSpec {
-    /// The target lines, comments and blank lines removed.
-    pub lines: Vec<TargetSpec>,
-}
-
-/// Parses a dmsetup number (`%llu`): decimal digits, optionally after `+`. Unlike glibc, an
-/// overflowing or negative number is refused rather than wrapped.
-fn parse_table_number(tok: &str) -> Option<u64> {
-    let digits = tok.strip_prefix('+').unwrap_or(tok);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-/// dmsetup's `_parse_line` on one line: `Ok(None)` for blank and comment lines.
-fn parse_line(raw: &str) -> Result<Option<TargetSpec>, String> {
-    let s = trim_c(raw);
-    if s.is_empty() || s.starts_with('#') {
-        return Ok(None);
-    }
-    const FORMAT: &str = "invalid format: expected <start> <length> <target type> [<arguments>]";
-    let (start_tok, rest) = next_token(s).ok_or(FORMAT)?;
-    let (len_tok, rest) = next_token(rest).ok_or(FORMAT)?;
-    let (type_tok, rest) = next_token(rest).ok_or(FORMAT)?;
-    let start = parse_table_number(start_tok)
-        .ok_or_else(|| format!("{FORMAT}: bad start sector {start_tok:?}"))?;
-    let len =
-        parse_table_number(len_tok).ok_or_else(|| format!("{FORMAT}: bad length {len_tok:?}"))?;
-    if type_tok.len() >= DM_MAX_TYPE_NAME {
-        return Err(format!(
-            "target type name {type_tok} is too long (at most {} characters)",
-            DM_MAX_TYPE_NAME - 1
-        ));
-    }
-    let rest = rest.trim_start_matches(is_c_space);
-    // dmsetup cuts the parameters at the first '#', wherever it is.
-    let params = match rest.find('#') {
-        Some(i) => &rest[..i],
-        None => rest,
-    };
-    Ok(Some(TargetSpec {
-        start,
-        len,
-        target_type: type_tok.to_string(),
-        params: params.trim_end_matches(is_c_space).to_string(),
-    }))
-}
-
-impl TableSpec {
-    /// Parses table text exactly as `dmsetup create`/`load` reads it: one target per line,
-    /// surrounding whitespace trimmed, blank lines and lines starting with `#` skipped, a
-    /// trailing `# comment` removed. Errors carry the 1-based text line number.
-    pub fn parse(text: &str) -> Result<TableSpec, TableError> {
-        let mut lines = Vec::new();
-        for (i, raw) in text.split('\n').enumerate() {
-            match parse_line(raw) {
-                Ok(Some(spec)) => lines.push(spec),
-                Ok(None) => {}
-                Err(msg) => return Err(TableError::invalid(Some(i + 1), msg)),
-            }
-        }
-        Ok(TableSpec { lines })
-    }
-
-    /// Size of the mapped device the table describes (end of its last line).
-    pub fn size(&self) -> u64 {
-        self.lines
-            .last()
-            .map(|l| l.start.saturating_add(l.len))
-            .unwrap_or(0)
-    }
-
-    /// The kernel's layout checks (`dm_table_create`, `dm_table_add_target`, `adjoin`): at
-    /// least one and at most [`DM_MAX_TARGETS`] targets, none of zero length, contiguous from
-    /// sector 0, ending at most at [`MAX_TABLE_SECTORS`].
-    pub fn validate_layout(&self) -> Result<(), TableError> {
-        check_count(self.lines.len())?;
-        let mut next = 0u64;
-        for (i, l) in self.lines.iter().enumerate() {
-            let end = check_extent(i + 1, l.start, l.len)?;
-            check_adjoin(i + 1, &l.target_type, l.start, next)?;
-            next = end;
-        }
-        Ok(())
-    }
-}
-
-fn check_count(n: usize) -> Result<(), TableError> {
-    if n == 0 {
-        return Err(TableError::invalid(None, "no targets specified"));
-    }
-    if n > DM_MAX_TARGETS {
-        return Err(TableError {
-            line: None,
-            errno: Errno::EOVERFLOW,
-            msg: format!("too many targets: {n} > {DM_MAX_TARGETS}"),
-        });
-    }
-    Ok(())
-}
-
-/// Zero length and overflow checks of one line; returns its end sector.
-fn check_extent(line: usize, start: u64, len: u64) -> Result<u64, TableError> {
-    if len == 0 {
-        return Err(TableError::invalid(Some(line), "zero-length target"));
-    }
-    match start.checked_add(len) {
-        Some(end) if end <= MAX_TABLE_SECTORS => Ok(end),
-        _ => Err(TableError::invalid(Some(line), "too large device")),
-    }
-}
-
-fn check_adjoin(line: usize, ty: &str, start: u64, expected: u64) -> Result<(), TableError> {
-    if start != expected {
-        return Err(TableError::invalid(
-            Some(line),
-            format!("{ty}: Gap in table (target starts at {start}, expected {expected})"),
-        ));
-    }
-    Ok(())
-}
-
-impl std::str::FromStr for TableSpec {
-    type Err = TableError;
-
-    /// Same as [`TableSpec::parse`].
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TableSpec::parse(s)
-    }
-}
-
-impl fmt::Display for TableSpec {
-    /// The `dmsetup table` form: one line per target, each ending in a newline.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for l in &self.lines {
-            writeln!(f, "{l}")?;
-        }
-        Ok(())
-    }
-}
-
-/// The kernel's `dm_split_args`: splits on whitespace; a backslash makes the next character
-/// literal (a trailing lone backslash stays as it is).
-pub fn split_args(params: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut chars = params.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| is_c_space(*c)) {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            return out;
-        }
-        let mut tok = String::new();
-        while let Some(c) = chars.next() {
-            if c == '\\' {
-                match chars.next() {
-                    Some(n) => tok.push(n),
-                    None => tok.push('\\'),
-                }
-                continue;
-            }
-            if is_c_space(c) {
-                break;
-            }
-            tok.push(c);
-        }
-        out.push(tok);
-    }
-}
-
-/// Argument helpers with the kernel's parsing rules, shared by every target constructor.
+/// Argument helpers: the kernel's parsing rules from udm-table, plus the device lookups that
+/// need a constructor context.
 pub mod args {
+    pub use udm_table::args::*;
+
     use crate::target::{CtorContext, DevRef, TargetError};
 
-    /// `sscanf(s, "%llu%c")` == 1: decimal digits only. Overflow is refused (the kernel wraps).
-    pub fn scan_u64(s: &str) -> Option<u64> {
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
+    impl From<ArgError> for TargetError {
+        fn from(e: ArgError) -> Self {
+            TargetError::invalid(e.msg)
         }
-        s.parse().ok()
-    }
-
-    /// `sscanf(s, "%u%c")` == 1: decimal digits only, within `u32`.
-    pub fn scan_u32(s: &str) -> Option<u32> {
-        scan_u64(s).and_then(|v| u32::try_from(v).ok())
-    }
-
-    /// `kstrtouint(s, 10)`: an optional `+`, decimal digits, an optional trailing newline.
-    pub fn kstrtouint(s: &str) -> Option<u32> {
-        let s = s.strip_suffix('\n').unwrap_or(s);
-        scan_u32(s.strip_prefix('+').unwrap_or(s))
     }
 
     /// `dm_get_device` with the kernel's `Device lookup failed` message, keeping the cause
@@ -329,262 +53,7 @@ pub mod args {
     pub fn sector(s: &str) -> Result<u64, TargetError> {
         scan_u64(s).ok_or_else(|| TargetError::invalid("Invalid device sector"))
     }
-
-    /// The kernel's `struct dm_arg_set`: arguments consumed front to back.
-    #[derive(Debug, Clone)]
-    pub struct ArgSet<'a> {
-        args: &'a [String],
-    }
-
-    impl<'a> ArgSet<'a> {
-        /// All of `args`.
-        pub fn new(args: &'a [String]) -> Self {
-            ArgSet { args }
-        }
-
-        /// Arguments left.
-        pub fn remaining(&self) -> usize {
-            self.args.len()
-        }
-
-        /// `dm_shift_arg`: the next argument, if any.
-        pub fn shift(&mut self) -> Option<&'a str> {
-            let (first, rest) = self.args.split_first()?;
-            self.args = rest;
-            Some(first.as_str())
-        }
-
-        /// `dm_read_arg`: the next argument as a `u32` in `[min, max]`, else `error`.
-        pub fn read_arg(&mut self, min: u32, max: u32, error: &str) -> Result<u32, TargetError> {
-            self.read(min, max, error, false)
-        }
-
-        /// `dm_read_arg_group`: like [`ArgSet::read_arg`], and the value must not exceed the
-        /// number of arguments left after it.
-        pub fn read_arg_group(
-            &mut self,
-            min: u32,
-            max: u32,
-            error: &str,
-        ) -> Result<u32, TargetError> {
-            self.read(min, max, error, true)
-        }
-
-        fn read(
-            &mut self,
-            min: u32,
-            max: u32,
-            error: &str,
-            grouped: bool,
-        ) -> Result<u32, TargetError> {
-            let v = self
-                .shift()
-                .and_then(scan_u32)
-                .filter(|v| *v >= min && *v <= max)
-                .filter(|v| !grouped || *v as usize <= self.remaining());
-            v.ok_or_else(|| TargetError::invalid(error))
-        }
-    }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Concise format (dm-mod.create=, dmsetup create/table --concise)
-// ---------------------------------------------------------------------------------------------
-
-/// One device of the concise format `name,uuid,minor,flags,table[,table...]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConciseDevice {
-    /// Device name.
-    pub name: String,
-    /// UUID, `None` when the field is empty.
-    pub uuid: Option<String>,
-    /// Requested minor, `None` when the field is empty (allocate one).
-    pub minor: Option<u32>,
-    /// Flags `ro` (DM_READONLY_FLAG); `rw` or empty otherwise.
-    pub read_only: bool,
-    /// udm's `+interpose` flag suffix: the seed's DM_INTERPOSED_FLAG, as `dm_early_create`
-    /// accepts it.
-    pub interpose: bool,
-    /// The table, one concise table field per line.
-    pub table: TableSpec,
-}
-
-fn push_quoted(out: &mut String, s: &str) {
-    for (i, c) in s.chars().enumerate() {
-        // Leading whitespace too: the parser skips it after a separator.
-        if matches!(c, ',' | ';' | '\\') || (i == 0 && is_c_space(c)) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-}
-
-impl ConciseDevice {
-    /// Parses a concise list of devices separated by `;` (`dmsetup create --concise`):
-    /// backslash escapes the next character, whitespace after a separating comma or semicolon
-    /// is skipped, and the table lines (separated by commas) are parsed like table text.
-    pub fn parse_list(text: &str) -> Result<Vec<ConciseDevice>, TableError> {
-        let mut devices = Vec::new();
-        let mut fields: Vec<String> = vec![String::new()];
-        let mut started = false;
-        let mut chars = text.chars().peekable();
-        // Leading whitespace before the first device is skipped like after a ';'.
-        while chars.peek().is_some_and(|c| is_c_space(*c)) {
-            chars.next();
-        }
-        while let Some(c) = chars.next() {
-            started = true;
-            let field = fields.len() - 1;
-            match c {
-                '\\' => match chars.next() {
-                    Some(n) => fields[field].push(n),
-                    None => {
-                        return Err(TableError::invalid(
-                            None,
-                            "backslash must be followed by another character at end of string",
-                        ))
-                    }
-                },
-                ',' if field < 4 => {
-                    fields.push(String::new());
-                    while chars.peek().is_some_and(|c| is_c_space(*c)) {
-                        chars.next();
-                    }
-                }
-                ',' => fields[field].push('\n'),
-                ';' => {
-                    devices.push(Self::from_fields(&fields, devices.len())?);
-                    fields = vec![String::new()];
-                    started = false;
-                    while chars.peek().is_some_and(|c| is_c_space(*c)) {
-                        chars.next();
-                    }
-                }
-                c => fields[field].push(c),
-            }
-        }
-        if started {
-            devices.push(Self::from_fields(&fields, devices.len())?);
-        }
-        Ok(devices)
-    }
-
-    fn from_fields(fields: &[String], index: usize) -> Result<ConciseDevice, TableError> {
-        let at = |msg: String| TableError::invalid(None, format!("device {}: {msg}", index + 1));
-        let [name, uuid, minor, flags, table] = fields else {
-            return Err(at(format!(
-                "five comma-separated fields are required for each device \
-                 (name,uuid,minor,flags,table), found {}",
-                fields.len()
-            )));
-        };
-        if name.is_empty() {
-            return Err(at("empty device name".into()));
-        }
-        let minor = if minor.is_empty() {
-            None
-        } else {
-            match args::scan_u32(minor) {
-                Some(m) if m <= MAX_MINOR => Some(m),
-                _ => return Err(at(format!("{name}: invalid minor {minor:?}"))),
-            }
-        };
-        let (read_only, interpose) = match flags.as_str() {
-            "" | "rw" => (false, false),
-            "ro" => (true, false),
-            "rw+interpose" => (false, true),
-            "ro+interpose" => (true, true),
-            other => {
-                return Err(at(format!(
-                    "{name}: invalid flags parameter '{other}': must be 'ro' or 'rw' or empty, \
-                     optionally followed by '+interpose'"
-                )))
-            }
-        };
-        let table = TableSpec::parse(table).map_err(|e| TableError {
-            msg: format!("device {} ({name}): {}", index + 1, e.msg),
-            ..e
-        })?;
-        Ok(ConciseDevice {
-            name: name.clone(),
-            uuid: (!uuid.is_empty()).then(|| uuid.clone()),
-            minor,
-            read_only,
-            interpose,
-            table,
-        })
-    }
-
-    /// Prints devices as `dmsetup table --concise` does: devices joined by `;`.
-    pub fn format_list(devices: &[ConciseDevice]) -> String {
-        devices
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(";")
-    }
-
-    /// The flags field: `ro`/`rw`, with `+interpose` for an interposed table.
-    pub fn flags(&self) -> &'static str {
-        match (self.read_only, self.interpose) {
-            (false, false) => "rw",
-            (true, false) => "ro",
-            (false, true) => "rw+interpose",
-            (true, true) => "ro+interpose",
-        }
-    }
-}
-
-impl fmt::Display for ConciseDevice {
-    /// `name,uuid,minor,flags` then `,start len type params` per table line, with `,`, `;` and
-    /// `\` escaped, as dmsetup prints it. A device without table lines gets an empty table
-    /// field so that it parses back.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut s = String::new();
-        push_quoted(&mut s, &self.name);
-        s.push(',');
-        push_quoted(&mut s, self.uuid.as_deref().unwrap_or(""));
-        s.push(',');
-        if let Some(m) = self.minor {
-            s.push_str(&m.to_string());
-        }
-        s.push(',');
-        s.push_str(self.flags());
-        if self.table.lines.is_empty() {
-            s.push(',');
-        }
-        for l in &self.table.lines {
-            s.push(',');
-            s.push_str(&format!("{} {} ", l.start, l.len));
-            push_quoted(&mut s, &l.target_type);
-            s.push(' ');
-            push_quoted(&mut s, &l.params);
-        }
-        f.write_str(&s)
-    }
-}
-
-/// Parses arbitrary bytes as table text and as concise text, printing whatever parses; never
-/// panics. A target for fuzzers and property tests.
-pub fn fuzz_parse(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    if let Ok(spec) = TableSpec::parse(&text) {
-        let _ = spec.validate_layout();
-        let printed = spec.to_string();
-        let _ = TableSpec::parse(&printed);
-        for l in &spec.lines {
-            let _ = split_args(&l.params);
-        }
-    }
-    if let Ok(devs) = ConciseDevice::parse_list(&text) {
-        let printed = ConciseDevice::format_list(&devs);
-        let _ = ConciseDevice::parse_list(&printed);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Constructed tables
-// ---------------------------------------------------------------------------------------------
 
 /// What the core provides while a whole table is constructed; [`Table::build`] adapts it into
 /// one [`CtorContext`] per line.
@@ -660,9 +129,6 @@ pub struct Table {
     limits: Limits,
     read_only: bool,
 }
-
-/// `(start, len, type, params)` of one line of `table` or `status` output.
-pub type TableLine = (u64, u64, String, String);
 
 impl Table {
     /// Constructs every line of `spec` with the targets of `registry`, in the kernel's order
@@ -876,35 +342,32 @@ impl Table {
         Ok(out)
     }
 
-    /// `dmsetup table` lines: `(start, len, type, params)`.
+    /// `dmsetup table` lines (parameters with devices as `major:minor`).
     pub fn table_lines(&self) -> Vec<TableLine> {
-        self.targets
-            .iter()
-            .map(|t| (t.start, t.len, t.type_name.clone(), t.target.table_params()))
-            .collect()
+        self.lines_with(|t| t.target.table_params())
     }
 
-    /// `dmsetup status` lines: `(start, len, type, status)`.
+    /// `dmsetup status` lines (`params` holds the status text).
     pub fn status_lines(&self) -> Vec<TableLine> {
+        self.lines_with(|t| t.target.status())
+    }
+
+    fn lines_with(&self, params: impl Fn(&TableTarget) -> String) -> Vec<TableLine> {
         self.targets
             .iter()
-            .map(|t| (t.start, t.len, t.type_name.clone(), t.target.status()))
+            .map(|t| TableLine {
+                start: t.start,
+                len: t.len,
+                target_type: t.type_name.clone(),
+                params: params(t),
+            })
             .collect()
     }
 
     /// The table as a [`TableSpec`] (devices as `major:minor`), for printing and reloading.
     pub fn spec(&self) -> TableSpec {
         TableSpec {
-            lines: self
-                .table_lines()
-                .into_iter()
-                .map(|(start, len, target_type, params)| TargetSpec {
-                    start,
-                    len,
-                    target_type,
-                    params,
-                })
-                .collect(),
+            lines: self.table_lines(),
         }
     }
 
@@ -1060,86 +523,4 @@ fn validate_block_alignment(targets: &[TableTarget], lbs_bytes: u32) -> Result<(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_skips_comments_and_blank_lines() {
-        let t =
-            TableSpec::parse("# header\n\n  0 10 linear 8:0 0 # comment\n\t10  5\tzero\r\n   #x\n")
-                .unwrap();
-        assert_eq!(t.lines.len(), 2);
-        assert_eq!(t.lines[0].params, "8:0 0");
-        assert_eq!(t.lines[1].target_type, "zero");
-        assert_eq!(t.lines[1].params, "");
-        assert_eq!(t.to_string(), "0 10 linear 8:0 0\n10 5 zero \n");
-        t.validate_layout().unwrap();
-    }
-
-    #[test]
-    fn parse_errors_name_the_line() {
-        let e = TableSpec::parse("0 10 zero\nx 1 zero").unwrap_err();
-        assert_eq!(e.line, Some(2));
-        assert_eq!(e.errno, Errno::EINVAL);
-        assert!(e.to_string().starts_with("line 2: invalid format"));
-    }
-
-    #[test]
-    fn arg_helpers_follow_the_kernel() {
-        use super::args::*;
-        assert_eq!(scan_u64("0012"), Some(12));
-        assert_eq!(scan_u64("+1"), None);
-        assert_eq!(scan_u64("1 "), None);
-        assert_eq!(scan_u64("18446744073709551616"), None);
-        assert_eq!(scan_u32("4294967296"), None);
-        assert_eq!(kstrtouint("+7\n"), Some(7));
-        assert_eq!(kstrtouint("-7"), None);
-        let v: Vec<String> = ["2", "a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let mut a = ArgSet::new(&v);
-        assert_eq!(a.read_arg_group(0, 5, "e").unwrap(), 2);
-        assert_eq!(a.shift(), Some("a"));
-        let mut a = ArgSet::new(&v[..2]);
-        assert_eq!(
-            a.read_arg_group(0, 5, "too many").unwrap_err().msg,
-            "too many"
-        );
-        let mut a = ArgSet::new(&v);
-        assert_eq!(a.read_arg(3, 5, "low").unwrap_err().msg, "low");
-        assert_eq!(a.remaining(), 3);
-    }
-
-    #[test]
-    fn split_args_like_the_kernel() {
-        assert_eq!(
-            split_args("  a  b\\ c\td\\\\ e\\"),
-            ["a", "b c", "d\\", "e\\"]
-        );
-        assert!(split_args(" \t ").is_empty());
-    }
-
-    #[test]
-    fn concise_parse_and_print() {
-        let s = "test-linear-small,,,ro,0 2097152 linear /dev/loop0 0, 2097152 2097152 linear /dev/loop1 0";
-        let d = ConciseDevice::parse_list(s).unwrap();
-        assert_eq!(d.len(), 1);
-        assert!(d[0].read_only && !d[0].interpose);
-        assert_eq!(d[0].table.lines.len(), 2);
-        assert_eq!(
-            d[0].to_string(),
-            "test-linear-small,,,ro,0 2097152 linear /dev/loop0 0,2097152 2097152 linear /dev/loop1 0"
-        );
-        let two = "a,,,,0 8 zero;b,u\\,1,3,rw+interpose, 0 8 linear x\\\\y 0";
-        let d = ConciseDevice::parse_list(two).unwrap();
-        assert_eq!(d[1].uuid.as_deref(), Some("u,1"));
-        assert_eq!(d[1].minor, Some(3));
-        assert!(d[1].interpose);
-        assert_eq!(d[1].table.lines[0].params, "x\\y 0");
-        assert_eq!(
-            ConciseDevice::format_list(&d),
-            "a,,,rw,0 8 zero ;b,u\\,1,3,rw+interpose,0 8 linear x\\\\y 0"
-        );
-    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use udm_io::backend::mem::MemDevice;
 use udm_io::Limits;
-use udm_target::table::{ConciseDevice, TableSpec, TargetSpec, DM_MAX_TARGETS};
+use udm_target::table::{ConciseDevice, TableLine, TableSpec, DM_MAX_TARGETS};
 use udm_target::testing::TestContext;
 use udm_types::Errno;
 
@@ -98,7 +98,7 @@ fn layout_errors() {
 #[test]
 fn too_many_targets_is_eoverflow() {
     let spec = TableSpec {
-        lines: vec![TargetSpec::default(); DM_MAX_TARGETS + 1],
+        lines: vec![TableLine::default(); DM_MAX_TARGETS + 1],
     };
     let e = spec.validate_layout().unwrap_err();
     assert_eq!(e.errno, Errno::EOVERFLOW);

@@ -385,13 +385,13 @@ fn striped_errors_mark_the_stripe_and_raise_events() {
     ctx.add_mem("a", 64);
     let b = ctx.add_mem("b", 64);
     let t = ctx.build("0 64 striped 2 4 a 0 b 0").unwrap();
-    assert_eq!(t.status_lines()[0].3, "2 8:0 8:16 1 AA");
+    assert_eq!(t.status_lines()[0].params, "2 8:0 8:16 1 AA");
     b.inject(Fault::range(0, 64, Errno::EIO).ops(&[BioKind::Read]));
     let mut buf = vec![0u8; 4 * SS];
     t.submit(Bio::read(0, &mut buf)).unwrap();
     let e = t.submit(Bio::read(4, &mut buf)).unwrap_err();
     assert_eq!(e.errno(), Errno::EIO);
-    assert_eq!(t.status_lines()[0].3, "2 8:0 8:16 1 AD");
+    assert_eq!(t.status_lines()[0].params, "2 8:0 8:16 1 AD");
     assert_eq!(ctx.events_raised(), 1);
     for _ in 0..20 {
         let _ = t.submit(Bio::read(4, &mut buf));
@@ -478,7 +478,7 @@ fn test_context_resolves_names_paths_numbers_and_interpose_prefix() {
     ctx.add_mem("vda", 64);
     for path in ["vda", "/dev/vda", "8:0", "[interpose]vda"] {
         let t = ctx.build(&format!("0 8 linear {path} 0")).unwrap();
-        assert_eq!(t.table_lines()[0].3, "8:0 0");
+        assert_eq!(t.table_lines()[0].params, "8:0 0");
     }
     assert_eq!(ctx.opened.len(), 4);
     assert_eq!(ctx.opened[3], (0, 8, "[interpose]vda".to_string()));

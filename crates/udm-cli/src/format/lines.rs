@@ -44,14 +44,14 @@ pub fn device_lines(devs: &[DeviceLines], target: Option<&str>, multiple: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use udm_proto::TargetLineRecord;
+    use udm_proto::TableLine;
 
     fn dl(name: &str, lines: &[(u64, u64, &str, &str)]) -> DeviceLines {
         DeviceLines {
             name: name.into(),
             lines: lines
                 .iter()
-                .map(|(s, l, t, p)| TargetLineRecord {
+                .map(|(s, l, t, p)| TableLine {
                     start: *s,
                     len: *l,
                     target_type: (*t).into(),

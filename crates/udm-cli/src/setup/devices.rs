@@ -7,7 +7,7 @@ use super::cli::{
 };
 use super::Ctx;
 use crate::error::CliError;
-use crate::input::{parse_concise, read_table, table_text};
+use crate::input::{parse_concise, read_table};
 use crate::session::unexpected;
 use std::path::Path;
 use udm_proto::{Request, Response};
@@ -39,13 +39,12 @@ fn create_concise(ctx: &mut Ctx<'_>, spec: Option<String>) -> Result<(), CliErro
             s
         }
     };
-    let devices = parse_concise(spec.trim_end_matches('\n')).map_err(CliError::Usage)?;
+    let devices = parse_concise(spec.trim_end_matches('\n'))?;
     for d in devices {
-        let lines = crate::input::parse_table(&d.table, &format!("of {}", d.name))?;
         let req = Request::Create {
             name: d.name.clone(),
             uuid: d.uuid,
-            table: (!lines.is_empty()).then(|| table_text(&lines)),
+            table: (!d.table.lines.is_empty()).then(|| d.table.to_string()),
             read_only: d.read_only,
             interpose: d.interpose,
             freeze: None,
@@ -69,9 +68,9 @@ pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
     let table = if a.notable {
         None
     } else {
-        let lines = read_table(a.table.as_deref(), a.file.as_deref(), ctx.stdin)?;
+        let spec = read_table(a.table.as_deref(), a.file.as_deref(), ctx.stdin)?;
         // dmsetup: no target lines = a device without a table (`_added_target == 0`).
-        (!lines.is_empty()).then(|| table_text(&lines))
+        (!spec.lines.is_empty()).then(|| spec.to_string())
     };
     let req = Request::Create {
         name: name.clone(),
@@ -98,14 +97,14 @@ pub(super) fn load(ctx: &mut Ctx<'_>, a: LoadArgs) -> Result<(), CliError> {
     if args.next().is_some() {
         return Err(CliError::Usage("Too many command line arguments.".into()));
     }
-    let lines = read_table(
+    let spec = read_table(
         a.table.as_deref(),
         file.as_deref().map(Path::new),
         ctx.stdin,
     )?;
     let req = Request::Load {
         name: name.clone(),
-        table: table_text(&lines),
+        table: spec.to_string(),
         read_only: a.readonly,
         interpose: a.interpose,
     };

@@ -216,13 +216,8 @@ impl Registry {
                 ctx.uses[*idx].access.set_bypass(true);
             }
         }
-        let mut text = String::new();
-        for l in &spec.lines {
-            text.push_str(&format!(
-                "{} {} {} {}\n",
-                l.start, l.len, l.target_type, l.params
-            ));
-        }
+        // The recorded text (state.json): dmsetup's form, one newline-terminated line each.
+        let text = spec.to_string();
         let slot = TableSlot {
             config: TableConfig {
                 text,

@@ -81,7 +81,7 @@ impl Registry {
     }
 
     /// `table` (`--inactive` for the inactive slot). Empty when the slot is empty.
-    pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+    pub fn table(&self, name: &str, inactive: bool) -> Result<Vec<TableLine>> {
         if let Some(recorded) = self.pending_lines(name, inactive) {
             return Ok(recorded);
         }
@@ -89,7 +89,7 @@ impl Registry {
     }
 
     /// `status`.
-    pub fn status(&self, name: &str, inactive: bool) -> Result<Vec<TargetLine>> {
+    pub fn status(&self, name: &str, inactive: bool) -> Result<Vec<TableLine>> {
         self.lines(name, inactive, Table::status_lines)
     }
 
@@ -99,26 +99,14 @@ impl Registry {
         &self,
         name: &str,
         inactive: bool,
-        get: fn(&Table) -> Vec<udm_target::table::TableLine>,
-    ) -> Result<Vec<TargetLine>> {
+        get: fn(&Table) -> Vec<TableLine>,
+    ) -> Result<Vec<TableLine>> {
         let table = {
             let inner = self.inner.lock();
             let (_, m) = inner.md_entry(name)?;
             Self::slot(m, inactive).map(|s| s.live.clone())
         };
-        Ok(table
-            .map(|t| {
-                get(&t.table)
-                    .into_iter()
-                    .map(|(start, len, target_type, params)| TargetLine {
-                        start,
-                        len,
-                        target_type,
-                        params,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(table.map(|t| get(&t.table)).unwrap_or_default())
     }
 
     /// `deps`: devices the table uses, as (number, name).

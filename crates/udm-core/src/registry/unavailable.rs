@@ -11,7 +11,7 @@
 
 use super::{
     implicit, CoreError, DevId, DeviceNode, DiskInfo, Entry, EntryKind, Errno, Inner, NodeKind,
-    Registry, Result, ResumeOptions, SuspendFlags, TableConfig, TargetLine,
+    Registry, Result, ResumeOptions, SuspendFlags, TableConfig, TableLine,
 };
 use crate::config::{DiskConfig, MappedConfig, RegistryConfig};
 use std::path::{Path, PathBuf};
@@ -363,23 +363,13 @@ impl Registry {
     }
 
     /// The recorded (not rebuilt) table of a slot of an unavailable mapped device, as lines.
-    pub(super) fn pending_lines(&self, name: &str, inactive: bool) -> Option<Vec<TargetLine>> {
+    pub(super) fn pending_lines(&self, name: &str, inactive: bool) -> Option<Vec<TableLine>> {
         let inner = self.inner.lock();
         let (_, m) = inner.md_entry(name).ok()?;
         let p = m.pending.as_ref()?;
         let t = if inactive { &p.inactive } else { &p.live };
         let spec = TableSpec::parse(&t.as_ref()?.text).ok()?;
-        Some(
-            spec.lines
-                .into_iter()
-                .map(|l| TargetLine {
-                    start: l.start,
-                    len: l.len,
-                    target_type: l.target_type,
-                    params: l.params,
-                })
-                .collect(),
-        )
+        Some(spec.lines)
     }
 
     /// Enters a disk that cannot be opened: its name, number and recorded settings, a node

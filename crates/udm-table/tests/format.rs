@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use udm_target::table::{fuzz_parse, split_args, ConciseDevice, TableSpec, TargetSpec};
+use udm_table::{fuzz_parse, split_args, ConciseDevice, TableLine, TableSpec};
 
 /// Target type names: what a kernel type name looks like (no whitespace, no '#').
 fn type_name() -> impl Strategy<Value = String> {
@@ -29,9 +29,9 @@ fn params() -> impl Strategy<Value = String> {
     })
 }
 
-fn target_spec() -> impl Strategy<Value = TargetSpec> {
+fn target_spec() -> impl Strategy<Value = TableLine> {
     (any::<u64>(), any::<u64>(), type_name(), params()).prop_map(
-        |(start, len, target_type, params)| TargetSpec {
+        |(start, len, target_type, params)| TableLine {
             start,
             len,
             target_type,
