@@ -1,7 +1,9 @@
 //! Edges of table switches that the mutation-testing pass (scripts/mutants.sh) found untested:
 //! a switch whose new table fails its preresume is rolled back (the old table stays live, the
 //! new one inactive, and the device is suspended exactly when it was before the `resume`), and
-//! `remove --force` of an open device swaps in an error table (none when it has no table).
+//! `remove --force` of an open device swaps in an error table (none when it has no table) and
+//! removes it when its last opener closes meanwhile, and `remove` of a running device runs
+//! its table's suspend hooks.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
@@ -12,7 +14,7 @@ use udm_core::Registry;
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BlockDevice};
 use udm_target::table::TableSpec;
-use udm_testkit::within;
+use udm_testkit::{join_within, within};
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
@@ -102,4 +104,59 @@ fn force_remove_of_an_open_device_swaps_in_an_error_table() {
     let err = reg.remove("y", true, false).unwrap_err();
     assert_eq!(err.errno(), Errno::EBUSY, "{err}");
     assert!(!reg.info("y").unwrap().live_present);
+}
+
+/// An export's node and a thread whose READ is parked.
+type Parked = (
+    Arc<udm_core::node::DeviceNode>,
+    std::thread::JoinHandle<Result<(), udm_io::IoError>>,
+);
+
+/// Disk `d` <- `low` (linear) <- `x` (linear), `x` exported, and a READ of `x` parked in the
+/// suspended `low`.
+fn x_open_with_a_parked_read(reg: &Registry) -> Parked {
+    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    let lin = |dev: &str| format!("0 {SECTORS} linear {dev} 0");
+    create(reg, "low", &lin("d"), LoadFlags::default()).unwrap();
+    create(reg, "x", &lin("low"), LoadFlags::default()).unwrap();
+    let export = reg.open_export("x", "test:x").unwrap();
+    reg.suspend("low", SuspendFlags::default()).unwrap();
+    let x = reg.node("x").unwrap();
+    let reader = std::thread::spawn(move || x.submit(Bio::read(0, &mut [0u8; 4096])));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!reader.is_finished(), "the READ was not held");
+    (export, reader)
+}
+
+#[test]
+fn force_remove_removes_a_device_whose_last_opener_closed_during_the_swap() {
+    let reg = Arc::new(Registry::new());
+    let (export, reader) = x_open_with_a_parked_read(&reg);
+    let r = reg.clone();
+    // The swap to the error table suspends `x`, which waits for the parked READ.
+    let remove = std::thread::spawn(move || r.remove("x", true, false));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!remove.is_finished(), "{:?}", remove.join());
+    reg.close_export(export.id(), "test:x");
+    reg.resume("low", &ResumeOptions::default()).unwrap();
+    join_within(reader, Duration::from_secs(2), "the parked READ").unwrap();
+    join_within(remove, Duration::from_secs(2), "remove --force").unwrap();
+    assert!(reg.info("x").is_err(), "x still exists");
+}
+
+#[test]
+fn remove_of_a_running_device_releases_what_its_delay_target_holds() {
+    let reg = Arc::new(Registry::new());
+    reg.add_disk_device("d", Arc::new(MemDevice::new(SECTORS)))
+        .unwrap();
+    let delay = format!("0 {SECTORS} delay d 0 20000");
+    create(&reg, "x", &delay, LoadFlags::default()).unwrap();
+    let x = reg.node("x").unwrap();
+    let reader = std::thread::spawn(move || x.submit(Bio::read(0, &mut [0u8; 4096])));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!reader.is_finished(), "the READ was not delayed");
+    reg.remove("x", false, false).unwrap();
+    // The presuspend hook releases it at once, not after 20 s.
+    join_within(reader, Duration::from_secs(2), "the delayed READ").unwrap();
 }
