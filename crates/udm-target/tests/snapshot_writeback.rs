@@ -225,3 +225,15 @@ fn held_memory_is_bounded() {
         pattern(8, 2 * half, 8)
     );
 }
+
+/// A single write larger than [`MAX_HELD_BYTES`] is held alone instead of waiting forever.
+#[test]
+fn a_write_over_the_bound_is_held_alone() {
+    let over = MAX_HELD_BYTES / 512 + 128;
+    let r = rig(over as u64 + 256, 256);
+    let mut data = vec![0u8; over * 512];
+    fill(9, &mut data);
+    write(&*r.org, 0, &data).unwrap();
+    flush(&*r.org).unwrap();
+    assert_eq!(dev_read(r.origin_dev(), 0, over as u64), data);
+}
