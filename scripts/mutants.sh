@@ -18,9 +18,10 @@
 #   MUTANTS_BASELINE=skip                     skip the unmutated test run
 #
 # Size (cargo-mutants 27.1, `MUTANTS_LIST=1`): udm-core 506 mutants, snapshot 688, nbd 1017.
-# Measured on 2 shared cores, -j 1: about 45 s per mutant (an incremental build of the crate and
-# its test binaries dominates; the tests take a few seconds), so a full pass is about 2200 x 45 s,
-# roughly 28 hours; `MUTANTS_SHARD` splits it across machines. Outputs: target/mutants/SCOPE/
+# Measured on 2 cores shared with other work, -j 1, per mutant (incremental build, tests, and
+# the 30 s or 120 s timeouts of mutants that hang): udm-core 13 s, snapshot 23 s, nbd 60 s (its
+# tests alone take 35 s). A full pass is then about 2 h + 4.5 h + 17 h, roughly a day;
+# `MUTANTS_SHARD` splits it across machines. Outputs: target/mutants/SCOPE/
 # mutants.out (caught.txt, missed.txt, timeout.txt, unviable.txt, logs/). Builds go to
 # target/mutants-build/SCOPE, kept between runs, so dependencies are built once.
 set -euo pipefail
