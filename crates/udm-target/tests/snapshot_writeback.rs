@@ -71,6 +71,14 @@ struct Rig {
     snap: Box<dyn Target>,
 }
 
+/// Opens the gate first: a failed test must not leave the origin's drop (which settles the
+/// held writes) waiting for it.
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.cow.set_closed(false);
+    }
+}
+
 fn rig(os: u64, chunk: u64) -> Rig {
     let mut c = Ctx::new();
     let o = c.mem("o", os);
@@ -108,6 +116,28 @@ fn wait_for(what: &str, f: impl Fn() -> bool) {
         assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Writes `data` at `sector` on a thread and fails unless it is acknowledged within 5 s while
+/// the gate is closed (opening the gate first, so that no thread stays blocked).
+fn acked(r: &Rig, sector: u64, data: &[u8]) {
+    let done = AtomicBool::new(false);
+    let ok = std::thread::scope(|s| {
+        s.spawn(|| {
+            write(&*r.org, sector, data).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let t = Instant::now();
+        while !done.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let ok = done.load(Ordering::SeqCst);
+        if !ok {
+            r.cow.set_closed(false);
+        }
+        ok
+    });
+    assert!(ok, "the write at sector {sector} waited for a held write");
 }
 
 /// True when the thread that sets `done` is still running after a grace period (it waits).
@@ -157,9 +187,9 @@ fn only_overlapping_writes_wait_for_a_held_write() {
     flush(&*r.org).unwrap();
     // Held: chunk 3 needs its copy.
     r.hold(2, 16, 16);
-    write(&*r.org, 8, &pattern(3, 8, 8)).unwrap();
+    acked(&r, 8, &pattern(3, 8, 8));
     assert_eq!(dev_read(r.origin_dev(), 8, 8), pattern(3, 8, 8));
-    write(&*r.org, 32, &pattern(4, 32, 8)).unwrap();
+    acked(&r, 32, &pattern(4, 32, 8));
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (org, done) = (&*r.org, &done);
@@ -167,11 +197,9 @@ fn only_overlapping_writes_wait_for_a_held_write() {
             write(org, 12, &pattern(6, 12, 8)).unwrap();
             done.store(true, Ordering::SeqCst);
         });
-        assert!(
-            still_waits(done),
-            "a write overlapping a held write did not wait"
-        );
+        let waited = still_waits(done);
         r.cow.set_closed(false);
+        assert!(waited, "a write overlapping a held write did not wait");
     });
     flush(&*r.org).unwrap();
     // The later write wins where they overlap.
@@ -192,8 +220,9 @@ fn a_flush_waits_for_held_writes() {
             flush(org).unwrap();
             done.store(true, Ordering::SeqCst);
         });
-        assert!(still_waits(done), "a flush did not wait for a held write");
+        let waited = still_waits(done);
         r.cow.set_closed(false);
+        assert!(waited, "a flush did not wait for a held write");
     });
     assert_eq!(dev_read(r.origin_dev(), 32, 8), pattern(2, 32, 8));
 }
@@ -206,8 +235,8 @@ fn held_memory_is_bounded() {
     let mut data = vec![0u8; MAX_HELD_BYTES / 2];
     fill(7, &mut data);
     r.cow.set_closed(true);
-    write(&*r.org, 0, &data).unwrap();
-    write(&*r.org, half, &data).unwrap();
+    acked(&r, 0, &data);
+    acked(&r, half, &data);
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (org, done) = (&*r.org, &done);
@@ -215,8 +244,9 @@ fn held_memory_is_bounded() {
             write(org, 2 * half, &pattern(8, 2 * half, 8)).unwrap();
             done.store(true, Ordering::SeqCst);
         });
-        assert!(still_waits(done), "more than MAX_HELD_BYTES were held");
+        let waited = still_waits(done);
         r.cow.set_closed(false);
+        assert!(waited, "more than MAX_HELD_BYTES were held");
     });
     flush(&*r.org).unwrap();
     assert_eq!(dev_read(r.origin_dev(), half, half), data);
