@@ -236,6 +236,20 @@ fn remove_detaching_an_interposer_waits_for_parked_io_without_the_registry_lock(
         r.remove("ip", false, false)
     });
     queries_answer_and_conflicts_are_refused(&reg, "ip");
+    // Nothing may open the device being removed meanwhile: not an export, not a table.
+    let export = quick(&reg, "export of ip", |r| {
+        r.open_export("ip", "test:ip").map(|_| ())
+    });
+    assert_eq!(export.unwrap_err().errno(), Errno::EBUSY);
+    let table = quick(&reg, "a table on ip", |r| {
+        create(
+            r,
+            "up",
+            &format!("0 {SECTORS} linear ip 0"),
+            LoadFlags::default(),
+        )
+    });
+    assert_eq!(table.unwrap_err().errno(), Errno::EBUSY);
     resume_low(&reg, reader);
     join_within(remove, Duration::from_secs(2), "remove ip").expect("remove ip");
     assert!(reg.info("ip").is_err(), "ip still exists");

@@ -374,6 +374,15 @@ fn bad_requests_get_errors_and_connection_survives() {
                 NBD_EINVAL,
             ),
             (CMD_WRITE_ZEROES, 0, 0, (32 << 20) + 512, vec![], NBD_EINVAL),
+            // A fast zero has no size cap (only the export's end).
+            (
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_FAST_ZERO,
+                0,
+                (32 << 20) + 512,
+                vec![],
+                NBD_ENOSPC,
+            ),
             (42, 0, 0, 512, vec![], NBD_EINVAL),
             (CMD_READ, 1 << 9, 0, 512, vec![], NBD_EINVAL),
             (

@@ -1,0 +1,269 @@
+//! The origin's write-back (held writes) as clients see it, while the COW's commit is held at a
+//! gate so the held writes cannot reach the origin: reads lay held data over the origin's,
+//! a write overlapping a held write waits for it and lands after it, a disjoint or adjacent
+//! write does not wait, a flush waits for every held write, and the memory held is bounded.
+//! Written for the mutation-testing pass (scripts/mutants.sh) of `snapshot/writeback.rs`.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
+
+mod snapshot_common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use snapshot_common::*;
+use udm_io::backend::mem::MemDevice;
+use udm_io::{Bio, BioFlags, BioOp, BlockDevice, IoError};
+use udm_target::snapshot::writeback::MAX_HELD_BYTES;
+use udm_target::Target;
+
+/// A COW device whose metadata writes (PREFLUSH) wait while its gate is closed: the commit of
+/// held writes, and so their write to the origin, waits with it.
+struct GateDev {
+    inner: MemDevice,
+    closed: Mutex<bool>,
+    cv: Condvar,
+    blocked: AtomicU64,
+}
+
+impl GateDev {
+    fn new(sectors: u64) -> Self {
+        GateDev {
+            inner: MemDevice::new(sectors),
+            closed: Mutex::new(false),
+            cv: Condvar::new(),
+            blocked: AtomicU64::new(0),
+        }
+    }
+
+    fn set_closed(&self, c: bool) {
+        *self.closed.lock() = c;
+        self.cv.notify_all();
+    }
+}
+
+impl BlockDevice for GateDev {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if matches!(bio.op, BioOp::Write(_)) && bio.flags.contains(BioFlags::PREFLUSH) {
+            let mut closed = self.closed.lock();
+            if *closed {
+                self.blocked.fetch_add(1, Ordering::SeqCst);
+            }
+            while *closed {
+                self.cv.wait(&mut closed);
+            }
+        }
+        self.inner.submit(bio)
+    }
+}
+
+/// An origin of `os` sectors (pattern 1) with an active persistent snapshot of chunk size
+/// `chunk` on a gated COW.
+struct Rig {
+    c: Ctx,
+    cow: Arc<GateDev>,
+    org: Box<dyn Target>,
+    snap: Box<dyn Target>,
+}
+
+/// Opens the gate first: a failed test must not leave the origin's drop (which settles the
+/// held writes) waiting for it.
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.cow.set_closed(false);
+    }
+}
+
+fn rig(os: u64, chunk: u64) -> Rig {
+    let mut c = Ctx::new();
+    let o = c.mem("o", os);
+    let mut img = vec![0u8; (os * 512) as usize];
+    fill(1, &mut img);
+    dev_write(&*o, 0, &img);
+    let cow = Arc::new(GateDev::new(os * 2 + 4096));
+    c.add("c", cow.clone());
+    let org = c.origin(os, "o").unwrap();
+    let snap = c.snapshot(os, &format!("o c P {chunk}")).unwrap();
+    activate(&*snap);
+    Rig { c, cow, org, snap }
+}
+
+impl Rig {
+    fn origin_dev(&self) -> &dyn BlockDevice {
+        &*self.c.devs["o"].dev
+    }
+
+    /// Closes the gate and holds a write of pattern `seed` at `sector` (one that copies a
+    /// chunk), waiting until its commit is stuck at the gate.
+    fn hold(&self, seed: u64, sector: u64, sectors: u64) {
+        self.cow.set_closed(true);
+        let before = self.cow.blocked.load(Ordering::SeqCst);
+        write(&*self.org, sector, &pattern(seed, sector, sectors)).unwrap();
+        wait_for("the commit to reach the gate", || {
+            self.cow.blocked.load(Ordering::SeqCst) > before
+        });
+    }
+}
+
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Writes `data` at `sector` on a thread and fails unless it is acknowledged within 5 s while
+/// the gate is closed (opening the gate first, so that no thread stays blocked).
+fn acked(r: &Rig, sector: u64, data: &[u8]) {
+    let done = AtomicBool::new(false);
+    let ok = std::thread::scope(|s| {
+        s.spawn(|| {
+            write(&*r.org, sector, data).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let t = Instant::now();
+        while !done.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let ok = done.load(Ordering::SeqCst);
+        if !ok {
+            r.cow.set_closed(false);
+        }
+        ok
+    });
+    assert!(ok, "the write at sector {sector} waited for a held write");
+}
+
+/// True when the thread that sets `done` is still running after a grace period (it waits).
+fn still_waits(done: &AtomicBool) -> bool {
+    std::thread::sleep(Duration::from_millis(300));
+    !done.load(Ordering::SeqCst)
+}
+
+#[test]
+fn reads_lay_held_writes_over_the_origin() {
+    let r = rig(256, 8);
+    let old = dev_read(r.origin_dev(), 0, 256);
+    let sec = |s: u64, n: u64| old[(s * 512) as usize..((s + n) * 512) as usize].to_vec();
+    r.hold(2, 12, 8);
+    let new = pattern(2, 12, 8);
+    // The origin does not have it yet; reads through the origin target do.
+    assert_eq!(dev_read(r.origin_dev(), 12, 8), sec(12, 8));
+    let got = read(&*r.org, 8, 16).unwrap();
+    assert_eq!(&got[..4 * 512], &sec(8, 4)[..], "before the held write");
+    assert_eq!(&got[4 * 512..12 * 512], &new[..], "the held write");
+    assert_eq!(&got[12 * 512..], &sec(20, 4)[..], "after the held write");
+    // Reads covering part of it, from either side or inside.
+    assert_eq!(read(&*r.org, 14, 2).unwrap(), pattern(2, 14, 2));
+    let got = read(&*r.org, 16, 8).unwrap();
+    assert_eq!(&got[..4 * 512], &pattern(2, 16, 4)[..]);
+    assert_eq!(&got[4 * 512..], &sec(20, 4)[..]);
+    let got = read(&*r.org, 10, 4).unwrap();
+    assert_eq!(&got[..2 * 512], &sec(10, 2)[..]);
+    assert_eq!(&got[2 * 512..], &pattern(2, 12, 2)[..]);
+    // Reads next to it see the origin only.
+    assert_eq!(read(&*r.org, 4, 8).unwrap(), sec(4, 8));
+    assert_eq!(read(&*r.org, 20, 8).unwrap(), sec(20, 8));
+    r.cow.set_closed(false);
+    flush(&*r.org).unwrap();
+    assert_eq!(dev_read(r.origin_dev(), 12, 8), new);
+    assert_eq!(read(&*r.snap, 12, 8).unwrap(), sec(12, 8));
+}
+
+/// Writes next to a held write (one that copies a chunk, one whose chunk is already copied)
+/// are not held up by it; a write overlapping it where no chunk is left to copy (so no chunk
+/// lock orders them) waits for it and reaches the origin after it.
+#[test]
+fn only_overlapping_writes_wait_for_a_held_write() {
+    let r = rig(256, 8);
+    // Chunks 1 and 2 are copied and committed: writes there go straight to the origin.
+    write(&*r.org, 8, &pattern(5, 8, 16)).unwrap();
+    flush(&*r.org).unwrap();
+    // Held: chunk 3 needs its copy.
+    r.hold(2, 16, 16);
+    acked(&r, 8, &pattern(3, 8, 8));
+    assert_eq!(dev_read(r.origin_dev(), 8, 8), pattern(3, 8, 8));
+    acked(&r, 32, &pattern(4, 32, 8));
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (org, done) = (&*r.org, &done);
+        s.spawn(move || {
+            write(org, 12, &pattern(6, 12, 8)).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let waited = still_waits(done);
+        r.cow.set_closed(false);
+        assert!(waited, "a write overlapping a held write did not wait");
+    });
+    flush(&*r.org).unwrap();
+    // The later write wins where they overlap.
+    assert_eq!(dev_read(r.origin_dev(), 8, 4), pattern(3, 8, 4));
+    assert_eq!(dev_read(r.origin_dev(), 12, 8), pattern(6, 12, 8));
+    assert_eq!(dev_read(r.origin_dev(), 20, 12), pattern(2, 20, 12));
+    assert_eq!(dev_read(r.origin_dev(), 32, 8), pattern(4, 32, 8));
+}
+
+#[test]
+fn a_flush_waits_for_held_writes() {
+    let r = rig(256, 8);
+    r.hold(2, 32, 8);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (org, done) = (&*r.org, &done);
+        s.spawn(move || {
+            flush(org).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let waited = still_waits(done);
+        r.cow.set_closed(false);
+        assert!(waited, "a flush did not wait for a held write");
+    });
+    assert_eq!(dev_read(r.origin_dev(), 32, 8), pattern(2, 32, 8));
+}
+
+/// Exactly [`MAX_HELD_BYTES`] may be held; one more write waits for the commit.
+#[test]
+fn held_memory_is_bounded() {
+    let half = (MAX_HELD_BYTES / 2 / 512) as u64;
+    let r = rig(2 * half + 256, 256);
+    let mut data = vec![0u8; MAX_HELD_BYTES / 2];
+    fill(7, &mut data);
+    r.cow.set_closed(true);
+    acked(&r, 0, &data);
+    acked(&r, half, &data);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (org, done) = (&*r.org, &done);
+        s.spawn(move || {
+            write(org, 2 * half, &pattern(8, 2 * half, 8)).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let waited = still_waits(done);
+        r.cow.set_closed(false);
+        assert!(waited, "more than MAX_HELD_BYTES were held");
+    });
+    flush(&*r.org).unwrap();
+    assert_eq!(dev_read(r.origin_dev(), half, half), data);
+    assert_eq!(
+        dev_read(r.origin_dev(), 2 * half, 8),
+        pattern(8, 2 * half, 8)
+    );
+}
+
+/// A single write larger than [`MAX_HELD_BYTES`] is held alone instead of waiting forever.
+#[test]
+fn a_write_over_the_bound_is_held_alone() {
+    let over = MAX_HELD_BYTES / 512 + 128;
+    let r = rig(over as u64 + 256, 256);
+    let mut data = vec![0u8; over * 512];
+    fill(9, &mut data);
+    write(&*r.org, 0, &data).unwrap();
+    flush(&*r.org).unwrap();
+    assert_eq!(dev_read(r.origin_dev(), 0, over as u64), data);
+}
