@@ -9,76 +9,11 @@ mod snapshot_common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use snapshot_common::gate::{wait_for, GateDev};
 use snapshot_common::*;
-use udm_io::backend::mem::MemDevice;
-use udm_io::{Bio, BioFlags, BioOp, BlockDevice, IoError};
-
-/// A COW device that counts data writes and area writes (PREFLUSH), and holds area writes
-/// while its gate is closed.
-struct GateDev {
-    inner: MemDevice,
-    closed: Mutex<bool>,
-    cv: Condvar,
-    data_writes: AtomicU64,
-    area_writes: AtomicU64,
-    blocked: AtomicU64,
-}
-
-impl GateDev {
-    fn new(sectors: u64) -> Self {
-        GateDev {
-            inner: MemDevice::new(sectors),
-            closed: Mutex::new(false),
-            cv: Condvar::new(),
-            data_writes: AtomicU64::new(0),
-            area_writes: AtomicU64::new(0),
-            blocked: AtomicU64::new(0),
-        }
-    }
-
-    fn set_closed(&self, c: bool) {
-        *self.closed.lock() = c;
-        self.cv.notify_all();
-    }
-}
-
-impl BlockDevice for GateDev {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
-        if matches!(bio.op, BioOp::Write(_)) {
-            if bio.flags.contains(BioFlags::PREFLUSH) {
-                self.area_writes.fetch_add(1, Ordering::SeqCst);
-                let mut closed = self.closed.lock();
-                if *closed {
-                    self.blocked.fetch_add(1, Ordering::SeqCst);
-                }
-                while *closed {
-                    self.cv.wait(&mut closed);
-                }
-            } else {
-                self.data_writes.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        self.inner.submit(bio)
-    }
-}
-
-fn wait_for(what: &str, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+use udm_io::{Bio, BioFlags, BlockDevice};
 
 #[test]
 fn concurrent_fua_origin_writers_share_area_writes() {

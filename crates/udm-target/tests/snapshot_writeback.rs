@@ -7,60 +7,15 @@
 
 mod snapshot_common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use snapshot_common::gate::{wait_for, GateDev};
 use snapshot_common::*;
-use udm_io::backend::mem::MemDevice;
-use udm_io::{Bio, BioFlags, BioOp, BlockDevice, IoError};
+use udm_io::BlockDevice;
 use udm_target::snapshot::writeback::MAX_HELD_BYTES;
 use udm_target::Target;
-
-/// A COW device whose metadata writes (PREFLUSH) wait while its gate is closed: the commit of
-/// held writes, and so their write to the origin, waits with it.
-struct GateDev {
-    inner: MemDevice,
-    closed: Mutex<bool>,
-    cv: Condvar,
-    blocked: AtomicU64,
-}
-
-impl GateDev {
-    fn new(sectors: u64) -> Self {
-        GateDev {
-            inner: MemDevice::new(sectors),
-            closed: Mutex::new(false),
-            cv: Condvar::new(),
-            blocked: AtomicU64::new(0),
-        }
-    }
-
-    fn set_closed(&self, c: bool) {
-        *self.closed.lock() = c;
-        self.cv.notify_all();
-    }
-}
-
-impl BlockDevice for GateDev {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
-        if matches!(bio.op, BioOp::Write(_)) && bio.flags.contains(BioFlags::PREFLUSH) {
-            let mut closed = self.closed.lock();
-            if *closed {
-                self.blocked.fetch_add(1, Ordering::SeqCst);
-            }
-            while *closed {
-                self.cv.wait(&mut closed);
-            }
-        }
-        self.inner.submit(bio)
-    }
-}
 
 /// An origin of `os` sectors (pattern 1) with an active persistent snapshot of chunk size
 /// `chunk` on a gated COW.
@@ -107,14 +62,6 @@ impl Rig {
         wait_for("the commit to reach the gate", || {
             self.cow.blocked.load(Ordering::SeqCst) > before
         });
-    }
-}
-
-fn wait_for(what: &str, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

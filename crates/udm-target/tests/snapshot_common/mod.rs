@@ -2,6 +2,8 @@
 //! byte-level read/write helpers on targets.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod gate;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
