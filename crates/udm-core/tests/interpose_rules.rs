@@ -326,3 +326,55 @@ fn remove_force_of_an_open_interposer() {
     reg.remove("ip", false, false).unwrap();
     assert!(reg.info("ip").is_err());
 }
+
+/// A request straddling an edge of an interposed range is split there (node.rs `route`): the
+/// part outside goes to the device, only the part inside through the interposer. The
+/// interposer maps the sectors before its range to `zero`, so a head sent through it would be
+/// dropped.
+#[test]
+fn requests_straddling_an_interposed_range_are_split_at_its_edges() {
+    let (reg, mem) = setup();
+    let node = reg.open_export("d", "nbd:d").unwrap();
+    create(&reg, "ip", "0 1024 zero\n1024 512 linear d 1024", IP).unwrap();
+    let before = reg.info("ip").unwrap().redirected;
+    let pattern =
+        |seed: u8, n: usize| -> Vec<u8> { (0..n * 512).map(|i| (i / 512) as u8 ^ seed).collect() };
+    // Across the start (1024) and across the end (1536) of d's interposed range.
+    for (sector, seed) in [(1000u64, 0x5a), (1500, 0xa5)] {
+        let data = pattern(seed, 100);
+        node.submit(Bio::write(sector, &data)).unwrap();
+        let mut back = vec![0u8; data.len()];
+        mem.submit(Bio::read(sector, &mut back)).unwrap();
+        assert!(
+            back == data,
+            "a write of sectors {sector}..{} did not reach d whole (first wrong sector {:?})",
+            sector + 100,
+            (0..100)
+                .find(|&i| back[i * 512..][..512] != data[i * 512..][..512])
+                .map(|i| sector + i as u64)
+        );
+        let mut via_node = vec![0u8; data.len()];
+        node.submit(Bio::read(sector, &mut via_node)).unwrap();
+        assert!(
+            via_node == data,
+            "reading {sector}..{} back through d differs",
+            sector + 100
+        );
+    }
+    // One write and one read per straddling request went through the interposer.
+    assert_eq!(reg.info("ip").unwrap().redirected - before, 4);
+    reg.remove("ip", false, false).unwrap();
+}
+
+/// After `rename`, what holds the device sees the new name: an open export's node, and the
+/// claim messages that name the holder of a device below.
+#[test]
+fn rename_reaches_open_nodes_and_messages() {
+    let (reg, _) = setup();
+    create(&reg, "m", "0 2048 linear d 0", LoadFlags::default()).unwrap();
+    let node = reg.open_export("m", "nbd:m").unwrap();
+    reg.rename("m", "m2").unwrap();
+    assert_eq!(node.name(), "m2");
+    let e = create(&reg, "other", "0 2048 linear m2 0", LoadFlags::default()).unwrap_err();
+    assert!(e.to_string().contains("m2"), "{e}");
+}
