@@ -378,3 +378,32 @@ fn rename_reaches_open_nodes_and_messages() {
     let e = create(&reg, "other", "0 2048 linear m2 0", LoadFlags::default()).unwrap_err();
     assert!(e.to_string().contains("m2"), "{e}");
 }
+
+/// BLOCK_STATUS of an interposed device comes from its interposer (node.rs `block_status`):
+/// snapshot-origin reports every sector as data, the fresh memory device below as holes.
+#[test]
+fn block_status_of_an_interposed_device_comes_from_the_interposer() {
+    use udm_io::ExtentKind;
+    let (reg, _) = setup();
+    let node = reg.open_export("d", "nbd:d").unwrap();
+    let holes = node.block_status(0, 2048).unwrap();
+    assert!(
+        holes.iter().all(|e| e.kind == ExtentKind::HoleZero),
+        "{holes:?}"
+    );
+    create(&reg, "ip", "0 2048 snapshot-origin [interpose]d", IP).unwrap();
+    for (sector, sectors) in [(0u64, 2048u64), (100, 50), (2000, 48)] {
+        let got = node.block_status(sector, sectors).unwrap();
+        assert!(
+            got.iter().all(|e| e.kind == ExtentKind::Data)
+                && got.iter().map(|e| e.sectors).sum::<u64>() == sectors,
+            "block status of {sector}+{sectors} through the interposer: {got:?}"
+        );
+    }
+    reg.remove("ip", false, false).unwrap();
+    let after = node.block_status(0, 2048).unwrap();
+    assert!(
+        after.iter().all(|e| e.kind == ExtentKind::HoleZero),
+        "{after:?}"
+    );
+}
