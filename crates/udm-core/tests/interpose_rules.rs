@@ -407,3 +407,34 @@ fn block_status_of_an_interposed_device_comes_from_the_interposer() {
         "{after:?}"
     );
 }
+
+/// BLOCK_STATUS at the edges of a partly interposed device: inside the hooked range the
+/// interposer answers, outside it the device, and a request is cut at the range's edges. The
+/// interposer's sectors [1280, 1536) map d[1024, 1280), where only [1024, 1100) holds data, so
+/// inside the hook it reports data where d itself has holes.
+#[test]
+fn block_status_is_cut_at_the_edges_of_an_interposed_range() {
+    use udm_io::ExtentKind::{Data, HoleZero};
+    let (reg, mem) = setup();
+    let node = reg.open_export("d", "nbd:d").unwrap();
+    mem.submit(Bio::write(1024, &[7u8; 76 * 512])).unwrap();
+    let table = "0 1280 zero\n1280 256 linear [interpose]d 1024\n1536 512 zero";
+    create(&reg, "ip", table, IP).unwrap();
+    let status = |sector: u64, sectors: u64| {
+        node.block_status(sector, sectors)
+            .unwrap()
+            .iter()
+            .map(|e| (e.kind, e.sectors))
+            .collect::<Vec<_>>()
+    };
+    // Inside the hooked range: the interposer's view (d's data at 1024..).
+    assert_eq!(status(1280, 16), vec![(Data, 16)]);
+    // Across its start: the device alone, up to the edge.
+    assert_eq!(status(1270, 20), vec![(HoleZero, 10)]);
+    // Across its end: the interposer alone, up to the edge.
+    assert_eq!(status(1530, 20), vec![(HoleZero, 6)]);
+    // Right after it, and well before it: the device.
+    assert_eq!(status(1536, 16), vec![(HoleZero, 16)]);
+    assert_eq!(status(1024, 16), vec![(Data, 16)]);
+    reg.remove("ip", false, false).unwrap();
+}
