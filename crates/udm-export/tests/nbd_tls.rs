@@ -17,6 +17,7 @@ use udm_export::nbd::client::{greet, read_option_reply};
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{ListenAddr, NbdExportOptions, NbdServer, TcpSecurity, TlsCreds};
 use udm_io::backend::mem::MemDevice;
+use udm_testkit::pki;
 
 const SIZE_SECTORS: u64 = 32 << 11; // 32 MiB
 const KEY: &str = "9f3b6c1de2a4785f0c1b2a3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f50617";
@@ -124,123 +125,6 @@ fn psk_server(dir: &Path, allow_insecure: bool) -> Srv {
         )),
         allow_insecure,
     })
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    run(Command::new("openssl").current_dir(dir).args(args));
-}
-
-/// A CA in `dir/name` (ca-cert.pem, ca-key.pem).
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    openssl(
-        &d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    d
-}
-
-/// Issues `out/{prefix}-cert.pem` and `-key.pem` signed by the CA in `ca`, and copies the CA
-/// certificate to `out/ca-cert.pem` (the qemu/libnbd layout).
-fn issue(ca: &Path, out: &Path, prefix: &str, usage: &str) {
-    std::fs::create_dir_all(out).unwrap();
-    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
-    let ext = out.join(format!("{prefix}.ext"));
-    std::fs::write(
-        &ext,
-        format!(
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n\
-             basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        ),
-    )
-    .unwrap();
-    let key = out.join(format!("{prefix}-key.pem"));
-    let csr = out.join(format!("{prefix}.csr"));
-    let cert = out.join(format!("{prefix}-cert.pem"));
-    openssl(
-        out,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            csr.to_str().unwrap(),
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    openssl(
-        out,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            csr.to_str().unwrap(),
-            "-CA",
-            ca.join("ca-cert.pem").to_str().unwrap(),
-            "-CAkey",
-            ca.join("ca-key.pem").to_str().unwrap(),
-            "-CAcreateserial",
-            "-out",
-            cert.to_str().unwrap(),
-            "-days",
-            "2",
-            "-extfile",
-            ext.to_str().unwrap(),
-        ],
-    );
-}
-
-struct Pki {
-    server: PathBuf,
-    client: PathBuf,
-    /// Client credentials from another CA.
-    stranger: PathBuf,
-    /// Trusts the right CA but has no client certificate.
-    anonymous: PathBuf,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let ca = make_ca(dir, "ca");
-    let other = make_ca(dir, "other-ca");
-    let p = Pki {
-        server: dir.join("server"),
-        client: dir.join("client"),
-        stranger: dir.join("stranger"),
-        anonymous: dir.join("anonymous"),
-    };
-    issue(&ca, &p.server, "server", "serverAuth");
-    issue(&ca, &p.client, "client", "clientAuth");
-    issue(&other, &p.stranger, "client", "clientAuth");
-    std::fs::create_dir_all(&p.anonymous).unwrap();
-    std::fs::copy(ca.join("ca-cert.pem"), p.anonymous.join("ca-cert.pem")).unwrap();
-    p
 }
 
 /// A 4 MiB pseudo-random file.

@@ -13,7 +13,7 @@ mod park;
 mod pki;
 pub use bounded::{join_within, udmsetup_bg, within};
 pub use park::{parked_below, parked_read, ParkedRead, CREATE_IP_OVER_O};
-pub use pki::pki;
+pub use pki::{issue, make_ca, pki, Pki};
 
 /// Directory holding the workspace's binaries (the test executable lives in `<dir>/deps`).
 pub fn bin_dir() -> PathBuf {

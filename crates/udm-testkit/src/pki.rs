@@ -1,7 +1,8 @@
-//! Certificates for the X.509 TLS tests, made with the openssl command: a CA and a server
-//! and a client certificate it signed, in the directory layout qemu and libnbd read.
+//! Certificates for the X.509 TLS tests, made with the openssl command: CAs and certificates
+//! they signed, in the directory layout qemu and libnbd read (`ca-cert.pem`,
+//! `{server,client}-{cert,key}.pem`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -17,71 +18,120 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA and, in `dir/server` and `dir/client`, certificates it signed (qemu/libnbd layout).
-pub fn pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=udm test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca);
-    for (who, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
-        let d = dir.join(who);
-        std::fs::create_dir_all(&d).expect("certificate directory");
-        std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem"))
-            .expect("copy the CA certificate");
-        std::fs::write(
-            d.join("ext"),
-            format!(
-                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n\
-                 basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            ),
-        )
-        .expect("extension file");
-        let key = format!("{who}/{who}-key.pem");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", "req.csr", "-subj", "/CN=localhost"]);
-        openssl(dir, &req);
-        let cert = format!("{who}/{who}-cert.pem");
-        let ext = format!("{who}/ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "req.csr",
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
+/// A CA in `dir/name` (ca-cert.pem, ca-key.pem).
+pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).expect("certificate files");
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    d
+}
+
+/// Issues `out/{prefix}-cert.pem` and `-key.pem` signed by the CA in `ca`, and copies the CA
+/// certificate to `out/ca-cert.pem` (the qemu/libnbd layout).
+pub fn issue(ca: &Path, out: &Path, prefix: &str, usage: &str) {
+    std::fs::create_dir_all(out).expect("certificate files");
+    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).expect("certificate files");
+    let ext = out.join(format!("{prefix}.ext"));
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n\
+             basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        ),
+    )
+    .expect("certificate files");
+    let key = out.join(format!("{prefix}-key.pem"));
+    let csr = out.join(format!("{prefix}.csr"));
+    let cert = out.join(format!("{prefix}-cert.pem"));
+    openssl(
+        out,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().expect("certificate files"),
+            "-out",
+            csr.to_str().expect("certificate files"),
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        out,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().expect("certificate files"),
+            "-CA",
+            ca.join("ca-cert.pem").to_str().expect("certificate files"),
+            "-CAkey",
+            ca.join("ca-key.pem").to_str().expect("certificate files"),
+            "-CAcreateserial",
+            "-out",
+            cert.to_str().expect("certificate files"),
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().expect("certificate files"),
+        ],
+    );
+}
+
+/// Credential directories made by [`pki`].
+pub struct Pki {
+    /// Server certificate and key.
+    pub server: PathBuf,
+    /// Client certificate and key from the same CA.
+    pub client: PathBuf,
+    /// Client credentials from another CA.
+    pub stranger: PathBuf,
+    /// Trusts the right CA but has no client certificate.
+    pub anonymous: PathBuf,
+}
+
+/// A CA (`dir/ca`) and another (`dir/other-ca`), and the directories of [`Pki`].
+pub fn pki(dir: &Path) -> Pki {
+    let ca = make_ca(dir, "ca");
+    let other = make_ca(dir, "other-ca");
+    let p = Pki {
+        server: dir.join("server"),
+        client: dir.join("client"),
+        stranger: dir.join("stranger"),
+        anonymous: dir.join("anonymous"),
+    };
+    issue(&ca, &p.server, "server", "serverAuth");
+    issue(&ca, &p.client, "client", "clientAuth");
+    issue(&other, &p.stranger, "client", "clientAuth");
+    std::fs::create_dir_all(&p.anonymous).expect("certificate files");
+    std::fs::copy(ca.join("ca-cert.pem"), p.anonymous.join("ca-cert.pem"))
+        .expect("certificate files");
+    p
 }
