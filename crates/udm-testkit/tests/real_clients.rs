@@ -16,7 +16,7 @@ mod support;
 use udm_testkit::{have, pki, Udmd};
 
 use support::{
-    fio_verify_x509, have_clients, run, run_fails, same, source, sparse_file, Srv, Via, BOTH, MIB,
+    fio_verify_x509, have_clients, run, run_fails, same, source, sparse_disk, Srv, Via, BOTH, MIB,
     SECTORS, SIZE,
 };
 
@@ -88,9 +88,7 @@ fn mapped_device_with_real_clients() {
         return;
     }
     let s = Srv::start();
-    let img = s.d.path("a.img");
-    let a = sparse_file(&img, 3, 8 * MIB, 12 * MIB);
-    s.d.ok(&["disk", "add", "a", "--file", img.to_str().unwrap()]);
+    let (img, a) = sparse_disk(&s.d, "a", 3);
     s.d.ok(&[
         "create",
         "vol",
@@ -127,9 +125,7 @@ fn interposed_device_with_real_clients() {
         return;
     }
     let s = Srv::start();
-    let img = s.d.path("b.img");
-    let b = sparse_file(&img, 4, 8 * MIB, 12 * MIB);
-    s.d.ok(&["disk", "add", "b", "--file", img.to_str().unwrap()]);
+    let (img, b) = sparse_disk(&s.d, "b", 4);
     let cow = s.d.path("b.cow");
     s.d.ok(&[
         "disk",
@@ -270,9 +266,7 @@ fn fio_over_tls_on_mapped_and_interposed_devices() {
         &format!("0 {SECTORS} linear a 0"),
     ]);
     d.ok(&["export", "add", "vol", "--nbd"]);
-    let img = d.path("b.img");
-    let b = sparse_file(&img, 7, 8 * MIB, 12 * MIB);
-    d.ok(&["disk", "add", "b", "--file", img.to_str().unwrap()]);
+    let (img, b) = sparse_disk(&d, "b", 7);
     let cow = d.path("b.cow");
     d.ok(&[
         "disk",

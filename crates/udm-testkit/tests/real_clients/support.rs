@@ -321,6 +321,15 @@ pub fn run_fails<S: AsRef<str>>(args: &[S]) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A disk `name` added to `d` over `NAME.img`, a [`sparse_file`] with data in [8, 12) MiB
+/// only; returns the image's path and content.
+pub fn sparse_disk(d: &Udmd, name: &str, seed: u8) -> (PathBuf, Vec<u8>) {
+    let img = d.path(&format!("{name}.img"));
+    let data = sparse_file(&img, seed, 8 * MIB, 12 * MIB);
+    d.ok(&["disk", "add", name, "--file", img.to_str().unwrap()]);
+    (img, data)
+}
+
 /// A sparse file of [`SIZE`] with data (from `seed`) only in `[from, to)`.
 pub fn sparse_file(p: &Path, seed: u8, from: u64, to: u64) -> Vec<u8> {
     let f = std::fs::File::create(p).unwrap();
