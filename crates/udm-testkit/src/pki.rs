@@ -18,20 +18,28 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` making a new P-256 key (unencrypted), with `args` saying what else to write.
+fn new_key(dir: &Path, args: &[&str]) {
+    let mut all = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    all.extend_from_slice(args);
+    openssl(dir, &all);
+}
+
 /// A CA in `dir/name` (ca-cert.pem, ca-key.pem).
 pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).expect("certificate files");
-    openssl(
+    new_key(
         &d,
         &[
-            "req",
             "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
             "-keyout",
             "ca-key.pem",
             "-out",
@@ -66,15 +74,9 @@ pub fn issue(ca: &Path, out: &Path, prefix: &str, usage: &str) {
     let key = out.join(format!("{prefix}-key.pem"));
     let csr = out.join(format!("{prefix}.csr"));
     let cert = out.join(format!("{prefix}-cert.pem"));
-    openssl(
+    new_key(
         out,
         &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
             "-keyout",
             key.to_str().expect("certificate files"),
             "-out",
