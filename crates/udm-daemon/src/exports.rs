@@ -73,7 +73,7 @@ impl Exports {
         match kind {
             ExportKind::Nbd { name, .. } => format!("nbd:{}", name.as_deref().unwrap_or(device)),
             ExportKind::Fuse { dir } => format!("fuse:{}", dir.join(device).display()),
-            ExportKind::Ublk => format!("ublk:{device}"),
+            ExportKind::Ublk { .. } => format!("ublk:{device}"),
         }
     }
 
@@ -104,7 +104,7 @@ impl Exports {
                 .nbd
                 .add_export(
                     name.as_deref().unwrap_or(device),
-                    dev,
+                    dev.clone(),
                     NbdExportOptions {
                         read_only: ro,
                         description: Some(format!("udm device {device}")),
@@ -112,32 +112,41 @@ impl Exports {
                     },
                 )
                 .map_err(core_err),
-            ExportKind::Fuse { dir } => self.fuse.add(dir, device, dev, ro).map_err(core_err),
+            ExportKind::Fuse { dir } => self
+                .fuse
+                .add(dir, device, dev.clone(), ro)
+                .map_err(core_err),
             #[cfg(feature = "ublk")]
-            ExportKind::Ublk => Ok(()),
+            ExportKind::Ublk { .. } => Ok(()),
             #[cfg(not(feature = "ublk"))]
-            ExportKind::Ublk => Err(CoreError::new(
+            ExportKind::Ublk { .. } => Err(CoreError::new(
                 Errno::EOPNOTSUPP,
                 "this udmd was built without ublk support (cargo feature `ublk`)",
             )),
         };
         #[cfg(feature = "ublk")]
         let mut ublk = None;
+        #[allow(unused_mut)] // only the ublk export records what it got
+        let mut kind = kind.clone();
         #[cfg(feature = "ublk")]
-        let r = match (r, kind) {
-            (Ok(()), ExportKind::Ublk) => match udm_export::ublk::UblkExport::start(
-                device,
-                self.registry
-                    .node(device)
-                    .map(|n| n as Arc<dyn BlockDevice>)?,
-                ro,
-            ) {
-                Ok(u) => {
-                    ublk = Some(u);
-                    Ok(())
+        let r = match (r, &mut kind) {
+            (Ok(()), ExportKind::Ublk { id, queues, depth }) => {
+                let opts = udm_export::ublk::UblkOptions {
+                    dev_id: *id,
+                    queues: *queues,
+                    depth: *depth,
+                    read_only: ro,
+                };
+                match udm_export::ublk::UblkExport::start(device, dev.clone(), &opts) {
+                    Ok(u) => {
+                        // Recorded, so a restart brings back the same /dev/ublkbN.
+                        *id = Some(u.dev_id());
+                        ublk = Some(u);
+                        Ok(())
+                    }
+                    Err(e) => Err(core_err(e)),
                 }
-                Err(e) => Err(core_err(e)),
-            },
+            }
             (r, _) => r,
         };
         if let Err(e) = r {
@@ -148,7 +157,7 @@ impl Exports {
             id: id.clone(),
             device: device.to_string(),
             dev: dev_id,
-            kind: kind.clone(),
+            kind,
             read_only,
             #[cfg(feature = "ublk")]
             ublk,
@@ -293,11 +302,16 @@ impl Exports {
                             r.bytes_written = s.bytes_written;
                         }
                     }
-                    ExportKind::Ublk => {
+                    ExportKind::Ublk { .. } => {
                         r.kind = "ublk".into();
                         #[cfg(feature = "ublk")]
                         if let Some(u) = &e.ublk {
                             r.location = u.path().display().to_string();
+                            let st = u.stats();
+                            r.requests = st.requests;
+                            r.errors = st.errors;
+                            r.bytes_read = st.bytes_read;
+                            r.bytes_written = st.bytes_written;
                         }
                     }
                 }

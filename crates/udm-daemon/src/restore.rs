@@ -73,7 +73,7 @@ impl PendingExports {
                         ),
                     ),
                     ExportKind::Fuse { dir } => ("fuse", dir.join(&p.device).display().to_string()),
-                    ExportKind::Ublk => ("ublk", String::new()),
+                    ExportKind::Ublk { .. } => ("ublk", String::new()),
                 };
                 ExportRecord {
                     id: Exports::id_for(&p.device, &p.kind),

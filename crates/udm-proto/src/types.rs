@@ -59,8 +59,19 @@ pub enum ExportKind {
         /// Directory to mount on.
         dir: PathBuf,
     },
-    /// ublk block device.
-    Ublk,
+    /// ublk block device `/dev/ublkbN`.
+    Ublk {
+        /// Device id N. Given by the user or, once the export runs, the id the driver chose:
+        /// recorded so that a restart brings back the same `/dev/ublkbN`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u32>,
+        /// Hardware queues (default: one per CPU).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queues: Option<u16>,
+        /// Requests in flight per queue (default 64).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        depth: Option<u16>,
+    },
 }
 
 /// Every control operation.

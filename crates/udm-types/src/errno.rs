@@ -55,6 +55,8 @@ impl Errno {
     pub const EPROTO: Errno = Errno(libc::EPROTO);
     /// No data available.
     pub const ENODATA: Errno = Errno(libc::ENODATA);
+    /// Timer expired (an operation gave up waiting).
+    pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
 
     /// The symbolic name, e.g. `EBUSY`, for messages and JSON.
     pub fn name(self) -> &'static str {
@@ -82,6 +84,7 @@ impl Errno {
             libc::ENOTTY => "ENOTTY",
             libc::EPROTO => "EPROTO",
             libc::ENODATA => "ENODATA",
+            libc::ETIMEDOUT => "ETIMEDOUT",
             _ => "E?",
         }
     }

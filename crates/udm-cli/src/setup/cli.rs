@@ -449,7 +449,9 @@ Export DEVICE (a disk, partition or mapped device). Exactly one of:
                        named after the device unless --name is given
   --fuse DIR           a FUSE file DIR/DEVICE; 'losetup -f --show DIR/DEVICE' makes it a
                        kernel block device that can be formatted and mounted
-  --ublk               a /dev/ublkbN block device (kernels with ublk)
+  --ublk               a /dev/ublkbN block device (Linux 6.4+ with ublk_drv; udmd built with
+                       the `ublk` feature); --ublk-id N asks for /dev/ublkbN, --queues and
+                       --queue-depth size it (default: a queue per CPU, 64 requests each)
 An export holds its device like a mount does: a plain table naming it then fails with EBUSY
 (use --interpose). Prints the export id and where clients connect.
 
@@ -492,6 +494,15 @@ pub struct ExportAddArgs {
     /// ublk block device.
     #[arg(long)]
     pub ublk: bool,
+    /// ublk device id N, for /dev/ublkbN (default: the driver picks; kept across restarts).
+    #[arg(long, requires = "ublk", value_name = "N")]
+    pub ublk_id: Option<u32>,
+    /// ublk hardware queues, one serving thread each (default: one per CPU).
+    #[arg(long, requires = "ublk", value_name = "N")]
+    pub queues: Option<u16>,
+    /// ublk requests in flight per queue (default 64, at most 4096).
+    #[arg(long, requires = "ublk", value_name = "N")]
+    pub queue_depth: Option<u16>,
     /// Read-only export.
     #[arg(short = 'r', long)]
     pub read_only: bool,

@@ -59,7 +59,11 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                     dir: absolute(&dir),
                 }
             } else if a.ublk {
-                ExportKind::Ublk
+                ExportKind::Ublk {
+                    id: a.ublk_id,
+                    queues: a.queues,
+                    depth: a.queue_depth,
+                }
             } else {
                 ExportKind::Nbd {
                     name: a.name,
@@ -69,7 +73,7 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
             let kind_name = match &kind {
                 ExportKind::Nbd { .. } => "nbd",
                 ExportKind::Fuse { .. } => "fuse",
-                ExportKind::Ublk => "ublk",
+                ExportKind::Ublk { .. } => "ublk",
             };
             let req = Request::ExportAdd {
                 device: a.device.clone(),

@@ -7,9 +7,15 @@ pub(crate) const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
     (3u32 << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
 }
 
+/// `_IOR(type, nr, size)`.
+pub(crate) const fn ior(ty: u8, nr: u8, size: usize) -> u32 {
+    (2u32 << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
+}
+
 /// Control node.
 pub(crate) const CONTROL_PATH: &str = "/dev/ublk-control";
 
+pub(crate) const UBLK_CMD_GET_DEV_INFO: u8 = 0x02;
 pub(crate) const UBLK_CMD_ADD_DEV: u8 = 0x04;
 pub(crate) const UBLK_CMD_DEL_DEV: u8 = 0x05;
 pub(crate) const UBLK_CMD_START_DEV: u8 = 0x06;
@@ -20,6 +26,7 @@ pub(crate) const UBLK_IO_FETCH_REQ: u8 = 0x20;
 pub(crate) const UBLK_IO_COMMIT_AND_FETCH_REQ: u8 = 0x21;
 
 /// Control commands (`UBLK_U_CMD_*`).
+pub(crate) const U_CMD_GET_DEV_INFO: u32 = ior(b'u', UBLK_CMD_GET_DEV_INFO, CTRL_CMD_SIZE);
 pub(crate) const U_CMD_ADD_DEV: u32 = iowr(b'u', UBLK_CMD_ADD_DEV, CTRL_CMD_SIZE);
 pub(crate) const U_CMD_DEL_DEV: u32 = iowr(b'u', UBLK_CMD_DEL_DEV, CTRL_CMD_SIZE);
 pub(crate) const U_CMD_START_DEV: u32 = iowr(b'u', UBLK_CMD_START_DEV, CTRL_CMD_SIZE);
@@ -39,6 +46,17 @@ pub(crate) const UBLK_IO_RES_ABORT: i32 = -libc::ENODEV;
 pub(crate) const UBLKSRV_CMD_BUF_OFFSET: i64 = 0;
 /// Largest queue depth the driver accepts.
 pub(crate) const UBLK_MAX_QUEUE_DEPTH: u16 = 4096;
+/// Largest number of hardware queues the driver accepts.
+pub(crate) const UBLK_MAX_NR_QUEUES: u16 = 4096;
+/// Device state reported by GET_DEV_INFO: stopped (no disk), so it can be deleted.
+pub(crate) const UBLK_S_DEV_DEAD: u16 = 0;
+
+/// Size of one queue's slot in the descriptor mmap: the driver places queue `q` at
+/// `q * cmd_buf_slot(page)`, sized for the largest depth whatever the real one is
+/// (`ublk_max_cmd_buf_size()` in ublk_drv.c).
+pub(crate) fn cmd_buf_slot(page: usize) -> usize {
+    (usize::from(UBLK_MAX_QUEUE_DEPTH) * std::mem::size_of::<IoDesc>()).div_ceil(page) * page
+}
 
 /// Device flag: commands use the ioctl encoding.
 pub(crate) const UBLK_F_CMD_IOCTL_ENCODE: u64 = 1 << 6;

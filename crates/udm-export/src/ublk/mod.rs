@@ -1,24 +1,32 @@
 //! ublk export: a udm device as the kernel block device `/dev/ublkbN`, served through the ublk
-//! driver's io_uring command interface (Linux 6.0+, `ublk_drv`).
+//! driver's io_uring command interface (`ublk_drv`).
 //!
-//! The control path (`/dev/ublk-control`: add, set parameters, start, stop, delete) and the
-//! per-queue I/O path (`/dev/ublkcN`: fetch a request, run it on the device, commit its result
-//! and fetch the next) are written here on the `io-uring` crate with the UAPI spelled out in
-//! `abi.rs`, so the build needs neither kernel headers nor libclang (libublk needs bindgen).
+//! The control path (`ctrl.rs`: add, set parameters, start, stop, delete on
+//! `/dev/ublk-control`) and the per-queue I/O path (`queue.rs`: fetch a request, run it on the
+//! device, commit its result and fetch the next on `/dev/ublkcN`) are written here on the
+//! `io-uring` crate with the UAPI spelled out in `abi.rs`. libublk was considered: it needs
+//! bindgen and libclang at build time (libublk-rs-sys) and brings its own async executor, while
+//! udm's devices are synchronous and a queue thread per hardware queue is all the concurrency
+//! the export needs; the subtle parts of the protocol (the per-queue descriptor offsets, tag
+//! ownership of the buffers, buffers outliving the device) are written down where they are
+//! used and checked on a real kernel (tests/vmlab/kernel-ublk.sh, Linux 6.12).
 //!
-//! Honesty note: the machines this was written on have no `ublk_drv`, so only the pure
-//! translations (parameters, request decoding, errno mapping, ABI layout) are tested; the
-//! runtime path has not been run against a kernel yet.
+//! Requirements: Linux 6.4 or later with `ublk_drv` (ioctl-encoded commands,
+//! `UBLK_F_CMD_IOCTL_ENCODE`); no zero-copy, user-copy or recovery features are used, so
+//! every ublk kernel from 6.4 on serves it. Data is copied by the driver between the request
+//! pages and a per-tag buffer of the queue.
 
 mod abi;
+mod ctrl;
+mod queue;
 #[cfg(test)]
 mod tests;
 mod translate;
 
 use abi::*;
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use ctrl::Control;
+use queue::{DescArea, IoBufs, Queue, Stats};
 use std::fs::{File, OpenOptions};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -28,13 +36,40 @@ use udm_io::BlockDevice;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-/// Hardware queues (one serving thread each: the device's `submit` is synchronous, so queues
-/// are the concurrency).
-const NR_QUEUES: u16 = 4;
-/// Requests in flight per queue.
-const QUEUE_DEPTH: u16 = 32;
-/// How often an idle queue thread checks whether it should stop.
-const TICK: Duration = Duration::from_millis(100);
+/// Default requests in flight per queue.
+pub const DEFAULT_QUEUE_DEPTH: u16 = 64;
+/// Most hardware queues udm creates for one device.
+const MAX_QUEUES: u16 = 64;
+/// How long removal waits for the driver (STOP_DEV waits for requests in flight, which may be
+/// parked in a suspended device) before it lets the removal finish in the background.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// How a ublk export is set up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UblkOptions {
+    /// Wanted device id N (`/dev/ublkbN`); `None`: the driver picks one. A device with this id
+    /// left by a udmd that died is deleted first.
+    pub dev_id: Option<u32>,
+    /// Hardware queues (one serving thread each); `None`: one per CPU.
+    pub queues: Option<u16>,
+    /// Requests in flight per queue; `None`: [`DEFAULT_QUEUE_DEPTH`].
+    pub depth: Option<u16>,
+    /// Read-only block device.
+    pub read_only: bool,
+}
+
+/// Traffic counters of a ublk export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UblkStats {
+    /// Requests served.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Bytes read by the kernel.
+    pub bytes_read: u64,
+    /// Bytes written by the kernel.
+    pub bytes_written: u64,
+}
 
 /// A failed ublk operation.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +97,32 @@ pub enum UblkError {
         #[source]
         source: std::io::Error,
     },
+    /// The wanted device id is served by a live process.
+    #[error("ublk device {dev_id} is in use by process {pid}")]
+    InUse {
+        /// Device id.
+        dev_id: u32,
+        /// Its server's pid.
+        pid: i32,
+    },
+    /// Queue count or depth out of range.
+    #[error("ublk {what} must be 1..={max}, got {got}")]
+    BadOption {
+        /// `queues` or `queue depth`.
+        what: &'static str,
+        /// Largest value.
+        max: u16,
+        /// Value given.
+        got: u16,
+    },
+    /// The device did not stop within the bound; removal goes on in the background.
+    #[error("ublk device {dev_id} did not stop within {secs} s (requests in flight are parked, e.g. in a suspended device); it is removed when they finish")]
+    StopTimeout {
+        /// Device id.
+        dev_id: u32,
+        /// The bound.
+        secs: u64,
+    },
     /// A queue thread could not start.
     #[error("ublk queue {queue} of device {dev_id} failed to start: {why}")]
     Queue {
@@ -81,261 +142,44 @@ impl HasErrno for UblkError {
             UblkError::Control { errno, .. } => *errno,
             UblkError::Os { source, .. } => Errno::from_io(source),
             UblkError::Queue { .. } => Errno::EIO,
+            UblkError::InUse { .. } => Errno::EBUSY,
+            UblkError::BadOption { .. } => Errno::EINVAL,
+            UblkError::StopTimeout { .. } => Errno::ETIMEDOUT,
         }
     }
 }
 
-fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UblkError {
+pub(crate) fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UblkError {
     let what = what.into();
     move |source| UblkError::Os { what, source }
 }
 
-/// The control node and a small SQE128 ring to send it commands.
-struct Control {
-    file: File,
-    ring: IoUring<squeue::Entry128, cqueue::Entry>,
-}
-
-impl Control {
-    fn open() -> Result<Control, UblkError> {
-        let file = match OpenOptions::new().read(true).write(true).open(CONTROL_PATH) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(UblkError::NoDriver),
-            Err(e) => return Err(os(format!("open {CONTROL_PATH}"))(e)),
-        };
-        Control::with_file(file)
-    }
-
-    /// A control channel on an already open file (the control node, or any file in tests).
-    fn with_file(file: File) -> Result<Control, UblkError> {
-        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .build(4)
-            .map_err(os("io_uring setup (SQE128) for control commands"))?;
-        Ok(Control { file, ring })
-    }
-
-    /// Sends one control command and waits for its completion.
-    fn cmd(&mut self, op: u32, name: &'static str, c: CtrlCmd) -> Result<i32, UblkError> {
-        let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
-            .cmd(c.to_cmd80())
-            .build()
-            .user_data(1);
-        // SAFETY: the buffer `c.addr` points to (if any) is owned by the caller and outlives
-        // this call, which waits for the command's completion before returning.
-        unsafe {
-            self.ring
-                .submission()
-                .push(&sqe)
-                .map_err(|_| os(name)(std::io::Error::other("submission queue full")))?;
-        }
-        loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(os(format!("io_uring submit of {name}"))(e)),
-            }
-        }
-        let res = self
-            .ring
-            .completion()
-            .next()
-            .map(|c| c.result())
-            .ok_or_else(|| os(name)(std::io::Error::other("no completion")))?;
-        if res < 0 {
-            return Err(UblkError::Control {
-                cmd: name,
-                dev_id: c.dev_id,
-                errno: Errno(-res),
-            });
-        }
-        Ok(res)
-    }
-
-    fn simple(&mut self, op: u32, name: &'static str, dev_id: u32) -> Result<i32, UblkError> {
-        self.cmd(
-            op,
-            name,
-            CtrlCmd {
-                dev_id,
-                queue_id: u16::MAX,
-                ..CtrlCmd::default()
-            },
-        )
-    }
-}
-
-/// The mmapped request descriptors of one queue (read-only, written by the driver).
-struct DescArea {
-    ptr: *const IoDesc,
-    len: usize,
-}
-
-// SAFETY: the area is a shared read-only mapping, valid until Drop; each queue thread owns its
-// own area and reads only descriptors of tags the driver has handed to it.
-unsafe impl Send for DescArea {}
-
-impl DescArea {
-    fn map(cdev: &File, queue: u16, depth: u16) -> std::io::Result<DescArea> {
-        // SAFETY: sysconf has no side effects.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = (usize::from(depth) * std::mem::size_of::<IoDesc>()).div_ceil(page) * page;
-        let off = UBLKSRV_CMD_BUF_OFFSET + (usize::from(queue) * len) as i64;
-        // SAFETY: a fresh shared read-only mapping of the ublk char device; the kernel checks
-        // the offset and length against the queue layout.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                cdev.as_raw_fd(),
-                off as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(DescArea {
-            ptr: ptr as *const IoDesc,
-            len,
-        })
-    }
-
-    fn get(&self, tag: u16) -> IoDesc {
-        // SAFETY: tag < depth (the driver only completes fetches for tags we submitted), so the
-        // read is inside the mapping; volatile because the driver writes it.
-        unsafe { std::ptr::read_volatile(self.ptr.add(usize::from(tag))) }
-    }
-}
-
-impl Drop for DescArea {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping created in `map`.
-        unsafe {
-            libc::munmap(self.ptr as *mut libc::c_void, self.len);
-        }
-    }
-}
-
-/// Marks the calling thread as an I/O flusher (see the FUSE README: same deadlock, same cure).
-fn mark_io_flusher() {
-    // SAFETY: prctl with integer arguments only changes flags of the calling thread.
-    unsafe {
-        libc::prctl(57 /* PR_SET_IO_FLUSHER */, 1, 0, 0, 0);
-    }
-}
-
-/// Serves one hardware queue until `stop` is set and the driver has no request for it.
-fn queue_loop(
-    cdev: Arc<File>,
-    queue: u16,
-    descs: DescArea,
-    dev: Arc<dyn BlockDevice>,
-    stop: Arc<AtomicBool>,
-    ready: mpsc::Sender<Result<(), String>>,
-) {
-    mark_io_flusher();
-    let depth = usize::from(QUEUE_DEPTH);
-    let buf_len = translate::MAX_IO_BYTES as usize;
-    // Declared before the ring so that it is dropped after it on every path: the kernel may
-    // hold buffer addresses of submitted fetches until the ring is gone.
-    let mut mem = vec![0u8; depth * buf_len + 4096];
-    let mut ring: IoUring = match IoUring::new(u32::from(QUEUE_DEPTH) * 2) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = ready.send(Err(format!("io_uring setup: {e}")));
-            return;
-        }
-    };
-    let base = mem.as_ptr().align_offset(4096);
-    let addr_of = |mem: &mut Vec<u8>, tag: usize| mem[base + tag * buf_len..].as_mut_ptr() as u64;
-    let fd = types::Fd(cdev.as_raw_fd());
-    let io_sqe = |op: u32, tag: u16, result: i32, addr: u64| {
-        let c = IoCmd {
-            q_id: queue,
-            tag,
-            result,
-            addr,
-        };
-        opcode::UringCmd16::new(fd, op)
-            .cmd(c.to_cmd16())
-            .build()
-            .user_data(u64::from(tag))
-    };
-    for tag in 0..QUEUE_DEPTH {
-        let sqe = io_sqe(U_IO_FETCH_REQ, tag, 0, addr_of(&mut mem, usize::from(tag)));
-        // SAFETY: the buffer address stays valid while the ring lives (mem outlives the ring's
-        // use: the ring is dropped first at the end of this function).
-        if unsafe { ring.submission().push(&sqe) }.is_err() {
-            let _ = ready.send(Err("submission queue full".into()));
-            return;
-        }
-    }
-    if let Err(e) = ring.submit() {
-        let _ = ready.send(Err(format!("submitting fetches: {e}")));
-        return;
-    }
-    let _ = ready.send(Ok(()));
-    let ts = types::Timespec::from(TICK);
-    let mut aborted = 0usize;
-    let mut done: Vec<(u16, i32)> = Vec::with_capacity(depth);
-    loop {
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-            Err(e) => {
-                tracing::error!("ublk queue {queue}: io_uring wait failed: {e}");
-                break;
-            }
-        }
-        done.clear();
-        done.extend(
-            ring.completion()
-                .map(|c| (c.user_data() as u16, c.result())),
-        );
-        for &(tag, res) in &done {
-            if res != UBLK_IO_RES_OK {
-                // UBLK_IO_RES_ABORT (or an error): the driver will not use this tag again.
-                if res != UBLK_IO_RES_ABORT {
-                    tracing::warn!("ublk queue {queue} tag {tag}: fetch completed with {res}");
-                }
-                aborted += 1;
-                continue;
-            }
-            let desc = descs.get(tag);
-            let start = base + usize::from(tag) * buf_len;
-            let result = translate::handle(dev.as_ref(), &desc, &mut mem[start..start + buf_len]);
-            let sqe = io_sqe(
-                U_IO_COMMIT_AND_FETCH_REQ,
-                tag,
-                result,
-                addr_of(&mut mem, usize::from(tag)),
-            );
-            // SAFETY: as for the fetches above.
-            if unsafe { ring.submission().push(&sqe) }.is_err() {
-                tracing::error!("ublk queue {queue}: submission queue full");
-            }
-        }
-        if aborted >= depth || (stop.load(Ordering::Acquire) && done.is_empty()) {
-            break;
-        }
-    }
-    // Dropping the ring cancels the outstanding fetch commands before the buffers go away.
-    drop(ring);
-    drop(mem);
-}
-
 /// A running ublk export: `/dev/ublkbN` backed by a udm device.
 pub struct UblkExport {
+    inner: Device,
+    stats: Arc<Stats>,
+    path: PathBuf,
+}
+
+/// What must be torn down, in order: the disk (STOP_DEV), the queue threads, the char device,
+/// the device (DEL_DEV), and only then the queue buffers.
+struct Device {
     name: String,
     dev_id: u32,
-    path: PathBuf,
     ctrl: Control,
     cdev: Option<Arc<File>>,
     stop: Arc<AtomicBool>,
-    queues: Vec<JoinHandle<()>>,
+    queues: Vec<JoinHandle<IoBufs>>,
     running: bool,
+}
+
+/// Checks a queue count or depth option.
+fn option_in(what: &'static str, v: Option<u16>, default: u16, max: u16) -> Result<u16, UblkError> {
+    match v {
+        None => Ok(default.clamp(1, max)),
+        Some(got) if got == 0 || got > max => Err(UblkError::BadOption { what, max, got }),
+        Some(got) => Ok(got),
+    }
 }
 
 impl UblkExport {
@@ -344,90 +188,91 @@ impl UblkExport {
     pub fn start(
         name: &str,
         dev: Arc<dyn BlockDevice>,
-        read_only: bool,
+        opts: &UblkOptions,
     ) -> Result<UblkExport, UblkError> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let nr_queues = option_in(
+            "queues",
+            opts.queues,
+            u16::try_from(cpus).unwrap_or(MAX_QUEUES),
+            MAX_QUEUES.min(UBLK_MAX_NR_QUEUES),
+        )?;
+        let depth = option_in(
+            "queue depth",
+            opts.depth,
+            DEFAULT_QUEUE_DEPTH,
+            UBLK_MAX_QUEUE_DEPTH,
+        )?;
         let mut ctrl = Control::open()?;
+        if let Some(id) = opts.dev_id {
+            ctrl.reclaim_stale(id)?;
+        }
         // SAFETY: getpid has no side effects.
         let pid = unsafe { libc::getpid() };
         let mut info = DevInfo {
-            nr_hw_queues: NR_QUEUES,
-            queue_depth: QUEUE_DEPTH.min(UBLK_MAX_QUEUE_DEPTH),
+            nr_hw_queues: nr_queues,
+            queue_depth: depth,
             max_io_buf_bytes: translate::MAX_IO_BYTES,
-            dev_id: u32::MAX,
+            dev_id: opts.dev_id.unwrap_or(u32::MAX),
             ublksrv_pid: pid,
             flags: UBLK_F_CMD_IOCTL_ENCODE,
             ..DevInfo::default()
         };
-        ctrl.cmd(
-            U_CMD_ADD_DEV,
-            "ADD_DEV",
-            CtrlCmd {
-                dev_id: u32::MAX,
-                queue_id: u16::MAX,
-                len: std::mem::size_of::<DevInfo>() as u16,
-                addr: &mut info as *mut DevInfo as u64,
-                ..CtrlCmd::default()
-            },
-        )?;
+        ctrl.add(&mut info)?;
         let dev_id = info.dev_id;
-        let mut export = UblkExport {
+        let mut inner = Device {
             name: name.to_string(),
             dev_id,
-            path: PathBuf::from(format!("/dev/ublkb{dev_id}")),
             ctrl,
             cdev: None,
             stop: Arc::new(AtomicBool::new(false)),
             queues: Vec::new(),
             running: false,
         };
-        // From here on, dropping `export` on an error deletes the device again.
-        let params = translate::params_for(dev.as_ref(), read_only);
-        export.ctrl.cmd(
-            U_CMD_SET_PARAMS,
-            "SET_PARAMS",
-            CtrlCmd {
-                dev_id,
-                queue_id: u16::MAX,
-                len: std::mem::size_of::<Params>() as u16,
-                addr: &params as *const Params as u64,
-                ..CtrlCmd::default()
-            },
-        )?;
+        // From here on, dropping `inner` on an error deletes the device again.
+        let params = translate::params_for(dev.as_ref(), opts.read_only);
+        inner.ctrl.set_params(dev_id, &params)?;
         let cdev = Arc::new(open_char_dev(dev_id)?);
-        export.cdev = Some(cdev.clone());
+        inner.cdev = Some(cdev.clone());
+        let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel();
-        for q in 0..NR_QUEUES {
-            let descs = DescArea::map(&cdev, q, QUEUE_DEPTH)
+        for q in 0..nr_queues {
+            let descs = DescArea::map(&cdev, q, depth)
                 .map_err(os(format!("mmap of queue {q} descriptors")))?;
-            let (cdev, dev, stop, tx) =
-                (cdev.clone(), dev.clone(), export.stop.clone(), tx.clone());
+            let bufs = IoBufs::new(depth, translate::MAX_IO_BYTES)
+                .map_err(os(format!("buffers of queue {q}")))?;
+            let queue = Queue {
+                cdev: cdev.clone(),
+                q,
+                depth,
+                descs,
+                bufs,
+                dev: dev.clone(),
+                stop: inner.stop.clone(),
+                stats: stats.clone(),
+            };
+            let tx = tx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("udm-ublk{dev_id}q{q}"))
-                .spawn(move || queue_loop(cdev, q, descs, dev, stop, tx))
+                .spawn(move || queue.run(tx))
                 .map_err(os("spawning a queue thread"))?;
-            export.queues.push(h);
+            inner.queues.push(h);
         }
-        for q in 0..NR_QUEUES {
-            match rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => {
-                    return Err(UblkError::Queue {
-                        dev_id,
-                        queue: q,
-                        why,
-                    })
-                }
-                Err(_) => {
-                    return Err(UblkError::Queue {
-                        dev_id,
-                        queue: q,
-                        why: "thread ended".into(),
-                    })
-                }
-            }
+        for q in 0..nr_queues {
+            let why = match rx.recv() {
+                Ok(Ok(())) => continue,
+                Ok(Err(why)) => why,
+                Err(_) => "thread ended".into(),
+            };
+            return Err(UblkError::Queue {
+                dev_id,
+                queue: q,
+                why,
+            });
         }
-        // START_DEV returns once every tag has been fetched and the disk is added.
-        export.ctrl.cmd(
+        // START_DEV returns once every tag of every queue has been fetched and the disk is
+        // added.
+        inner.ctrl.cmd(
             U_CMD_START_DEV,
             "START_DEV",
             CtrlCmd {
@@ -437,9 +282,13 @@ impl UblkExport {
                 ..CtrlCmd::default()
             },
         )?;
-        export.running = true;
-        tracing::info!("ublk: {name} exported as {}", export.path.display());
-        Ok(export)
+        inner.running = true;
+        let path = PathBuf::from(format!("/dev/ublkb{dev_id}"));
+        tracing::info!(
+            "ublk: {name} exported as {} ({nr_queues} queues, depth {depth})",
+            path.display()
+        );
+        Ok(UblkExport { inner, stats, path })
     }
 
     /// The kernel block device, `/dev/ublkbN`.
@@ -449,14 +298,47 @@ impl UblkExport {
 
     /// The ublk device id `N`.
     pub fn dev_id(&self) -> u32 {
-        self.dev_id
+        self.inner.dev_id
     }
 
-    /// Removes the block device and stops serving it.
-    pub fn stop(mut self) -> Result<(), UblkError> {
-        self.teardown()
+    /// Traffic so far.
+    pub fn stats(&self) -> UblkStats {
+        let s = &self.stats;
+        UblkStats {
+            requests: s.requests.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            bytes_read: s.bytes_read.load(Ordering::Relaxed),
+            bytes_written: s.bytes_written.load(Ordering::Relaxed),
+        }
     }
 
+    /// Removes the block device and stops serving it. The kernel waits for requests in flight
+    /// before the disk goes away; if one is held (a suspended device) for longer than a bound,
+    /// this returns [`UblkError::StopTimeout`] and the removal completes in the background
+    /// once the request does.
+    pub fn stop(self) -> Result<(), UblkError> {
+        let UblkExport { mut inner, .. } = self;
+        let dev_id = inner.dev_id;
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("udm-ublk{dev_id}-stop"))
+            .spawn(move || {
+                let _ = tx.send(inner.teardown());
+            });
+        if let Err(e) = spawned {
+            return Err(os("spawning the removal thread")(e));
+        }
+        match rx.recv_timeout(STOP_BOUND) {
+            Ok(r) => r,
+            Err(_) => Err(UblkError::StopTimeout {
+                dev_id,
+                secs: STOP_BOUND.as_secs(),
+            }),
+        }
+    }
+}
+
+impl Device {
     fn teardown(&mut self) -> Result<(), UblkError> {
         let mut first_err = None;
         if self.running {
@@ -467,9 +349,11 @@ impl UblkExport {
             self.running = false;
         }
         self.stop.store(true, Ordering::Release);
+        let mut bufs = Vec::with_capacity(self.queues.len());
         for h in self.queues.drain(..) {
-            if h.join().is_err() {
-                tracing::error!("ublk: a queue thread of {} panicked", self.name);
+            match h.join() {
+                Ok(b) => bufs.push(b),
+                Err(_) => tracing::error!("ublk: a queue thread of {} panicked", self.name),
             }
         }
         // DEL_DEV waits until the char device is released.
@@ -480,6 +364,8 @@ impl UblkExport {
             }
             self.dev_id = u32::MAX;
         }
+        // The device is gone: the driver can no longer copy into the buffers.
+        drop(bufs);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -487,7 +373,7 @@ impl UblkExport {
     }
 }
 
-impl Drop for UblkExport {
+impl Drop for Device {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
             tracing::warn!("ublk: stopping {}: {e}", self.name);

@@ -257,7 +257,7 @@ fn errors_have_errnos() {
     assert_eq!(e.errno(), Errno::EPERM);
     assert!(e.to_string().contains("ADD_DEV"));
     if !Path::new(CONTROL_PATH).exists() {
-        let e = UblkExport::start("t", Arc::new(MemDevice::new(8)), false)
+        let e = UblkExport::start("t", Arc::new(MemDevice::new(8)), &UblkOptions::default())
             .err()
             .map(|e| e.errno());
         assert_eq!(e, Some(Errno::ENODEV));
@@ -292,15 +292,25 @@ fn sqe128_command_ring_round_trips() {
 #[test]
 fn queue_loop_ends_when_every_fetch_is_refused() {
     // On a file that is not a ublk char device every FETCH completes with an error at once:
-    // the queue thread must report ready, count them all as gone and end by itself.
+    // the queue thread must report ready, count them all as gone, end by itself and hand its
+    // buffers back.
+    let depth = 8;
     let f = tempfile::tempfile().unwrap();
     f.set_len(1 << 20).unwrap();
-    let descs = DescArea::map(&f, 0, QUEUE_DEPTH).unwrap();
+    let descs = queue::DescArea::map(&f, 0, depth).unwrap();
+    let bufs = queue::IoBufs::new(depth, 4096).unwrap();
     let (tx, rx) = mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8));
-    let cdev = Arc::new(f);
-    let h = std::thread::spawn(move || queue_loop(cdev, 0, descs, dev, stop, tx));
+    let queue = queue::Queue {
+        cdev: Arc::new(f),
+        q: 0,
+        depth,
+        descs,
+        bufs,
+        dev: Arc::new(MemDevice::new(8)),
+        stop: Arc::new(AtomicBool::new(false)),
+        stats: Arc::new(queue::Stats::default()),
+    };
+    let h = std::thread::spawn(move || queue.run(tx));
     match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
         Ok(()) => {}
         Err(e) => {
@@ -314,4 +324,28 @@ fn queue_loop_ends_when_every_fetch_is_refused() {
         std::thread::sleep(Duration::from_millis(10));
     }
     h.join().unwrap();
+}
+
+#[test]
+fn queue_descriptor_areas_sit_at_the_drivers_per_queue_slots() {
+    // ublk_drv places queue q's descriptors at q * round_up(4096 * 24, PAGE_SIZE), whatever the
+    // depth: with 4 KiB pages, 98304 bytes apart.
+    assert_eq!(cmd_buf_slot(4096), 98304);
+    assert_eq!(cmd_buf_slot(65536), 131072);
+}
+
+#[test]
+fn queue_options_are_checked() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8));
+    for (opts, what) in [
+        (UblkOptions { queues: Some(0), ..UblkOptions::default() }, "queues"),
+        (UblkOptions { depth: Some(0), ..UblkOptions::default() }, "queue depth"),
+        (UblkOptions { depth: Some(4097), ..UblkOptions::default() }, "queue depth"),
+    ] {
+        match UblkExport::start("t", dev.clone(), &opts) {
+            Err(UblkError::BadOption { what: w, .. }) => assert_eq!(w, what),
+            Err(e) => panic!("{opts:?}: {e}"),
+            Ok(_) => panic!("{opts:?} accepted"),
+        }
+    }
 }
