@@ -4,7 +4,8 @@
 # qemu-img, nbdinfo, nbdcopy, fio, losetup + mkfs + mount + e2fsck). Tests that need a tool or
 # privilege the machine lacks print a SKIPPED line.
 # The kernel cross-checks (dm-snapshot COW format, both directions) and the kernel NBD client
-# test (Debian's nbd-client and the nbd driver against udmd over TLS and the Unix socket), in a
+# test (Debian's nbd-client and the nbd driver against udmd over TLS and the Unix socket) and the
+# ublk export test (Linux 6.12's ublk_drv: ext4, snapshot under a writer, kill -9), in a
 # real kernel under QEMU via ../shared/vmlab/run.sh, run when a qemu-system-x86_64 can be
 # prepared; set UDM_VMLAB=0 to leave them out.
 set -euo pipefail

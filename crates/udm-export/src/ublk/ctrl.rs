@@ -33,7 +33,12 @@ impl Control {
     }
 
     /// Sends one control command and waits for its completion.
-    pub(crate) fn cmd(&mut self, op: u32, name: &'static str, c: CtrlCmd) -> Result<i32, UblkError> {
+    pub(crate) fn cmd(
+        &mut self,
+        op: u32,
+        name: &'static str,
+        c: CtrlCmd,
+    ) -> Result<i32, UblkError> {
         let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
             .cmd(c.to_cmd80())
             .build()

@@ -146,7 +146,9 @@ impl IoBufs {
     unsafe fn slot_mut(&mut self, tag: u16) -> &mut [u8] {
         debug_assert!(usize::from(tag) < self.depth);
         // SAFETY: in bounds (tag < depth); exclusive per the caller's contract and `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(usize::from(tag) * self.slot), self.slot) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(usize::from(tag) * self.slot), self.slot)
+        }
     }
 }
 
@@ -226,10 +228,7 @@ impl Queue {
         mark_io_flusher();
         let depth = usize::from(self.depth);
         let entries = u32::from(self.depth).next_power_of_two();
-        let mut ring: IoUring = match IoUring::builder()
-            .setup_cqsize(entries * 2)
-            .build(entries)
-        {
+        let mut ring: IoUring = match IoUring::builder().setup_cqsize(entries * 2).build(entries) {
             Ok(r) => r,
             Err(e) => {
                 let _ = ready.send(Err(format!("io_uring setup: {e}")));

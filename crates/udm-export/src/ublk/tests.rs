@@ -338,9 +338,27 @@ fn queue_descriptor_areas_sit_at_the_drivers_per_queue_slots() {
 fn queue_options_are_checked() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(8));
     for (opts, what) in [
-        (UblkOptions { queues: Some(0), ..UblkOptions::default() }, "queues"),
-        (UblkOptions { depth: Some(0), ..UblkOptions::default() }, "queue depth"),
-        (UblkOptions { depth: Some(4097), ..UblkOptions::default() }, "queue depth"),
+        (
+            UblkOptions {
+                queues: Some(0),
+                ..UblkOptions::default()
+            },
+            "queues",
+        ),
+        (
+            UblkOptions {
+                depth: Some(0),
+                ..UblkOptions::default()
+            },
+            "queue depth",
+        ),
+        (
+            UblkOptions {
+                depth: Some(4097),
+                ..UblkOptions::default()
+            },
+            "queue depth",
+        ),
     ] {
         match UblkExport::start("t", dev.clone(), &opts) {
             Err(UblkError::BadOption { what: w, .. }) => assert_eq!(w, what),

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# udm's ublk export on a real kernel: boots Debian's Linux 6.12 (ublk_drv) under QEMU (run.sh)
+# with udmd, udmsetup and udm inside; the guest uses /dev/ublkbN as an ext4 filesystem, attaches
+# an interposer and takes a frozen live snapshot under a writer, and goes through export remove,
+# SIGTERM + restart and kill -9 + restart (see kernel-ublk-guest.sh). The host then checks the
+# figures the guest printed.
+# Needs root and what run.sh needs. Env: VMLAB_RUN (path of run.sh), VMLAB_EXTRA_PATH (a private
+# qemu), UDM_BIN_DIR (udmd, udmsetup and udm to test, built with the ublk feature; built from
+# this checkout when unset).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+RUN=${VMLAB_RUN:-}
+for r in "$ROOT/../shared/vmlab/run.sh" "$ROOT/../../shared/vmlab/run.sh"; do
+  [ -n "$RUN" ] || [ ! -f "$r" ] || RUN=$r
+done
+[ -n "$RUN" ] || { echo "SKIPPED kernel ublk test: no vmlab run.sh (set VMLAB_RUN)"; exit 0; }
+if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
+export PATH="$PATH:/usr/sbin:/sbin"
+for t in mkfs.ext4 e2fsck strip; do
+  command -v $t >/dev/null || { echo "SKIPPED kernel ublk test: $t missing (scripts/deps.sh installs it)"; exit 0; }
+done
+if [ -n "${UDM_BIN_DIR:-}" ]; then
+  T=$UDM_BIN_DIR
+else
+  (cd "$ROOT" && cargo build -q --features udm-daemon/ublk -p udm-daemon -p udm-cli --bin udmd --bin udmsetup --bin udm)
+  T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
+fi
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+# Stripped copies: the debug binaries are ~100 MiB, all of which would go into the initramfs.
+mkdir "$W/bin"
+for b in udmd udmsetup udm; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
+cp "$HERE/kernel-ublk-guest.sh" "$W/guest.sh"
+rc=0
+out=$(cd "$W" && VMLAB_KERNEL=6.12 VMLAB_BINS="$W/bin/udmd $W/bin/udmsetup $W/bin/udm mkfs.ext4 e2fsck" \
+      VMLAB_TIMEOUT=${VMLAB_TIMEOUT:-900} "$RUN" guest.sh 2>&1) || rc=$?
+echo "$out"
+if grep -q 'FAIL no /dev/ublk-control' <<<"$out"; then
+  echo "SKIPPED kernel ublk test: the vmlab 6.12 kernel has no ublk_drv"; exit 0
+fi
+if grep -q '^NO_UBLK_FEATURE' <<<"$out"; then
+  echo "SKIPPED kernel ublk test: udmd was built without the ublk feature (--features udm-daemon/ublk)"; exit 0
+fi
+[ $rc = 0 ] && grep -q '^GUEST_DONE' <<<"$out" || { echo "kernel-ublk: FAIL in the guest (rc=$rc)"; exit 1; }
+fail=0
+val() { sed -n "s/^$1 //p" <<<"$out" | head -1; }
+[ "$(val NR_QUEUES)" = 2 ] || { echo "FAIL expected 2 hardware queues, got $(val NR_QUEUES)"; fail=1; }
+[ "$(val WRITE_CACHE)" = "write back" ] || { echo "FAIL not write-back (no FLUSH)"; fail=1; }
+[ "$(val FUA)" = 1 ] || { echo "FAIL no FUA"; fail=1; }
+[ "$(val DISCARD_MAX)" -gt 0 ] || { echo "FAIL no discard"; fail=1; }
+[ "$(val WRITE_ZEROES_MAX)" -gt 0 ] || { echo "FAIL no write-zeroes"; fail=1; }
+stat=$(val STAT)
+d=$(sed -n 's/.*discards=\([0-9]*\).*/\1/p' <<<"$stat"); f=$(sed -n 's/.*flushes=\([0-9]*\).*/\1/p' <<<"$stat")
+[ "${d:-0}" -gt 0 ] && [ "${f:-0}" -gt 0 ] || { echo "FAIL no completed discards/flushes: $stat"; fail=1; }
+full=$(val ALLOC_FULL); trimmed=$(val ALLOC_TRIMMED)
+[ "$trimmed" -lt $((full - 8192)) ] || { echo "FAIL trim freed nothing in the backing file: $full -> $trimmed KiB"; fail=1; }
+w=$(val WRITTEN)
+b=$(sed -n 's/.*before_snapshot=\([0-9]*\).*/\1/p' <<<"$w"); t=$(sed -n 's/.*total=\([0-9]*\).*/\1/p' <<<"$w")
+[ "${b:-0}" -gt 0 ] && [ "${t:-0}" -gt "${b:-0}" ] || { echo "FAIL the writer did not run across the snapshot: $w"; fail=1; }
+redirected=$(sed -n 's/^REDIRECTED_[0-9] //p' <<<"$out" | awk '{ s += $1 } END { print s + 0 }')
+[ "$redirected" -gt 0 ] || { echo "FAIL no writer I/O went through the interposer"; fail=1; }
+[ "$(val SNAP_EXPORT | sed 's/.*RO=//')" = 1 ] || { echo "FAIL the snapshot export is not read-only"; fail=1; }
+if [ $fail -ne 0 ]; then echo "kernel-ublk: FAIL"; exit 1; fi
+echo "kernel-ublk: all passed"
