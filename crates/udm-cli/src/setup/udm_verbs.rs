@@ -60,6 +60,11 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                 }
             } else if a.ublk {
                 ExportKind::Ublk
+            } else if let Some(socket) = a.vhost_user {
+                ExportKind::VhostUser {
+                    socket: absolute(&socket),
+                    num_queues: a.num_queues.unwrap_or(1),
+                }
             } else {
                 ExportKind::Nbd {
                     name: a.name,
@@ -70,6 +75,7 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                 ExportKind::Nbd { .. } => "nbd",
                 ExportKind::Fuse { .. } => "fuse",
                 ExportKind::Ublk => "ublk",
+                ExportKind::VhostUser { .. } => "vhost-user",
             };
             let req = Request::ExportAdd {
                 device: a.device.clone(),
