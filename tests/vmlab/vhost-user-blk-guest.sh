@@ -3,7 +3,7 @@
 # host also reads and writes: sector 0 carries the guest's word, sector 1 the host's.
 # Phase 1: mkfs.ext4, mount, files, sync, checksums, umount, e2fsck -fn, remount, verify.
 # Phase 2: a writer runs on the mounted filesystem while the host attaches and detaches an
-# interposer; then the guest syncs and freezes (fsfreeze -f), records the checksums of the
+# interposer; then the guest syncs and freezes (fsfreeze --freeze), records the checksums of the
 # frozen files, the host takes a snapshot, the guest thaws; the writer stops, e2fsck -fn.
 # Prints KEY value lines for the host; any FAIL line (or a non-zero exit) fails the test.
 fail() { echo "FAIL $*"; dmesg | tail -20; exit 1; }
@@ -62,12 +62,12 @@ sleep 2
 say READY
 await GO-FREEZE 240            # the host attached and detached an interposer meanwhile
 sync
-run fsfreeze -f /mnt
+run fsfreeze --freeze /mnt
 (cd /mnt && md5sum f* log dir/bb w*) > /tmp/frozen
 sed 's/^/FROZEN_SUM /' /tmp/frozen
 say FROZEN
 await SNAPPED 240              # the host took the snapshot of the frozen filesystem
-run fsfreeze -u /mnt
+run fsfreeze --unfreeze /mnt
 sleep 3
 touch /tmp/stop; wait $WRITER
 echo "WRITES $(cat /tmp/writes)"

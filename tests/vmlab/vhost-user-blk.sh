@@ -6,9 +6,9 @@
 # Live phase, coordinated through a mailbox disk (a file QEMU attaches with cache=directsync,
 # which the host reads and writes): while a writer runs in the guest, the host attaches a delay
 # interposer to vol (checks that it redirects the VM's I/O) and detaches it; the guest syncs and
-# runs fsfreeze -f; the host takes `udm snapshot take vol` (without --freeze: the filesystem is
+# runs fsfreeze --freeze; the host takes `udm snapshot take vol` (without --freeze: the filesystem is
 # in the guest) exported over NBD; the guest thaws and finishes. Then the host copies the
-# snapshot out with qemu-img, runs e2fsck -fn on it and checks its files against the checksums
+# snapshot out with nbdcopy, runs e2fsck -fn on it and checks its files against the checksums
 # the guest took while frozen; and runs e2fsck -fn on the origin's backing file and checks the
 # final checksums.
 # Needs root and what run.sh needs. Env: VMLAB_RUN, VMLAB_EXTRA_PATH (a private qemu, see
@@ -24,7 +24,7 @@ done
 [ -n "$RUN" ] || { echo "SKIPPED vhost-user-blk test: no vmlab run.sh (set VMLAB_RUN)"; exit 0; }
 if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
 export PATH="$PATH:/usr/sbin:/sbin"
-for t in qemu-system-x86_64 qemu-img mkfs.ext4 e2fsck debugfs md5sum; do
+for t in qemu-system-x86_64 nbdcopy mkfs.ext4 e2fsck debugfs md5sum; do
   command -v $t >/dev/null || { echo "SKIPPED vhost-user-blk test: $t missing"; exit 0; }
 done
 if [ -n "${UDM_BIN_DIR:-}" ]; then
@@ -114,7 +114,7 @@ checksums() { # IMAGE PREFIX: compares the guest's PREFIX checksums with the fil
   [ $n -gt 0 ] || { echo "FAIL no $2 lines"; fail=1; }
   echo "OK $n files of $(basename "$1") match the guest's $2 checksums"
 }
-if [ -S "$W/run/nbd.sock" ] && qemu-img convert -f raw -O raw \
+if [ -S "$W/run/nbd.sock" ] && timeout 300 nbdcopy \
      "nbd+unix:///vol-snap?socket=$W/run/nbd.sock" "$W/snap.img"; then
   if e2fsck -fn "$W/snap.img" > "$W/fsck-snap" 2>&1; then echo "OK snapshot e2fsck -fn clean"
   else cat "$W/fsck-snap"; echo "FAIL snapshot e2fsck"; fail=1; fi
