@@ -445,3 +445,43 @@ fn export_socket_lifecycle_is_bounded() {
     let x = VhostUserExport::start("vol", &sock, dev, opts).expect("restart on a stale socket");
     assert!(x.stop());
 }
+
+#[test]
+fn decode_checks_ranges_at_the_exact_end() {
+    let shape = Shape::of(&MemDevice::new(64), false, 1, 256);
+    let hdr = |ty: u32, sector: u64| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        Some(h)
+    };
+    let read = |sector, bytes| {
+        let chain = translate::Chain {
+            readable: 0,
+            writable: bytes,
+        };
+        translate::decode(hdr(VIRTIO_BLK_T_IN, sector), chain, &shape, 64)
+    };
+    assert!(read(63, 512).is_ok());
+    assert_eq!(read(63, 1024), Err(S_IOERR));
+    assert_eq!(read(64, 512), Err(S_IOERR));
+    assert_eq!(read(u64::MAX, 512), Err(S_IOERR));
+    let seg = |sector: u64, sectors: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    assert!(translate::decode_range(&seg(60, 4, 0), false, 64).is_ok());
+    assert_eq!(
+        translate::decode_range(&seg(61, 4, 0), true, 64),
+        Err(S_IOERR)
+    );
+    assert_eq!(
+        translate::decode_range(&seg(0, 1, 4), true, 64),
+        Err(S_UNSUPP)
+    );
+    let r = translate::decode_range(&seg(0, 1, 0), true, 64).unwrap();
+    assert!(!r.unmap);
+}
