@@ -111,8 +111,8 @@ checksums() { # IMAGE PREFIX: compares the guest's PREFIX checksums with the fil
     [ "$got" = "$sum" ] || { echo "FAIL $1: $name: $got != $sum"; fail=1; }
     n=$((n + 1))
   done < <(sed -n "s/^$2 //p" <<<"$out")
-  [ $n -gt 0 ] || { echo "FAIL no $2 lines"; fail=1; }
-  echo "OK $n files of $(basename "$1") match the guest's $2 checksums"
+  if [ $n -eq 0 ]; then echo "FAIL no $2 lines"; fail=1
+  else echo "checked $n files of $(basename "$1") against the guest's $2 checksums"; fi
 }
 if [ -S "$W/run/nbd.sock" ] && timeout 300 nbdcopy \
      "nbd+unix:///vol-snap?socket=$W/run/nbd.sock" "$W/snap.img"; then
