@@ -300,7 +300,7 @@ fn config_space_matches_the_virtio_layout() {
     assert_eq!(c.len(), std::mem::size_of::<virtio_blk_config>());
     let cap = offset_of!(virtio_blk_config, capacity);
     assert_eq!(&c[cap..cap + 8], &2048u64.to_le_bytes());
-    assert_eq!(u32_at(offset_of!(virtio_blk_config, seg_max)), 254);
+    assert_eq!(u32_at(offset_of!(virtio_blk_config, seg_max)), 126);
     assert_eq!(u32_at(offset_of!(virtio_blk_config, blk_size)), 512);
     assert_eq!(c[offset_of!(virtio_blk_config, physical_block_exp)], 3);
     assert_eq!(c[offset_of!(virtio_blk_config, wce)], 1);

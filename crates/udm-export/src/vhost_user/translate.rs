@@ -70,8 +70,9 @@ impl Shape {
             write_zeroes: l.write_zeroes && !read_only,
             read_only,
             num_queues: num_queues.max(1),
-            // The header and the status take one descriptor each.
-            seg_max: u32::from(queue_size).saturating_sub(2).max(1),
+            // A chain may not be longer than the queue the VMM sets up (QEMU's default is 128,
+            // whatever we allow), and the header and the status take one descriptor each.
+            seg_max: u32::from(queue_size.min(128)).saturating_sub(2).max(1),
         }
     }
 
