@@ -103,6 +103,11 @@ setup export list
 errors=$(setup --json export list | python3 -c 'import json, sys
 print(sum(e["errors"] for e in json.load(sys.stdin) if e["kind"] == "vhost-user"))')
 [ "${errors:-1}" = 0 ] || { echo "FAIL udmd counted $errors failed vhost-user requests"; fail=1; }
+# The writer went on after the thaw, so the snapshot's files differ from the final ones (the
+# check below then shows the snapshot is the frozen point in time, not the end state).
+frozen_log=$(sed -n 's/^FROZEN_SUM \([0-9a-f]*\)  log$/\1/p' <<<"$out")
+final_log=$(sed -n 's/^SUM \([0-9a-f]*\)  log$/\1/p' <<<"$out")
+[ -n "$frozen_log" ] && [ "$frozen_log" != "$final_log" ] || { echo "FAIL log did not change after the snapshot"; fail=1; }
 # The snapshot: the filesystem as frozen.
 checksums() { # IMAGE PREFIX: compares the guest's PREFIX checksums with the files in IMAGE
   local n=0 sum name got
