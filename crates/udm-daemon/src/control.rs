@@ -472,6 +472,10 @@ fn absolute_paths(req: &Request) -> Result<(), ErrorReply> {
             export: ExportKind::Fuse { dir },
             ..
         } => vec![dir.as_path()],
+        Request::ExportAdd {
+            export: ExportKind::VhostUser { socket, .. },
+            ..
+        } => vec![socket.as_path()],
         Request::Create {
             freeze: Some(p), ..
         }

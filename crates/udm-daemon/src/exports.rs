@@ -1,4 +1,4 @@
-//! The export manager: adds and removes NBD, FUSE and ublk exports of registry devices, holding
+//! The export manager: adds and removes NBD, FUSE, ublk and vhost-user exports of registry devices, holding
 //! each exported device in the registry the way a mount holds a block device.
 //!
 //! Removal has two steps so that the control lock is never held while waiting for clients:
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use udm_core::{CoreError, Registry};
 use udm_export::fuse::FuseExports;
 use udm_export::nbd::{NbdExportOptions, NbdServer};
+use udm_export::vhost_user::{VhostUserExport, VhostUserOptions};
 use udm_io::BlockDevice;
 use udm_proto::{ExportKind, ExportRecord};
 use udm_types::errno::HasErrno;
@@ -27,6 +28,18 @@ struct Entry {
     read_only: bool,
     #[cfg(feature = "ublk")]
     ublk: Option<udm_export::ublk::UblkExport>,
+    vhost: Option<VhostUserExport>,
+}
+
+impl Entry {
+    /// Disconnects a vhost-user export's VMM and closes its socket (bounded).
+    fn stop_vhost(&mut self) {
+        if let Some(v) = self.vhost.take() {
+            if !v.stop() {
+                tracing::warn!(export = %self.id, "vhost-user export stopped with a request still running");
+            }
+        }
+    }
 }
 
 /// Every export of the daemon.
@@ -74,6 +87,7 @@ impl Exports {
             ExportKind::Nbd { name, .. } => format!("nbd:{}", name.as_deref().unwrap_or(device)),
             ExportKind::Fuse { dir } => format!("fuse:{}", dir.join(device).display()),
             ExportKind::Ublk { .. } => format!("ublk:{device}"),
+            ExportKind::VhostUser { socket, .. } => format!("vhost-user:{}", socket.display()),
         }
     }
 
@@ -99,6 +113,7 @@ impl Exports {
         let dev_id = node.id();
         let dev: Arc<dyn BlockDevice> = node;
         let ro = read_only || dev.read_only();
+        let mut vhost = None;
         let r: Result<(), CoreError> = match kind {
             ExportKind::Nbd { name, insecure_tcp } => self
                 .nbd
@@ -116,6 +131,15 @@ impl Exports {
                 .fuse
                 .add(dir, device, dev.clone(), ro)
                 .map_err(core_err),
+            ExportKind::VhostUser { socket, num_queues } => {
+                let opts = VhostUserOptions {
+                    read_only: ro,
+                    num_queues: *num_queues,
+                };
+                VhostUserExport::start(device, socket, dev.clone(), opts)
+                    .map(|v| vhost = Some(v))
+                    .map_err(core_err)
+            }
             #[cfg(feature = "ublk")]
             ExportKind::Ublk { .. } => Ok(()),
             #[cfg(not(feature = "ublk"))]
@@ -161,6 +185,7 @@ impl Exports {
             read_only,
             #[cfg(feature = "ublk")]
             ublk,
+            vhost,
         });
         tracing::info!(export = %id, device, "export added");
         Ok(id)
@@ -220,9 +245,10 @@ impl Exports {
                 tracing::warn!(export = %e.id, "NBD export removal: {err}");
             }
         }
+        let mut e = e;
+        e.stop_vhost();
         #[cfg(feature = "ublk")]
         let e = {
-            let mut e = e;
             if let Some(u) = e.ublk.take() {
                 if let Err(err) = u.stop() {
                     tracing::warn!(export = %e.id, "ublk device not removed cleanly: {err}");
@@ -302,6 +328,21 @@ impl Exports {
                             r.bytes_written = s.bytes_written;
                         }
                     }
+                    ExportKind::VhostUser { socket, .. } => {
+                        r.kind = "vhost-user".into();
+                        r.location = socket.display().to_string();
+                        if let Some(v) = &e.vhost {
+                            let s = v.stats();
+                            let get = |c: &std::sync::atomic::AtomicU64| {
+                                c.load(std::sync::atomic::Ordering::Relaxed)
+                            };
+                            r.clients = get(&s.clients);
+                            r.requests = get(&s.requests);
+                            r.errors = get(&s.errors);
+                            r.bytes_read = get(&s.bytes_read);
+                            r.bytes_written = get(&s.bytes_written);
+                        }
+                    }
                     ExportKind::Ublk { .. } => {
                         r.kind = "ublk".into();
                         #[cfg(feature = "ublk")]
@@ -327,6 +368,9 @@ impl Exports {
     pub fn shutdown(&self) {
         self.nbd.shutdown();
         self.fuse.shutdown();
+        for e in self.entries.lock().iter_mut() {
+            e.stop_vhost();
+        }
         #[cfg(feature = "ublk")]
         for e in self.entries.lock().iter_mut() {
             if let Some(u) = e.ublk.take() {

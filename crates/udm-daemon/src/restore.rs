@@ -74,6 +74,9 @@ impl PendingExports {
                     ),
                     ExportKind::Fuse { dir } => ("fuse", dir.join(&p.device).display().to_string()),
                     ExportKind::Ublk { .. } => ("ublk", String::new()),
+                    ExportKind::VhostUser { socket, .. } => {
+                        ("vhost-user", socket.display().to_string())
+                    }
                 };
                 ExportRecord {
                     id: Exports::id_for(&p.device, &p.kind),

@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use udm_export::ublk::UblkExport;
+use udm_export::ublk::{UblkExport, UblkOptions};
 use udm_io::backend::mem::MemDevice;
 
 #[test]
@@ -22,7 +22,7 @@ fn ublk_block_device_reads_and_writes_reach_the_device() {
         return;
     }
     let mem = Arc::new(MemDevice::new(2048));
-    let export = UblkExport::start("ublk-test", mem.clone(), false).unwrap();
+    let export = UblkExport::start("ublk-test", mem.clone(), &UblkOptions::default()).unwrap();
     let path = export.path().to_path_buf();
     assert!(path.to_string_lossy().starts_with("/dev/ublkb"));
     {

@@ -72,6 +72,18 @@ pub enum ExportKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         depth: Option<u16>,
     },
+    /// vhost-user-blk socket a VMM attaches to a VM as a virtio-blk disk.
+    VhostUser {
+        /// Socket path (absolute).
+        socket: PathBuf,
+        /// Virtqueues offered to the guest.
+        #[serde(default = "one_queue")]
+        num_queues: u16,
+    },
+}
+
+fn one_queue() -> u16 {
+    1
 }
 
 /// Every control operation.
@@ -235,7 +247,7 @@ pub enum Request {
         /// Read-only export.
         read_only: bool,
     },
-    /// Remove an export by id (`nbd:NAME`, `fuse:DIR/DEV`, `ublk:DEV`).
+    /// Remove an export by id (`nbd:NAME`, `fuse:DIR/DEV`, `ublk:DEV`, `vhost-user:SOCKET`).
     ExportRemove {
         /// Export id as listed.
         id: String,

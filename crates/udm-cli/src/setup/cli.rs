@@ -13,7 +13,8 @@ over udmd's control socket. Tables use dmsetup's syntax ('<start> <length> <targ
 512-byte sectors); a device in a table may be a udm name, a major:minor or an absolute path.
 
 udm additions: --interpose (attach a table to a device in use, the seed's DM_INTERPOSED_FLAG),
---json on every read command, 'disk' (the devices udm serves) and 'export' (NBD, FUSE, ublk).
+--json on every read command, 'disk' (the devices udm serves) and 'export' (NBD, FUSE, ublk,
+vhost-user).
 In 'info' output, interposed devices carry two udm-only lines after 'Number of targets:':
   Interposer:        <dev> <start>+<len> attached|detached
   Redirected:        <requests redirected into the device>";
@@ -452,6 +453,11 @@ Export DEVICE (a disk, partition or mapped device). Exactly one of:
   --ublk               a /dev/ublkbN block device (Linux 6.4+ with ublk_drv; udmd built with
                        the `ublk` feature); --ublk-id N asks for /dev/ublkbN, --queues and
                        --queue-depth size it (default: a queue per CPU, 64 requests each)
+  --vhost-user SOCKET  a vhost-user-blk socket for a VMM (one VM at a time), with
+                       --num-queues N virtqueues (default 1); in QEMU:
+                       -chardev socket,id=c0,path=SOCKET
+                       -device vhost-user-blk-pci,chardev=c0,num-queues=N
+                       (guest RAM must be shared: -object memory-backend-memfd,share=on)
 An export holds its device like a mount does: a plain table naming it then fails with EBUSY
 (use --interpose). Prints the export id and where clients connect.
 
@@ -459,9 +465,11 @@ Examples:
   udmsetup export add vda --nbd
   nbdinfo 'nbd+unix:///vda?socket=/run/udm/nbd.sock'
   udmsetup export add snap --nbd --name backup --read-only
-  udmsetup export add lin --fuse /mnt/udm")]
+  udmsetup export add lin --fuse /mnt/udm
+  udmsetup export add vol --vhost-user /run/udm/vol.sock --num-queues 2")]
     Add(ExportAddArgs),
-    /// Remove an export by id (as listed: nbd:NAME, fuse:DIR/DEV, ublk:DEV), or by the name
+    /// Remove an export by id (as listed: nbd:NAME, fuse:DIR/DEV, ublk:DEV,
+    /// vhost-user:SOCKET), or by the name
     /// of a device that has exactly one export.
     Remove {
         /// Export id, or the name of a device with one export.
@@ -473,7 +481,7 @@ Examples:
 
 /// `export add`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("kind").required(true).args(["nbd", "fuse", "ublk"])))]
+#[command(group(ArgGroup::new("kind").required(true).args(["nbd", "fuse", "ublk", "vhost_user"])))]
 pub struct ExportAddArgs {
     /// Device to export.
     pub device: String,
@@ -503,6 +511,13 @@ pub struct ExportAddArgs {
     /// ublk requests in flight per queue (default 64, at most 4096).
     #[arg(long, requires = "ublk", value_name = "N")]
     pub queue_depth: Option<u16>,
+    /// vhost-user-blk socket for a VMM.
+    #[arg(long, value_name = "SOCKET")]
+    pub vhost_user: Option<PathBuf>,
+    /// Virtqueues of the vhost-user-blk device (default 1).
+    #[arg(long, requires = "vhost_user", conflicts_with_all = ["nbd", "fuse", "ublk"], value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: Option<u16>,
     /// Read-only export.
     #[arg(short = 'r', long)]
     pub read_only: bool,
@@ -565,5 +580,32 @@ mod tests {
         assert!(
             Cli::try_parse_from(["udmsetup", "create", "x", "-n", "--table", "0 1 zero"]).is_err()
         );
+    }
+
+    #[test]
+    fn parses_vhost_user_exports() {
+        let add = |args: &[&str]| {
+            let mut v = vec!["udmsetup", "export", "add", "vol"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        let c = add(&["--vhost-user", "/run/v.sock", "--num-queues", "4", "-r"]).unwrap();
+        let Command::Export(ExportCommand::Add(a)) = c.command else {
+            panic!("not export add");
+        };
+        assert_eq!(
+            a.vhost_user.as_deref(),
+            Some(std::path::Path::new("/run/v.sock"))
+        );
+        assert_eq!((a.num_queues, a.read_only), (Some(4), true));
+        let Command::Export(ExportCommand::Add(a)) = add(&["--vhost-user", "s"]).unwrap().command
+        else {
+            panic!("not export add");
+        };
+        assert_eq!(a.num_queues, None);
+        assert!(add(&["--nbd", "--num-queues", "2"]).is_err());
+        assert!(add(&["--vhost-user", "s", "--num-queues", "0"]).is_err());
+        assert!(add(&["--vhost-user", "s", "--num-queues", "65"]).is_err());
+        assert!(add(&["--vhost-user", "s", "--ublk"]).is_err());
     }
 }

@@ -64,6 +64,11 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                     queues: a.queues,
                     depth: a.queue_depth,
                 }
+            } else if let Some(socket) = a.vhost_user {
+                ExportKind::VhostUser {
+                    socket: absolute(&socket),
+                    num_queues: a.num_queues.unwrap_or(1),
+                }
             } else {
                 ExportKind::Nbd {
                     name: a.name,
@@ -74,6 +79,7 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                 ExportKind::Nbd { .. } => "nbd",
                 ExportKind::Fuse { .. } => "fuse",
                 ExportKind::Ublk { .. } => "ublk",
+                ExportKind::VhostUser { .. } => "vhost-user",
             };
             let req = Request::ExportAdd {
                 device: a.device.clone(),
