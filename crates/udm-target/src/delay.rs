@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use udm_io::{Bio, BioKind, Extent, IoError};
 
-use crate::table::args;
+use crate::args;
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `delay` target type.

@@ -14,7 +14,7 @@ use rand::Rng;
 use udm_io::{Bio, BioFlags, BioKind, BioOp, Extent, IoError};
 use udm_types::Errno;
 
-use crate::table::args::{self, ArgSet};
+use crate::args::{self, ArgSet};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// Random corruption probabilities are out of this (`PROBABILITY_BASE`).

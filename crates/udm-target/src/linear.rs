@@ -2,7 +2,7 @@
 
 use udm_io::{Bio, Extent, IoError};
 
-use crate::table::args;
+use crate::args;
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `linear` target type.

@@ -7,7 +7,7 @@ use udm_io::{Bio, BioKind, BioOp, Extent, ExtentKind, IoError};
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-use crate::table::args;
+use crate::args;
 use crate::target::{CtorContext, DevRef, EventSink, Target, TargetCaps, TargetError, TargetType};
 
 /// Errors on one stripe raise an event only while its count stays below this

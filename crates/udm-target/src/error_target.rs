@@ -5,7 +5,7 @@
 use udm_io::{Bio, IoError};
 use udm_types::Errno;
 
-use crate::table::args;
+use crate::args;
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `error` target type.
