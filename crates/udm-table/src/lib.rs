@@ -8,6 +8,7 @@
 
 pub mod args;
 mod concise;
+pub mod params;
 mod text;
 
 pub use args::split_args;
