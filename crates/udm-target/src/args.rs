@@ -3,6 +3,7 @@
 //! depending on the table that dispatches to them.
 
 pub use udm_table::args::*;
+pub use udm_table::params::*;
 
 use crate::target::{CtorContext, DevRef, TargetError};
 
@@ -26,10 +27,4 @@ pub fn get_device_as(
 ) -> Result<DevRef, TargetError> {
     ctx.get_device(path)
         .map_err(|e| TargetError::new(e.errno, format!("{what}: {}", e.msg)))
-}
-
-/// A start sector argument (`Invalid device sector` otherwise), as linear, delay and
-/// flakey read it.
-pub fn sector(s: &str) -> Result<u64, TargetError> {
-    scan_u64(s).ok_or_else(|| TargetError::invalid("Invalid device sector"))
 }

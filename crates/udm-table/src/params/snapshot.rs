@@ -135,8 +135,8 @@ pub struct SnapshotParams {
     /// The store type.
     pub store: StoreKind,
     /// Chunk size in sectors; 0 in a table means "from the store's header, else the default"
-    /// (the table output shows the size in use).
-    pub chunk_sectors: u32,
+    /// (the table output shows the size in use). At most `u32::MAX` in a table.
+    pub chunk_sectors: u64,
     /// Discard features.
     pub features: SnapshotFeatures,
 }
@@ -150,7 +150,7 @@ impl FromArgs for SnapshotParams {
         };
         let features = SnapshotFeatures::from_args(features)?;
         let store = store.parse()?;
-        let chunk_sectors = chunk.parse().map_err(|_| {
+        let chunk_sectors: u32 = chunk.parse().map_err(|_| {
             invalid(format!(
                 "Couldn't create exception store: Invalid chunk size {chunk}"
             ))
@@ -159,7 +159,7 @@ impl FromArgs for SnapshotParams {
             origin: origin.clone(),
             cow: cow.clone(),
             store,
-            chunk_sectors,
+            chunk_sectors: u64::from(chunk_sectors),
             features,
         })
     }
@@ -289,7 +289,7 @@ mod tests {
             origin in dev(),
             cow in dev(),
             store in store(),
-            chunk_sectors in any::<u32>(),
+            chunk_sectors in 0..=u64::from(u32::MAX),
             features in features(),
             status in status(),
         ) {

@@ -18,8 +18,8 @@ pub struct StripeDest {
 /// `striped` arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StripedParams {
-    /// Chunk size in sectors (> 0).
-    pub chunk_sectors: u32,
+    /// Chunk size in sectors (> 0; at most `u32::MAX`, as the kernel reads it).
+    pub chunk_sectors: u64,
     /// The stripes, at least one.
     pub stripes: Vec<StripeDest>,
 }
@@ -59,7 +59,7 @@ impl FromArgs for StripedParams {
             })
             .collect::<Result<_, ArgError>>()?;
         Ok(StripedParams {
-            chunk_sectors,
+            chunk_sectors: u64::from(chunk_sectors),
             stripes,
         })
     }
@@ -145,7 +145,7 @@ mod tests {
     proptest! {
         #[test]
         fn round_trip(
-            chunk_sectors in 1u32..,
+            chunk_sectors in 1..=u64::from(u32::MAX),
             stripes in proptest::collection::vec((dev(), any::<u64>(), any::<bool>()), 1..6),
         ) {
             round_trips(&StripedParams {

@@ -10,6 +10,7 @@ use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, IoError};
 
 use super::cow::{lock_chunks, origin_write};
 use super::{OriginEntry, Origins};
+use crate::args::{get_device_as, FromArgs, OriginParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `snapshot-origin` target type (version 1.9.0).
@@ -29,14 +30,8 @@ impl TargetType for OriginType {
         ctx: &mut dyn CtorContext,
         args: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if args.len() != 1 {
-            return Err(TargetError::invalid(
-                "origin: incorrect number of arguments",
-            ));
-        }
-        let dev = ctx.get_device(&args[0]).map_err(|e| {
-            TargetError::new(e.errno, format!("Cannot get target device: {}", e.msg))
-        })?;
+        let p = OriginParams::from_args(args)?;
+        let dev = get_device_as(ctx, &p.dev, "Cannot get target device")?;
         let entry = ctx.env().get::<Origins>().entry(dev.id);
         Ok(Box::new(OriginTarget {
             dev,
@@ -127,7 +122,10 @@ impl Target for OriginTarget {
     }
 
     fn table_params(&self) -> String {
-        self.dev.id.to_string()
+        OriginParams {
+            dev: self.dev.id.to_string(),
+        }
+        .to_string()
     }
 
     fn caps(&self) -> TargetCaps {

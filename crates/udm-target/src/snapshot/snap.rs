@@ -15,6 +15,7 @@ use super::merge;
 use super::state::{MergeCtl, Snap, SnapState};
 use super::store::{self, lbs_sectors, LoadState, StoreSpec};
 use super::{min_chunk, Origins};
+use crate::args::{get_device_as, FromArgs, SnapshotFeatures, SnapshotParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `snapshot` (1.16.0) and `snapshot-merge` (1.5.0) target types.
@@ -319,43 +320,6 @@ fn unregister(s: &Arc<Snap>) {
     s.entry.snaps.write().retain(|x| !Arc::ptr_eq(x, s));
 }
 
-/// `parse_snapshot_features`.
-fn parse_features(args: &[String]) -> Result<(bool, bool), TargetError> {
-    let (mut zero, mut pass) = (false, false);
-    if args.is_empty() {
-        return Ok((zero, pass));
-    }
-    let n: u32 = args[0]
-        .parse()
-        .map_err(|_| TargetError::invalid("Invalid number of feature arguments"))?;
-    if n > 2 {
-        return Err(TargetError::invalid("Invalid number of feature arguments"));
-    }
-    let n = n as usize;
-    if n > args.len() - 1 {
-        return Err(TargetError::invalid(
-            "Insufficient arguments in argument group",
-        ));
-    }
-    for a in &args[1..=n] {
-        if a.eq_ignore_ascii_case("discard_zeroes_cow") {
-            zero = true;
-        } else if a.eq_ignore_ascii_case("discard_passdown_origin") {
-            pass = true;
-        } else {
-            return Err(TargetError::invalid(format!(
-                "Unrecognised feature requested: {a}"
-            )));
-        }
-    }
-    if pass && !zero {
-        return Err(TargetError::invalid(
-            "discard_passdown_origin feature depends on discard_zeroes_cow",
-        ));
-    }
-    Ok((zero, pass))
-}
-
 impl TargetType for SnapshotType {
     fn name(&self) -> &'static str {
         if self.merge {
@@ -378,24 +342,17 @@ impl TargetType for SnapshotType {
         ctx: &mut dyn CtorContext,
         args: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if args.len() < 4 {
-            return Err(TargetError::invalid("requires 4 or more arguments"));
-        }
-        let (discard_zeroes_cow, discard_passdown_origin) = parse_features(&args[4..])?;
-        let origin = ctx.get_device(&args[0]).map_err(|e| {
-            TargetError::new(e.errno, format!("Cannot get origin device: {}", e.msg))
-        })?;
-        let cow = ctx
-            .get_device(&args[1])
-            .map_err(|e| TargetError::new(e.errno, format!("Cannot get COW device: {}", e.msg)))?;
+        let p = SnapshotParams::from_args(args)?;
+        let origin = get_device_as(ctx, &p.origin, "Cannot get origin device")?;
+        let cow = get_device_as(ctx, &p.cow, "Cannot get COW device")?;
         if cow.id == origin.id {
             return Err(TargetError::invalid(
                 "COW device cannot be the same as origin device",
             ));
         }
-        let spec = StoreSpec::parse(
-            &args[2],
-            &args[3],
+        let spec = StoreSpec::new(
+            p.store,
+            p.chunk_sectors,
             lbs_sectors(&*cow.dev),
             lbs_sectors(&*origin.dev),
         )?;
@@ -407,9 +364,9 @@ impl TargetType for SnapshotType {
             cow,
             begin: ctx.begin(),
             table_end: ctx.begin() + ctx.len(),
-            discard_zeroes_cow,
-            discard_passdown_origin,
-            overflow_flag: spec.overflow,
+            discard_zeroes_cow: p.features.discard_zeroes_cow,
+            discard_passdown_origin: p.features.discard_passdown_origin,
+            overflow_flag: spec.kind.overflow(),
             events: ctx.events(),
             state: RwLock::new(SnapState {
                 valid: true,
@@ -505,28 +462,22 @@ impl Target for SnapshotTarget {
 
     fn table_params(&self) -> String {
         let s = &self.snap;
-        let st = s.state.read();
-        let mut out = format!(
-            "{} {}{}",
-            s.origin.id,
-            s.cow.id,
-            st.store.with(|x| x.table_status())
-        );
-        let n = u32::from(s.discard_zeroes_cow) + u32::from(s.discard_passdown_origin);
-        if n > 0 {
-            out.push_str(&format!(" {n}"));
-            if s.discard_zeroes_cow {
-                out.push_str(" discard_zeroes_cow");
-            }
-            if s.discard_passdown_origin {
-                out.push_str(" discard_passdown_origin");
-            }
+        let (store, chunk_sectors) = s.state.read().store.with(|x| (x.kind(), x.chunk_size()));
+        SnapshotParams {
+            origin: s.origin.id.to_string(),
+            cow: s.cow.id.to_string(),
+            store,
+            chunk_sectors,
+            features: SnapshotFeatures {
+                discard_zeroes_cow: s.discard_zeroes_cow,
+                discard_passdown_origin: s.discard_passdown_origin,
+            },
         }
-        out
+        .to_string()
     }
 
     fn status(&self) -> String {
-        self.snap.status()
+        self.snap.status().to_string()
     }
 
     fn max_io_len(&self) -> u64 {

@@ -9,6 +9,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::exception::{ChunkLocks, ChunkMap, StoreCell};
 use super::OriginEntry;
+use crate::args::SnapshotStatus;
 use crate::target::{DevRef, EventSink};
 
 /// Mutable state of a snapshot, swapped wholesale by a handover.
@@ -114,18 +115,22 @@ impl Snap {
             .saturating_add(sector & (cs - 1))
     }
 
-    /// `dmsetup status` text.
-    pub fn status(&self) -> String {
+    /// The `dmsetup status` of the snapshot.
+    pub fn status(&self) -> SnapshotStatus {
         let st = self.state.read();
         if !st.valid {
-            "Invalid".into()
+            SnapshotStatus::Invalid
         } else if st.merge_failed {
-            "Merge failed".into()
+            SnapshotStatus::MergeFailed
         } else if st.overflowed {
-            "Overflow".into()
+            SnapshotStatus::Overflow
         } else {
-            let (alloc, total, meta) = st.store.with(|s| s.usage());
-            format!("{alloc}/{total} {meta}")
+            let (allocated, total, metadata) = st.store.with(|s| s.usage());
+            SnapshotStatus::Usage {
+                allocated,
+                total,
+                metadata,
+            }
         }
     }
 }
