@@ -25,6 +25,12 @@
 //! on payload memory (the reader stops reading until replies drain; write payloads are
 //! committed as they arrive), bounded and idle-trimmed buffer pools, and export removal that
 //! closes sockets after a short drain. [`NbdServer::memory`] reports what connections hold.
+//!
+//! Modules, each importing only those below it: `listen` (listeners, connection start-up) over
+//! `conn` (handshake) over `transmission` (reader, threads), `exec` and `buffers` over
+//! `connection` (a connection's shared state) over `session`, `server` (export table) over
+//! `export` over `ctl` (a connection's control block) over `tls`; `watchdog`, `limits` and
+//! `proto` are leaves. Shared traits and options are in this file.
 
 mod buffers;
 pub mod client;
