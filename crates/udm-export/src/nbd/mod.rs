@@ -26,11 +26,11 @@
 //! committed as they arrive), bounded and idle-trimmed buffer pools, and export removal that
 //! closes sockets after a short drain. [`NbdServer::memory`] reports what connections hold.
 //!
-//! Modules, each importing only those below it: `listen` (listeners, connection start-up) over
-//! `conn` (handshake) over `transmission` (reader, threads), `exec` and `buffers` over
-//! `connection` (a connection's shared state) over `session`, `server` (export table) over
-//! `export` over `ctl` (a connection's control block) over `tls`; `watchdog`, `limits` and
-//! `proto` are leaves. Shared traits and options are in this file.
+//! Modules, top down (none imports one above it): `listen` (listeners, connection start-up);
+//! `conn` (handshake); `transmission` (reader, threads), `exec` (requests, replies) and
+//! `buffers` (payload memory), all on `connection` (a connection's shared state); `server`
+//! (export table); `session`, `export`, `ctl` (a connection's control block), `tls`; the
+//! leaves `watchdog`, `limits`, `proto`. Traits and options they share are in this file.
 
 mod buffers;
 pub mod client;
