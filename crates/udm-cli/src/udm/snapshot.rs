@@ -732,3 +732,45 @@ pub fn merge(
     )?;
     Ok(origin)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_built_from_the_types() {
+        let p: SnapshotParams = "253:0 253:1 PO 16".parse().unwrap();
+        let merge = SnapshotParams {
+            origin: "[interpose]vol".into(),
+            cow: "vol-snap-cow".into(),
+            ..p.clone()
+        };
+        assert_eq!(
+            whole_line(2048, "snapshot-merge", &merge),
+            "0 2048 snapshot-merge [interpose]vol vol-snap-cow PO 16"
+        );
+        assert_eq!(origin_line(2048, "vol"), "0 2048 snapshot-origin vol");
+        assert_eq!(origin_of("snapshot-origin", "253:0"), Some("253:0".into()));
+        assert_eq!(
+            origin_of("snapshot-merge", "253:0 253:1 P 8"),
+            Some("253:0".into())
+        );
+        assert_eq!(origin_of("linear", "253:0 0"), None);
+    }
+
+    #[test]
+    fn replies_udm_cannot_read_are_errors() {
+        let e = parse_reply::<SnapshotParams>("s", "table", "253:0 253:1 P x").unwrap_err();
+        assert!(matches!(e, CliError::Unexpected { .. }), "{e}");
+        assert!(e.to_string().contains("Invalid chunk size x"), "{e}");
+        let st: SnapshotStatus = parse_reply("s", "status", "24/2048 16").unwrap();
+        assert_eq!(
+            st,
+            SnapshotStatus::Usage {
+                allocated: 24,
+                total: 2048,
+                metadata: 16
+            }
+        );
+    }
+}
