@@ -6,7 +6,10 @@
 //! the CLI reads status through them without linking the data path.
 //!
 //! Only the syntax is checked here: what needs the devices (their sizes, block sizes, whether
-//! two paths name one device) stays with the constructors in udm-target.
+//! two paths name one device) stays with the constructors in udm-target, which parse a whole
+//! line before they open its devices: with several faults in one line, a syntax fault is
+//! reported before a device fault (striped's length checks still come before its
+//! destinations, as in the kernel: [`StripedParams::header`]).
 
 mod delay;
 mod flakey;
