@@ -3,13 +3,13 @@
 # (fio, libnbd-bin, nbdkit, qemu-utils; nbd-client, which the vmlab test copies into the guest),
 # filesystem tools for the FUSE/loop tests (e2fsprogs, fuse3, fdisk for sfdisk, util-linux for
 # losetup and setpriv), strace (FileDevice flush/FUA are checked against the fsync calls it sees)
-# and thin-provisioning-tools.
+# and thin-provisioning-tools; python3 runs scripts/check-import-loops.py.
 # Installs only what is missing; needs root (or sudo) for apt-get.
 set -euo pipefail
 want=(fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit qemu-io:qemu-utils
       qemu-storage-daemon:qemu-utils mkfs.ext4:e2fsprogs e2fsck:e2fsprogs fusermount3:fuse3
       sfdisk:fdisk losetup:mount setpriv:util-linux strace:strace era_check:thin-provisioning-tools jq:jq bc:bc openssl:openssl
-      nbd-client:nbd-client)
+      nbd-client:nbd-client python3:python3)
 missing=()
 for w in "${want[@]}"; do
   tool=${w%%:*}; pkg=${w##*:}

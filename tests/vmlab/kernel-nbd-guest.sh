@@ -10,7 +10,7 @@ echo "KERNEL $(uname -r)"
 echo "NBDCLIENT $(nbd-client -V 2>&1 | head -1)"
 ip link set lo up || fail "loopback up"
 export UDM_RUNTIME_DIR=/run/udm UDM_STATE_DIR=/tmp/udm-state
-SECTORS=131072 # 64 MiB
+SECTORS=262144 # 128 MiB
 truncate -s $((SECTORS * 512)) /tmp/disk.img
 if [ "$MODE" = tls ]; then
   udmd --nbd-listen 127.0.0.1:10809 --tls-creds /tmp/pki/server --tls-verify-peer > /tmp/udmd.log 2>&1 &
@@ -52,8 +52,17 @@ run sync
 echo "FSTRIM $(fstrim -v /mnt 2>&1)"
 run sync
 echo "ALLOC_TRIMMED $(du -k /tmp/disk.img | cut -f1)"
-(cd /mnt && md5sum big dir/*) > /tmp/sums
-run umount /mnt
+# The live phase (live-phase.sh, sourced above): writer, interposer, frozen snapshot; the
+# snapshot reaches the kernel through a second NBD device over the Unix socket. It ends with
+# /mnt unmounted, e2fsck clean and /tmp/sums listing every file.
+snap_attach() {
+  run udmsetup export add "$1" --nbd --read-only >/dev/null
+  run nbd-client -u /run/udm/nbd.sock /dev/nbd2 -N "$1"
+  SDEV=/dev/nbd2
+  echo "SNAP_EXPORT nbd:$1 RO=$(cat /sys/block/nbd2/ro)"
+}
+snap_detach() { run nbd-client -d /dev/nbd2; run udmsetup export remove "$1" >/dev/null; }
+live_phase vol /dev/nbd0 /mnt $SECTORS
 # Read before disconnecting (the counters go with the device): field 12 is discards completed,
 # field 16 flushes completed (Documentation/block/stat.rst).
 set -- $(cat /sys/block/nbd0/stat)

@@ -2,7 +2,8 @@
 # The kernel's own NBD client against udmd: boots a real kernel under QEMU (run.sh) with udmd,
 # udmsetup and Debian's nbd-client inside; nbd-client connects /dev/nbd0 to udmd over TCP on
 # 127.0.0.1 with X.509 TLS (client certificate required), the guest makes an ext4 filesystem on
-# it, writes, trims and flushes, then reconnects over the Unix socket and checks it (see
+# it, writes, trims and flushes, goes through the live phase (live-phase.sh: interposer and
+# frozen snapshot under a writer), then reconnects over the Unix socket and checks it (see
 # kernel-nbd-guest.sh). Afterwards the host runs e2fsck -fn on the disk the guest copied out and
 # compares the files (debugfs) with the guest's checksums.
 # Usage: kernel-nbd.sh [tls|insecure]  (default tls). Needs root and what run.sh needs.
@@ -27,14 +28,14 @@ done
 if [ -n "${UDM_BIN_DIR:-}" ]; then
   T=$UDM_BIN_DIR
 else
-  (cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup)
+  (cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup --bin udm)
   T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 fi
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 # Stripped copies: the debug binaries are ~100 MiB, all of which would go into the initramfs.
 mkdir "$W/bin"
-for b in udmd udmsetup; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
+for b in udmd udmsetup udm; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
 # Certificates as crates/udm-testkit/src/pki.rs makes them (SAN localhost and 127.0.0.1).
 mkdir "$W/pki" && cd "$W/pki"
 ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
@@ -56,11 +57,11 @@ cd "$W"
            client/ca-cert.pem client/client-cert.pem client/client-key.pem; do
     echo "mkdir -p /tmp/pki/$(dirname $f); cat > /tmp/pki/$f <<'PEM'"; cat "pki/$f"; echo PEM
   done
-  cat "$HERE/kernel-nbd-guest.sh"
+  cat "$HERE/live-phase.sh" "$HERE/kernel-nbd-guest.sh"
 } > guest.sh
-truncate -s 64M disk.img
+truncate -s 128M disk.img
 rc=0
-out=$(VMLAB_BINS="$W/bin/udmd $W/bin/udmsetup nbd-client mkfs.ext4 e2fsck" \
+out=$(VMLAB_BINS="$W/bin/udmd $W/bin/udmsetup $W/bin/udm nbd-client mkfs.ext4 e2fsck" \
       VMLAB_TIMEOUT=${VMLAB_TIMEOUT:-900} "$RUN" guest.sh disk.img 2>&1) || rc=$?
 echo "$out"
 [ $rc = 0 ] && grep -q '^GUEST_DONE' <<<"$out" || { echo "kernel-nbd: FAIL in the guest (rc=$rc)"; exit 1; }
@@ -83,5 +84,11 @@ while read -r sum name; do
   [ "$got" = "$sum" ] || { echo "FAIL host copy of $name: $got != $sum"; fail=1; }
 done < <(sed -n 's/^SUM //p' <<<"$out")
 echo "OK host checksums of $(grep -c '^SUM ' <<<"$out") files"
+w=$(val WRITTEN)
+b=$(sed -n 's/.*before_snapshot=\([0-9]*\).*/\1/p' <<<"$w"); t=$(sed -n 's/.*total=\([0-9]*\).*/\1/p' <<<"$w")
+[ "${b:-0}" -gt 0 ] && [ "${t:-0}" -gt "${b:-0}" ] || { echo "FAIL the writer did not run across the snapshot: $w"; fail=1; }
+redirected=$(sed -n 's/^REDIRECTED_[0-9] //p' <<<"$out" | awk '{ s += $1 } END { print s + 0 }')
+[ "$redirected" -gt 0 ] || { echo "FAIL no writer I/O went through the interposer"; fail=1; }
+[ "$(val SNAP_EXPORT | sed 's/.*RO=//')" = 1 ] || { echo "FAIL the snapshot export is not read-only"; fail=1; }
 if [ $fail -ne 0 ]; then echo "kernel-nbd: FAIL"; exit 1; fi
 echo "kernel-nbd: all passed ($MODE)"

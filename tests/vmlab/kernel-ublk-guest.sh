@@ -74,51 +74,14 @@ run mount -t ext4 "$DEV" /mnt
 (cd /mnt && md5sum -c /tmp/sums > /tmp/sums.out 2>&1) || { cat /tmp/sums.out; fail "checksums after remount"; }
 echo "SUMS_REMOUNT ok"
 
-# 2. A writer on the mounted filesystem while an interposer comes and goes and a live snapshot
-#    is taken with the filesystem frozen. File wN holds 64 KiB of "N" lines; /tmp/written lists
-#    the files whose write returned.
-mkdir /mnt/live
-( i=0; while [ ! -e /tmp/stop ]; do i=$((i + 1)); yes $i | head -c 65536 > /mnt/live/w$i && echo $i >> /tmp/written; [ $((i % 25)) = 0 ] && sync; done ) &
-WRITER=$!
-sleep 1
-for c in 1 2 3; do
-  run udmsetup create trace --interpose --table "0 $SECTORS delay vol 0 2"
-  sleep 1
-  echo "REDIRECTED_$c $(udmsetup info trace | awk '/^Redirected:/ {print $2}')"
-  run udmsetup remove trace
-done
-before=$(wc -l < /tmp/written)
-run udm snapshot take vol --cow /tmp/vol.cow --size 64M --store P --name vsnap --freeze /mnt
-sleep 1
-touch /tmp/stop; wait $WRITER
-echo "WRITTEN before_snapshot=$before total=$(wc -l < /tmp/written)"
-run sync
-# The snapshot through a second ublk device, read-only.
-out=$(timeout 60 udmsetup export add vsnap --ublk --read-only) || fail "export add vsnap: $out"
-SDEV=$(echo "$out" | awk '{print $2}')
-echo "SNAP_EXPORT $out RO=$(cat /sys/block/${SDEV#/dev/}/ro)"
-timeout 120 e2fsck -fn "$SDEV" > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck of the snapshot"; }
-echo "FSCK_SNAPSHOT ok"
-run mount -t ext4 -o ro,noload "$SDEV" /snap
-n=0
-for i in $(seq "$before"); do
-  [ "$(yes $i | head -c 65536 | md5sum | cut -d' ' -f1)" = "$(md5sum < /snap/live/w$i | cut -d' ' -f1)" ] \
-    || fail "snapshot file w$i differs from what was written before the snapshot"
-  n=$((n + 1))
-done
-(cd /snap && md5sum -c /tmp/sums > /tmp/sums.out 2>&1) || { cat /tmp/sums.out; fail "snapshot checksums"; }
-echo "SNAPSHOT_FILES ok $n"
-run umount /snap
-run udmsetup export remove vsnap >/dev/null
-run udm snapshot drop vsnap
-for i in $(cat /tmp/written); do
-  [ "$(yes $i | head -c 65536 | md5sum | cut -d' ' -f1)" = "$(md5sum < /mnt/live/w$i | cut -d' ' -f1)" ] \
-    || fail "live file w$i differs"
-done
-(cd /mnt && md5sum big dir/* live/*) > /tmp/sums
-run umount /mnt
-timeout 120 e2fsck -fn "$DEV" > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck after the live phase"; }
-echo "FSCK_LIVE ok $(wc -l < /tmp/sums) files"
+# 2. The live phase (live-phase.sh, sourced above): writer, interposer, frozen snapshot.
+snap_attach() {
+  out=$(timeout 60 udmsetup export add "$1" --ublk --read-only) || fail "export add $1: $out"
+  SDEV=$(echo "$out" | awk '{print $2}')
+  echo "SNAP_EXPORT $out RO=$(cat /sys/block/${SDEV#/dev/}/ro)"
+}
+snap_detach() { run udmsetup export remove "$1" >/dev/null; }
+live_phase vol "$DEV" /mnt $SECTORS
 
 # 3. The ends of the device's life.
 udmsetup export list

@@ -31,7 +31,7 @@ trap 'rm -rf "$W"' EXIT
 # Stripped copies: the debug binaries are ~100 MiB, all of which would go into the initramfs.
 mkdir "$W/bin"
 for b in udmd udmsetup udm; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
-cp "$HERE/kernel-ublk-guest.sh" "$W/guest.sh"
+cat "$HERE/live-phase.sh" "$HERE/kernel-ublk-guest.sh" > "$W/guest.sh"
 rc=0
 out=$(cd "$W" && VMLAB_KERNEL=6.12 VMLAB_BINS="$W/bin/udmd $W/bin/udmsetup $W/bin/udm mkfs.ext4 e2fsck" \
       VMLAB_TIMEOUT=${VMLAB_TIMEOUT:-900} "$RUN" guest.sh 2>&1) || rc=$?

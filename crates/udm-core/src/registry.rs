@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use udm_io::backend::open::{open_backend, Engine, OpenOptions};
 use udm_io::BlockDevice;
-use udm_target::registry::TargetRegistry;
+use udm_target::catalog::TargetCatalog;
 /// Lines of `table` and `status` (one line type for parser, daemon, protocol and CLI).
 pub use udm_target::table::TableLine;
 use udm_target::table::{Table, TableContext, TableSpec};
@@ -326,7 +326,7 @@ pub struct Registry {
     /// bounded), for benchmarks and tests.
     stalls: Mutex<std::collections::VecDeque<Duration>>,
     inner: Mutex<Inner>,
-    targets: TargetRegistry,
+    targets: TargetCatalog,
     env: Arc<TargetEnv>,
 }
 
@@ -504,7 +504,7 @@ impl Registry {
         Registry {
             stalls: Mutex::new(std::collections::VecDeque::new()),
             inner: Mutex::new(Inner::default()),
-            targets: TargetRegistry::with_builtins(),
+            targets: TargetCatalog::with_builtins(),
             env: Arc::new(TargetEnv::default()),
         }
     }

@@ -52,6 +52,17 @@ fn parse_table(text: &str) -> Result<TableSpec, ErrorReply> {
 }
 
 impl Daemon {
+    /// Retries unavailable devices (all, or `name`) and then pending exports. Returns what
+    /// came back; with `name`, ENODEV when that device is still unavailable. The caller holds
+    /// the change lock and records the state afterwards.
+    pub fn retry(&self, name: Option<&str>) -> Result<Vec<String>, CoreError> {
+        let r = self.registry.retry_unavailable(name);
+        let exports = self.exports.retry_pending();
+        let mut back = r?;
+        back.extend(exports);
+        Ok(back)
+    }
+
     /// Records the current configuration.
     pub fn save(&self) -> anyhow::Result<()> {
         let st = DaemonState {
@@ -230,11 +241,11 @@ impl Daemon {
                     )
                     .map_err(err)?;
                 // A disk that was unavailable may be back: start its dependents' exports.
-                crate::restore::retry_exports(&self.exports);
+                self.exports.retry_pending();
                 Ok(Response::Disks(vec![disk_record(d)]))
             }
             Request::DiskRetry { name } => {
-                crate::restore::retry(self, name.as_deref()).map_err(err)?;
+                self.retry(name.as_deref()).map_err(err)?;
                 Ok(Response::Disks(
                     reg.disks().into_iter().map(disk_record).collect(),
                 ))

@@ -9,7 +9,7 @@
 
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_core::{CoreError, Registry};
 use udm_export::fuse::FuseExports;
@@ -50,7 +50,7 @@ pub struct Exports {
     fuse: FuseExports,
     entries: Mutex<Vec<Entry>>,
     /// Recorded exports that cannot be served now (their device is unavailable).
-    pub pending: crate::restore::PendingExports,
+    pub pending: PendingExports,
     /// Ids taken out of `entries` whose clients are still being disconnected.
     removing: Mutex<BTreeSet<String>>,
 }
@@ -379,5 +379,119 @@ impl Exports {
                 }
             }
         }
+    }
+
+    /// Starts the pending exports whose device can be served now; returns their ids.
+    pub fn retry_pending(&self) -> Vec<String> {
+        let mut back = Vec::new();
+        for mut p in self.pending.drain() {
+            match self.add(&p.device, &p.kind, p.read_only) {
+                Ok(id) => {
+                    tracing::info!(export = %id, "pending export is served again");
+                    back.push(id);
+                }
+                Err(e) => {
+                    p.reason = e.to_string();
+                    self.pending.keep(p);
+                }
+            }
+        }
+        back
+    }
+}
+
+/// A recorded export that is not served now.
+#[derive(Clone, Debug)]
+pub struct PendingExport {
+    /// The exported device.
+    pub device: String,
+    /// How it is exported.
+    pub kind: ExportKind,
+    /// Read-only export.
+    pub read_only: bool,
+    /// Why it is not served.
+    pub reason: String,
+}
+
+/// Recorded exports waiting for their device.
+#[derive(Default)]
+pub struct PendingExports(Mutex<Vec<PendingExport>>);
+
+impl PendingExports {
+    /// True when an export with this id is pending.
+    pub fn contains(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .iter()
+            .any(|p| Exports::id_for(&p.device, &p.kind) == id)
+    }
+
+    /// Forgets the pending export `id` (`export remove`); false when there is none.
+    pub fn take(&self, id: &str) -> bool {
+        let mut v = self.0.lock();
+        let before = v.len();
+        v.retain(|p| Exports::id_for(&p.device, &p.kind) != id);
+        v.len() != before
+    }
+
+    /// True when nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+
+    /// What to record: (device, kind, read_only), as for served exports.
+    pub fn config(&self) -> Vec<(String, ExportKind, bool)> {
+        self.0
+            .lock()
+            .iter()
+            .map(|p| (p.device.clone(), p.kind.clone(), p.read_only))
+            .collect()
+    }
+
+    /// Listing records, with the reason.
+    pub fn records(&self, nbd_socket: &Path) -> Vec<ExportRecord> {
+        self.0
+            .lock()
+            .iter()
+            .map(|p| {
+                let (kind, location) = match &p.kind {
+                    ExportKind::Nbd { name, .. } => (
+                        "nbd",
+                        format!(
+                            "nbd+unix:///{}?socket={}",
+                            name.as_deref().unwrap_or(&p.device),
+                            nbd_socket.display()
+                        ),
+                    ),
+                    ExportKind::Fuse { dir } => ("fuse", dir.join(&p.device).display().to_string()),
+                    ExportKind::Ublk { .. } => ("ublk", String::new()),
+                    ExportKind::VhostUser { socket, .. } => {
+                        ("vhost-user", socket.display().to_string())
+                    }
+                };
+                ExportRecord {
+                    id: Exports::id_for(&p.device, &p.kind),
+                    device: p.device.clone(),
+                    kind: kind.into(),
+                    location,
+                    read_only: p.read_only,
+                    clients: 0,
+                    requests: 0,
+                    errors: 0,
+                    bytes_read: 0,
+                    bytes_written: 0,
+                    unavailable: Some(p.reason.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// Keeps `p` until its device can be served.
+    pub fn keep(&self, p: PendingExport) {
+        self.0.lock().push(p);
+    }
+
+    fn drain(&self) -> Vec<PendingExport> {
+        std::mem::take(&mut *self.0.lock())
     }
 }

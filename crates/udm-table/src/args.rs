@@ -69,6 +69,14 @@ pub fn kstrtouint(s: &str) -> Option<u32> {
     scan_u32(s.strip_prefix('+').unwrap_or(s))
 }
 
+/// A start sector argument (`Invalid device sector` otherwise), as linear, delay, flakey and
+/// error read it.
+pub fn sector(s: &str) -> Result<u64, ArgError> {
+    scan_u64(s).ok_or_else(|| ArgError {
+        msg: "Invalid device sector".into(),
+    })
+}
+
 /// The kernel's `struct dm_arg_set`: arguments consumed front to back.
 #[derive(Debug, Clone)]
 pub struct ArgSet<'a> {

@@ -1,6 +1,7 @@
 //! Table text without the data path: the dmsetup text format, the kernel's `dm-mod.create=`
-//! concise format and the kernel's argument helpers. udmd (through udm-target) and the CLI both
-//! parse with this crate, so they cannot disagree about what a table is.
+//! concise format, the kernel's argument helpers and every target's typed arguments and status
+//! ([`params`]). udmd (through udm-target) and the CLI both parse with this crate, so they
+//! cannot disagree about what a table or a status line is.
 //!
 //! Parsing follows dmsetup's `_parse_line` (text) and `_create_concise` (concise) and the
 //! kernel's `dm_split_args`; layout checks follow `drivers/md/dm-table.c`. Where the C code
@@ -8,6 +9,7 @@
 
 pub mod args;
 mod concise;
+pub mod params;
 mod text;
 
 pub use args::split_args;

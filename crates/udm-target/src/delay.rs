@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use udm_io::{Bio, BioKind, Extent, IoError};
 
-use crate::table::args;
+use crate::args::{self, DelayParams, DelayStatus, FromArgs};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `delay` target type.
@@ -26,8 +26,13 @@ struct DelayClass {
 }
 
 impl DelayClass {
-    fn table(&self) -> String {
-        format!("{} {} {}", self.dev.id, self.start, self.delay_ms)
+    /// The class as the table prints it (the device by number).
+    fn params(&self) -> args::DelayClass {
+        args::DelayClass {
+            dev: self.dev.id.to_string(),
+            offset: self.start,
+            delay_ms: self.delay_ms,
+        }
     }
 }
 
@@ -50,18 +55,14 @@ pub struct Delay {
     cv: Condvar,
 }
 
-fn class_ctr(ctx: &mut dyn CtorContext, argv: &[String]) -> Result<DelayClass, TargetError> {
-    let [path, offset, delay] = argv else {
-        return Err(TargetError::invalid("Requires exactly 3, 6 or 9 arguments"));
-    };
-    let start = args::sector(offset)?;
-    let delay_ms = args::scan_u32(delay).ok_or_else(|| TargetError::invalid("Invalid delay"))?;
-    let dev = args::get_device(ctx, path)?;
-    dev.check_area(start, ctx.len())?;
+/// Opens the device of one class (once per class, shared classes included, as the kernel).
+fn class_ctr(ctx: &mut dyn CtorContext, c: &args::DelayClass) -> Result<DelayClass, TargetError> {
+    let dev = args::get_device(ctx, &c.dev)?;
+    dev.check_area(c.offset, ctx.len())?;
     Ok(DelayClass {
         dev,
-        start,
-        delay_ms,
+        start: c.offset,
+        delay_ms: c.delay_ms,
     })
 }
 
@@ -79,19 +80,16 @@ impl TargetType for DelayType {
         ctx: &mut dyn CtorContext,
         argv: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        let argc = argv.len();
-        if argc != 3 && argc != 6 && argc != 9 {
-            return Err(TargetError::invalid("Requires exactly 3, 6 or 9 arguments"));
-        }
-        let read = class_ctr(ctx, &argv[0..3])?;
-        let (write, flush) = match argc {
-            3 => (class_ctr(ctx, &argv[0..3])?, class_ctr(ctx, &argv[0..3])?),
-            6 => (class_ctr(ctx, &argv[3..6])?, class_ctr(ctx, &argv[3..6])?),
-            _ => (class_ctr(ctx, &argv[3..6])?, class_ctr(ctx, &argv[6..9])?),
-        };
+        let p = DelayParams::from_args(argv)?;
+        let [read, write, flush] = p.classes();
+        let classes = [
+            class_ctr(ctx, read)?,
+            class_ctr(ctx, write)?,
+            class_ctr(ctx, flush)?,
+        ];
         Ok(Box::new(Delay {
-            classes: [read, write, flush],
-            argc,
+            classes,
+            argc: argv.len(),
             state: Mutex::new(HoldState {
                 may_delay: true,
                 ..HoldState::default()
@@ -144,21 +142,16 @@ impl Target for Delay {
     }
 
     fn table_params(&self) -> String {
-        let mut s = self.classes[0].table();
-        if self.argc >= 6 {
-            s.push(' ');
-            s.push_str(&self.classes[1].table());
+        DelayParams {
+            read: self.classes[0].params(),
+            write: (self.argc >= 6).then(|| self.classes[1].params()),
+            flush: (self.argc >= 9).then(|| self.classes[2].params()),
         }
-        if self.argc >= 9 {
-            s.push(' ');
-            s.push_str(&self.classes[2].table());
-        }
-        s
+        .to_string()
     }
 
     fn status(&self) -> String {
-        let h = self.held();
-        format!("{} {} {}", h[0], h[1], h[2])
+        DelayStatus { held: self.held() }.to_string()
     }
 
     fn caps(&self) -> TargetCaps {

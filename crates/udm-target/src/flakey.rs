@@ -14,11 +14,9 @@ use rand::Rng;
 use udm_io::{Bio, BioFlags, BioKind, BioOp, Extent, IoError};
 use udm_types::Errno;
 
-use crate::table::args::{self, ArgSet};
+use crate::args::{self, FlakeyParams, FromArgs};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
-
-/// Random corruption probabilities are out of this (`PROBABILITY_BASE`).
-pub const PROBABILITY_BASE: u32 = 1_000_000_000;
+pub use udm_table::params::{CorruptByte, Direction, FlakeyFeatures, PROBABILITY_BASE};
 
 /// `REQ_FUA` in the kernel's `bi_opf`, for the `corrupt_bio_byte` flags mask.
 pub const REQ_FUA: u32 = 1 << 17;
@@ -29,231 +27,6 @@ pub const REQ_PREFLUSH: u32 = 1 << 18;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FlakeyType;
 
-/// Direction of `corrupt_bio_byte`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Corrupt data returned by reads.
-    Read,
-    /// Corrupt data written.
-    Write,
-}
-
-/// `corrupt_bio_byte <N> <r|w> <value> <flags>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CorruptByte {
-    /// 1-based byte of the request data to overwrite.
-    pub byte: u32,
-    /// Reads or writes.
-    pub dir: Direction,
-    /// Value written into that byte.
-    pub value: u8,
-    /// Only requests whose `bi_opf` has all these bits are corrupted (0 = all).
-    pub flags: u32,
-}
-
-/// Parsed flakey features.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Features {
-    /// Reads fail with EIO while down.
-    pub error_reads: bool,
-    /// Writes complete without being written while down.
-    pub drop_writes: bool,
-    /// Writes fail with EIO while down.
-    pub error_writes: bool,
-    /// Fixed byte corruption while down.
-    pub corrupt: Option<CorruptByte>,
-    /// Probability (out of 1e9) of corrupting one random byte of a read while down.
-    pub random_read_corrupt: u32,
-    /// Probability (out of 1e9) of corrupting one random byte of a write while down.
-    pub random_write_corrupt: u32,
-}
-
-impl Features {
-    /// The kernel's `parse_features`.
-    fn parse(a: &mut ArgSet<'_>) -> Result<Features, TargetError> {
-        let mut f = Features::default();
-        let mut argc = 0;
-        if a.remaining() > 0 {
-            argc = a.read_arg_group(0, 11, "Invalid number of feature args")?;
-        }
-        let dup = |n: &str| TargetError::invalid(format!("Feature {n} duplicated"));
-        while argc > 0 {
-            let name = a
-                .shift()
-                .ok_or_else(|| TargetError::invalid("Insufficient feature arguments"))?;
-            argc -= 1;
-            match name.to_ascii_lowercase().as_str() {
-                "error_reads" => {
-                    if f.error_reads {
-                        return Err(dup("error_reads"));
-                    }
-                    f.error_reads = true;
-                }
-                "drop_writes" => {
-                    if f.drop_writes {
-                        return Err(dup("drop_writes"));
-                    }
-                    f.drop_writes = true;
-                    if f.error_writes {
-                        return Err(TargetError::invalid(
-                            "Feature drop_writes conflicts with feature error_writes",
-                        ));
-                    }
-                }
-                "error_writes" => {
-                    if f.error_writes {
-                        return Err(dup("error_writes"));
-                    }
-                    f.error_writes = true;
-                    if f.drop_writes {
-                        return Err(TargetError::invalid(
-                            "Feature error_writes conflicts with feature drop_writes",
-                        ));
-                    }
-                }
-                "corrupt_bio_byte" => {
-                    if f.corrupt.is_some() {
-                        return Err(dup("corrupt_bio_byte"));
-                    }
-                    if argc < 4 {
-                        return Err(TargetError::invalid(
-                            "Feature corrupt_bio_byte requires 4 parameters",
-                        ));
-                    }
-                    let byte = a.read_arg(1, u32::MAX, "Invalid corrupt bio byte")?;
-                    argc -= 1;
-                    let dir = match a.shift().map(str::to_ascii_lowercase).as_deref() {
-                        Some("w") => Direction::Write,
-                        Some("r") => Direction::Read,
-                        _ => {
-                            return Err(TargetError::invalid(
-                                "Invalid corrupt bio direction (r or w)",
-                            ))
-                        }
-                    };
-                    argc -= 1;
-                    let value = a.read_arg(
-                        0,
-                        255,
-                        "Invalid corrupt value to write into bio byte (0-255)",
-                    )?;
-                    argc -= 1;
-                    let flags = a.read_arg(0, u32::MAX, "Invalid corrupt bio flags mask")?;
-                    argc -= 1;
-                    f.corrupt = Some(CorruptByte {
-                        byte,
-                        dir,
-                        value: u8::try_from(value).unwrap_or(u8::MAX),
-                        flags,
-                    });
-                }
-                "random_read_corrupt" | "random_write_corrupt" => {
-                    let read = name.eq_ignore_ascii_case("random_read_corrupt");
-                    let cur = if read {
-                        f.random_read_corrupt
-                    } else {
-                        f.random_write_corrupt
-                    };
-                    let n = if read {
-                        "random_read_corrupt"
-                    } else {
-                        "random_write_corrupt"
-                    };
-                    if cur != 0 {
-                        return Err(dup(n));
-                    }
-                    if argc == 0 {
-                        return Err(TargetError::invalid(format!(
-                            "Feature {n} requires a parameter"
-                        )));
-                    }
-                    let p = a.read_arg(0, PROBABILITY_BASE, "Invalid random corrupt argument")?;
-                    argc -= 1;
-                    if read {
-                        f.random_read_corrupt = p;
-                    } else {
-                        f.random_write_corrupt = p;
-                    }
-                }
-                _ => {
-                    return Err(TargetError::invalid(
-                        "Unrecognised flakey feature requested",
-                    ))
-                }
-            }
-        }
-        let corrupt_dir = |d: Direction| f.corrupt.is_some_and(|c| c.dir == d);
-        if f.drop_writes && (corrupt_dir(Direction::Write) || f.random_write_corrupt != 0) {
-            return Err(TargetError::invalid(
-                "drop_writes is incompatible with random_write_corrupt or corrupt_bio_byte \
-                 with the WRITE flag set",
-            ));
-        }
-        if f.error_writes && (corrupt_dir(Direction::Write) || f.random_write_corrupt != 0) {
-            return Err(TargetError::invalid(
-                "error_writes is incompatible with random_write_corrupt or corrupt_bio_byte \
-                 with the WRITE flag set",
-            ));
-        }
-        if f.error_reads && (corrupt_dir(Direction::Read) || f.random_read_corrupt != 0) {
-            return Err(TargetError::invalid(
-                "error_reads is incompatible with random_read_corrupt or corrupt_bio_byte \
-                 with the READ flag set",
-            ));
-        }
-        if f.corrupt.is_none()
-            && !f.error_reads
-            && !f.drop_writes
-            && !f.error_writes
-            && f.random_read_corrupt == 0
-            && f.random_write_corrupt == 0
-        {
-            f.error_reads = true;
-            f.error_writes = true;
-        }
-        Ok(f)
-    }
-
-    /// Feature arguments as the table prints them, count first.
-    fn table(&self) -> String {
-        let count = u32::from(self.error_reads)
-            + u32::from(self.drop_writes)
-            + u32::from(self.error_writes)
-            + if self.corrupt.is_some() { 5 } else { 0 }
-            + if self.random_read_corrupt > 0 { 2 } else { 0 }
-            + if self.random_write_corrupt > 0 { 2 } else { 0 };
-        let mut s = count.to_string();
-        if self.error_reads {
-            s.push_str(" error_reads");
-        }
-        if self.drop_writes {
-            s.push_str(" drop_writes");
-        } else if self.error_writes {
-            s.push_str(" error_writes");
-        }
-        if let Some(c) = self.corrupt {
-            let d = if c.dir == Direction::Write { 'w' } else { 'r' };
-            s.push_str(&format!(
-                " corrupt_bio_byte {} {d} {} {}",
-                c.byte, c.value, c.flags
-            ));
-        }
-        if self.random_read_corrupt > 0 {
-            s.push_str(&format!(
-                " random_read_corrupt {}",
-                self.random_read_corrupt
-            ));
-        }
-        if self.random_write_corrupt > 0 {
-            s.push_str(&format!(
-                " random_write_corrupt {}",
-                self.random_write_corrupt
-            ));
-        }
-        s
-    }
-}
-
 /// A flakey target instance.
 #[derive(Debug)]
 pub struct Flakey {
@@ -261,7 +34,7 @@ pub struct Flakey {
     start: u64,
     up: u32,
     down: u32,
-    features: Features,
+    features: FlakeyFeatures,
     start_time: Instant,
 }
 
@@ -279,32 +52,16 @@ impl TargetType for FlakeyType {
         ctx: &mut dyn CtorContext,
         argv: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if argv.len() < 4 {
-            return Err(TargetError::invalid("Invalid argument count"));
-        }
         let start_time = Instant::now();
-        let mut a = ArgSet::new(argv);
-        let path = a.shift().unwrap_or_default();
-        let start = args::sector(a.shift().unwrap_or_default())?;
-        let up = a.read_arg(0, u32::MAX, "Invalid up interval")?;
-        let down = a.read_arg(0, u32::MAX, "Invalid down interval")?;
-        // In this order, as the kernel's u32 arithmetic gives: a sum wrapping to exactly 0
-        // reports a zero interval.
-        if up.wrapping_add(down) == 0 {
-            return Err(TargetError::invalid("Total (up + down) interval is zero"));
-        }
-        if up.checked_add(down).is_none() {
-            return Err(TargetError::invalid("Interval overflow"));
-        }
-        let features = Features::parse(&mut a)?;
-        let dev = args::get_device(ctx, path)?;
-        dev.check_area(start, ctx.len())?;
+        let p = FlakeyParams::from_args(argv)?;
+        let dev = args::get_device(ctx, &p.dev)?;
+        dev.check_area(p.offset, ctx.len())?;
         Ok(Box::new(Flakey {
             dev,
-            start,
-            up,
-            down,
-            features,
+            start: p.offset,
+            up: p.up,
+            down: p.down,
+            features: p.features,
             start_time,
         }))
     }
@@ -350,7 +107,7 @@ fn corrupt_random(buf: &mut [u8]) {
 
 impl Flakey {
     /// The features in force during the down period.
-    pub fn features(&self) -> Features {
+    pub fn features(&self) -> FlakeyFeatures {
         self.features
     }
 
@@ -445,14 +202,14 @@ impl Target for Flakey {
     }
 
     fn table_params(&self) -> String {
-        format!(
-            "{} {} {} {} {}",
-            self.dev.id,
-            self.start,
-            self.up,
-            self.down,
-            self.features.table()
-        )
+        FlakeyParams {
+            dev: self.dev.id.to_string(),
+            offset: self.start,
+            up: self.up,
+            down: self.down,
+            features: self.features,
+        }
+        .to_string()
     }
 
     fn caps(&self) -> TargetCaps {

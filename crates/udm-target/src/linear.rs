@@ -2,7 +2,7 @@
 
 use udm_io::{Bio, Extent, IoError};
 
-use crate::table::args;
+use crate::args::{self, FromArgs, LinearParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `linear` target type.
@@ -42,13 +42,13 @@ impl TargetType for LinearType {
         ctx: &mut dyn CtorContext,
         argv: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        let [path, offset] = argv else {
-            return Err(TargetError::invalid("Invalid argument count"));
-        };
-        let start = args::sector(offset)?;
-        let dev = args::get_device(ctx, path)?;
-        dev.check_area(start, ctx.len())?;
-        Ok(Box::new(Linear { dev, start }))
+        let p = LinearParams::from_args(argv)?;
+        let dev = args::get_device(ctx, &p.dev)?;
+        dev.check_area(p.offset, ctx.len())?;
+        Ok(Box::new(Linear {
+            dev,
+            start: p.offset,
+        }))
     }
 }
 
@@ -62,7 +62,11 @@ impl Target for Linear {
     }
 
     fn table_params(&self) -> String {
-        format!("{} {}", self.dev.id, self.start)
+        LinearParams {
+            dev: self.dev.id.to_string(),
+            offset: self.start,
+        }
+        .to_string()
     }
 
     fn caps(&self) -> TargetCaps {

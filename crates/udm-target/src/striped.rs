@@ -7,7 +7,7 @@ use udm_io::{Bio, BioKind, BioOp, Extent, ExtentKind, IoError};
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-use crate::table::args;
+use crate::args::{self, FromArgs, StripeDest, StripeHealth, StripedParams, StripedStatus};
 use crate::target::{CtorContext, DevRef, EventSink, Target, TargetCaps, TargetError, TargetType};
 
 /// Errors on one stripe raise an event only while its count stays below this
@@ -47,15 +47,8 @@ impl TargetType for StripedType {
         ctx: &mut dyn CtorContext,
         argv: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if argv.len() < 2 {
-            return Err(TargetError::invalid("Not enough arguments"));
-        }
-        let stripes = args::kstrtouint(&argv[0])
-            .filter(|s| *s > 0)
-            .ok_or_else(|| TargetError::invalid("Invalid stripe count"))?;
-        let chunk = args::kstrtouint(&argv[1])
-            .filter(|c| *c > 0)
-            .ok_or_else(|| TargetError::invalid("Invalid chunk_size"))?;
+        // The length checks come before the destinations are read, as in the kernel.
+        let (stripes, chunk) = StripedParams::header(argv)?;
         let (stripes, chunk) = (u64::from(stripes), u64::from(chunk));
         let len = ctx.len();
         if len % stripes != 0 {
@@ -69,18 +62,14 @@ impl TargetType for StripedType {
                 "Target length not divisible by chunk size",
             ));
         }
-        if argv.len() as u64 != 2 + 2 * stripes {
-            return Err(TargetError::invalid("Not enough destinations specified"));
-        }
-        let mut out = Vec::with_capacity(stripes as usize);
-        for pair in argv[2..].chunks_exact(2) {
-            let bad = || TargetError::invalid("Couldn't parse stripe destination");
-            let start = args::scan_u64(&pair[1]).ok_or_else(bad)?;
-            let dev = args::get_device_as(ctx, &pair[0], "Couldn't parse stripe destination")?;
-            dev.check_area(start, width)?;
+        let p = StripedParams::from_args(argv)?;
+        let mut out = Vec::with_capacity(p.stripes.len());
+        for d in &p.stripes {
+            let dev = args::get_device_as(ctx, &d.dev, "Couldn't parse stripe destination")?;
+            dev.check_area(d.offset, width)?;
             out.push(Stripe {
                 dev,
-                physical_start: start,
+                physical_start: d.offset,
                 error_count: AtomicU32::new(0),
             });
         }
@@ -202,27 +191,32 @@ impl Target for Striped {
     }
 
     fn table_params(&self) -> String {
-        let mut s = format!("{} {}", self.stripes.len(), self.chunk);
-        for st in &self.stripes {
-            s.push_str(&format!(" {} {}", st.dev.id, st.physical_start));
+        StripedParams {
+            chunk_sectors: self.chunk,
+            stripes: self
+                .stripes
+                .iter()
+                .map(|st| StripeDest {
+                    dev: st.dev.id.to_string(),
+                    offset: st.physical_start,
+                })
+                .collect(),
         }
-        s
+        .to_string()
     }
 
     fn status(&self) -> String {
-        let mut s = format!("{} ", self.stripes.len());
-        for st in &self.stripes {
-            s.push_str(&format!("{} ", st.dev.id));
+        StripedStatus {
+            stripes: self
+                .stripes
+                .iter()
+                .map(|st| StripeHealth {
+                    dev: st.dev.id.to_string(),
+                    alive: st.error_count.load(Ordering::Relaxed) == 0,
+                })
+                .collect(),
         }
-        s.push_str("1 ");
-        for st in &self.stripes {
-            s.push(if st.error_count.load(Ordering::Relaxed) > 0 {
-                'D'
-            } else {
-                'A'
-            });
-        }
-        s
+        .to_string()
     }
 
     fn max_io_len(&self) -> u64 {

@@ -11,49 +11,13 @@ use std::sync::Arc;
 use udm_io::{Bio, BioFlags, BioKind, BioOp, Extent, ExtentKind, IoError, Limits};
 use udm_types::SECTOR_SIZE;
 
-use crate::registry::TargetRegistry;
+use crate::catalog::TargetCatalog;
 use crate::target::{CtorContext, DevRef, EventSink, Target, TargetEnv, TargetError};
 pub use udm_table::{
     check_adjoin, check_count, check_extent, fuzz_parse, is_c_space, split_args, ConciseDevice,
     TableError, TableLine, TableSpec, DM_MAX_TARGETS, DM_MAX_TYPE_NAME, MAX_MINOR,
     MAX_TABLE_SECTORS,
 };
-
-/// Argument helpers: the kernel's parsing rules from udm-table, plus the device lookups that
-/// need a constructor context.
-pub mod args {
-    pub use udm_table::args::*;
-
-    use crate::target::{CtorContext, DevRef, TargetError};
-
-    impl From<ArgError> for TargetError {
-        fn from(e: ArgError) -> Self {
-            TargetError::invalid(e.msg)
-        }
-    }
-
-    /// `dm_get_device` with the kernel's `Device lookup failed` message, keeping the cause
-    /// (and its errno: EBUSY for an exported device, ENOENT for an unknown one...).
-    pub fn get_device(ctx: &mut dyn CtorContext, path: &str) -> Result<DevRef, TargetError> {
-        get_device_as(ctx, path, "Device lookup failed")
-    }
-
-    /// `dm_get_device` failing with `what` followed by the cause.
-    pub fn get_device_as(
-        ctx: &mut dyn CtorContext,
-        path: &str,
-        what: &str,
-    ) -> Result<DevRef, TargetError> {
-        ctx.get_device(path)
-            .map_err(|e| TargetError::new(e.errno, format!("{what}: {}", e.msg)))
-    }
-
-    /// A start sector argument (`Invalid device sector` otherwise), as linear, delay and
-    /// flakey read it.
-    pub fn sector(s: &str) -> Result<u64, TargetError> {
-        scan_u64(s).ok_or_else(|| TargetError::invalid("Invalid device sector"))
-    }
-}
 
 /// What the core provides while a whole table is constructed; [`Table::build`] adapts it into
 /// one [`CtorContext`] per line.
@@ -131,12 +95,12 @@ pub struct Table {
 }
 
 impl Table {
-    /// Constructs every line of `spec` with the targets of `registry`, in the kernel's order
+    /// Constructs every line of `spec` with the targets of `catalog`, in the kernel's order
     /// of checks (zero length, size, target type, contiguity, constructor), then validates the
     /// logical block alignment of target boundaries against the stacked limits.
     pub fn build(
         spec: &TableSpec,
-        registry: &TargetRegistry,
+        catalog: &TargetCatalog,
         ctx: &mut dyn TableContext,
     ) -> Result<Table, TableError> {
         check_count(spec.lines.len())?;
@@ -146,7 +110,7 @@ impl Table {
         for (i, l) in spec.lines.iter().enumerate() {
             let line = i + 1;
             let end = check_extent(line, l.start, l.len)?;
-            let ty = registry.get(&l.target_type).ok_or_else(|| {
+            let ty = catalog.get(&l.target_type).ok_or_else(|| {
                 TableError::invalid(
                     Some(line),
                     format!("{}: unknown target type", l.target_type),

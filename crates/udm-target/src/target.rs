@@ -1,6 +1,6 @@
 //! The contract between the mapped-device core and a target.
 //!
-//! The core parses a table line, asks the registry for the [`TargetType`] by name and calls
+//! The core parses a table line, asks the catalog for the [`TargetType`] by name and calls
 //! [`TargetType::construct`] with a [`CtorContext`] that opens devices (handling claims and the
 //! `[interpose]` prefix) and then sends every request that falls into the target to
 //! [`Target::map`], already split at the target's boundaries and at [`Target::max_io_len`], with

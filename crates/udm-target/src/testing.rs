@@ -13,7 +13,7 @@ use udm_io::device::check_range;
 use udm_io::{Bio, BioOp, BlockDevice, Extent, ExtentKind, IoError, Limits};
 use udm_types::{DevId, Errno, SECTOR_SIZE};
 
-use crate::registry::TargetRegistry;
+use crate::catalog::TargetCatalog;
 use crate::table::{Table, TableContext, TableError, TableSpec};
 use crate::target::{DevRef, EventSink, TargetEnv, TargetError};
 
@@ -126,17 +126,13 @@ impl TestContext {
 
     /// Parses `text` and builds it with the built-in targets.
     pub fn build(&mut self, text: &str) -> Result<Table, TableError> {
-        self.build_with(text, &TargetRegistry::with_builtins())
+        self.build_with(text, &TargetCatalog::with_builtins())
     }
 
-    /// Parses `text` and builds it with `registry`.
-    pub fn build_with(
-        &mut self,
-        text: &str,
-        registry: &TargetRegistry,
-    ) -> Result<Table, TableError> {
+    /// Parses `text` and builds it with the types of `catalog`.
+    pub fn build_with(&mut self, text: &str, catalog: &TargetCatalog) -> Result<Table, TableError> {
         let spec = TableSpec::parse(text)?;
-        Table::build(&spec, registry, self)
+        Table::build(&spec, catalog, self)
     }
 
     fn resolve(&self, path: &str) -> Result<DevRef, TargetError> {

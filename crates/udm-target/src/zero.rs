@@ -2,6 +2,7 @@
 
 use udm_io::{Bio, BioOp, Extent, ExtentKind, IoError};
 
+use crate::args::{FromArgs, ZeroParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `zero` target type.
@@ -26,9 +27,7 @@ impl TargetType for ZeroType {
         _ctx: &mut dyn CtorContext,
         argv: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if !argv.is_empty() {
-            return Err(TargetError::invalid("No arguments required"));
-        }
+        ZeroParams::from_args(argv)?;
         Ok(Box::new(Zero))
     }
 }
@@ -50,7 +49,7 @@ impl Target for Zero {
     }
 
     fn table_params(&self) -> String {
-        String::new()
+        ZeroParams.to_string()
     }
 
     fn caps(&self) -> TargetCaps {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use udm_io::backend::mem::{Fault, MemDevice};
 use udm_io::{Bio, BioFlags, BioKind, Extent, ExtentKind, IoError, Limits};
-use udm_target::registry::TargetRegistry;
+use udm_target::catalog::TargetCatalog;
 use udm_target::table::{Table, TableSpec};
 use udm_target::testing::TestContext;
 use udm_target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
@@ -139,7 +139,7 @@ impl Target for Spy {
 
 fn spy_table(text: &str) -> (Table, Arc<Log>) {
     let log = Arc::new(Log::default());
-    let mut reg = TargetRegistry::with_builtins();
+    let mut reg = TargetCatalog::with_builtins();
     reg.register(Arc::new(SpyType(log.clone())));
     let mut ctx = TestContext::new();
     let t = ctx.build_with(text, &reg).unwrap();
@@ -365,7 +365,7 @@ fn devices_limits_and_spec() {
     // The printed table builds again into the same table.
     let again = Table::build(
         &TableSpec::parse(&t.spec().to_string()).unwrap(),
-        &TargetRegistry::with_builtins(),
+        &TargetCatalog::with_builtins(),
         &mut ctx,
     )
     .unwrap();

@@ -16,6 +16,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use udm_proto::{DeviceLines, DeviceRecord, ExportKind, Request, Response};
+use udm_table::params::{OriginParams, SnapshotParams, SnapshotStatus, StoreKind};
+use udm_table::TableLine;
 
 /// `udm snapshot ...`.
 #[derive(Debug, Subcommand)]
@@ -101,6 +103,9 @@ pub struct SnapshotInfo {
     pub state: String,
     /// The raw status line.
     pub status: String,
+    /// The snapshot's table arguments as udmd prints them (devices by number).
+    #[serde(skip)]
+    pub params: SnapshotParams,
 }
 
 fn lines(
@@ -202,56 +207,94 @@ pub fn list(s: &mut Session) -> Result<Vec<SnapshotInfo>, CliError> {
             if l.target_type != "snapshot" && !merging {
                 continue;
             }
-            let p: Vec<&str> = l.params.split_whitespace().collect();
-            if p.len() < 4 {
-                continue;
-            }
+            let p: SnapshotParams = parse_reply(&t.name, "table", &l.params)?;
             let status = statuses
                 .iter()
                 .find(|x| x.name == t.name)
                 .and_then(|x| x.lines.iter().find(|y| y.start == l.start))
-                .map(|y| y.params.clone())
-                .unwrap_or_default();
-            let (allocated, total) = match status
-                .split_whitespace()
-                .next()
-                .and_then(|u| u.split_once('/'))
-            {
-                Some((a, b)) => (a.parse().ok(), b.parse().ok()),
-                None => (None, None),
+                .map(|y| y.params.clone());
+            let typed = match &status {
+                Some(st) => Some(parse_reply::<SnapshotStatus>(&t.name, "status", st)?),
+                None => None,
             };
-            let state = match status.as_str() {
-                "Invalid" => "invalid",
-                "Overflow" => "overflow",
-                "Merge failed" => "merge failed",
+            let (allocated, total) = match typed {
+                Some(SnapshotStatus::Usage {
+                    allocated, total, ..
+                }) => (Some(allocated), Some(total)),
+                _ => (None, None),
+            };
+            let state = match typed {
+                Some(SnapshotStatus::Invalid) => "invalid",
+                Some(SnapshotStatus::Overflow) => "overflow",
+                Some(SnapshotStatus::MergeFailed) => "merge failed",
                 _ if merging => "merging",
                 _ => "active",
             };
-            let origin = name_of(&devs, p[0]);
             let origin_interposer = tables
                 .iter()
                 .find(|o| {
-                    o.lines.iter().any(|x| {
-                        (x.target_type == "snapshot-origin" || x.target_type == "snapshot-merge")
-                            && x.params.split_whitespace().next() == Some(p[0])
-                    })
+                    o.lines
+                        .iter()
+                        .any(|x| origin_of(&x.target_type, &x.params) == Some(p.origin.clone()))
                 })
                 .map(|o| o.name.clone());
             out.push(SnapshotInfo {
                 name: t.name.clone(),
-                origin,
+                origin: name_of(&devs, &p.origin),
                 origin_interposer,
-                cow: name_of(&devs, p[1]),
-                store: p[2].to_string(),
-                chunk: p[3].parse().unwrap_or(0),
+                cow: name_of(&devs, &p.cow),
+                store: p.store.to_string(),
+                chunk: p.chunk_sectors,
                 allocated,
                 total,
                 state: state.to_string(),
-                status,
+                status: status.unwrap_or_default(),
+                params: p,
             });
         }
     }
     Ok(out)
+}
+
+/// `what` (a table or status line of `device`) read as `T`; udmd printed it, so a line that
+/// does not parse is a reply udm does not understand.
+fn parse_reply<T>(device: &str, what: &str, text: &str) -> Result<T, CliError>
+where
+    T: std::str::FromStr<Err = udm_table::args::ArgError>,
+{
+    text.parse().map_err(|e| CliError::Unexpected {
+        command: format!("{what} {device}"),
+        got: format!("{text:?}: {e}"),
+    })
+}
+
+/// The origin device of a `snapshot-origin` or `snapshot-merge` line, as printed.
+fn origin_of(target_type: &str, params: &str) -> Option<String> {
+    match target_type {
+        "snapshot-origin" => params.parse::<OriginParams>().ok().map(|p| p.dev),
+        "snapshot-merge" => params.parse::<SnapshotParams>().ok().map(|p| p.origin),
+        _ => None,
+    }
+}
+
+/// One table line covering `[0, sectors)`.
+fn whole_line(sectors: u64, target_type: &str, params: &dyn std::fmt::Display) -> String {
+    TableLine {
+        start: 0,
+        len: sectors,
+        target_type: target_type.into(),
+        params: params.to_string(),
+    }
+    .to_string()
+}
+
+/// The `snapshot-origin` line of `dev`.
+fn origin_line(sectors: u64, dev: &str) -> String {
+    whole_line(
+        sectors,
+        "snapshot-origin",
+        &OriginParams { dev: dev.into() },
+    )
 }
 
 /// The human form of `list`.
@@ -393,7 +436,7 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
         })
         .unwrap_or(false);
     if !have_origin {
-        let table = format!("0 {sectors} snapshot-origin {dev}");
+        let table = origin_line(sectors, dev);
         if let Err(e) = done(
             s,
             "create",
@@ -425,10 +468,18 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
             nolockfs: true,
         },
     )?;
-    let table = format!(
-        "0 {sectors} snapshot {dev} {cow_disk} {} {}",
-        a.store, a.chunk
-    );
+    let store: StoreKind = a
+        .store
+        .parse()
+        .map_err(|e| CliError::Usage(format!("--store {}: {e}", a.store)))?;
+    let params = SnapshotParams {
+        origin: dev.clone(),
+        cow: cow_disk.clone(),
+        store,
+        chunk_sectors: a.chunk,
+        features: Default::default(),
+    };
+    let table = whole_line(sectors, "snapshot", &params);
     let created = done(
         s,
         "create",
@@ -576,22 +627,21 @@ pub fn drop_snapshot(s: &mut Session, name: &str) -> Result<(), CliError> {
     )
 }
 
-/// Merge progress of a merging origin: (sectors still to merge, sectors at the start).
-fn merge_left(s: &mut Session, origin: &str) -> Result<(u64, String), CliError> {
+/// Merge progress of the merging origin `origin` (merging `what`): sectors still to merge.
+fn merge_left(s: &mut Session, origin: &str, what: &str) -> Result<u64, CliError> {
     let st = lines(s, Some(origin.into()), true)?;
     let line = st
         .first()
         .and_then(|d| d.lines.first())
         .map(|l| l.params.clone())
         .unwrap_or_default();
-    let mut it = line.split_whitespace();
-    let used = it
-        .next()
-        .and_then(|u| u.split_once('/'))
-        .and_then(|(a, _)| a.parse::<u64>().ok());
-    let meta = it.next().and_then(|m| m.parse::<u64>().ok());
-    match (used, meta) {
-        (Some(u), Some(m)) => Ok((u.saturating_sub(m), line)),
+    match line.parse::<SnapshotStatus>() {
+        Ok(SnapshotStatus::Usage {
+            allocated,
+            metadata,
+            ..
+        }) => Ok(allocated.saturating_sub(metadata)),
+        Ok(SnapshotStatus::MergeFailed) => Err(CliError::Usage(format!("merge of {what} failed"))),
         _ => Err(CliError::Usage(format!("merge of {origin}: {line}"))),
     }
 }
@@ -622,10 +672,12 @@ pub fn merge(
             nolockfs: true,
         },
     )?;
-    let table = format!(
-        "0 {sectors} snapshot-merge [interpose]{} {} {} {}",
-        snap.origin, snap.cow, snap.store, snap.chunk
-    );
+    let params = SnapshotParams {
+        origin: format!("[interpose]{}", snap.origin),
+        cow: snap.cow.clone(),
+        ..snap.params.clone()
+    };
+    let table = whole_line(sectors, "snapshot-merge", &params);
     reload(s, &origin, table)?;
     done(
         s,
@@ -640,16 +692,11 @@ pub fn merge(
     if no_wait {
         return Ok(origin);
     }
-    let (first, _) = merge_left(s, &origin)?;
+    let what = format!("{name} into {}", snap.origin);
+    let first = merge_left(s, &origin, &what)?;
     loop {
-        let (left, line) = merge_left(s, &origin)?;
+        let left = merge_left(s, &origin, &what)?;
         progress(first.saturating_sub(left), first);
-        if line.starts_with("Merge failed") {
-            return Err(CliError::Usage(format!(
-                "merge of {name} into {} failed",
-                snap.origin
-            )));
-        }
         if left == 0 {
             break;
         }
@@ -672,7 +719,7 @@ pub fn merge(
             },
         )?;
     } else {
-        let table = format!("0 {sectors} snapshot-origin {}", snap.origin);
+        let table = origin_line(sectors, &snap.origin);
         reload(s, &origin, table)?;
     }
     done(
@@ -684,4 +731,46 @@ pub fn merge(
         },
     )?;
     Ok(origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_built_from_the_types() {
+        let p: SnapshotParams = "253:0 253:1 PO 16".parse().unwrap();
+        let merge = SnapshotParams {
+            origin: "[interpose]vol".into(),
+            cow: "vol-snap-cow".into(),
+            ..p.clone()
+        };
+        assert_eq!(
+            whole_line(2048, "snapshot-merge", &merge),
+            "0 2048 snapshot-merge [interpose]vol vol-snap-cow PO 16"
+        );
+        assert_eq!(origin_line(2048, "vol"), "0 2048 snapshot-origin vol");
+        assert_eq!(origin_of("snapshot-origin", "253:0"), Some("253:0".into()));
+        assert_eq!(
+            origin_of("snapshot-merge", "253:0 253:1 P 8"),
+            Some("253:0".into())
+        );
+        assert_eq!(origin_of("linear", "253:0 0"), None);
+    }
+
+    #[test]
+    fn replies_udm_cannot_read_are_errors() {
+        let e = parse_reply::<SnapshotParams>("s", "table", "253:0 253:1 P x").unwrap_err();
+        assert!(matches!(e, CliError::Unexpected { .. }), "{e}");
+        assert!(e.to_string().contains("Invalid chunk size x"), "{e}");
+        let st: SnapshotStatus = parse_reply("s", "status", "24/2048 16").unwrap();
+        assert_eq!(
+            st,
+            SnapshotStatus::Usage {
+                allocated: 24,
+                total: 2048,
+                metadata: 16
+            }
+        );
+    }
 }

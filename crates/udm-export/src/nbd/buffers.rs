@@ -6,7 +6,7 @@
 //! The fast path is a few atomics on the connection's own counters; the budget's mutex and
 //! condvar are only touched when the reader has to wait.
 
-use super::transmission::{Conn, CHUNK};
+use super::connection::{Conn, CHUNK};
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,14 +19,6 @@ const POOL_BYTES: usize = 16 << 20;
 const POOL_BUF_MAX: usize = 4 << 20;
 /// The waiting reader rechecks the budget (and whether the connection ends) this often.
 const BUDGET_RECHECK: Duration = Duration::from_millis(50);
-
-/// Free buffers of one connection.
-#[derive(Default)]
-pub(super) struct Pool {
-    bufs: Vec<Vec<u8>>,
-    /// Sum of the capacities in `bufs`.
-    bytes: usize,
-}
 
 impl Conn {
     /// A buffer of `len` bytes (contents unspecified), from the pool when one is big enough.

@@ -2,37 +2,21 @@
 //! ([`super::transmission`]) with a reader that decodes and validates requests and an elastic
 //! pool of workers that execute them on the device and write the replies, in any order.
 
+use super::ctl::ConnCtl;
+use super::export::Export;
 use super::proto::*;
-use super::server::{ConnCtl, Export, NbdServer};
+use super::server::NbdServer;
+use super::session::{export_size, min_block, session, Session, MAX_BLOCK};
 use super::transmission::transmission;
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use udm_io::BlockDevice;
-use udm_types::SECTOR_SIZE;
 
-/// Largest request payload we accept (read and write): 32 MiB, the spec's portable maximum.
-pub(crate) const MAX_BLOCK: u32 = 32 << 20;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Option data larger than this is treated as a denial of service (hard disconnect).
 const MAX_OPTION_LEN: u32 = 64 << 10;
-
-/// Smallest unit clients may address: the device's logical block size (at least a sector).
-fn min_block(dev: &dyn BlockDevice) -> u32 {
-    let l = dev.limits().logical_block_size;
-    if l.is_power_of_two() && (512..=65536).contains(&l) {
-        l
-    } else {
-        512
-    }
-}
-
-/// Advertised size: the device size rounded down to the minimum block size.
-pub(crate) fn export_size(e: &Export) -> u64 {
-    let min = u64::from(min_block(e.dev.as_ref()));
-    e.dev.size().saturating_mul(SECTOR_SIZE) / min * min
-}
 
 fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let mut f =
@@ -49,19 +33,6 @@ fn transmission_flags(e: &Export, structured: bool) -> u16 {
         f |= FLAG_SEND_DF;
     }
     f
-}
-
-/// What the handshake agreed on.
-pub(super) struct Session {
-    pub(super) export: Arc<Export>,
-    pub(super) structured: bool,
-    pub(super) meta: bool,
-    pub(super) size: u64,
-    pub(super) min_block: u32,
-    pub(super) read_only: bool,
-    pub(super) max_io_bytes: usize,
-    pub(super) discard: bool,
-    pub(super) native_zeroes: bool,
 }
 
 enum Hs {
@@ -158,7 +129,8 @@ fn handshake(
                 let Ok(name) = std::str::from_utf8(&data) else {
                     return Ok(Hs::End);
                 };
-                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(e)) else {
+                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(&e.opts))
+                else {
                     tracing::debug!(name, "NBD_OPT_EXPORT_NAME for unknown export; dropping");
                     return Ok(Hs::End);
                 };
@@ -188,7 +160,7 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                 } else {
                     for e in server.export_list() {
-                        if !ctl.security.shown(&e) {
+                        if !ctl.security.shown(&e.opts) {
                             continue;
                         }
                         let mut d = Vec::new();
@@ -217,7 +189,8 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")?;
                     continue;
                 };
-                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(e)) else {
+                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(&e.opts))
+                else {
                     let (typ, msg) = ctl.security.not_shown(name);
                     h.err(opt, typ, &msg)?;
                     continue;
@@ -309,7 +282,10 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "malformed meta context request")?;
                     continue;
                 };
-                if !server.lookup(name).is_some_and(|e| ctl.security.shown(&e)) {
+                if !server
+                    .lookup(name)
+                    .is_some_and(|e| ctl.security.shown(&e.opts))
+                {
                     h.err(opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
                     continue;
                 }
@@ -355,31 +331,5 @@ fn handshake(
             }
         }
         h.w.flush()?;
-    }
-}
-
-fn session(
-    export: Arc<Export>,
-    structured: bool,
-    meta: &Option<(String, bool)>,
-    name: &str,
-) -> Session {
-    let min = min_block(export.dev.as_ref());
-    let limits = export.dev.limits();
-    let max_io = if limits.max_io_sectors == 0 {
-        usize::MAX
-    } else {
-        (limits.max_io_sectors.saturating_mul(SECTOR_SIZE)).min(usize::MAX as u64) as usize
-    };
-    Session {
-        size: export_size(&export),
-        structured,
-        meta: structured && matches!(meta, Some((n, true)) if n == name),
-        min_block: min,
-        read_only: export.read_only(),
-        max_io_bytes: max_io.max(min as usize),
-        discard: limits.discard,
-        native_zeroes: limits.write_zeroes,
-        export,
     }
 }

@@ -1,8 +1,8 @@
 //! Executing requests on the device and writing their replies.
 
-use super::conn::MAX_BLOCK;
+use super::connection::{Conn, Job, Wr, CHUNK, MAX_PENDING};
 use super::proto::*;
-use super::transmission::{Conn, Job, Wr, CHUNK, MAX_PENDING};
+use super::session::MAX_BLOCK;
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::Ordering;
 use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, IoError};

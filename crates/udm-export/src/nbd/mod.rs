@@ -25,20 +25,32 @@
 //! on payload memory (the reader stops reading until replies drain; write payloads are
 //! committed as they arrive), bounded and idle-trimmed buffer pools, and export removal that
 //! closes sockets after a short drain. [`NbdServer::memory`] reports what connections hold.
+//!
+//! Modules, top down (none imports one above it): `listen` (listeners, connection start-up);
+//! `conn` (handshake); `transmission` (reader, threads), `exec` (requests, replies) and
+//! `buffers` (payload memory), all on `connection` (a connection's shared state); `server`
+//! (export table); `session`, `export`, `ctl` (a connection's control block), `tls`; the
+//! leaves `watchdog`, `limits`, `proto`. Traits and options they share are in this file.
 
 mod buffers;
 pub mod client;
 mod conn;
+mod connection;
+mod ctl;
 mod exec;
+mod export;
 mod limits;
+mod listen;
 pub mod proto;
 mod server;
+mod session;
 pub mod tls;
 mod transmission;
 mod watchdog;
 
+pub use export::{NbdExportInfo, NbdStats};
 pub use limits::{NbdLimits, NbdMemory};
-pub use server::{NbdExportInfo, NbdExportOptions, NbdServer, NbdStats};
+pub use server::NbdServer;
 pub use tls::{ConnSecurity, TcpSecurity, TlsCreds, TlsError};
 
 use std::io::{self, Read, Write};
@@ -47,6 +59,23 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
+
+/// How an export is offered.
+#[derive(Clone, Debug, Default)]
+pub struct NbdExportOptions {
+    /// Refuse writes (advertised as `NBD_FLAG_READ_ONLY`; writes get `EPERM`).
+    pub read_only: bool,
+    /// Shown by `nbdinfo --list` and `NBD_INFO_DESCRIPTION`.
+    pub description: Option<String>,
+    /// Also served over plain (unencrypted, unauthenticated) TCP, on listeners that allow it
+    /// ([`TcpSecurity::allow_insecure`]). Off: TCP clients need TLS.
+    pub insecure_tcp: bool,
+}
+
+/// Accepted sockets are switched back to blocking mode before serving.
+pub(crate) trait SetBlocking {
+    fn set_blocking(&self) -> std::io::Result<()>;
+}
 
 /// Errors of the NBD server's management API.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ mod stream;
 mod x509;
 
 use super::proto::{REP_ERR_INVALID, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_ERR_UNSUP};
-use super::server::Export;
+use super::NbdExportOptions;
 use parking_lot::Mutex;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -209,12 +209,12 @@ impl ConnSecurity {
         }
     }
 
-    /// Whether `export` may be listed, described or served now.
-    pub(crate) fn shown(&self, export: &Export) -> bool {
+    /// Whether an export with `opts` may be listed, described or served now.
+    pub(crate) fn shown(&self, opts: &NbdExportOptions) -> bool {
         match &self.kind {
             Kind::Local => true,
             Kind::Tcp { policy, .. } => {
-                self.encrypted() || (policy.allow_insecure && export.opts.insecure_tcp)
+                self.encrypted() || (policy.allow_insecure && opts.insecure_tcp)
             }
         }
     }
@@ -303,8 +303,8 @@ impl super::NbdStream for TcpConn {
     }
 }
 
-impl super::server::SetBlocking for TcpConn {
+impl super::SetBlocking for TcpConn {
     fn set_blocking(&self) -> io::Result<()> {
-        super::server::SetBlocking::set_blocking(&self.sock)
+        super::SetBlocking::set_blocking(&self.sock)
     }
 }

@@ -6,96 +6,18 @@
 //! reading, up to `MAX_WORKERS` per connection, so a slow or suspended device stalls only the
 //! requests sent to it. A thread that finishes and finds someone else reading exits.
 
-use super::buffers::Pool;
-use super::conn::{Session, MAX_BLOCK};
+use super::connection::{
+    Conn, Job, Next, Wr, CHUNK, HEAVY_BYTES, IDLE_TRIM_TICKS, MAX_SKIP_PAYLOAD, MAX_WORKERS,
+    STALL_NS, STANDBY_IDLE,
+};
+use super::ctl::ConnCtl;
 use super::proto::*;
-use super::server::ConnCtl;
-use super::watchdog::Watchdog;
-use parking_lot::{Condvar, Mutex};
+use super::session::{Session, MAX_BLOCK};
+use super::watchdog::{Tick, Watchdog};
 use std::io::{self, BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
-
-/// A write payload above the maximum is skipped (and answered with EINVAL) up to this size;
-/// beyond it the connection is dropped, as the spec allows.
-pub(super) const MAX_SKIP_PAYLOAD: u32 = 64 << 20;
-/// Threads per connection (a second one starts only when the first stalls).
-pub(super) const MAX_WORKERS: usize = 32;
-/// Chunk used for emulated write-zeroes and cache reads, and for receiving write payloads.
-pub(super) const CHUNK: usize = 1 << 20;
-
-pub(super) struct Job {
-    pub(super) req: Request,
-    pub(super) payload: Vec<u8>,
-    /// Bytes of the connection's in-flight budget this request holds until it is answered.
-    pub(super) charge: u64,
-}
-
-pub(super) struct Wr {
-    pub(super) w: Box<dyn Write + Send>,
-    /// Replies held back while more requests were already buffered (sent with the next write).
-    pub(super) pending: Vec<u8>,
-    pub(super) pending_since: u64,
-}
-
-pub(crate) struct Conn {
-    pub(super) sess: Session,
-    reader: Mutex<BufReader<Box<dyn Read + Send>>>,
-    pub(super) writer: Mutex<Wr>,
-    pub(super) broken: AtomicBool,
-    closing: AtomicBool,
-    pub(super) ctl: Arc<ConnCtl>,
-    threads: Mutex<Threads>,
-    threads_cv: Condvar,
-    standby_cv: Condvar,
-    /// When the reader was released to execute a request (watchdog clock), 0 while reading.
-    released_at: AtomicU64,
-    /// Set by the watchdog when deferred replies waited too long: the next thread of this
-    /// connection to get there sends them (the watchdog never writes to a socket).
-    flush_asked: AtomicBool,
-    /// Watchdog-only state: `ctl.requests` at the last tick and ticks since it changed (the
-    /// pool of a connection where it stands still is freed).
-    idle_seen: AtomicU64,
-    idle_ticks: AtomicU32,
-    pub(super) pool: Mutex<Pool>,
-    /// The reader waits here for the in-flight budget (see `buffers.rs`).
-    pub(super) budget_mx: Mutex<()>,
-    pub(super) budget_cv: Condvar,
-    pub(super) budget_waiting: AtomicBool,
-    pub(super) clock: Arc<Watchdog>,
-}
-
-/// Largest batch of deferred replies.
-pub(super) const MAX_PENDING: usize = 64 << 10;
-/// A connection whose only reader has been executing this long gets another thread.
-const STALL_NS: u64 = 2_000_000;
-/// Watchdog period.
-pub(super) const TICK: Duration = Duration::from_millis(2);
-/// The buffer pool of a connection that read no request for this many ticks (1 s) is freed.
-const IDLE_TRIM_TICKS: u32 = 500;
-
-#[derive(Default)]
-struct Threads {
-    /// Threads serving the connection (reading, executing or on standby).
-    live: usize,
-    /// Threads parked on standby, ready to take over reading.
-    standby: usize,
-    /// Standby wake-ups not yet taken.
-    wakeups: usize,
-}
-
-/// Requests at least this large are executed while another thread reads on: copying them
-/// costs far more than the hand-off.
-const HEAVY_BYTES: u32 = 64 << 10;
-/// A standby thread with nothing to do for this long exits.
-const STANDBY_IDLE: Duration = Duration::from_secs(5);
-
-pub(super) enum Next {
-    Job(Job),
-    Handled,
-    End,
-}
 
 /// Serves the transmission phase of a connection that finished its handshake, until it ends.
 pub(super) fn transmission(
@@ -108,34 +30,9 @@ pub(super) fn transmission(
     if !ctl.enter_transmission() {
         return;
     }
-    let c = Arc::new(Conn {
-        sess,
-        reader: Mutex::new(r),
-        writer: Mutex::new(Wr {
-            w,
-            pending: Vec::new(),
-            pending_since: 0,
-        }),
-        broken: AtomicBool::new(false),
-        closing: AtomicBool::new(false),
-        ctl: ctl.clone(),
-        threads: Mutex::new(Threads {
-            live: 1,
-            ..Threads::default()
-        }),
-        threads_cv: Condvar::new(),
-        standby_cv: Condvar::new(),
-        released_at: AtomicU64::new(0),
-        flush_asked: AtomicBool::new(false),
-        idle_seen: AtomicU64::new(0),
-        idle_ticks: AtomicU32::new(0),
-        pool: Mutex::new(Pool::default()),
-        budget_mx: Mutex::new(()),
-        budget_cv: Condvar::new(),
-        budget_waiting: AtomicBool::new(false),
-        clock: clock.clone(),
-    });
-    clock.register(&c);
+    let c = Conn::new(sess, r, w, ctl, clock);
+    let ticked: Weak<Conn> = Arc::downgrade(&c);
+    clock.register(ticked);
     c.serve();
     let mut t = c.threads.lock();
     while t.live > 0 {
@@ -241,7 +138,7 @@ impl Conn {
     /// Called by the watchdog (must not block): adds a reader when the connection looks
     /// stalled, gets deferred replies that have waited too long sent by a thread of this
     /// connection, and frees the buffer pool of an idle connection.
-    pub(super) fn tick(self: &Arc<Self>, now: u64) {
+    fn on_tick(self: &Arc<Self>, now: u64) {
         let rel = self.released_at.load(Ordering::SeqCst);
         if rel != 0
             && now.saturating_sub(rel) >= STALL_NS
@@ -381,5 +278,11 @@ impl Conn {
             Some(a) => a.fetch_add(1, Ordering::Relaxed),
             None => c.unknown.fetch_add(1, Ordering::Relaxed),
         };
+    }
+}
+
+impl Tick for Conn {
+    fn tick(self: Arc<Self>, now: u64) {
+        self.on_tick(now);
     }
 }

@@ -2,17 +2,25 @@
 //! replies that waited too long sent. It never touches a socket itself (a client that stops
 //! reading must not stall the other connections): writes are left to the connection's threads.
 
-use super::transmission::{Conn, TICK};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Watchdog period.
+pub(super) const TICK: Duration = Duration::from_millis(2);
+
+/// What the watchdog looks after (a connection in transmission).
+pub(super) trait Tick: Send + Sync {
+    /// Called every [`TICK`] with the watchdog clock; must not block.
+    fn tick(self: Arc<Self>, now: u64);
+}
 
 /// One thread per server: starts readers for stalled connections and flushes deferred replies
 /// that waited too long.
 pub(crate) struct Watchdog {
     epoch: Instant,
-    conns: Mutex<Vec<Weak<Conn>>>,
+    conns: Mutex<Vec<Weak<dyn Tick>>>,
     cv: Condvar,
     running: AtomicBool,
     stop: AtomicBool,
@@ -34,8 +42,8 @@ impl Watchdog {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
-    pub(super) fn register(self: &Arc<Self>, c: &Arc<Conn>) {
-        self.conns.lock().push(Arc::downgrade(c));
+    pub(super) fn register(self: &Arc<Self>, c: Weak<dyn Tick>) {
+        self.conns.lock().push(c);
         self.cv.notify_all();
         if !self.running.swap(true, Ordering::SeqCst) {
             let me = self.clone();
@@ -56,7 +64,7 @@ impl Watchdog {
 
     fn run(self: Arc<Self>) {
         loop {
-            let live: Vec<Arc<Conn>> = {
+            let live: Vec<Arc<dyn Tick>> = {
                 let mut g = self.conns.lock();
                 g.retain(|w| w.strong_count() > 0);
                 while g.is_empty() && !self.stop.load(Ordering::SeqCst) {
@@ -71,7 +79,7 @@ impl Watchdog {
             };
             let now = self.now();
             for c in &live {
-                c.tick(now);
+                c.clone().tick(now);
             }
             drop(live);
             std::thread::sleep(TICK);

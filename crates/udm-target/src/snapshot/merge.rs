@@ -11,18 +11,11 @@ use std::thread::JoinHandle;
 use udm_io::{Bio, BlockDevice, IoError};
 use udm_types::SECTOR_SIZE;
 
-use super::origin::ensure_copied;
-use super::snap::Snap;
+use super::cow::ensure_copied;
+use super::state::Snap;
 
 /// Largest single COW -> origin copy (a long run of consecutive chunks is copied in pieces).
 const COPY_PIECE_SECTORS: u64 = 4096;
-
-/// The worker thread and its stop flag.
-#[derive(Default)]
-pub struct MergeCtl {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
 
 /// True while the worker runs (`RUNNING_MERGE`).
 pub fn is_running(s: &Snap) -> bool {

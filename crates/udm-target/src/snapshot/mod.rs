@@ -8,11 +8,19 @@
 //! The data path is synchronous: where the kernel queues a bio behind a pending exception, the
 //! writing thread here copies the chunk itself, or waits on a per-chunk lock held by the thread
 //! that does. The commit of an origin write's copies is the exception: see [`writeback`].
+//!
+//! Modules, each importing only those listed before it: [`store`] (the exception stores),
+//! [`exception`] (chunk locks, the store's commit slot), [`state`] (one snapshot's shared
+//! state), [`cow`] (the copy engine of origin writes), [`writeback`], [`merge`] (the merge
+//! worker), then the targets [`origin`] (`snapshot-origin`) and [`snap`] (`snapshot`,
+//! `snapshot-merge`).
 
+pub mod cow;
 pub mod exception;
 pub mod merge;
 pub mod origin;
 pub mod snap;
+pub mod state;
 pub mod store;
 pub mod writeback;
 
@@ -22,14 +30,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use udm_types::DevId;
 
-pub use snap::Snap;
-
-/// Registers `snapshot-origin`, `snapshot` and `snapshot-merge`.
-pub fn register(reg: &mut crate::registry::TargetRegistry) {
-    reg.register(Arc::new(origin::OriginType));
-    reg.register(Arc::new(snap::SnapshotType { merge: false }));
-    reg.register(Arc::new(snap::SnapshotType { merge: true }));
-}
+pub use state::Snap;
 
 /// Every origin device that has snapshots or a `snapshot-origin` target, by device number.
 #[derive(Default)]

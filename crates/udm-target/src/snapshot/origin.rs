@@ -1,18 +1,16 @@
 //! `snapshot-origin <dev>`: reads pass through; a write first makes every active snapshot that
 //! lacks the chunk copy it into its COW (the kernel's `do_origin` / `__origin_write`), and only
-//! then reaches the origin. Plain writes are acknowledged once their copies are made and are
-//! written to the origin after the commit (see [`super::writeback`]).
+//! then reaches the origin; the copies are [`super::cow`]'s. Plain writes are acknowledged
+//! once their copies are made and are written to the origin after the commit (see
+//! [`super::writeback`]).
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, IoError};
 
-use udm_types::SECTOR_SIZE;
-
-use super::exception::{StoreCell, Ticket};
-use super::snap::Snap;
+use super::cow::{lock_chunks, origin_write};
 use super::{OriginEntry, Origins};
+use crate::args::{get_device_as, FromArgs, OriginParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `snapshot-origin` target type (version 1.9.0).
@@ -32,14 +30,8 @@ impl TargetType for OriginType {
         ctx: &mut dyn CtorContext,
         args: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if args.len() != 1 {
-            return Err(TargetError::invalid(
-                "origin: incorrect number of arguments",
-            ));
-        }
-        let dev = ctx.get_device(&args[0]).map_err(|e| {
-            TargetError::new(e.errno, format!("Cannot get target device: {}", e.msg))
-        })?;
+        let p = OriginParams::from_args(args)?;
+        let dev = get_device_as(ctx, &p.dev, "Cannot get target device")?;
         let entry = ctx.env().get::<Origins>().entry(dev.id);
         Ok(Box::new(OriginTarget {
             dev,
@@ -130,7 +122,10 @@ impl Target for OriginTarget {
     }
 
     fn table_params(&self) -> String {
-        self.dev.id.to_string()
+        OriginParams {
+            dev: self.dev.id.to_string(),
+        }
+        .to_string()
     }
 
     fn caps(&self) -> TargetCaps {
@@ -150,280 +145,5 @@ impl Drop for OriginTarget {
     /// A table being destroyed still owes its acknowledged writes to the origin.
     fn drop(&mut self) {
         self.entry.writeback.settle();
-    }
-}
-
-/// Writes `bio` (absolute origin sectors) to `origin` once every snapshot of `snaps` lacking
-/// one of its chunks has copied it (the kernel splits the bio at the smallest chunk size and
-/// queues each piece behind its pending exceptions; here the copies of all pieces are made,
-/// committed together, and the bio is then written in one piece).
-pub fn origin_write(
-    snaps: &[Arc<Snap>],
-    origin: &dyn BlockDevice,
-    bio: Bio<'_>,
-) -> Result<(), IoError> {
-    ensure_copied(snaps, origin, bio.sector, bio.end());
-    origin.submit(bio)
-}
-
-/// `__origin_write` without a bio (`origin_write_extent`): copies the chunks of
-/// `[start, end)` into every active, valid, non-merging snapshot that lacks them, and waits
-/// until those exceptions are committed. Failures invalidate the snapshot concerned; the origin
-/// write itself always proceeds, as in the kernel.
-///
-/// Deadlock freedom: chunk locks are taken first, snapshot by snapshot in list order, all
-/// chunks of one snapshot at once; exceptions are allocated only once every lock is held, so a
-/// thread never blocks on a lock while it holds an allocation that another thread's commit
-/// waits for.
-pub fn ensure_copied(snaps: &[Arc<Snap>], origin: &dyn BlockDevice, start: u64, end: u64) {
-    copy_and_commit(origin, lock_chunks(snaps, start, end));
-}
-
-/// The rest of [`ensure_copied`] once the chunks are locked: allocate, copy, wait for the
-/// commit (the kernel's rule).
-pub fn copy_and_commit(origin: &dyn BlockDevice, locked: Vec<Locked>) {
-    let pending = allocate(locked);
-    copy_runs(origin, &pending);
-    commit(pending, false);
-}
-
-/// The first step of [`ensure_copied`]: locks the chunks of `[start, end)` that some active,
-/// valid, non-merging snapshot lacks, and returns them (none locked when nothing needs a copy).
-pub fn lock_chunks(snaps: &[Arc<Snap>], start: u64, end: u64) -> Vec<Locked> {
-    let mut locked = Vec::new();
-    for s in snaps {
-        let stop = end.min(s.table_end);
-        if s.merge || start >= stop {
-            continue;
-        }
-        let (cs, store, chunks) = {
-            let st = s.state.read();
-            if !st.valid || !st.active || st.chunk_size == 0 {
-                continue;
-            }
-            let cs = st.chunk_size;
-            let chunks: Vec<u64> = (start / cs..=(stop - 1) / cs)
-                .filter(|c| !st.exceptions.contains_key(c))
-                .collect();
-            (cs, st.store.clone(), chunks)
-        };
-        if chunks.is_empty() {
-            continue;
-        }
-        s.locks.lock_many(&chunks);
-        // Re-check now that nobody else can be making these exceptions.
-        let st = s.state.read();
-        if !st.valid || !st.active || !Arc::ptr_eq(&st.store, &store) {
-            drop(st);
-            s.locks.unlock_many(&chunks);
-            continue;
-        }
-        let (done, todo): (Vec<u64>, Vec<u64>) = chunks
-            .into_iter()
-            .partition(|c| st.exceptions.contains_key(c));
-        drop(st);
-        s.locks.unlock_many(&done);
-        locked.extend(todo.into_iter().map(|chunk| Locked {
-            s: s.clone(),
-            chunk,
-            cs,
-            store: store.clone(),
-            held: true,
-        }));
-    }
-    locked
-}
-
-/// The second step of [`ensure_copied`]: allocates the exceptions of `cand` (invalidating a
-/// snapshot whose store is full). Every result must go through [`copy_runs`] without waiting
-/// on anything in between: the store's commit rule waits for them.
-pub fn allocate(mut cand: Vec<Locked>) -> Vec<Pending> {
-    // Allocate each store's chunks under one lock and in chunk order, so a run of origin
-    // chunks gets a run of COW chunks and is copied with one write.
-    cand.sort_by_key(|l| (Arc::as_ptr(&l.store) as usize, l.chunk));
-    let mut tickets: Vec<Option<Ticket>> = vec![None; cand.len()];
-    let mut i = 0;
-    while i < cand.len() {
-        let j = (i..cand.len())
-            .find(|&j| !Arc::ptr_eq(&cand[j].store, &cand[i].store))
-            .unwrap_or(cand.len());
-        let got = cand[i].store.prepare_many(j - i);
-        for (k, t) in tickets[i..j].iter_mut().enumerate() {
-            *t = got.get(k).copied();
-        }
-        i = j;
-    }
-    let mut pending = Vec::with_capacity(cand.len());
-    for (l, ticket) in cand.into_iter().zip(tickets) {
-        let Some(ticket) = ticket else {
-            let mut st = l.s.state.write();
-            l.s.invalidate(&mut st, "Unable to allocate exception.");
-            continue;
-        };
-        pending.push(Pending { l, ticket });
-    }
-    pending
-}
-
-/// The last step of [`ensure_copied`]: waits until the exceptions of `pending` are committed
-/// and installs them (releasing their chunk locks). `force`: write the metadata without
-/// waiting for the store's rule (see [`StoreCell::wait_many`]).
-pub fn commit(pending: Vec<Pending>, force: bool) {
-    if pending.is_empty() {
-        return;
-    }
-    // Wait per store; with several stores (several snapshots), in parallel, so that their
-    // metadata flushes overlap instead of adding up.
-    let mut groups: Vec<Vec<Pending>> = Vec::new();
-    for p in pending {
-        match groups.iter_mut().find(|g| {
-            g.first()
-                .is_some_and(|q| Arc::ptr_eq(&q.l.store, &p.l.store))
-        }) {
-            Some(g) => g.push(p),
-            None => groups.push(vec![p]),
-        }
-    }
-    if groups.len() <= 1 {
-        groups.into_iter().for_each(|g| finish_all(g, force));
-        return;
-    }
-    let slots: Vec<Mutex<Option<Vec<Pending>>>> =
-        groups.into_iter().map(|g| Mutex::new(Some(g))).collect();
-    let run = |slot: &Mutex<Option<Vec<Pending>>>| {
-        if let Some(g) = slot.lock().take() {
-            finish_all(g, force);
-        }
-    };
-    std::thread::scope(|sc| {
-        for slot in &slots[1..] {
-            let spawned = std::thread::Builder::new()
-                .name("udm-snap-wait".into())
-                .spawn_scoped(sc, || run(slot));
-            if spawned.is_err() {
-                run(slot);
-            }
-        }
-        run(&slots[0]);
-    });
-}
-
-/// Waits for the commits of `group` (one store) and installs them; releases the chunk locks.
-fn finish_all(mut group: Vec<Pending>, force: bool) {
-    let Some(first) = group.first() else {
-        return;
-    };
-    let store = first.l.store.clone();
-    let tickets: Vec<Ticket> = group.iter().map(|p| p.ticket).collect();
-    let valid = store.wait_many(&tickets, force);
-    // Per snapshot (normally the store's one), under one lock each.
-    group.sort_by_key(|p| Arc::as_ptr(&p.l.s) as usize);
-    let mut i = 0;
-    while i < group.len() {
-        let j = (i..group.len())
-            .find(|&j| !Arc::ptr_eq(&group[j].l.s, &group[i].l.s))
-            .unwrap_or(group.len());
-        let done: Vec<(u64, u64, bool)> = group[i..j]
-            .iter()
-            .map(|p| {
-                let k = tickets.iter().position(|t| t.seq == p.ticket.seq);
-                let v = k.is_some_and(|k| valid[k]);
-                (p.l.chunk, p.ticket.new_chunk, v)
-            })
-            .collect();
-        let s = group[i].l.s.clone();
-        s.finish_many(&done);
-        let chunks: Vec<u64> = group[i..j].iter().map(|p| p.l.chunk).collect();
-        s.locks.unlock_many(&chunks);
-        for p in &mut group[i..j] {
-            p.l.held = false;
-        }
-        i = j;
-    }
-}
-
-/// A chunk of a snapshot locked exclusively by an origin write; released on drop unless
-/// released already (with others, by [`finish_all`]).
-pub struct Locked {
-    s: Arc<Snap>,
-    chunk: u64,
-    cs: u64,
-    store: Arc<StoreCell>,
-    held: bool,
-}
-
-impl Drop for Locked {
-    fn drop(&mut self) {
-        if self.held {
-            self.s.locks.unlock_many(&[self.chunk]);
-        }
-    }
-}
-
-/// An exception being made by an origin write (copied, maybe not committed); its chunk lock is
-/// released on drop.
-pub struct Pending {
-    l: Locked,
-    ticket: Ticket,
-}
-
-/// Longest run copied with one read and one write.
-const MAX_RUN_SECTORS: u64 = 8192;
-
-/// Copies the chunks of `pending` from `origin` and reports each copy to its store: one read
-/// of the origin and one COW write per run of consecutive chunks of one snapshot that got
-/// consecutive COW chunks (up to [`MAX_RUN_SECTORS`]). The third step of [`ensure_copied`].
-pub fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending]) {
-    let osize = origin.size();
-    let start = |p: &Pending| p.l.chunk.saturating_mul(p.l.cs);
-    let end = |p: &Pending| {
-        p.l.chunk
-            .saturating_add(1)
-            .saturating_mul(p.l.cs)
-            .min(osize)
-    };
-    let mut order: Vec<&Pending> = pending.iter().collect();
-    order.sort_by_key(|p| (Arc::as_ptr(&p.l.s) as usize, p.l.chunk));
-    let mut buf = Vec::new();
-    let mut i = 0;
-    while i < order.len() {
-        let first = order[i];
-        let mut j = i + 1;
-        while j < order.len() {
-            let (a, b) = (order[j - 1], order[j]);
-            if !Arc::ptr_eq(&a.l.s, &b.l.s)
-                || !Arc::ptr_eq(&a.l.store, &b.l.store)
-                || b.l.chunk != a.l.chunk + 1
-                || b.ticket.new_chunk != a.ticket.new_chunk + 1
-                || end(b).saturating_sub(start(first)) > MAX_RUN_SECTORS
-            {
-                break;
-            }
-            j += 1;
-        }
-        let (src, stop) = (start(first), end(order[j - 1]));
-        let ok = stop <= src || {
-            buf.resize(((stop - src) * SECTOR_SIZE) as usize, 0);
-            match origin.submit(Bio::read(src, &mut buf)) {
-                Err(e) => {
-                    tracing::error!("snapshot copy: reading origin failed: {e}");
-                    false
-                }
-                Ok(()) => match first.l.s.cow.dev.submit(Bio::write(
-                    first.ticket.new_chunk.saturating_mul(first.l.cs),
-                    &buf,
-                )) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!("snapshot copy: writing COW failed: {e}");
-                        false
-                    }
-                },
-            }
-        };
-        let copies: Vec<(Ticket, u64)> =
-            order[i..j].iter().map(|p| (p.ticket, p.l.chunk)).collect();
-        first.l.store.complete_many(&copies, ok);
-        i = j;
     }
 }

@@ -9,12 +9,14 @@ use parking_lot::{Mutex, RwLock};
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
 use udm_types::{Errno, SECTOR_SIZE};
 
+use super::cow::origin_write;
 use super::exception::{ChunkLocks, ChunkMap, StoreCell};
-use super::merge::{self, MergeCtl};
-use super::origin::origin_write;
+use super::merge;
+use super::state::{MergeCtl, Snap, SnapState};
 use super::store::{self, lbs_sectors, LoadState, StoreSpec};
-use super::{min_chunk, OriginEntry, Origins};
-use crate::target::{CtorContext, DevRef, EventSink, Target, TargetCaps, TargetError, TargetType};
+use super::{min_chunk, Origins};
+use crate::args::{get_device_as, FromArgs, SnapshotFeatures, SnapshotParams};
+use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `snapshot` (1.16.0) and `snapshot-merge` (1.5.0) target types.
 pub struct SnapshotType {
@@ -22,106 +24,10 @@ pub struct SnapshotType {
     pub merge: bool,
 }
 
-/// Mutable state of a snapshot, swapped wholesale by a handover.
-pub struct SnapState {
-    /// False once invalidated (`Invalid`): all I/O fails.
-    pub valid: bool,
-    /// `PO` store full: writes fail, reads work (`Overflow`).
-    pub overflowed: bool,
-    /// Resumed at least once: origin writes copy into it.
-    pub active: bool,
-    /// A merge step failed (`Merge failed`).
-    pub merge_failed: bool,
-    /// Chunk size in sectors (0 for a handover destination before its resume).
-    pub chunk_size: u64,
-    /// Completed exceptions: origin chunk -> COW chunk.
-    pub exceptions: ChunkMap<u64>,
-    /// The exception store.
-    pub store: Arc<StoreCell>,
-}
-
-/// One snapshot (or merging snapshot), shared between its target and its origin's registry.
-pub struct Snap {
-    /// `snapshot-merge`.
-    pub merge: bool,
-    /// The origin device.
-    pub origin: DevRef,
-    /// The COW device.
-    pub cow: DevRef,
-    /// First sector of the target (sectors are mapped device sectors, as in the kernel).
-    pub begin: u64,
-    /// End of the target: origin writes beyond it do not concern this snapshot.
-    pub table_end: u64,
-    /// `discard_zeroes_cow`.
-    pub discard_zeroes_cow: bool,
-    /// `discard_passdown_origin`.
-    pub discard_passdown_origin: bool,
-    /// `PO` from this target's own table line.
-    pub overflow_flag: bool,
-    /// Where invalidation and merge completion are announced.
-    pub events: EventSink,
-    /// State (see [`SnapState`]).
-    pub state: RwLock<SnapState>,
-    /// Chunks with a copy or a conflicting read in progress.
-    pub locks: ChunkLocks,
-    /// The target is suspended (handover source check).
-    pub suspended: AtomicBool,
-    /// The origin's registry entry.
-    pub entry: Arc<OriginEntry>,
-    /// The merge worker (`snapshot-merge` only).
-    pub merge_ctl: Mutex<MergeCtl>,
-}
-
 fn eio(op: BioKind, sector: u64, what: &str) -> IoError {
     IoError::errno(op, sector, Errno::EIO, what)
 }
-
 impl Snap {
-    /// `__invalidate_snapshot`: marks the store invalid on disk, fails all further I/O and
-    /// raises an event.
-    pub fn invalidate(&self, st: &mut SnapState, why: &str) {
-        if !st.valid {
-            return;
-        }
-        tracing::error!("Invalidating snapshot: {why}");
-        st.store.with(|s| s.drop_snapshot());
-        st.valid = false;
-        self.events.raise();
-    }
-
-    /// `pending_complete`: installs a committed exception, or invalidates on failure.
-    pub fn finish(&self, chunk: u64, new_chunk: u64, valid: bool) -> bool {
-        self.install(&mut self.state.write(), chunk, new_chunk, valid)
-    }
-
-    /// [`Snap::finish`] for several exceptions `(chunk, new_chunk, valid)` under one lock.
-    pub fn finish_many(&self, done: &[(u64, u64, bool)]) {
-        let mut st = self.state.write();
-        for &(chunk, new_chunk, valid) in done {
-            self.install(&mut st, chunk, new_chunk, valid);
-        }
-    }
-
-    fn install(&self, st: &mut SnapState, chunk: u64, new_chunk: u64, valid: bool) -> bool {
-        if !valid {
-            self.invalidate(st, "Error reading/writing.");
-            return false;
-        }
-        if !st.valid {
-            return false;
-        }
-        st.exceptions.insert(chunk, new_chunk);
-        true
-    }
-
-    /// COW sector of `sector` in exception chunk `new_chunk` (saturating: a corrupt store with
-    /// an absurd chunk number gets an out-of-range error from the device, not a panic).
-    fn remap(new_chunk: u64, cs: u64, sector: u64) -> u64 {
-        new_chunk
-            .saturating_mul(cs)
-            .saturating_add(sector & (cs - 1))
-    }
-
     /// `snapshot_map` for a piece inside one chunk (`sector` absolute).
     fn map_piece(&self, bio: Bio<'_>, cs: u64) -> Result<(), IoError> {
         let sector = bio.sector;
@@ -295,21 +201,6 @@ impl Snap {
             }),
         }
     }
-
-    /// `dmsetup status` text.
-    pub fn status(&self) -> String {
-        let st = self.state.read();
-        if !st.valid {
-            "Invalid".into()
-        } else if st.merge_failed {
-            "Merge failed".into()
-        } else if st.overflowed {
-            "Overflow".into()
-        } else {
-            let (alloc, total, meta) = st.store.with(|s| s.usage());
-            format!("{alloc}/{total} {meta}")
-        }
-    }
 }
 
 /// Copies origin chunk `chunk` (size `cs`) to COW chunk `new_chunk` with whole-chunk I/O
@@ -429,43 +320,6 @@ fn unregister(s: &Arc<Snap>) {
     s.entry.snaps.write().retain(|x| !Arc::ptr_eq(x, s));
 }
 
-/// `parse_snapshot_features`.
-fn parse_features(args: &[String]) -> Result<(bool, bool), TargetError> {
-    let (mut zero, mut pass) = (false, false);
-    if args.is_empty() {
-        return Ok((zero, pass));
-    }
-    let n: u32 = args[0]
-        .parse()
-        .map_err(|_| TargetError::invalid("Invalid number of feature arguments"))?;
-    if n > 2 {
-        return Err(TargetError::invalid("Invalid number of feature arguments"));
-    }
-    let n = n as usize;
-    if n > args.len() - 1 {
-        return Err(TargetError::invalid(
-            "Insufficient arguments in argument group",
-        ));
-    }
-    for a in &args[1..=n] {
-        if a.eq_ignore_ascii_case("discard_zeroes_cow") {
-            zero = true;
-        } else if a.eq_ignore_ascii_case("discard_passdown_origin") {
-            pass = true;
-        } else {
-            return Err(TargetError::invalid(format!(
-                "Unrecognised feature requested: {a}"
-            )));
-        }
-    }
-    if pass && !zero {
-        return Err(TargetError::invalid(
-            "discard_passdown_origin feature depends on discard_zeroes_cow",
-        ));
-    }
-    Ok((zero, pass))
-}
-
 impl TargetType for SnapshotType {
     fn name(&self) -> &'static str {
         if self.merge {
@@ -488,24 +342,17 @@ impl TargetType for SnapshotType {
         ctx: &mut dyn CtorContext,
         args: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        if args.len() < 4 {
-            return Err(TargetError::invalid("requires 4 or more arguments"));
-        }
-        let (discard_zeroes_cow, discard_passdown_origin) = parse_features(&args[4..])?;
-        let origin = ctx.get_device(&args[0]).map_err(|e| {
-            TargetError::new(e.errno, format!("Cannot get origin device: {}", e.msg))
-        })?;
-        let cow = ctx
-            .get_device(&args[1])
-            .map_err(|e| TargetError::new(e.errno, format!("Cannot get COW device: {}", e.msg)))?;
+        let p = SnapshotParams::from_args(args)?;
+        let origin = get_device_as(ctx, &p.origin, "Cannot get origin device")?;
+        let cow = get_device_as(ctx, &p.cow, "Cannot get COW device")?;
         if cow.id == origin.id {
             return Err(TargetError::invalid(
                 "COW device cannot be the same as origin device",
             ));
         }
-        let spec = StoreSpec::parse(
-            &args[2],
-            &args[3],
+        let spec = StoreSpec::new(
+            p.store,
+            p.chunk_sectors,
             lbs_sectors(&*cow.dev),
             lbs_sectors(&*origin.dev),
         )?;
@@ -517,9 +364,9 @@ impl TargetType for SnapshotType {
             cow,
             begin: ctx.begin(),
             table_end: ctx.begin() + ctx.len(),
-            discard_zeroes_cow,
-            discard_passdown_origin,
-            overflow_flag: spec.overflow,
+            discard_zeroes_cow: p.features.discard_zeroes_cow,
+            discard_passdown_origin: p.features.discard_passdown_origin,
+            overflow_flag: spec.kind.overflow(),
             events: ctx.events(),
             state: RwLock::new(SnapState {
                 valid: true,
@@ -615,28 +462,22 @@ impl Target for SnapshotTarget {
 
     fn table_params(&self) -> String {
         let s = &self.snap;
-        let st = s.state.read();
-        let mut out = format!(
-            "{} {}{}",
-            s.origin.id,
-            s.cow.id,
-            st.store.with(|x| x.table_status())
-        );
-        let n = u32::from(s.discard_zeroes_cow) + u32::from(s.discard_passdown_origin);
-        if n > 0 {
-            out.push_str(&format!(" {n}"));
-            if s.discard_zeroes_cow {
-                out.push_str(" discard_zeroes_cow");
-            }
-            if s.discard_passdown_origin {
-                out.push_str(" discard_passdown_origin");
-            }
+        let (store, chunk_sectors) = s.state.read().store.with(|x| (x.kind(), x.chunk_size()));
+        SnapshotParams {
+            origin: s.origin.id.to_string(),
+            cow: s.cow.id.to_string(),
+            store,
+            chunk_sectors,
+            features: SnapshotFeatures {
+                discard_zeroes_cow: s.discard_zeroes_cow,
+                discard_passdown_origin: s.discard_passdown_origin,
+            },
         }
-        out
+        .to_string()
     }
 
     fn status(&self) -> String {
-        self.snap.status()
+        self.snap.status().to_string()
     }
 
     fn max_io_len(&self) -> u64 {

@@ -29,7 +29,7 @@ use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError};
 use udm_types::errno::HasErrno;
 use udm_types::SECTOR_SHIFT;
 
-use super::origin::{allocate, commit, copy_and_commit, copy_runs, Locked, Pending};
+use super::cow::{allocate, commit, copy_and_commit, copy_runs, Locked, Pending};
 
 /// Most data held at once; a writer that would exceed it waits for the commit in progress.
 pub const MAX_HELD_BYTES: usize = 32 << 20;

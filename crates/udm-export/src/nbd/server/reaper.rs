@@ -4,7 +4,8 @@
 //! idle for `NbdLimits::idle_timeout`. Closing the stream unblocks the connection's threads;
 //! they clean up as for any disconnect.
 
-use super::{NbdServer, PHASE_HANDSHAKE, PHASE_TIMED_OUT, PHASE_TRANSMISSION};
+use super::super::ctl::{PHASE_HANDSHAKE, PHASE_TIMED_OUT, PHASE_TRANSMISSION};
+use super::NbdServer;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -14,7 +15,7 @@ const REAP_TICK: Duration = Duration::from_millis(100);
 
 impl NbdServer {
     /// Starts the reaper thread if it is not running.
-    pub(super) fn start_reaper(self: &Arc<Self>) {
+    pub(in crate::nbd) fn start_reaper(self: &Arc<Self>) {
         let mut running = self.reaper.lock();
         if *running || self.is_shut() {
             return;

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use udm_io::{Bio, BioFlags, BlockDevice, IoError};
 use udm_types::{Errno, SECTOR_SIZE};
 
+pub use udm_table::params::StoreKind;
+
 use crate::target::TargetError;
 
 /// The kernel's `DM_CHUNK_SIZE_DEFAULT_SECTORS`: chunk size of a new persistent store whose
@@ -67,8 +69,8 @@ pub trait ExceptionStore: Send {
     fn drop_snapshot(&mut self);
     /// `(sectors_allocated, total_sectors, metadata_sectors)`.
     fn usage(&self) -> (u64, u64, u64);
-    /// Store part of the table line: ` P 8`, ` PO 8`, ` N 8`.
-    fn table_status(&self) -> String;
+    /// The store type, for the table line.
+    fn kind(&self) -> StoreKind;
     /// True when the store can merge (only the persistent one).
     fn supports_merge(&self) -> bool {
         false
@@ -155,65 +157,30 @@ impl MetaWrite {
     }
 }
 
-/// Parsed `<P|PO|N> <chunk_size>` arguments.
+/// The store of a `snapshot` line: its type and its table chunk size, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreSpec {
-    /// Persistent (`P`) or transient (`N`).
-    pub persistent: bool,
-    /// `PO`: overflow instead of invalidation.
-    pub overflow: bool,
+    /// `N`, `P` or `PO`.
+    pub kind: StoreKind,
     /// Chunk size from the table (0 = from the header / default).
     pub chunk_size: u64,
 }
 
 impl StoreSpec {
-    /// `dm_exception_store_create` + `set_chunk_size`: the type letter case-insensitively, an
-    /// optional `O` after `P`, and the chunk size checked against both devices' block sizes.
-    pub fn parse(
-        kind: &str,
-        chunk: &str,
+    /// `set_chunk_size`: a non-zero table chunk size checked against both devices' block
+    /// sizes.
+    pub fn new(
+        kind: StoreKind,
+        chunk_size: u64,
         cow_lbs: u64,
         origin_lbs: u64,
     ) -> Result<StoreSpec, TargetError> {
-        let mut chars = kind.chars();
-        let first = chars.next().map(|c| c.to_ascii_uppercase());
-        let rest: String = chars.collect();
-        let (persistent, overflow) = match first {
-            Some('P') => {
-                let overflow = match rest.chars().next().map(|c| c.to_ascii_uppercase()) {
-                    None => false,
-                    Some('O') => true,
-                    Some(_) => {
-                        return Err(TargetError::invalid(format!(
-                            "Couldn't create exception store: Unsupported persistent store option: {rest}"
-                        )))
-                    }
-                };
-                (true, overflow)
-            }
-            Some('N') => (false, false),
-            _ => {
-                return Err(TargetError::invalid(format!(
-                    "Couldn't create exception store: Exception store type is not P or N: {kind}"
-                )))
-            }
-        };
-        let chunk_size: u32 = chunk.parse().map_err(|_| {
-            TargetError::invalid(format!(
-                "Couldn't create exception store: Invalid chunk size {chunk}"
-            ))
-        })?;
-        let chunk_size = u64::from(chunk_size);
         if chunk_size != 0 {
             check_chunk_size(chunk_size, cow_lbs, origin_lbs).map_err(|m| {
                 TargetError::invalid(format!("Couldn't create exception store: {m}"))
             })?;
         }
-        Ok(StoreSpec {
-            persistent,
-            overflow,
-            chunk_size,
-        })
+        Ok(StoreSpec { kind, chunk_size })
     }
 }
 
@@ -239,11 +206,11 @@ pub fn lbs_sectors(dev: &dyn BlockDevice) -> u64 {
 
 /// Builds the store named by `spec` over `cow`.
 pub fn create(spec: StoreSpec, cow: Arc<dyn BlockDevice>) -> Box<dyn ExceptionStore> {
-    if spec.persistent {
+    if spec.kind.persistent() {
         Box::new(persistent::Persistent::new(
             cow,
             spec.chunk_size,
-            spec.overflow,
+            spec.kind.overflow(),
         ))
     } else {
         Box::new(transient::Transient::new(cow, spec.chunk_size))

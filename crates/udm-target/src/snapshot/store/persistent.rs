@@ -15,6 +15,7 @@ use super::check::Checker;
 use super::DEFAULT_CHUNK_SECTORS;
 use super::{
     check_chunk_size, chunk_io, lbs_sectors, ExceptionStore, LoadState, MetaStep, MetaWrite,
+    StoreKind,
 };
 use crate::target::TargetError;
 
@@ -457,12 +458,12 @@ impl ExceptionStore for Persistent {
         )
     }
 
-    fn table_status(&self) -> String {
-        format!(
-            " {} {}",
-            if self.overflow { "PO" } else { "P" },
-            self.chunk_size
-        )
+    fn kind(&self) -> StoreKind {
+        if self.overflow {
+            StoreKind::PersistentOverflow
+        } else {
+            StoreKind::Persistent
+        }
     }
 
     fn supports_merge(&self) -> bool {

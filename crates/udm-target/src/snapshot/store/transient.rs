@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use udm_io::{BlockDevice, IoError};
 
-use super::{ExceptionStore, LoadState, MetaWrite};
+use super::{ExceptionStore, LoadState, MetaWrite, StoreKind};
 use crate::target::TargetError;
 
 /// Next free sector and chunk size; that is all a transient store knows (plus whether the
@@ -76,7 +76,7 @@ impl ExceptionStore for Transient {
         (self.next_free, self.cow.size(), 0)
     }
 
-    fn table_status(&self) -> String {
-        format!(" N {}", self.chunk_size)
+    fn kind(&self) -> StoreKind {
+        StoreKind::Transient
     }
 }

@@ -1,5 +1,6 @@
-//! Target types by name, as the kernel's `dm_register_target` list: what `Table::build` looks
-//! names up in and what `udmsetup targets` prints.
+//! The catalog of target types by name, as the kernel's `dm_register_target` list: what
+//! `Table::build` looks names up in and what `udmsetup targets` prints. (Not udm-core's
+//! device registry.)
 
 use std::sync::Arc;
 
@@ -7,14 +8,14 @@ use udm_types::Errno;
 
 use crate::target::{TargetError, TargetType};
 
-/// The registered target types. Cheap to clone (types are shared).
+/// The known target types. Cheap to clone (types are shared).
 #[derive(Clone, Default)]
-pub struct TargetRegistry {
+pub struct TargetCatalog {
     /// In registration order.
     types: Vec<Arc<dyn TargetType>>,
 }
 
-impl std::fmt::Debug for TargetRegistry {
+impl std::fmt::Debug for TargetCatalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
             .entries(self.types.iter().map(|t| t.name()))
@@ -22,8 +23,8 @@ impl std::fmt::Debug for TargetRegistry {
     }
 }
 
-impl TargetRegistry {
-    /// An empty registry (tests, embedders that want a restricted set).
+impl TargetCatalog {
+    /// An empty catalog (tests, embedders that want a restricted set).
     pub fn new() -> Self {
         Self::default()
     }
@@ -32,13 +33,19 @@ impl TargetRegistry {
     /// snapshot family.
     pub fn with_builtins() -> Self {
         let mut reg = Self::new();
-        reg.register(Arc::new(crate::error::ErrorType));
+        reg.register(Arc::new(crate::error_target::ErrorType));
         reg.register(Arc::new(crate::linear::LinearType));
         reg.register(Arc::new(crate::striped::StripedType));
         reg.register(Arc::new(crate::zero::ZeroType));
         reg.register(Arc::new(crate::delay::DelayType));
         reg.register(Arc::new(crate::flakey::FlakeyType));
-        crate::snapshot::register(&mut reg);
+        reg.register(Arc::new(crate::snapshot::origin::OriginType));
+        reg.register(Arc::new(crate::snapshot::snap::SnapshotType {
+            merge: false,
+        }));
+        reg.register(Arc::new(crate::snapshot::snap::SnapshotType {
+            merge: true,
+        }));
         reg
     }
 
@@ -90,7 +97,7 @@ mod tests {
 
     #[test]
     fn builtins_have_kernel_versions() {
-        let reg = TargetRegistry::with_builtins();
+        let reg = TargetCatalog::with_builtins();
         let list = reg.list();
         let v = |n: &str| list.iter().find(|(x, _)| x == n).map(|(_, v)| *v);
         assert_eq!(v("linear"), Some([1, 5, 0]));

@@ -5,7 +5,7 @@
 use udm_io::{Bio, IoError};
 use udm_types::Errno;
 
-use crate::table::args;
+use crate::args::{self, ErrorParams, FromArgs};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
 
 /// The `error` target type.
@@ -32,14 +32,13 @@ impl TargetType for ErrorType {
         ctx: &mut dyn CtorContext,
         argv: &[String],
     ) -> Result<Box<dyn Target>, TargetError> {
-        let dev = match argv {
-            [path, offset] => {
-                let start = args::sector(offset)?;
-                let dev = args::get_device(ctx, path)?;
+        let dev = match ErrorParams::from_args(argv)?.dev {
+            Some((path, start)) => {
+                let dev = args::get_device(ctx, &path)?;
                 dev.check_area(start, ctx.len())?;
                 Some((dev, start))
             }
-            _ => None,
+            None => None,
         };
         Ok(Box::new(ErrorTarget { dev }))
     }

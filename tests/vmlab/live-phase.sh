@@ -1,0 +1,60 @@
+# Sourced into the guest scripts of the kernel export tests (kernel-ublk.sh, kernel-nbd.sh):
+# the live phase every export goes through. With udm device VOL's filesystem mounted from DEV at
+# MNT, a writer adds files while an interposer is attached and detached three times and a live
+# snapshot is taken with `udm snapshot take --freeze`; the snapshot, made a block device by the
+# caller's `snap_attach NAME` (sets SDEV) and `snap_detach NAME`, must pass e2fsck -fn and hold
+# every file written before it; the live filesystem must hold every file and pass e2fsck after
+# unmounting. Prints REDIRECTED_n, WRITTEN, FSCK_SNAPSHOT, SNAPSHOT_FILES and FSCK_LIVE lines;
+# leaves the checksums of every file in /tmp/sums. Needs fail and run from the caller.
+# Usage: live_phase VOL DEV MNT SECTORS
+live_phase() {
+  vol=$1; dev=$2; mnt=$3; sectors=$4
+  (cd "$mnt" && find . -type f ! -name 'lost+found' | xargs md5sum) > /tmp/pre.sums
+  # File wN holds 64 KiB of "N" lines; /tmp/written lists the files whose write returned.
+  mkdir "$mnt/live"; rm -f /tmp/stop /tmp/written; touch /tmp/written
+  ( i=0
+    while [ ! -e /tmp/stop ] && [ $i -lt 400 ]; do
+      i=$((i + 1))
+      yes $i | head -c 65536 > "$mnt/live/w$i" && echo $i >> /tmp/written
+      [ $((i % 25)) = 0 ] && sync
+    done ) &
+  writer=$!
+  sleep 1
+  for c in 1 2 3; do
+    run udmsetup create trace --interpose --table "0 $sectors delay $vol 0 2"
+    sleep 1
+    echo "REDIRECTED_$c $(udmsetup info trace | awk '/^Redirected:/ {print $2}')"
+    run udmsetup remove trace
+  done
+  before=$(wc -l < /tmp/written)
+  run udm snapshot take "$vol" --cow /tmp/vsnap.cow --size 64M --store P --name vsnap --freeze "$mnt"
+  sleep 1
+  touch /tmp/stop; wait $writer
+  echo "WRITTEN before_snapshot=$before total=$(wc -l < /tmp/written)"
+  run sync
+  snap_attach vsnap
+  timeout 120 e2fsck -fn "$SDEV" > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck of the snapshot"; }
+  echo "FSCK_SNAPSHOT ok"
+  mkdir -p /snap
+  run mount -t ext4 -o ro,noload "$SDEV" /snap
+  n=0
+  for i in $(seq "$before"); do
+    [ "$(yes $i | head -c 65536 | md5sum | cut -d' ' -f1)" = "$(md5sum < /snap/live/w$i | cut -d' ' -f1)" ] \
+      || fail "snapshot file w$i differs from what was written before the snapshot"
+    n=$((n + 1))
+  done
+  (cd /snap && md5sum -c /tmp/pre.sums > /tmp/sums.out 2>&1) || { cat /tmp/sums.out; fail "snapshot checksums"; }
+  echo "SNAPSHOT_FILES ok $n + $(wc -l < /tmp/pre.sums)"
+  run umount /snap
+  snap_detach vsnap
+  run udm snapshot drop vsnap
+  rm -f /tmp/vsnap.cow
+  for i in $(cat /tmp/written); do
+    [ "$(yes $i | head -c 65536 | md5sum | cut -d' ' -f1)" = "$(md5sum < "$mnt/live/w$i" | cut -d' ' -f1)" ] \
+      || fail "live file w$i differs"
+  done
+  (cd "$mnt" && find . -type f ! -name 'lost+found' | sed 's|^\./||' | xargs md5sum) > /tmp/sums
+  run umount "$mnt"
+  timeout 120 e2fsck -fn "$dev" > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck after the live phase"; }
+  echo "FSCK_LIVE ok $(wc -l < /tmp/sums) files"
+}
