@@ -54,18 +54,18 @@ transcript() { sed -n "/^@@TRANSCRIPT $1\$/,/^@@TRANSCRIPT-END\$/p" <<<"$out" | 
 normalise_udm() {
   perl -pe "s/(?<![0-9])8:(0|16)(?![0-9])/$VMAJ:\$1/g; s/\\(8, (0|16)\\)/($VMAJ, \$1)/g;
             s/(?<![0-9])253:([0-9]+)/$DMAJ:\$1/g; s/\\(253, ([0-9]+)\\)/($DMAJ, \$1)/g;
-            s/^(Major, minor: +)253, /\$1$DMAJ, /" | grep -v '^E: udmd: '
+            s/^(Major, minor: +)253, /\${1}$DMAJ, /" | grep -v '^E: udmd: '
 }
 targets_sorted() {
   # Within the `targets` command only: keep udm's target names, sorted.
   local line intg=0 buf=()
   while IFS= read -r line; do
-    if [[ $line == '$ '* ]]; then
+    if [[ $line == '$ '* || $line == '## '* ]]; then
       if [ $intg = 1 ] && [ ${#buf[@]} -gt 0 ]; then printf '%s\n' "${buf[@]}" | LC_ALL=C sort; fi
       buf=(); intg=0; [ "$line" = '$ dmsetup targets' ] && intg=1
       printf '%s\n' "$line"
     elif [ $intg = 1 ]; then
-      [[ " $1 " == *" ${line%% *} "* ]] && buf+=("${line%% v[0-9]*}")
+      [[ " $1 " == *" ${line%% *} "* ]] && buf+=("${line%% *}")
     else
       printf '%s\n' "$line"
     fi
@@ -73,7 +73,7 @@ targets_sorted() {
   if [ $intg = 1 ] && [ ${#buf[@]} -gt 0 ]; then printf '%s\n' "${buf[@]}" | LC_ALL=C sort; fi
 }
 transcript udmsetup | normalise_udm > "$OUT/udmsetup.raw"
-names=$(awk '/^\$ dmsetup targets$/ {f=1; next} /^\$ / {f=0} f {print $1}' "$OUT/udmsetup.raw" | tr '\n' ' ')
+names=$(awk '/^\$ dmsetup targets$/ {f=1; next} /^(\$|##) / {f=0} f {print $1}' "$OUT/udmsetup.raw" | tr '\n' ' ')
 targets_sorted "$names" < "$OUT/udmsetup.raw" > "$OUT/udmsetup.txt"
 transcript dmsetup | targets_sorted "$names" > "$OUT/dmsetup.txt"
 if diff -u "$OUT/dmsetup.txt" "$OUT/udmsetup.txt" > "$OUT/diff.txt"; then

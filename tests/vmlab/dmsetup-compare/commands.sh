@@ -188,6 +188,29 @@ t wait --noflush z3 99
 t message lin 0 hello
 t message snap 0 hello
 
+echo "## concise create, table files, deferred remove"
+t create --concise "c1,,,,0 8 zero;c2,UUID-C2,,ro,0 8 zero,8 8 error"
+t table --concise c1 c2
+t info c2
+printf '0 16 zero\n' > /tmp/table.txt
+t load c1 /tmp/table.txt
+t resume c1
+t table c1
+t create c3 /tmp/table.txt
+t table c3
+t create dfr --table "0 8 linear /dev/mapper/c1 0"
+t remove --deferred c1
+t info c1
+t info -c -o name,attr,open c1
+t message c1 0 @cancel_deferred_remove
+t info c1
+t remove --deferred c1
+t remove dfr
+t ls
+t remove c2 c3
+t ls --tree -o utf
+t ls --tree -o vt100
+
 echo "## errors"
 t info missing
 t info -c missing
