@@ -48,9 +48,35 @@ fn formats_match_dmsetup() {
     d.ok(&["clear", "lin"]);
     assert!(d.ok(&["info", "lin"]).contains("Tables present:    LIVE\n"));
     d.ok(&["create", "empty", "--notable"]);
+    // No table ever loaded: as in the kernel, no block device yet, so no read-ahead (and
+    // dmsetup's `open failed` on stderr), no dm-N name, and a concise line without a table.
+    let o = d.udmsetup(&["info", "empty"]);
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(info.contains("Tables present:    None\n"), "{info}");
+    assert!(!info.contains("Read Ahead:"), "{info}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "/dev/mapper/empty: open failed: No such device or address\n"
+    );
+    assert_eq!(d.ok(&["table", "--concise", "empty"]), "empty,,3,rw\n");
+    assert!(d
+        .ok(&["ls", "-o", "blkdevname"])
+        .contains("empty\t(253:3)\n"));
+    let o = d.udmsetup(&["info", "-c", "-o", "name,blkdevname"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("empty"));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "Could not resolve block device name for 253:3.\n\
+         _do_report_object: report function failed for field blkdevname\nCommand failed.\n"
+    );
+    // Once a table was loaded the block device stays, even with the table cleared.
+    d.ok(&["load", "empty", "--table", "0 8 zero"]);
+    d.ok(&["clear", "empty"]);
     assert!(d
         .ok(&["info", "empty"])
-        .contains("Tables present:    None\n"));
+        .contains("Read Ahead:        256\n"));
+    assert_eq!(d.ok(&["table", "--concise", "empty"]), "empty,,3,rw\n");
     d.ok(&["remove", "empty"]);
     let cols = d.ok(&["info", "-c"]);
     let mut lines = cols.lines();
@@ -68,10 +94,11 @@ fn formats_match_dmsetup() {
     );
     assert_eq!(d.ok(&["status", "st"]), "0 2048 striped 2 8:0 8:16 1 AA\n");
     assert_eq!(d.ok(&["status", "z"]), "0 100 zero \n");
-    assert_eq!(d.ok(&["deps", "lin"]), "2 dependencies\t: (8, 0) (8, 16)\n");
+    // The kernel's order: the device the table added last comes first.
+    assert_eq!(d.ok(&["deps", "lin"]), "2 dependencies\t: (8, 16) (8, 0)\n");
     assert_eq!(
         d.ok(&["deps", "-o", "devname", "lin"]),
-        "2 dependencies\t: (a) (b)\n"
+        "2 dependencies\t: (b) (a)\n"
     );
     let targets = d.ok(&["targets"]);
     for t in [
@@ -98,7 +125,7 @@ fn formats_match_dmsetup() {
         .unwrap();
     let tree = String::from_utf8_lossy(&o.stdout);
     assert!(
-        tree.starts_with("lin (253:0)\n |- (8:0)\n `- (8:16)\n"),
+        tree.starts_with("lin (253:0)\n |- (8:16)\n `- (8:0)\n"),
         "{tree}"
     );
     // Interposition shows in the tree and in info.
