@@ -108,7 +108,7 @@ fn create_refused(ctx: &mut Ctx<'_>, name: &str) -> Result<bool, CliError> {
         return Ok(false);
     };
     Ok(matches!(
-        ctx.call("create", &name, Request::NameByUuid { uuid }),
+        ctx.call("create", name, Request::NameByUuid { uuid }),
         Ok(Response::Name(_))
     ))
 }
