@@ -100,6 +100,13 @@ fn formats_match_dmsetup() {
         d.ok(&["deps", "-o", "devname", "lin"]),
         "2 dependencies\t: (b) (a)\n"
     );
+    // -v: the device's info first, as dmsetup's _deps prints it.
+    let v = d.ok(&["-v", "deps", "lin"]);
+    assert!(
+        v.starts_with("Name:              lin\n")
+            && v.ends_with("Number of targets: 2\n\n2 dependencies\t: (8, 16) (8, 0)\n"),
+        "{v}"
+    );
     let targets = d.ok(&["targets"]);
     for t in [
         "linear           v1.5.0",

@@ -236,7 +236,16 @@ t remove missing
 t message missing 0 x
 t wait missing 1
 t remove lin
+t remove -f lin
+t table lin
+t info -c -o name,attr,open,segments lin
 t -u NO-SUCH-UUID info
+
+echo "## verbose reads"
+t -v table lin2
+t -v status z3
+t -v deps top
+t -v info -c z3
 
 echo "## remove"
 t remove top

@@ -317,6 +317,10 @@ pub(super) fn deps(ctx: &mut Ctx<'_>, a: DepsArgs) -> Result<(), CliError> {
     };
     let mut text = String::new();
     for d in &out {
+        // dmsetup -v: the device's info before its dependencies (`_deps`).
+        if ctx.verbose > 0 {
+            text.push_str(&format::info::info_long(&ctx.info_of("info", &d.name)?));
+        }
         text.push_str(&format::deps::deps_line(d, multi, style, &|dep| {
             mapped.contains(&(dep.major, dep.minor))
         }));
