@@ -54,6 +54,10 @@ pub enum CliError {
         /// The daemon's message.
         message: String,
     },
+    /// A report field could not be shown for some devices (dmsetup's `_do_report_object`
+    /// failure); the text is dmsetup's, one or more lines.
+    #[error("{}", .0.trim_end())]
+    ReportField(String),
     /// Writing the output failed (e.g. a closed pipe).
     #[error("write error: {0}")]
     Output(#[from] std::io::Error),
@@ -67,19 +71,27 @@ impl HasErrno for CliError {
             CliError::Connect(e) | CliError::Client { source: e, .. } => e.errno(),
             CliError::Refused { reply, .. } => Errno(reply.errno),
             CliError::Unexpected { .. } => Errno::EPROTO,
-            CliError::NoDevice { .. } => Errno::ENXIO,
+            CliError::NoDevice { .. } | CliError::ReportField(_) => Errno::ENXIO,
             CliError::Output(e) => Errno::from_io(e),
         }
     }
 }
 
 impl CliError {
-    /// Turns a client error into the CLI error of `command` on `device`; ENXIO becomes
-    /// [`CliError::NoDevice`] as libdm turns it into "device does not exist".
+    /// Turns a client error into the CLI error of `command` on `device`; ENXIO of `info` and
+    /// `status` becomes [`CliError::NoDevice`] as libdm turns it into "device does not exist"
+    /// (`_do_dm_ioctl` clears DM_EXISTS_FLAG for INFO, MKNODES and STATUS only), and so does
+    /// ENXIO of the udm-only verbs; every other dm command reports the ioctl failure.
     pub fn from_client(command: &str, device: &str, e: ClientError) -> CliError {
         match e {
             ClientError::Connect { .. } => CliError::Connect(e),
-            ClientError::Refused(reply) if reply.errno == libc::ENXIO && !device.is_empty() => {
+            ClientError::Refused(reply)
+                if reply.errno == libc::ENXIO
+                    && !device.is_empty()
+                    && (matches!(command, "info" | "status")
+                        || command.starts_with("disk")
+                        || command.starts_with("export")) =>
+            {
                 CliError::NoDevice {
                     device: device.to_string(),
                     message: reply.message,
@@ -142,6 +154,21 @@ mod tests {
         );
         assert_eq!(e.report(false), "Device does not exist.\n");
         assert_eq!(e.errno(), Errno::ENXIO);
+        // Other commands report the ioctl (dmsetup `table missing`, `remove missing`).
+        let e = CliError::from_client(
+            "table",
+            "nope ",
+            ClientError::Refused(ErrorReply {
+                errno: libc::ENXIO,
+                errno_name: "ENXIO".into(),
+                message: "no mapped device nope".into(),
+            }),
+        );
+        assert_eq!(
+            e.report(false),
+            "device-mapper: table ioctl on nope  failed: No such device or address\n\
+             udmd: no mapped device nope [ENXIO]\n"
+        );
         let e = CliError::from_client(
             "remove",
             "o",

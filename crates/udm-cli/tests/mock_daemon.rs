@@ -106,6 +106,7 @@ fn info(name: &str, minor: u32) -> InfoRecord {
         interposers: vec![],
         redirected: 0,
         unavailable: None,
+        no_block_device: false,
     }
 }
 
@@ -193,7 +194,7 @@ fn refusal_names_the_ioctl_and_carries_the_daemon_message() {
     assert_eq!(o.code, 1);
     assert_eq!(
         o.stderr,
-        "device-mapper: remove ioctl on alpha failed: Device or resource busy\n\
+        "device-mapper: remove ioctl on alpha  failed: Device or resource busy\n\
          udmd: device alpha is open (nbd:alpha) [EBUSY]\n\
          Command failed.\n"
     );

@@ -186,7 +186,16 @@ impl BlockDevice for MappedDevice {
     fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
         let _g = self.gate.enter(Flow::Direct);
         match self.live.load_full() {
-            Some(l) => l.table.block_status(sector, sectors),
+            // Like the backends, a range running past the end is cut at the end.
+            Some(l) => {
+                let size = l.table.size();
+                let sectors = if sector < size {
+                    sectors.min(size - sector)
+                } else {
+                    sectors
+                };
+                l.table.block_status(sector, sectors)
+            }
             None => Err(IoError::errno(
                 BioKind::Read,
                 sector,

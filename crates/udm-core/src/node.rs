@@ -196,6 +196,9 @@ impl BlockDevice for DeviceNode {
         if hooks.is_empty() {
             return self.backend.submit(bio);
         }
+        // The block layer refuses a request beyond the device end before any interposer sees
+        // it (bio_check_eod); split among the hooks it would be executed in part.
+        udm_io::device::check_range(&bio, self.size())?;
         guard.reclassify(Flow::Redirected);
         self.route(&hooks, bio)
     }

@@ -188,6 +188,9 @@ pub struct MdInfo {
     /// Why a recorded table could not be rebuilt (a device it names is unavailable); `None`
     /// when the device is complete.
     pub unavailable: Option<String>,
+    /// No table was ever loaded: the kernel adds a mapped device's block device (gendisk) at
+    /// its first table load, so until then it has no read-ahead and no `dm-N` name.
+    pub no_block_device: bool,
 }
 
 /// Kind of device in a listing.
@@ -216,6 +219,8 @@ pub struct DeviceSummary {
     pub interposes: Vec<DevId>,
     /// Why the device is unavailable, if it is.
     pub unavailable: Option<String>,
+    /// A mapped device that never had a table (see [`MdInfo::no_block_device`]).
+    pub no_block_device: bool,
 }
 
 #[derive(Clone)]
@@ -249,6 +254,18 @@ struct MdState {
     deferred_remove: bool,
     /// Recorded tables not rebuilt yet (a device they name is unavailable).
     pending: Option<Pending>,
+    /// A table has been loaded at least once (the kernel's gendisk exists).
+    loaded_once: bool,
+}
+
+impl MdState {
+    /// The kernel's "no block device yet": no table was ever loaded (and none is recorded).
+    fn no_block_device(&self) -> bool {
+        !self.loaded_once
+            && self.live.is_none()
+            && self.inactive.is_none()
+            && self.pending.is_none()
+    }
 }
 
 #[derive(Clone)]
@@ -591,6 +608,7 @@ impl Registry {
             .entries
             .iter()
             .map(|(id, e)| {
+                let no_block_device = e.md().is_some_and(MdState::no_block_device);
                 let (kind, deps, interposes) = match &e.kind {
                     EntryKind::Disk { .. } => (DeviceKind::Disk, vec![], vec![]),
                     EntryKind::Partition { parent } => {
@@ -600,7 +618,8 @@ impl Registry {
                         let deps = m
                             .live
                             .as_ref()
-                            .map(|l| l.uses.iter().map(|u| u.dev).collect())
+                            // The kernel's deps order (see `deps`): newest first.
+                            .map(|l| l.uses.iter().rev().map(|u| u.dev).collect())
                             .unwrap_or_default();
                         let ip = m
                             .live
@@ -617,6 +636,7 @@ impl Registry {
                     deps,
                     interposes,
                     unavailable: e.unavailable_reason(),
+                    no_block_device,
                 }
             })
             .collect()
@@ -667,6 +687,7 @@ impl Registry {
                         inactive: None,
                         deferred_remove: false,
                         pending: None,
+                        loaded_once: false,
                     })),
                 ),
             );

@@ -15,8 +15,7 @@ use udm_target::table::TableSpec;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-mod common;
-use common::{create, IP};
+use udm_testkit::core::{create, IP};
 
 fn setup() -> (Registry, Arc<MemDevice>) {
     let reg = Registry::new();

@@ -7,8 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-mod common;
-
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -318,7 +316,8 @@ fn large_and_unaligned_writes_reach_the_device_through_an_interposer() {
     for batch in 0..24usize {
         let attached = batch % 2 == 0;
         if attached {
-            common::create(&reg, "ip", &tables[batch / 2 % 2], common::IP).unwrap();
+            udm_testkit::core::create(&reg, "ip", &tables[batch / 2 % 2], udm_testkit::core::IP)
+                .unwrap();
         }
         for _ in 0..40 {
             op += 1;
@@ -356,7 +355,7 @@ fn large_and_unaligned_writes_reach_the_device_through_an_interposer() {
     if let Some(d) = first_difference(&got, &model) {
         panic!("the backing device is not what was acknowledged: {d}");
     }
-    common::create(&reg, "ip", &tables[0], common::IP).unwrap();
+    udm_testkit::core::create(&reg, "ip", &tables[0], udm_testkit::core::IP).unwrap();
     got.fill(0xee);
     node.submit(Bio::read(0, &mut got)).unwrap();
     if let Some(d) = first_difference(&got, &model) {

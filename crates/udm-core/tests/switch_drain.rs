@@ -9,9 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-mod common;
-
-use common::{create, IP};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +17,7 @@ use udm_core::Registry;
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
 use udm_target::table::TableSpec;
+use udm_testkit::core::{create, IP};
 use udm_testkit::join_within;
 
 const SECTORS: u64 = 8192;

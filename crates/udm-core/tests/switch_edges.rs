@@ -19,8 +19,7 @@ use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
 #[allow(dead_code)] // not every helper is used here
-mod common;
-use common::create;
+use udm_testkit::core::create;
 
 const SECTORS: u64 = 8192;
 

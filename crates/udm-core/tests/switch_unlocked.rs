@@ -19,8 +19,7 @@ use udm_testkit::{join_within, within};
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
-mod common;
-use common::{create, IP};
+use udm_testkit::core::{create, IP};
 
 const SECTORS: u64 = 8192;
 

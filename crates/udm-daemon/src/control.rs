@@ -124,6 +124,7 @@ impl Daemon {
                 .collect(),
             redirected: i.redirected,
             unavailable: i.unavailable,
+            no_block_device: i.no_block_device,
         })
     }
 
@@ -386,6 +387,7 @@ impl Daemon {
                         deps: d.deps.iter().map(|x| x.to_string()).collect(),
                         interposes: d.interposes.iter().map(|x| x.to_string()).collect(),
                         unavailable: d.unavailable,
+                        no_block_device: d.no_block_device,
                     })
                     .collect(),
             )),
@@ -470,7 +472,19 @@ impl Daemon {
                 },
             });
         }
-        Ok(Response::Concise(ConciseDevice::format_list(&out)))
+        // dmsetup prints a device without a table as `name,uuid,minor,flags`, without the
+        // empty table field (and its comma) that `ConciseDevice` writes to parse back.
+        let parts: Vec<String> = out
+            .iter()
+            .map(|d| {
+                let s = d.to_string();
+                match s.strip_suffix(',') {
+                    Some(t) if d.table.lines.is_empty() => t.to_string(),
+                    _ => s,
+                }
+            })
+            .collect();
+        Ok(Response::Concise(parts.join(";")))
     }
 }
 

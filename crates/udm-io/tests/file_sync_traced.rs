@@ -4,12 +4,10 @@
 //! the syscalls can tell. The steps are delimited by `chdir` to marker paths that fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-mod common;
-
-use common::{have_tool, tool_cmd};
 use std::ffi::CString;
 use udm_io::backend::file::FileDevice;
 use udm_io::{Bio, BioFlags, BlockDevice};
+use udm_testkit::host::{have_tool, tool_cmd};
 
 const CHILD: &str = "UDM_IO_TEST_SYNC_CHILD";
 const MARK: &str = "/nonexistent/udm-sync-step-";

@@ -3,9 +3,6 @@
 //! plus property tests feeding garbage and mutated tables to the parser.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-mod common;
-
-use common::{find_tool_in, have_tool, tool_cmd, LoopDev};
 use proptest::prelude::*;
 use std::path::Path;
 use std::process::Stdio;
@@ -16,6 +13,7 @@ use udm_io::partition::{
 };
 use udm_io::slice::SliceDevice;
 use udm_io::{Bio, BlockDevice};
+use udm_testkit::host::{find_tool_in, have_tool, tool_cmd, LoopDev};
 
 /// The sfdisk cross-checks do not skip for a user whose PATH lacks /usr/sbin and /sbin (the
 /// Debian default for non-root): the tools are looked up there too.

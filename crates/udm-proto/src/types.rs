@@ -352,6 +352,10 @@ pub struct InfoRecord {
     /// when the device is complete.
     #[serde(default)]
     pub unavailable: Option<String>,
+    /// No table was ever loaded, so (as in the kernel) there is no block device yet: `info`
+    /// has no read-ahead and the device has no `dm-N` name.
+    #[serde(default)]
+    pub no_block_device: bool,
 }
 
 /// Kind of device in `List`.
@@ -384,6 +388,9 @@ pub struct DeviceRecord {
     /// Why the device is unavailable; `null` when available.
     #[serde(default)]
     pub unavailable: Option<String>,
+    /// A mapped device without a block device yet (see [`InfoRecord::no_block_device`]).
+    #[serde(default)]
+    pub no_block_device: bool,
 }
 
 /// One table or status line: udm-table's line type, whose JSON is `{"start", "len",

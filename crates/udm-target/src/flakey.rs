@@ -5,8 +5,10 @@
 //! Features: `error_reads`, `drop_writes`, `error_writes`,
 //! `corrupt_bio_byte <N> <r|w> <value> <flags>`, `random_read_corrupt <p>`,
 //! `random_write_corrupt <p>` (p out of 1 000 000 000). Without features the down period fails
-//! every request, which the table output shows as `2 error_reads error_writes`, as the kernel
-//! prints it. Argument checks and messages are the kernel's.
+//! every request (mainline implies `error_reads error_writes`). The table line is Linux 6.1's
+//! (what `dmsetup table` prints on the kernels in use): the feature count and each feature
+//! followed by a space (`60 0 0 `, `60 5 1 drop_writes `), implied features not listed.
+//! Argument checks and messages are the kernel's.
 
 use std::time::Instant;
 

@@ -9,6 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod bounded;
+pub mod conformance;
+pub mod core;
+pub mod host;
 mod park;
 mod pki;
 pub use bounded::{join_within, udmsetup_bg, within};
@@ -53,8 +56,7 @@ pub fn have(tool: &str, test: &str) -> bool {
 
 /// True when running as root; otherwise prints a loud SKIPPED line.
 pub fn root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let ok = unsafe { libc::geteuid() } == 0;
+    let ok = host::is_root();
     if !ok {
         eprintln!("SKIPPED {test}: needs root");
     }

@@ -48,9 +48,35 @@ fn formats_match_dmsetup() {
     d.ok(&["clear", "lin"]);
     assert!(d.ok(&["info", "lin"]).contains("Tables present:    LIVE\n"));
     d.ok(&["create", "empty", "--notable"]);
+    // No table ever loaded: as in the kernel, no block device yet, so no read-ahead (and
+    // dmsetup's `open failed` on stderr), no dm-N name, and a concise line without a table.
+    let o = d.udmsetup(&["info", "empty"]);
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(info.contains("Tables present:    None\n"), "{info}");
+    assert!(!info.contains("Read Ahead:"), "{info}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "/dev/mapper/empty: open failed: No such device or address\n"
+    );
+    assert_eq!(d.ok(&["table", "--concise", "empty"]), "empty,,3,rw\n");
+    assert!(d
+        .ok(&["ls", "-o", "blkdevname"])
+        .contains("empty\t(253:3)\n"));
+    let o = d.udmsetup(&["info", "-c", "-o", "name,blkdevname"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("empty"));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "Could not resolve block device name for 253:3.\n\
+         _do_report_object: report function failed for field blkdevname\nCommand failed.\n"
+    );
+    // Once a table was loaded the block device stays, even with the table cleared.
+    d.ok(&["load", "empty", "--table", "0 8 zero"]);
+    d.ok(&["clear", "empty"]);
     assert!(d
         .ok(&["info", "empty"])
-        .contains("Tables present:    None\n"));
+        .contains("Read Ahead:        256\n"));
+    assert_eq!(d.ok(&["table", "--concise", "empty"]), "empty,,3,rw\n");
     d.ok(&["remove", "empty"]);
     let cols = d.ok(&["info", "-c"]);
     let mut lines = cols.lines();
@@ -68,10 +94,18 @@ fn formats_match_dmsetup() {
     );
     assert_eq!(d.ok(&["status", "st"]), "0 2048 striped 2 8:0 8:16 1 AA\n");
     assert_eq!(d.ok(&["status", "z"]), "0 100 zero \n");
-    assert_eq!(d.ok(&["deps", "lin"]), "2 dependencies\t: (8, 0) (8, 16)\n");
+    // The kernel's order: the device the table added last comes first.
+    assert_eq!(d.ok(&["deps", "lin"]), "2 dependencies\t: (8, 16) (8, 0)\n");
     assert_eq!(
         d.ok(&["deps", "-o", "devname", "lin"]),
-        "2 dependencies\t: (a) (b)\n"
+        "2 dependencies\t: (b) (a)\n"
+    );
+    // -v: the device's info first, as dmsetup's _deps prints it.
+    let v = d.ok(&["-v", "deps", "lin"]);
+    assert!(
+        v.starts_with("Name:              lin\n")
+            && v.ends_with("Number of targets: 2\n\n2 dependencies\t: (8, 16) (8, 0)\n"),
+        "{v}"
     );
     let targets = d.ok(&["targets"]);
     for t in [
@@ -98,7 +132,7 @@ fn formats_match_dmsetup() {
         .unwrap();
     let tree = String::from_utf8_lossy(&o.stdout);
     assert!(
-        tree.starts_with("lin (253:0)\n |- (8:0)\n `- (8:16)\n"),
+        tree.starts_with("lin (253:0)\n |- (8:16)\n `- (8:0)\n"),
         "{tree}"
     );
     // Interposition shows in the tree and in info.
@@ -244,9 +278,20 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         ),
         (vec!["create", "x", "--table", "0 16 linear x 0"], "EINVAL"),
         (vec!["create", "x", "--table", "0 16 linear lin 0"], "EBUSY"),
-        (vec!["remove", "nosuch"], "Device does not exist."),
-        (vec!["suspend", "nosuch"], "Device does not exist."),
-        (vec!["resume", "nosuch"], "Device does not exist."),
+        // dmsetup says "Device does not exist." for info and status only; other commands
+        // report the failed ioctl (libdm names the device as `<name> <uuid>`).
+        (
+            vec!["remove", "nosuch"],
+            "remove ioctl on nosuch  failed: No such device or address",
+        ),
+        (
+            vec!["suspend", "nosuch"],
+            "suspend ioctl on nosuch  failed: No such device or address",
+        ),
+        (
+            vec!["resume", "nosuch"],
+            "resume ioctl on nosuch  failed: No such device or address",
+        ),
         (vec!["rename", "lin", "z"], "EBUSY"),
         (vec!["rename", "z", "--setuuid", "OTHER"], "EINVAL"),
         (vec!["message", "lin", "0", "foo"], "EINVAL"),
@@ -267,7 +312,10 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         (vec!["export", "add", "a", "--nbd"], "EBUSY"),
         (vec!["export", "remove", "nbd:nosuch"], "ENOENT"),
         (vec!["remove", "lin"], "EBUSY"),
-        (vec!["wait", "nosuch"], "Device does not exist."),
+        (
+            vec!["wait", "nosuch"],
+            "waitevent ioctl on nosuch  failed: No such device or address",
+        ),
     ];
     assert!(cases.len() >= 30);
     for (args, want) in &cases {

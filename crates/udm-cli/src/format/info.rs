@@ -29,7 +29,11 @@ pub fn info_long(i: &InfoRecord) -> String {
             ""
         }
     ));
-    s.push_str(&format!("Read Ahead:        {READ_AHEAD}\n"));
+    // dmsetup reads the read-ahead from the block device; without one (no table ever loaded)
+    // the line is left out (and `open failed` goes to stderr, see [`no_block_device`]).
+    if !i.no_block_device {
+        s.push_str(&format!("Read Ahead:        {READ_AHEAD}\n"));
+    }
     if !i.live_present && !i.inactive_present {
         s.push_str("Tables present:    None\n");
     } else {
@@ -71,6 +75,25 @@ pub fn info_long(i: &InfoRecord) -> String {
     }
     s.push('\n');
     s
+}
+
+/// dmsetup's complaint on stderr when it opens a device that has no block device yet (no table
+/// was ever loaded) to read its read-ahead.
+pub fn no_block_device(i: &InfoRecord) -> String {
+    format!(
+        "/dev/mapper/{}: open failed: No such device or address\n",
+        i.name
+    )
+}
+
+/// dmsetup's complaint when `-o blkdevname` meets a device without a block device; the row is
+/// left out and the command fails.
+pub fn no_blkdevname(i: &InfoRecord) -> String {
+    format!(
+        "Could not resolve block device name for {}:{}.\n\
+         _do_report_object: report function failed for field blkdevname\n",
+        i.major, i.minor
+    )
 }
 
 /// `attr` (heading `Stat`): live `L`, inactive `I`, suspended `s`, read-only `r` / writable `w`
@@ -177,6 +200,7 @@ impl Field {
         match self {
             Field::Name => i.name.clone(),
             Field::Uuid => i.uuid.clone().unwrap_or_default(),
+            Field::ReadAhead if i.no_block_device => "0".into(),
             Field::ReadAhead => READ_AHEAD.to_string(),
             Field::BlkDevName => format!("dm-{}", i.minor),
             Field::Attr => attr(i),
@@ -268,6 +292,7 @@ mod tests {
             interposers: vec![],
             redirected: 0,
             unavailable: None,
+            no_block_device: false,
         }
     }
 

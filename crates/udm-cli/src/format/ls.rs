@@ -29,6 +29,12 @@ pub fn ls_names(devs: &[DeviceRecord], style: DevNameStyle) -> String {
     v.iter()
         .map(|d| {
             let line = match style {
+                // A device without a block device yet has no name to show but its number.
+                DevNameStyle::DevNo | DevNameStyle::BlkDevName | DevNameStyle::DevName
+                    if d.no_block_device =>
+                {
+                    format!("{}\t({}:{})", d.name, d.major, d.minor)
+                }
                 DevNameStyle::DevNo => format!("{}\t({}:{})", d.name, d.major, d.minor),
                 DevNameStyle::BlkDevName => format!("{}\t(dm-{})", d.name, d.minor),
                 DevNameStyle::DevName => format!("{}\t({})", d.name, d.name),
@@ -299,6 +305,7 @@ impl DepTree {
                 let rec = all.get(&dev);
                 let mapped = rec.is_some_and(|r| r.kind == DeviceKindRecord::Mapped);
                 let blk = match rec {
+                    Some(r) if mapped && r.no_block_device => String::new(),
                     Some(r) if mapped => format!("dm-{}", r.minor),
                     Some(r) => r.name.clone(),
                     None => String::new(),
@@ -564,6 +571,7 @@ mod tests {
             deps: deps.iter().map(|s| s.to_string()).collect(),
             interposes: vec![],
             unavailable: None,
+            no_block_device: false,
         }
     }
 

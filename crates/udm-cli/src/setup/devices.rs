@@ -12,6 +12,9 @@ use crate::session::unexpected;
 use std::path::Path;
 use udm_proto::{Request, Response};
 
+/// udmd's major for mapped devices (the kernel's usual device-mapper major).
+const DM_MAJOR: u32 = 253;
+
 /// libdm retries a busy remove 25 times, 200 ms apart (`libdm-iface.c` `_do_dm_ioctl`
 /// with `retry_remove`).
 const REMOVE_RETRIES: u32 = 25;
@@ -72,6 +75,7 @@ pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
         // dmsetup: no target lines = a device without a table (`_added_target == 0`).
         (!spec.lines.is_empty()).then(|| spec.to_string())
     };
+    let has_table = table.is_some();
     let req = Request::Create {
         name: name.clone(),
         uuid: ctx.uuid.clone(),
@@ -80,9 +84,53 @@ pub(super) fn create(ctx: &mut Ctx<'_>, a: CreateArgs) -> Result<(), CliError> {
         interpose: a.interpose,
         freeze: a.freeze.as_deref().map(super::udm_verbs::absolute),
     };
-    let r = ctx.call("create", &name, req)?;
-    expect_done("create", r)?;
-    ctx.verbose_info("info", &name)
+    match ctx.call("create", &name, req) {
+        Err(CliError::Refused { reply, .. }) if has_table && !create_refused(ctx, &name)? => {
+            Err(load_refused(ctx, &name, reply)?)
+        }
+        r => {
+            expect_done("create", r?)?;
+            ctx.verbose_info("info", &name)
+        }
+    }
+}
+
+/// Whether a failed `create NAME --table` failed where the kernel's DEV_CREATE fails (a name
+/// that is invalid or taken, a uuid that is taken) rather than in the table load after it.
+fn create_refused(ctx: &mut Ctx<'_>, name: &str) -> Result<bool, CliError> {
+    if udm_types::DevName::new(name).is_err() {
+        return Ok(true);
+    }
+    if super::query::mapped(ctx)?.iter().any(|d| d.name == name) {
+        return Ok(true);
+    }
+    let Some(uuid) = ctx.uuid.clone() else {
+        return Ok(false);
+    };
+    Ok(matches!(
+        ctx.call("create", name, Request::NameByUuid { uuid }),
+        Ok(Response::Name(_))
+    ))
+}
+
+/// libdm creates the device, then loads the table by name and device number and removes the
+/// device when the load fails, so dmsetup reports `reload ioctl on NAME (MAJ:MIN) failed` with
+/// the number the device had: the lowest free minor, which udm would have given it too.
+fn load_refused(
+    ctx: &mut Ctx<'_>,
+    name: &str,
+    reply: udm_proto::ErrorReply,
+) -> Result<CliError, CliError> {
+    let devs = super::query::mapped(ctx)?;
+    let major = devs.first().map_or(DM_MAJOR, |d| d.major);
+    let minor = (0..)
+        .find(|m| !devs.iter().any(|d| d.minor == *m))
+        .unwrap_or_default();
+    Ok(CliError::Refused {
+        command: "reload".into(),
+        device: format!("{name} ({major}:{minor})"),
+        reply,
+    })
 }
 
 pub(super) fn load(ctx: &mut Ctx<'_>, a: LoadArgs) -> Result<(), CliError> {

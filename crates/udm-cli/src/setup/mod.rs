@@ -34,7 +34,22 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn call(&mut self, command: &str, device: &str, req: Request) -> Result<Response, CliError> {
-        self.session.call(command, device, req)
+        let label = self.ioctl_label(command, device);
+        self.session.call(command, &label, req)
+    }
+
+    /// How libdm names the device in `device-mapper: <op> ioctl on <name> <uuid> failed`:
+    /// the name and the uuid it sent, either possibly empty (`on lin  failed`, `on  UUID
+    /// failed` with -u, `on dup UUID failed` for `create -u`). udm-only verbs keep the name.
+    fn ioctl_label(&self, command: &str, device: &str) -> String {
+        if device.is_empty() || command.starts_with("disk") || command.starts_with("export") {
+            return device.to_string();
+        }
+        match (&self.uuid, command) {
+            (Some(u), "create") => format!("{device} {u}"),
+            (Some(u), _) => format!(" {u}"),
+            (None, _) => format!("{device} "),
+        }
     }
 
     fn write(&mut self, s: &str) -> Result<(), CliError> {

@@ -44,6 +44,13 @@ fn list(ctx: &mut Ctx<'_>) -> Result<Vec<DeviceRecord>, CliError> {
     }
 }
 
+/// The mapped devices of `List`.
+pub(super) fn mapped(ctx: &mut Ctx<'_>) -> Result<Vec<DeviceRecord>, CliError> {
+    let mut v = list(ctx)?;
+    v.retain(|d| d.kind == DeviceKindRecord::Mapped);
+    Ok(v)
+}
+
 pub(super) fn info(ctx: &mut Ctx<'_>, a: InfoArgs) -> Result<(), CliError> {
     let infos = match targets_of(ctx, "info", a.names)? {
         None => all_infos(ctx)?,
@@ -61,8 +68,21 @@ pub(super) fn info(ctx: &mut Ctx<'_>, a: InfoArgs) -> Result<(), CliError> {
     if infos.is_empty() {
         return ctx.write(format::ls::NO_DEVICES);
     }
+    let (with_bdev, without): (Vec<InfoRecord>, Vec<InfoRecord>) =
+        infos.iter().cloned().partition(|i| !i.no_block_device);
     if a.columns {
         let fields = format::info::parse_fields(a.options.as_deref()).map_err(CliError::Usage)?;
+        if fields.contains(&format::info::Field::ReadAhead) {
+            without
+                .iter()
+                .for_each(|i| eprint!("{}", format::info::no_block_device(i)));
+        }
+        // dmsetup leaves out the row of a device without a `dm-N` name and fails.
+        let (rows, failed) = if fields.contains(&format::info::Field::BlkDevName) {
+            (with_bdev, without)
+        } else {
+            (infos, Vec::new())
+        };
         let mut style = if a.noheadings {
             ReportStyle::noheadings()
         } else {
@@ -72,10 +92,19 @@ pub(super) fn info(ctx: &mut Ctx<'_>, a: InfoArgs) -> Result<(), CliError> {
             style.separator = sep;
             style.aligned = false;
         }
-        return ctx.write(&format::info::info_columns(&infos, &fields, &style));
+        ctx.write(&format::info::info_columns(&rows, &fields, &style))?;
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let why: String = failed.iter().map(format::info::no_blkdevname).collect();
+        return Err(CliError::ReportField(why));
     }
     let text: String = infos.iter().map(format::info::info_long).collect();
-    ctx.write(&text)
+    ctx.write(&text)?;
+    without
+        .iter()
+        .for_each(|i| eprint!("{}", format::info::no_block_device(i)));
+    Ok(())
 }
 
 pub(super) fn ls(ctx: &mut Ctx<'_>, a: LsArgs) -> Result<(), CliError> {
@@ -241,7 +270,7 @@ pub(super) fn deps(ctx: &mut Ctx<'_>, a: DepsArgs) -> Result<(), CliError> {
     let multi = multiple(&a.names, ctx.uuid.is_some());
     let sel = targets_of(ctx, "deps", a.names)?;
     let all = sel.is_none();
-    let mut out: Vec<Result<DeviceDeps, String>> = Vec::new();
+    let mut out: Vec<DeviceDeps> = Vec::new();
     match sel {
         None => match ctx.call(
             "deps",
@@ -253,7 +282,7 @@ pub(super) fn deps(ctx: &mut Ctx<'_>, a: DepsArgs) -> Result<(), CliError> {
         )? {
             Response::Deps(mut v) => {
                 v.sort_by(|a, b| a.name.cmp(&b.name));
-                out.extend(v.into_iter().map(Ok));
+                out.extend(v);
             }
             other => return Err(unexpected("deps", &other)),
         },
@@ -263,19 +292,16 @@ pub(super) fn deps(ctx: &mut Ctx<'_>, a: DepsArgs) -> Result<(), CliError> {
                     name: Some(n.clone()),
                     inactive: a.inactive,
                 };
-                match ctx.call("deps", &n, req) {
-                    Ok(Response::Deps(v)) => out.extend(v.into_iter().map(Ok)),
-                    // dmsetup's _deps prints this on stdout and carries on successfully.
-                    Err(CliError::NoDevice { device, .. }) => out.push(Err(device)),
-                    Ok(other) => return Err(unexpected("deps", &other)),
-                    Err(e) => return Err(e),
+                // A missing device fails the deps ioctl (ENXIO), as in dmsetup.
+                match ctx.call("deps", &n, req)? {
+                    Response::Deps(v) => out.extend(v),
+                    other => return Err(unexpected("deps", &other)),
                 }
             }
         }
     }
     if ctx.json {
-        let v: Vec<&DeviceDeps> = out.iter().filter_map(|r| r.as_ref().ok()).collect();
-        return ctx.write(&format::json(&v));
+        return ctx.write(&format::json(&out));
     }
     if all && out.is_empty() {
         return ctx.write(format::ls::NO_DEVICES);
@@ -290,13 +316,14 @@ pub(super) fn deps(ctx: &mut Ctx<'_>, a: DepsArgs) -> Result<(), CliError> {
         Default::default()
     };
     let mut text = String::new();
-    for r in &out {
-        match r {
-            Ok(d) => text.push_str(&format::deps::deps_line(d, multi, style, &|dep| {
-                mapped.contains(&(dep.major, dep.minor))
-            })),
-            Err(_) => text.push_str("Device does not exist.\n"),
+    for d in &out {
+        // dmsetup -v: the device's info before its dependencies (`_deps`).
+        if ctx.verbose > 0 {
+            text.push_str(&format::info::info_long(&ctx.info_of("info", &d.name)?));
         }
+        text.push_str(&format::deps::deps_line(d, multi, style, &|dep| {
+            mapped.contains(&(dep.major, dep.minor))
+        }));
     }
     ctx.write(&text)
 }

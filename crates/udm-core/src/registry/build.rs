@@ -281,7 +281,9 @@ impl Registry {
                     }
                 }
             }
-            let old = inner.md_mut(id)?.inactive.replace(slot);
+            let m = inner.md_mut(id)?;
+            m.loaded_once = true;
+            let old = m.inactive.replace(slot);
             if let Some(old) = &old {
                 Self::release_slot(&mut inner, id, old);
             }

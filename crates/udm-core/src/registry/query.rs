@@ -56,6 +56,7 @@ impl Registry {
             redirected: m.md.redirected(),
             interposed: live.is_some_and(|l| l.interposed),
             unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
+            no_block_device: m.no_block_device(),
         })
     }
 
@@ -109,7 +110,8 @@ impl Registry {
         Ok(table.map(|t| get(&t.table)).unwrap_or_default())
     }
 
-    /// `deps`: devices the table uses, as (number, name).
+    /// `deps`: devices the table uses, as (number, name), in the kernel's order: the most
+    /// recently added first (dm-table.c puts each new device at the head of `t->devices`).
     pub fn deps(&self, name: &str, inactive: bool) -> Result<Vec<(DevId, String)>> {
         let inner = self.inner.lock();
         let (_, m) = inner.md_entry(name)?;
@@ -117,6 +119,7 @@ impl Registry {
             .map(|s| {
                 s.uses
                     .iter()
+                    .rev()
                     .map(|u| {
                         (
                             u.dev,

@@ -3,8 +3,10 @@
 //! Features: `error_reads`, `drop_writes`, `error_writes`,
 //! `corrupt_bio_byte <N> <r|w> <value> <flags>`, `random_read_corrupt <p>`,
 //! `random_write_corrupt <p>` (p out of 1 000 000 000). Without features the down period fails
-//! every request, which the table output shows as `2 error_reads error_writes`, as the kernel
-//! prints it. Argument checks and messages are the kernel's.
+//! every request (mainline implies `error_reads error_writes`). The table line is Linux 6.1's
+//! (what `dmsetup table` prints on the kernels in use, checked by tests/vmlab/dmsetup-compare.sh):
+//! the feature count and each feature followed by a space (`0 `, `1 drop_writes `), implied
+//! features not listed. Argument checks and messages are the kernel's.
 
 use std::fmt;
 
@@ -51,6 +53,8 @@ pub struct FlakeyFeatures {
     pub random_read_corrupt: u32,
     /// Probability (out of 1e9) of corrupting one random byte of a write while down.
     pub random_write_corrupt: u32,
+    /// `error_reads` and `error_writes` were implied by a table without features (not printed).
+    pub implied: bool,
 }
 
 impl FlakeyFeatures {
@@ -183,43 +187,46 @@ impl FlakeyFeatures {
         {
             f.error_reads = true;
             f.error_writes = true;
+            f.implied = true;
         }
         Ok(f)
     }
 
-    /// Feature arguments as the table prints them, count first.
+    /// Feature arguments as Linux 6.1 prints them: the count, then each feature, every item
+    /// followed by a space (so the line ends with one); implied features are not listed.
     fn text(&self) -> String {
-        let count = u32::from(self.error_reads)
+        let shown = !self.implied;
+        let count = u32::from(shown && self.error_reads)
             + u32::from(self.drop_writes)
-            + u32::from(self.error_writes)
+            + u32::from(shown && self.error_writes)
             + if self.corrupt.is_some() { 5 } else { 0 }
             + if self.random_read_corrupt > 0 { 2 } else { 0 }
             + if self.random_write_corrupt > 0 { 2 } else { 0 };
-        let mut s = count.to_string();
-        if self.error_reads {
-            s.push_str(" error_reads");
+        let mut s = format!("{count} ");
+        if shown && self.error_reads {
+            s.push_str("error_reads ");
         }
         if self.drop_writes {
-            s.push_str(" drop_writes");
-        } else if self.error_writes {
-            s.push_str(" error_writes");
+            s.push_str("drop_writes ");
+        } else if shown && self.error_writes {
+            s.push_str("error_writes ");
         }
         if let Some(c) = self.corrupt {
             let d = if c.dir == Direction::Write { 'w' } else { 'r' };
             s.push_str(&format!(
-                " corrupt_bio_byte {} {d} {} {}",
+                "corrupt_bio_byte {} {d} {} {} ",
                 c.byte, c.value, c.flags
             ));
         }
         if self.random_read_corrupt > 0 {
             s.push_str(&format!(
-                " random_read_corrupt {}",
+                "random_read_corrupt {} ",
                 self.random_read_corrupt
             ));
         }
         if self.random_write_corrupt > 0 {
             s.push_str(&format!(
-                " random_write_corrupt {}",
+                "random_write_corrupt {} ",
                 self.random_write_corrupt
             ));
         }
@@ -322,6 +329,7 @@ mod tests {
                 corrupt,
                 random_read_corrupt: rr,
                 random_write_corrupt: rw,
+                implied: false,
             })
             // Only what the kernel accepts, as it stores it (none given means both errors).
             .prop_filter_map("refused or not normalised", |f| {
@@ -349,7 +357,10 @@ mod tests {
     #[test]
     fn kernel_forms() {
         let p: FlakeyParams = "d0 0 1 1".parse().unwrap();
-        assert_eq!(p.to_string(), "d0 0 1 1 2 error_reads error_writes");
+        assert_eq!(p.to_string(), "d0 0 1 1 0 ");
+        assert!(p.features.implied && p.features.error_reads && p.features.error_writes);
+        let p: FlakeyParams = "d0 0 1 1 2 error_reads error_writes".parse().unwrap();
+        assert_eq!(p.to_string(), "d0 0 1 1 2 error_reads error_writes ");
         let e = |s: &str| s.parse::<FlakeyParams>().unwrap_err().msg;
         assert_eq!(e("d0 0 0 0"), "Total (up + down) interval is zero");
         assert_eq!(

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: a loop device that detaches itself, and tool checks.
-#![allow(dead_code)]
+//! Host helpers for tests that need tools or privileges: where a tool is (PATH, then the sbin
+//! directories an ordinary user's PATH lacks), root, and a loop device that detaches itself.
+//! Each prints a loud `SKIPPED` line when a test cannot run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,6 +44,7 @@ pub fn is_root() -> bool {
 
 /// A loop device attached to a file, detached on drop (also when a test panics).
 pub struct LoopDev {
+    /// `/dev/loopN`.
     pub path: PathBuf,
 }
 

@@ -1,4 +1,4 @@
-//! Setup shared by udm-core's integration tests.
+//! In-process registry helpers for tests that drive `udm_core::Registry` without udmd.
 
 use udm_core::registry::{LoadFlags, ResumeOptions};
 use udm_core::Registry;
@@ -8,6 +8,12 @@ use udm_target::table::TableSpec;
 pub const IP: LoadFlags = LoadFlags {
     read_only: false,
     interpose: true,
+};
+
+/// Load flags of a plain read-write table.
+pub const PLAIN: LoadFlags = LoadFlags {
+    read_only: false,
+    interpose: false,
 };
 
 /// `create NAME --table TABLE` (with `flags`), resumed at once.
