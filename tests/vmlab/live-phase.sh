@@ -10,13 +10,16 @@
 live_phase() {
   vol=$1; dev=$2; mnt=$3; sectors=$4
   (cd "$mnt" && find . -type f ! -name 'lost+found' | xargs md5sum) > /tmp/pre.sums
-  # File wN holds 64 KiB of "N" lines; /tmp/written lists the files whose write returned.
+  # File wN holds 64 KiB of "N" lines; /tmp/written lists the files whose write returned. Paced
+  # (20 ms a file, at most 1000 files: 64 MiB) so that it is still writing when the snapshot
+  # is taken and the filesystem never fills.
   mkdir "$mnt/live"; rm -f /tmp/stop /tmp/written; touch /tmp/written
   ( i=0
-    while [ ! -e /tmp/stop ] && [ $i -lt 400 ]; do
+    while [ ! -e /tmp/stop ] && [ $i -lt 1000 ]; do
       i=$((i + 1))
       yes $i | head -c 65536 > "$mnt/live/w$i" && echo $i >> /tmp/written
       [ $((i % 25)) = 0 ] && sync
+      sleep 0.02
     done ) &
   writer=$!
   sleep 1
