@@ -12,4 +12,4 @@ pub mod setup;
 pub mod udm;
 
 pub use error::CliError;
-pub use session::{default_socket, Session};
+pub use session::{default_socket, Session, Timing};

@@ -3,6 +3,7 @@
 
 use crate::error::CliError;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use udm_proto::{ControlClient, Request, Response};
 
 /// The default control socket (`udm_proto::paths`).
@@ -14,6 +15,19 @@ pub fn default_socket() -> PathBuf {
 pub struct Session {
     socket: PathBuf,
     client: Option<ControlClient>,
+    timings: Vec<Timing>,
+}
+
+/// How long one control operation took, round trip (what `udm --timings` prints: a workflow's
+/// phases are its operations).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Command, e.g. `suspend`.
+    pub command: String,
+    /// Device it acted on.
+    pub device: String,
+    /// Round-trip time.
+    pub took: Duration,
 }
 
 impl Session {
@@ -22,7 +36,13 @@ impl Session {
         Session {
             socket: socket.to_path_buf(),
             client: None,
+            timings: Vec::new(),
         }
+    }
+
+    /// Every control operation of this session so far, with its round-trip time.
+    pub fn timings(&self) -> &[Timing] {
+        &self.timings
     }
 
     /// The socket path.
@@ -44,9 +64,15 @@ impl Session {
         }
         match self.client.as_mut() {
             Some(c) => {
+                let start = Instant::now();
                 let r = c
                     .call(req)
                     .map_err(|e| CliError::from_client(command, device, e));
+                self.timings.push(Timing {
+                    command: command.into(),
+                    device: device.into(),
+                    took: start.elapsed(),
+                });
                 for w in c.take_warnings() {
                     eprintln!("warning: {command}: {w}");
                 }

@@ -100,8 +100,24 @@ fn snapshot_survives_fifty_kill9_points() {
         "8",
         "--export",
         "nbd",
+        "--timings",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // --timings: every phase of the take, with its time.
+    for phase in [
+        "create vol-origin",
+        "suspend vol-origin",
+        "create vol-snap",
+        "resume vol-origin",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("timing: ") && l.ends_with(&format!(" ms {phase}"))),
+            "no timing of {phase}: {stderr}"
+        );
+    }
     let point_in_time = std::fs::read(&img).unwrap();
     // The model of the origin: the content every acknowledged (flushed) write left.
     let model = Arc::new(Mutex::new(point_in_time.clone()));

@@ -9,7 +9,7 @@ use udm_cli::{default_socket, Session};
 fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket.clone().unwrap_or_else(default_socket);
     let mut session = Session::new(&socket);
-    match cli.command {
+    let r = match cli.command {
         Command::Status => {
             let r = status::gather(&mut session)?;
             if cli.json {
@@ -20,10 +20,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", status::format(&r));
             }
+            Ok(())
         }
-        Command::Snapshot(cmd) => snapshot_cmd(&mut session, cmd, cli.json)?,
+        Command::Snapshot(cmd) => snapshot_cmd(&mut session, cmd, cli.json),
+    };
+    if cli.timings {
+        for t in session.timings() {
+            eprintln!(
+                "timing: {:.3} ms {} {}",
+                t.took.as_secs_f64() * 1e3,
+                t.command,
+                t.device
+            );
+        }
     }
-    Ok(())
+    r
 }
 
 fn snapshot_cmd(s: &mut Session, cmd: SnapshotCommand, json: bool) -> anyhow::Result<()> {

@@ -25,6 +25,10 @@ pub struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print each control operation the workflow ran and how long it took, on stderr (the
+    /// phases of a snapshot take or drop: attach, suspend, create, resume, remove).
+    #[arg(long, global = true)]
+    pub timings: bool,
     /// The workflow.
     #[command(subcommand)]
     pub command: Command,
