@@ -149,8 +149,13 @@ impl Registry {
             m.md.clone()
         };
         let _ = flags; // The synchronous data path has no requeue list: noflush and lockfs change nothing.
+        let start = Instant::now();
         md.suspend();
-        tracing::info!(device = name, "suspended");
+        tracing::info!(
+            device = name,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            "suspended"
+        );
         Ok(())
     }
 
@@ -240,7 +245,9 @@ impl Registry {
         };
         let held_since = Instant::now();
         quiesce(&plan.nodes, plan.suspended);
+        let quiesced = held_since.elapsed();
         plan.md.suspend();
+        let suspended = held_since.elapsed().saturating_sub(quiesced);
         if let Err(e) = new.table.preresume() {
             // Abort: the old table stays live, the new one inactive.
             release(&plan.nodes);
@@ -288,9 +295,17 @@ impl Registry {
         new.table.resume();
         plan.md.unsuspend();
         release(&plan.nodes);
+        let held = held_since.elapsed();
         if !plan.nodes.is_empty() {
-            self.record_stall(held_since.elapsed());
+            self.record_stall(held);
         }
+        tracing::debug!(
+            device = plan.name,
+            quiesce_ms = quiesced.as_secs_f64() * 1e3,
+            suspend_ms = suspended.as_secs_f64() * 1e3,
+            held_ms = held.as_secs_f64() * 1e3,
+            "switch phases"
+        );
         inner.unmark(&plan);
         self.run_deferred(inner);
         // The old table is destroyed without the registry lock.
@@ -337,13 +352,21 @@ impl Registry {
         };
         inner.mark(&plan);
         drop(inner);
-        let held_since = Instant::now();
-        quiesce(&plan.nodes, plan.suspended);
         // Writes the interposer acknowledged but still holds must be on the device before its
-        // I/O stops passing through the interposer.
+        // I/O stops passing through the interposer. Most are settled first, while I/O still
+        // flows, so the settle with the devices quiesced only has what arrived meanwhile.
+        let start = Instant::now();
         if let Change::Detach(t) = &plan.change {
             t.table.drain_writeback();
         }
+        let presettle = start.elapsed();
+        let held_since = Instant::now();
+        quiesce(&plan.nodes, plan.suspended);
+        let quiesced = held_since.elapsed();
+        if let Change::Detach(t) = &plan.change {
+            t.table.drain_writeback();
+        }
+        let settled = held_since.elapsed().saturating_sub(quiesced);
         let mut inner = self.inner.lock();
         if let Some(l) = inner.md_mut(id).ok().and_then(|m| m.live.as_mut()) {
             l.hooks.clear();
@@ -352,9 +375,17 @@ impl Registry {
             n.set_hooks(inner.live_hooks_on(n.id()));
         }
         release(&plan.nodes);
-        self.record_stall(held_since.elapsed());
+        let held = held_since.elapsed();
+        self.record_stall(held);
         inner.unmark(&plan);
-        tracing::debug!(device = plan.name, "interposers detached");
+        tracing::debug!(
+            device = plan.name,
+            presettle_ms = presettle.as_secs_f64() * 1e3,
+            quiesce_ms = quiesced.as_secs_f64() * 1e3,
+            settle_ms = settled.as_secs_f64() * 1e3,
+            held_ms = held.as_secs_f64() * 1e3,
+            "interposers detached"
+        );
         (inner, Ok(()))
     }
 

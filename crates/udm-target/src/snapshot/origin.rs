@@ -113,6 +113,13 @@ impl Target for OriginTarget {
         }
     }
 
+    /// Settles held writes while I/O still flows, so that the settle after the device stops
+    /// taking I/O (postsuspend) only has what arrived meanwhile: a suspend (snapshot take, an
+    /// interposer detach) holds the origin's clients for that much less.
+    fn presuspend(&self) {
+        self.entry.writeback.settle();
+    }
+
     fn postsuspend(&self) {
         self.entry.writeback.settle();
     }
