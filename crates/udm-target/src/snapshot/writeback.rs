@@ -42,8 +42,11 @@ const IDLE: Duration = Duration::from_millis(100);
 /// write.
 const GATHER: Duration = Duration::from_micros(1500);
 
-/// See [`GATHER`].
+/// See [`GATHER`]; also the most one copy batch takes.
 const GATHER_BYTES: usize = 4 << 20;
+
+/// Held writes applied to the origin between two releases of what they held.
+const APPLY_STEP: usize = 64;
 
 /// Held origin writes of one origin device (see the module documentation).
 #[derive(Default)]
@@ -247,8 +250,19 @@ impl WriteBack {
                 if st.urgent == 0 && st.queued_bytes < GATHER_BYTES {
                     self.copy_cv.wait_for(&mut st, GATHER);
                 }
-                st.queued_bytes = 0;
-                st.queue.drain(..).collect()
+                // At most GATHER_BYTES per batch: memory is freed batch by batch, so a writer
+                // waiting at the bound waits for one small batch, not for everything held.
+                let mut taken = 0;
+                let mut batch = Vec::new();
+                while let Some(h) = st.queue.front() {
+                    if !batch.is_empty() && taken + h.data.len() > GATHER_BYTES {
+                        break;
+                    }
+                    taken += h.data.len();
+                    batch.extend(st.queue.pop_front());
+                }
+                st.queued_bytes = st.queued_bytes.saturating_sub(taken);
+                batch
             };
             let mut i = 0;
             while i < batch.len() {
@@ -315,32 +329,37 @@ impl WriteBack {
             .flat_map(|h| std::mem::take(&mut h.pending))
             .collect();
         commit(pending, true);
-        let mut failed = None;
-        for h in &batch {
-            if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
-                tracing::error!("snapshot write-back: writing the origin failed: {e}");
-                failed.get_or_insert(e);
+        // Applied in order; what is on the origin is released every APPLY_STEP writes, so
+        // readers, overlapping writers and writers at the memory bound go on as soon as their
+        // part is there.
+        for part in batch.chunks(APPLY_STEP) {
+            let mut failed = None;
+            for h in part {
+                if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
+                    tracing::error!("snapshot write-back: writing the origin failed: {e}");
+                    failed.get_or_insert(e);
+                }
             }
-        }
-        let mut st = self.st.lock();
-        if let Some(last) = batch.last() {
-            st.applied = last.seq + 1;
-        }
-        for h in &batch {
-            st.ranges.remove(&h.sector);
-            st.bytes = st.bytes.saturating_sub(h.data.len());
-        }
-        if let Some(e) = failed {
-            if st.error.is_none() {
-                st.error = Some(IoError::errno(
-                    BioKind::Flush,
-                    0,
-                    e.errno(),
-                    format!("an acknowledged origin write failed later: {e}"),
-                ));
+            let mut st = self.st.lock();
+            if let Some(last) = part.last() {
+                st.applied = last.seq + 1;
             }
+            for h in part {
+                st.ranges.remove(&h.sector);
+                st.bytes = st.bytes.saturating_sub(h.data.len());
+            }
+            if let Some(e) = failed {
+                if st.error.is_none() {
+                    st.error = Some(IoError::errno(
+                        BioKind::Flush,
+                        0,
+                        e.errno(),
+                        format!("an acknowledged origin write failed later: {e}"),
+                    ));
+                }
+            }
+            drop(st);
+            self.cv.notify_all();
         }
-        drop(st);
-        self.cv.notify_all();
     }
 }
