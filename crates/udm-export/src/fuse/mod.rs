@@ -9,10 +9,13 @@
 //! for the measures against the loop-over-FUSE memory-pressure deadlock.
 
 mod fs;
+mod handle;
 mod io;
 mod sys;
 #[cfg(test)]
 mod tests;
+
+pub use handle::FuseExport;
 
 use fs::{DeviceFs, MountState, RemoveRefused, ROOT_INO};
 use parking_lot::Mutex;

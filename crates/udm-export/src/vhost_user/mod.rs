@@ -187,6 +187,39 @@ impl VhostUserExport {
     }
 }
 
+impl crate::Export for VhostUserExport {
+    fn kind(&self) -> &'static str {
+        "vhost-user"
+    }
+
+    fn location(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    fn stats(&self) -> crate::ExportStats {
+        let s = VhostUserExport::stats(self);
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::ExportStats {
+            clients: get(&s.clients),
+            requests: get(&s.requests),
+            errors: get(&s.errors),
+            bytes_read: get(&s.bytes_read),
+            bytes_written: get(&s.bytes_written),
+        }
+    }
+
+    fn stop(self: Box<Self>) -> Result<(), crate::ExportError> {
+        let socket = self.socket.display().to_string();
+        if VhostUserExport::stop(*self) {
+            Ok(())
+        } else {
+            Err(crate::ExportError::StillRunning(format!(
+                "vhost-user export {socket}"
+            )))
+        }
+    }
+}
+
 /// Binds the socket, replacing a stale one but never another file or a live server.
 fn bind(path: &Path) -> Result<Listener, VhostUserError> {
     let os = |what, source| VhostUserError::Os {
