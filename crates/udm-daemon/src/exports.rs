@@ -1,5 +1,7 @@
 //! The export manager: adds and removes NBD, FUSE, ublk and vhost-user exports of registry devices, holding
-//! each exported device in the registry the way a mount holds a block device.
+//! each exported device in the registry the way a mount holds a block device. Every running
+//! export is a `Box<dyn udm_export::Export>`: only [`Exports::add`] looks at the kind, to pick
+//! its constructor; stopping, listing and counting go through the trait.
 //!
 //! Removal has two steps so that the control lock is never held while waiting for clients:
 //! [`Exports::take`] (under the control lock, never waits for I/O) takes the export out of the

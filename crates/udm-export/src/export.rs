@@ -1,13 +1,7 @@
 //! One handle for every export kind, so the daemon stops, lists and counts exports without
 //! knowing which kind each is. A constructor per kind starts one ([`crate::nbd::NbdExport`],
-//! [`crate::fuse::FuseExport`], [`crate::vhost_user::VhostUserExport`], [`start_ublk`]); the
-//! `ublk` cargo feature is decided here: without it [`start_ublk`] fails with EOPNOTSUPP.
+//! [`crate::fuse::FuseExport`], [`crate::vhost_user::VhostUserExport`], [`crate::start_ublk`]).
 
-use crate::fuse::FuseError;
-use crate::nbd::NbdError;
-use crate::vhost_user::VhostUserError;
-use std::sync::Arc;
-use udm_io::BlockDevice;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
@@ -53,23 +47,19 @@ pub trait Export: Send {
     fn stop(self: Box<Self>) -> Result<(), ExportError>;
 }
 
-/// A failed export operation, with the errno the control protocol reports.
+/// A failed export operation, with the errno the control protocol reports. Each kind's error
+/// converts into it (`From`, next to that error), keeping its message and errno.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExportError {
-    /// From the NBD server.
-    #[error(transparent)]
-    Nbd(#[from] NbdError),
-    /// From the FUSE export.
-    #[error(transparent)]
-    Fuse(#[from] FuseError),
-    /// From the vhost-user export.
-    #[error(transparent)]
-    VhostUser(#[from] VhostUserError),
-    /// From the ublk export.
-    #[cfg(feature = "ublk")]
-    #[error(transparent)]
-    Ublk(#[from] crate::ublk::UblkError),
+    /// From one export kind (NBD, FUSE, ublk, vhost-user).
+    #[error("{source}")]
+    Kind {
+        /// The errno of `source`.
+        errno: Errno,
+        /// The kind's own error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A ublk export asked of a build without the `ublk` feature.
     #[error("this udmd was built without ublk support (cargo feature `ublk`)")]
     UblkUnsupported,
@@ -78,14 +68,23 @@ pub enum ExportError {
     StillRunning(String),
 }
 
+impl ExportError {
+    /// Wraps an export kind's error.
+    pub fn kind<E>(e: E) -> ExportError
+    where
+        E: HasErrno + std::error::Error + Send + Sync + 'static,
+    {
+        ExportError::Kind {
+            errno: e.errno(),
+            source: Box::new(e),
+        }
+    }
+}
+
 impl HasErrno for ExportError {
     fn errno(&self) -> Errno {
         match self {
-            ExportError::Nbd(e) => e.errno(),
-            ExportError::Fuse(e) => e.errno(),
-            ExportError::VhostUser(e) => e.errno(),
-            #[cfg(feature = "ublk")]
-            ExportError::Ublk(e) => e.errno(),
+            ExportError::Kind { errno, .. } => *errno,
             ExportError::UblkUnsupported => Errno::EOPNOTSUPP,
             ExportError::StillRunning(_) => Errno::EBUSY,
         }
@@ -104,27 +103,4 @@ pub struct UblkOptions {
     pub depth: Option<u16>,
     /// Read-only block device.
     pub read_only: bool,
-}
-
-/// Starts `/dev/ublkbN` for `dev` (`name` is for logs); returns the export and N, which the
-/// caller records so that a restart brings back the same node.
-#[cfg(feature = "ublk")]
-pub fn start_ublk(
-    name: &str,
-    dev: Arc<dyn BlockDevice>,
-    opts: &UblkOptions,
-) -> Result<(Box<dyn Export>, u32), ExportError> {
-    let u = crate::ublk::UblkExport::start(name, dev, opts)?;
-    let id = u.dev_id();
-    Ok((Box::new(u), id))
-}
-
-/// Without the `ublk` feature there is no ublk export: EOPNOTSUPP.
-#[cfg(not(feature = "ublk"))]
-pub fn start_ublk(
-    _name: &str,
-    _dev: Arc<dyn BlockDevice>,
-    _opts: &UblkOptions,
-) -> Result<(Box<dyn Export>, u32), ExportError> {
-    Err(ExportError::UblkUnsupported)
 }

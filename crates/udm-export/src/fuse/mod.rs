@@ -138,6 +138,12 @@ fn detach_hint(holders: &[PathBuf]) -> String {
     }
 }
 
+impl From<FuseError> for crate::ExportError {
+    fn from(e: FuseError) -> Self {
+        crate::ExportError::kind(e)
+    }
+}
+
 impl HasErrno for FuseError {
     fn errno(&self) -> Errno {
         match self {

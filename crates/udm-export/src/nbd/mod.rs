@@ -134,6 +134,12 @@ pub enum NbdError {
     },
 }
 
+impl From<NbdError> for crate::ExportError {
+    fn from(e: NbdError) -> Self {
+        crate::ExportError::kind(e)
+    }
+}
+
 impl HasErrno for NbdError {
     fn errno(&self) -> Errno {
         match self {

@@ -123,6 +123,12 @@ pub enum UblkError {
     },
 }
 
+impl From<UblkError> for crate::ExportError {
+    fn from(e: UblkError) -> Self {
+        crate::ExportError::kind(e)
+    }
+}
+
 impl HasErrno for UblkError {
     fn errno(&self) -> Errno {
         match self {

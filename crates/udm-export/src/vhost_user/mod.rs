@@ -63,6 +63,12 @@ pub enum VhostUserError {
     },
 }
 
+impl From<VhostUserError> for crate::ExportError {
+    fn from(e: VhostUserError) -> Self {
+        crate::ExportError::kind(e)
+    }
+}
+
 impl HasErrno for VhostUserError {
     fn errno(&self) -> Errno {
         match self {
