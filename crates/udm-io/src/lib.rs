@@ -3,8 +3,8 @@
 //! A request ([`Bio`]) is a sector range plus an operation; a device ([`BlockDevice`]) executes
 //! requests synchronously and may be called from many threads at once. Mapped devices implement the
 //! same trait, which is what lets devices stack. Backends live one per module under
-//! [`backend`]; partition tables are read by [`partition`]; [`zeroes`] emulates write-zeroes with plain
-//! writes for every issuer above a device without it.
+//! [`backend`]; partition tables are read by [`partition`]; [`zeroes`] emulates write-zeroes
+//! with plain writes for every issuer above a device without it.
 
 pub mod backend;
 pub mod bio;
