@@ -49,7 +49,9 @@ use build::BuildCtx;
 use claims::holder_text;
 use interpose::HookSpec;
 use lookup::{check_uuid, nodev};
-pub use report::{DeviceKind, DeviceSummary, DiskInfo, InterposerInfo, MdInfo, PartitionSummary};
+pub use report::{
+    DeviceKindRecord, DeviceRecord, DiskRecord, InfoRecord, InterposerRecord, PartitionRecord,
+};
 use unavailable::Pending;
 
 /// Major number of disks (16 minors each: the disk and 15 partitions), as sd uses.

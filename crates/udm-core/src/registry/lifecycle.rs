@@ -13,7 +13,7 @@ impl Registry {
         minor: Option<u32>,
         table: Option<(&TableSpec, LoadFlags)>,
         opts: &ResumeOptions,
-    ) -> Result<MdInfo> {
+    ) -> Result<InfoRecord> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         if let Some(u) = uuid {
             check_uuid(u)?;

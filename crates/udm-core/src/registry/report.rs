@@ -1,167 +1,48 @@
 //! Reports: what `info`, `ls --tree` and `disk list` show, built under the lock from the
-//! registry state (never waiting for I/O).
+//! registry state (never waiting for I/O). The report types are udm-proto's records, defined
+//! once: the registry fills them and udmd sends them as they are.
 
 use super::*;
-
-/// A partition as listed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PartitionSummary {
-    /// Name (`disk` + number).
-    pub name: String,
-    /// Device number.
-    pub id: DevId,
-    /// Partition number.
-    pub number: u32,
-    /// First sector on the disk.
-    pub start: u64,
-    /// Length in sectors.
-    pub sectors: u64,
-}
-
-/// A disk as listed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskInfo {
-    /// Name.
-    pub name: String,
-    /// Device number.
-    pub id: DevId,
-    /// Backing path (None for memory disks).
-    pub path: Option<PathBuf>,
-    /// Size in sectors.
-    pub sectors: u64,
-    /// Read-only.
-    pub read_only: bool,
-    /// O_DIRECT.
-    pub direct: bool,
-    /// Partitions found.
-    pub partitions: Vec<PartitionSummary>,
-    /// Who holds the disk or its partitions.
-    pub holders: Vec<String>,
-    /// Why the disk cannot be served now (its backing file could not be opened); `None` when
-    /// it is available.
-    pub unavailable: Option<String>,
-    /// Opened on demand because a table names its path (released when no table uses it).
-    pub implicit: bool,
-}
-
-/// An attached (or pending) interposer of a mapped device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterposerInfo {
-    /// Interposed device name.
-    pub device: String,
-    /// Interposed device number.
-    pub id: DevId,
-    /// First sector covered.
-    pub start: u64,
-    /// Sectors covered.
-    pub len: u64,
-    /// Attached now (the table is live).
-    pub attached: bool,
-}
-
-/// What `info` reports about a mapped device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MdInfo {
-    /// Name.
-    pub name: String,
-    /// UUID.
-    pub uuid: Option<String>,
-    /// Device number.
-    pub id: DevId,
-    /// Suspended.
-    pub suspended: bool,
-    /// Live table is read-only.
-    pub read_only: bool,
-    /// A live table is present.
-    pub live_present: bool,
-    /// An inactive table is present.
-    pub inactive_present: bool,
-    /// Open count (tables and exports using it).
-    pub open_count: i32,
-    /// Event number.
-    pub event_nr: u32,
-    /// Targets in the live table.
-    pub target_count: u32,
-    /// Deferred removal pending.
-    pub deferred_remove: bool,
-    /// Size in sectors (live table).
-    pub sectors: u64,
-    /// Interposers of the live (or else inactive) table.
-    pub interposers: Vec<InterposerInfo>,
-    /// Requests redirected into this device by its interposers.
-    pub redirected: u64,
-    /// The live table was loaded with `--interpose`.
-    pub interposed: bool,
-    /// Why a recorded table could not be rebuilt (a device it names is unavailable); `None`
-    /// when the device is complete.
-    pub unavailable: Option<String>,
-    /// No table was ever loaded: the kernel adds a mapped device's block device (gendisk) at
-    /// its first table load, so until then it has no read-ahead and no `dm-N` name.
-    pub no_block_device: bool,
-}
-
-/// Kind of device in a listing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceKind {
-    /// A disk.
-    Disk,
-    /// A partition.
-    Partition,
-    /// A mapped device.
-    Mapped,
-}
-
-/// A device as listed in `ls --tree`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceSummary {
-    /// Name.
-    pub name: String,
-    /// Device number.
-    pub id: DevId,
-    /// Kind.
-    pub kind: DeviceKind,
-    /// Devices this one uses (live table deps; a partition's disk).
-    pub deps: Vec<DevId>,
-    /// Devices this one interposes.
-    pub interposes: Vec<DevId>,
-    /// Why the device is unavailable, if it is.
-    pub unavailable: Option<String>,
-    /// A mapped device that never had a table (see [`MdInfo::no_block_device`]).
-    pub no_block_device: bool,
-}
+pub use udm_proto::{
+    DeviceKindRecord, DeviceRecord, DiskRecord, InfoRecord, InterposerRecord, PartitionRecord,
+};
 
 impl Registry {
     /// Every device (disks, partitions, mapped), for `ls --tree`.
-    pub fn devices(&self) -> Vec<DeviceSummary> {
+    pub fn devices(&self) -> Vec<DeviceRecord> {
         let inner = self.inner.lock();
+        let devs = |ids: &mut dyn Iterator<Item = DevId>| ids.map(|d| d.to_string()).collect();
         inner
             .entries
             .iter()
             .map(|(id, e)| {
                 let no_block_device = e.md().is_some_and(MdState::no_block_device);
                 let (kind, deps, interposes) = match &e.kind {
-                    EntryKind::Disk { .. } => (DeviceKind::Disk, vec![], vec![]),
-                    EntryKind::Partition { parent } => {
-                        (DeviceKind::Partition, vec![*parent], vec![])
-                    }
+                    EntryKind::Disk { .. } => (DeviceKindRecord::Disk, vec![], vec![]),
+                    EntryKind::Partition { parent } => (
+                        DeviceKindRecord::Partition,
+                        vec![parent.to_string()],
+                        vec![],
+                    ),
                     EntryKind::Mapped(m) => {
                         let deps = m
                             .live
                             .as_ref()
                             // The kernel's deps order (see `deps`): newest first.
-                            .map(|l| l.uses.iter().rev().map(|u| u.dev).collect())
+                            .map(|l| devs(&mut l.uses.iter().rev().map(|u| u.dev)))
                             .unwrap_or_default();
                         let ip = m
                             .live
                             .as_ref()
-                            .map(|l| l.hooks.iter().map(|h| h.dev).collect())
+                            .map(|l| devs(&mut l.hooks.iter().map(|h| h.dev)))
                             .unwrap_or_default();
-                        (DeviceKind::Mapped, deps, ip)
+                        (DeviceKindRecord::Mapped, deps, ip)
                     }
                 };
-                DeviceSummary {
+                DeviceRecord {
                     name: e.node.name(),
-                    id: *id,
+                    major: id.major,
+                    minor: id.minor,
                     kind,
                     deps,
                     interposes,
@@ -170,5 +51,96 @@ impl Registry {
                 }
             })
             .collect()
+    }
+
+    /// `info`.
+    pub fn info(&self, name: &str) -> Result<InfoRecord> {
+        let inner = self.inner.lock();
+        let (id, m) = inner.md_entry(name)?;
+        let e = inner.entries.get(&id).ok_or_else(|| nodev(name))?;
+        let live = m.live.as_ref();
+        let shown = live.or(m.inactive.as_ref());
+        let interposers = shown
+            .map(|s| {
+                s.hooks
+                    .iter()
+                    .map(|h| InterposerRecord {
+                        device: inner
+                            .entries
+                            .get(&h.dev)
+                            .map(|e| e.node.name())
+                            .unwrap_or_default(),
+                        dev: h.dev.to_string(),
+                        start: h.start,
+                        len: h.len,
+                        attached: live.is_some(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(InfoRecord {
+            name: e.node.name(),
+            uuid: m.uuid.clone(),
+            major: id.major,
+            minor: id.minor,
+            suspended: m.md.is_suspended(),
+            read_only: live.is_some_and(|l| l.config.read_only),
+            live_present: live.is_some(),
+            inactive_present: m.inactive.is_some(),
+            open_count: e.open_count(),
+            event_nr: m.md.events().current(),
+            target_count: live.map_or(0, |l| l.live.table.target_count() as u32),
+            deferred_remove: m.deferred_remove,
+            sectors: m.md.size(),
+            interposed: live.is_some_and(|l| l.interposed),
+            interposers,
+            redirected: m.md.redirected(),
+            unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
+            no_block_device: m.no_block_device(),
+        })
+    }
+
+    /// The listing of disk `id` (`None` when it is not a disk).
+    pub(super) fn disk_record(inner: &Inner, id: DevId) -> Option<DiskRecord> {
+        let e = inner.entries.get(&id)?;
+        let EntryKind::Disk {
+            path,
+            read_only,
+            direct,
+            partitions,
+            implicit,
+            unavailable,
+        } = &e.kind
+        else {
+            return None;
+        };
+        let parts = partitions
+            .iter()
+            .filter_map(|p| {
+                let pe = inner.entries.get(p)?;
+                let NodeKind::Partition { number, start, .. } = pe.node.kind() else {
+                    return None;
+                };
+                Some(PartitionRecord {
+                    name: pe.node.name(),
+                    dev: p.to_string(),
+                    number: *number,
+                    start: *start,
+                    sectors: pe.node.size(),
+                })
+            })
+            .collect();
+        Some(DiskRecord {
+            name: e.node.name(),
+            dev: id.to_string(),
+            path: path.clone(),
+            sectors: e.node.size(),
+            read_only: *read_only,
+            direct: *direct,
+            partitions: parts,
+            holders: inner.holders_of(id),
+            unavailable: unavailable.clone(),
+            implicit: *implicit,
+        })
     }
 }

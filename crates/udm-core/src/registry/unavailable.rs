@@ -9,7 +9,7 @@
 //! back in dependency order once the file returns.
 
 use super::{
-    implicit, CoreError, DevId, DeviceNode, DiskInfo, Entry, EntryKind, Errno, Inner, NodeKind,
+    implicit, CoreError, DevId, DeviceNode, DiskRecord, Entry, EntryKind, Errno, Inner, NodeKind,
     Registry, Result, ResumeOptions, SuspendFlags, TableConfig, TableLine,
 };
 use crate::config::DiskConfig;
@@ -214,7 +214,7 @@ impl Registry {
 
     /// `disk add` of an unavailable disk's name: with its recorded path (or one resolving to
     /// it), retries it; with another path, EEXIST. `None` when `name` is not an unavailable disk.
-    pub(super) fn add_disk_again(&self, name: &str, path: &Path) -> Result<Option<DiskInfo>> {
+    pub(super) fn add_disk_again(&self, name: &str, path: &Path) -> Result<Option<DiskRecord>> {
         let (id, recorded) = {
             let inner = self.inner.lock();
             let Some(id) = inner.names.get(name).copied() else {
@@ -240,7 +240,7 @@ impl Registry {
         self.retry_unavailable(Some(name))?;
         let inner = self.inner.lock();
         Ok(Some(
-            Self::disk_info(&inner, id).ok_or_else(|| CoreError::NoDevice(name.to_string()))?,
+            Self::disk_record(&inner, id).ok_or_else(|| CoreError::NoDevice(name.to_string()))?,
         ))
     }
 
