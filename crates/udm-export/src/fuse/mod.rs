@@ -402,13 +402,17 @@ impl FuseExports {
     /// EBUSY, naming the loop device, instead of waiting.
     pub fn remove(&self, dir: &Path, name: &str) -> Result<(), FuseError> {
         let mut mounts = self.mounts.lock();
-        let key = match mounts.keys().find(|k| k.as_path() == dir) {
-            Some(k) => k.clone(),
-            None => dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
-        };
         let not_found = || FuseError::NotFound {
             dir: dir.to_path_buf(),
             name: name.to_string(),
+        };
+        if mounts.is_empty() {
+            // Nothing mounted (or all unmounted by `shutdown`): no path to resolve.
+            return Err(not_found());
+        }
+        let key = match mounts.keys().find(|k| k.as_path() == dir) {
+            Some(k) => k.clone(),
+            None => dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         };
         let Some(m) = mounts.get_mut(&key) else {
             return Err(not_found());
