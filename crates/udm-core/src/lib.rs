@@ -5,6 +5,10 @@
 //! the node's gate counts it, its interposer hooks may redirect it into a
 //! [`mapped::MappedDevice`], whose live [`udm_target::table::Table`] splits it across targets,
 //! which send it down to other nodes, until a disk backend (`udm_io::backend`) performs it.
+//!
+//! Control operations go through [`registry::Registry`], split by concern into modules under
+//! `registry/` (lookup, claims, interpose, build, lifecycle, switch, disks, report, query,
+//! persist, unavailable).
 
 pub mod config;
 pub mod error;

@@ -159,19 +159,15 @@ fn redirect(h: &Hook, bio: Bio<'_>) -> Result<(), IoError> {
                     device: h.md.describe(),
                 });
             }
-            const CHUNK: u64 = 2048;
-            let zeros = vec![0u8; (CHUNK * SECTOR_SIZE) as usize];
-            let (mut sector, end) = (bio.sector, bio.end());
-            while sector < end {
-                let n = (end - sector).min(CHUNK);
-                let mut w = Bio::write(sector, &zeros[..(n * SECTOR_SIZE) as usize]);
-                if sector + n == end {
-                    w.flags = bio.flags & BioFlags::FUA;
+            let (end, fua) = (bio.end(), bio.flags & BioFlags::FUA);
+            udm_io::write_zeroes_fallback(bio.sector, bio.sectors(), |at, zeroes| {
+                // The request's FUA rides on its last chunk.
+                let mut w = Bio::write(at, zeroes);
+                if at + zeroes.len() as u64 / SECTOR_SIZE == end {
+                    w.flags = fua;
                 }
-                h.md.submit_redirected(w)?;
-                sector += n;
-            }
-            Ok(())
+                h.md.submit_redirected(w)
+            })
         }
         _ => h.md.submit_redirected(bio),
     }

@@ -207,7 +207,8 @@ fn unavailable_devices_can_be_removed_and_disk_add_brings_the_disk_back() {
     assert!(reg.info("lin").unwrap().unavailable.is_none());
     assert_eq!(read(&reg, "lin", 1), expect(1, 1));
     // Same device number as recorded.
-    assert_eq!(d.id.minor, r.cfg.disks[0].minor);
+    let id: udm_types::DevId = d.dev.parse().unwrap();
+    assert_eq!(id.minor, r.cfg.disks[0].minor);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use udm_core::registry::{DeviceKind, LoadFlags, ResumeOptions, SuspendFlags};
+use udm_core::registry::{LoadFlags, ResumeOptions, SuspendFlags};
 use udm_core::{CoreError, Registry};
 use udm_proto::*;
 use udm_target::table::{ConciseDevice, TableSpec};
@@ -95,37 +95,7 @@ impl Daemon {
     }
 
     fn info_record(&self, name: &str) -> Result<InfoRecord, ErrorReply> {
-        let i = self.registry.info(name).map_err(err)?;
-        Ok(InfoRecord {
-            name: i.name,
-            uuid: i.uuid,
-            major: i.id.major,
-            minor: i.id.minor,
-            suspended: i.suspended,
-            read_only: i.read_only,
-            live_present: i.live_present,
-            inactive_present: i.inactive_present,
-            open_count: i.open_count,
-            event_nr: i.event_nr,
-            target_count: i.target_count,
-            deferred_remove: i.deferred_remove,
-            sectors: i.sectors,
-            interposed: i.interposed,
-            interposers: i
-                .interposers
-                .into_iter()
-                .map(|p| InterposerRecord {
-                    device: p.device,
-                    dev: p.id.to_string(),
-                    start: p.start,
-                    len: p.len,
-                    attached: p.attached,
-                })
-                .collect(),
-            redirected: i.redirected,
-            unavailable: i.unavailable,
-            no_block_device: i.no_block_device,
-        })
+        self.registry.info(name).map_err(err)
     }
 
     /// Executes one request.
@@ -243,13 +213,11 @@ impl Daemon {
                     .map_err(err)?;
                 // A disk that was unavailable may be back: start its dependents' exports.
                 self.exports.retry_pending();
-                Ok(Response::Disks(vec![disk_record(d)]))
+                Ok(Response::Disks(vec![d]))
             }
             Request::DiskRetry { name } => {
                 self.retry(name.as_deref()).map_err(err)?;
-                Ok(Response::Disks(
-                    reg.disks().into_iter().map(disk_record).collect(),
-                ))
+                Ok(Response::Disks(reg.disks()))
             }
             Request::DiskRemove { name } => {
                 reg.remove_disk(&name).map(|_| Response::Done).map_err(err)
@@ -362,9 +330,7 @@ impl Daemon {
                 protocol: PROTOCOL_VERSION,
                 dm_interface: "4.50.0".to_string(),
             })),
-            Request::DiskList => Ok(Response::Disks(
-                reg.disks().into_iter().map(disk_record).collect(),
-            )),
+            Request::DiskList => Ok(Response::Disks(reg.disks())),
             Request::Info { name } => {
                 let mut v = Vec::new();
                 for n in self.names(&name) {
@@ -372,25 +338,7 @@ impl Daemon {
                 }
                 Ok(Response::Info(v))
             }
-            Request::List => Ok(Response::Devices(
-                reg.devices()
-                    .into_iter()
-                    .map(|d| DeviceRecord {
-                        name: d.name,
-                        major: d.id.major,
-                        minor: d.id.minor,
-                        kind: match d.kind {
-                            DeviceKind::Disk => DeviceKindRecord::Disk,
-                            DeviceKind::Partition => DeviceKindRecord::Partition,
-                            DeviceKind::Mapped => DeviceKindRecord::Mapped,
-                        },
-                        deps: d.deps.iter().map(|x| x.to_string()).collect(),
-                        interposes: d.interposes.iter().map(|x| x.to_string()).collect(),
-                        unavailable: d.unavailable,
-                        no_block_device: d.no_block_device,
-                    })
-                    .collect(),
-            )),
+            Request::List => Ok(Response::Devices(reg.devices())),
             Request::Table {
                 name,
                 inactive,
@@ -464,7 +412,7 @@ impl Daemon {
             out.push(ConciseDevice {
                 name: d.name.clone(),
                 uuid: info.uuid,
-                minor: Some(info.id.minor),
+                minor: Some(info.minor),
                 read_only: info.read_only,
                 interpose: info.interposed,
                 table: TableSpec {
@@ -515,31 +463,6 @@ fn absolute_paths(req: &Request) -> Result<(), ErrorReply> {
             p.display()
         )))),
         None => Ok(()),
-    }
-}
-
-fn disk_record(d: udm_core::registry::DiskInfo) -> DiskRecord {
-    DiskRecord {
-        name: d.name,
-        dev: d.id.to_string(),
-        path: d.path,
-        sectors: d.sectors,
-        read_only: d.read_only,
-        direct: d.direct,
-        partitions: d
-            .partitions
-            .into_iter()
-            .map(|p| PartitionRecord {
-                name: p.name,
-                dev: p.id.to_string(),
-                number: p.number,
-                start: p.start,
-                sectors: p.sectors,
-            })
-            .collect(),
-        holders: d.holders,
-        unavailable: d.unavailable,
-        implicit: d.implicit,
     }
 }
 

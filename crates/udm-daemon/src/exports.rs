@@ -1,5 +1,7 @@
 //! The export manager: adds and removes NBD, FUSE, ublk and vhost-user exports of registry devices, holding
-//! each exported device in the registry the way a mount holds a block device.
+//! each exported device in the registry the way a mount holds a block device. Every running
+//! export is a `Box<dyn udm_export::Export>`: only [`Exports::add`] looks at the kind, to pick
+//! its constructor; stopping, listing and counting go through the trait.
 //!
 //! Removal has two steps so that the control lock is never held while waiting for clients:
 //! [`Exports::take`] (under the control lock, never waits for I/O) takes the export out of the
@@ -12,9 +14,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_core::{CoreError, Registry};
-use udm_export::fuse::FuseExports;
-use udm_export::nbd::{NbdExportOptions, NbdServer};
+use udm_export::fuse::{FuseExport, FuseExports};
+use udm_export::nbd::{NbdExport, NbdExportOptions, NbdServer};
 use udm_export::vhost_user::{VhostUserExport, VhostUserOptions};
+use udm_export::{Detached, Export, ExportError, UblkOptions};
 use udm_io::BlockDevice;
 use udm_proto::{ExportKind, ExportRecord};
 use udm_types::errno::HasErrno;
@@ -26,20 +29,8 @@ struct Entry {
     dev: DevId,
     kind: ExportKind,
     read_only: bool,
-    #[cfg(feature = "ublk")]
-    ublk: Option<udm_export::ublk::UblkExport>,
-    vhost: Option<VhostUserExport>,
-}
-
-impl Entry {
-    /// Disconnects a vhost-user export's VMM and closes its socket (bounded).
-    fn stop_vhost(&mut self) {
-        if let Some(v) = self.vhost.take() {
-            if !v.stop() {
-                tracing::warn!(export = %self.id, "vhost-user export stopped with a request still running");
-            }
-        }
-    }
+    /// `None` once stopped at shutdown (the export stays recorded).
+    export: Option<Box<dyn Export>>,
 }
 
 /// Every export of the daemon.
@@ -47,7 +38,7 @@ pub struct Exports {
     registry: Arc<Registry>,
     nbd: Arc<NbdServer>,
     nbd_socket: PathBuf,
-    fuse: FuseExports,
+    fuse: Arc<FuseExports>,
     entries: Mutex<Vec<Entry>>,
     /// Recorded exports that cannot be served now (their device is unavailable).
     pub pending: PendingExports,
@@ -74,7 +65,7 @@ impl Exports {
             registry,
             nbd,
             nbd_socket,
-            fuse: FuseExports::new(),
+            fuse: Arc::new(FuseExports::new()),
             entries: Mutex::new(Vec::new()),
             removing: Mutex::new(BTreeSet::new()),
             pending: Default::default(),
@@ -89,6 +80,56 @@ impl Exports {
             ExportKind::Ublk { .. } => format!("ublk:{device}"),
             ExportKind::VhostUser { socket, .. } => format!("vhost-user:{}", socket.display()),
         }
+    }
+
+    /// Starts serving `dev` as `kind` says: the one place that picks a constructor per kind.
+    /// A ublk export records the device id it got in `kind`, so a restart brings back the
+    /// same /dev/ublkbN.
+    fn start(
+        &self,
+        device: &str,
+        kind: &mut ExportKind,
+        dev: Arc<dyn BlockDevice>,
+        ro: bool,
+    ) -> Result<Box<dyn Export>, ExportError> {
+        Ok(match kind {
+            ExportKind::Nbd { name, insecure_tcp } => {
+                let opts = NbdExportOptions {
+                    read_only: ro,
+                    description: Some(format!("udm device {device}")),
+                    insecure_tcp: *insecure_tcp,
+                };
+                let name = name.as_deref().unwrap_or(device);
+                Box::new(NbdExport::start(
+                    &self.nbd,
+                    name,
+                    dev,
+                    opts,
+                    &self.nbd_socket,
+                )?)
+            }
+            ExportKind::Fuse { dir } => {
+                Box::new(FuseExport::start(&self.fuse, dir, device, dev, ro)?)
+            }
+            ExportKind::VhostUser { socket, num_queues } => {
+                let opts = VhostUserOptions {
+                    read_only: ro,
+                    num_queues: *num_queues,
+                };
+                Box::new(VhostUserExport::start(device, socket, dev, opts)?)
+            }
+            ExportKind::Ublk { id, queues, depth } => {
+                let opts = UblkOptions {
+                    dev_id: *id,
+                    queues: *queues,
+                    depth: *depth,
+                    read_only: ro,
+                };
+                let (export, got) = udm_export::start_ublk(device, dev, &opts)?;
+                *id = Some(got);
+                export
+            }
+        })
     }
 
     /// Adds an export; returns its id.
@@ -113,79 +154,21 @@ impl Exports {
         let dev_id = node.id();
         let dev: Arc<dyn BlockDevice> = node;
         let ro = read_only || dev.read_only();
-        let mut vhost = None;
-        let r: Result<(), CoreError> = match kind {
-            ExportKind::Nbd { name, insecure_tcp } => self
-                .nbd
-                .add_export(
-                    name.as_deref().unwrap_or(device),
-                    dev.clone(),
-                    NbdExportOptions {
-                        read_only: ro,
-                        description: Some(format!("udm device {device}")),
-                        insecure_tcp: *insecure_tcp,
-                    },
-                )
-                .map_err(core_err),
-            ExportKind::Fuse { dir } => self
-                .fuse
-                .add(dir, device, dev.clone(), ro)
-                .map_err(core_err),
-            ExportKind::VhostUser { socket, num_queues } => {
-                let opts = VhostUserOptions {
-                    read_only: ro,
-                    num_queues: *num_queues,
-                };
-                VhostUserExport::start(device, socket, dev.clone(), opts)
-                    .map(|v| vhost = Some(v))
-                    .map_err(core_err)
-            }
-            #[cfg(feature = "ublk")]
-            ExportKind::Ublk { .. } => Ok(()),
-            #[cfg(not(feature = "ublk"))]
-            ExportKind::Ublk { .. } => Err(CoreError::new(
-                Errno::EOPNOTSUPP,
-                "this udmd was built without ublk support (cargo feature `ublk`)",
-            )),
-        };
-        #[cfg(feature = "ublk")]
-        let mut ublk = None;
-        #[allow(unused_mut)] // only the ublk export records what it got
         let mut kind = kind.clone();
-        #[cfg(feature = "ublk")]
-        let r = match (r, &mut kind) {
-            (Ok(()), ExportKind::Ublk { id, queues, depth }) => {
-                let opts = udm_export::ublk::UblkOptions {
-                    dev_id: *id,
-                    queues: *queues,
-                    depth: *depth,
-                    read_only: ro,
-                };
-                match udm_export::ublk::UblkExport::start(device, dev.clone(), &opts) {
-                    Ok(u) => {
-                        // Recorded, so a restart brings back the same /dev/ublkbN.
-                        *id = Some(u.dev_id());
-                        ublk = Some(u);
-                        Ok(())
-                    }
-                    Err(e) => Err(core_err(e)),
-                }
+        let export = match self.start(device, &mut kind, dev, ro) {
+            Ok(x) => x,
+            Err(e) => {
+                self.registry.close_export(dev_id, &id);
+                return Err(core_err(e));
             }
-            (r, _) => r,
         };
-        if let Err(e) = r {
-            self.registry.close_export(dev_id, &id);
-            return Err(e);
-        }
         entries.push(Entry {
             id: id.clone(),
             device: device.to_string(),
             dev: dev_id,
             kind,
             read_only,
-            #[cfg(feature = "ublk")]
-            ublk,
-            vhost,
+            export: Some(export),
         });
         tracing::info!(export = %id, device, "export added");
         Ok(id)
@@ -201,9 +184,9 @@ impl Exports {
     }
 
     /// First step of a removal: takes export `id` out of the table (it is no longer listed or
-    /// recorded) and marks its id busy until [`Exports::finish`]. Never waits for client I/O:
-    /// a FUSE export is removed here (it refuses with EBUSY while its file is open instead of
-    /// waiting), an NBD or ublk export is only unlisted.
+    /// recorded) and marks its id busy until [`Exports::finish`]. Never waits for client I/O
+    /// ([`Export::detach`]): a FUSE export is removed here (it refuses with EBUSY while its
+    /// file is open instead of waiting), an NBD, ublk or vhost-user export is only unlisted.
     pub fn take(&self, id: &str) -> Result<Removal, CoreError> {
         if self.pending.take(id) {
             self.registry.forget_export(id);
@@ -221,16 +204,16 @@ impl Exports {
                 )
             }
         })?;
-        if let ExportKind::Fuse { dir } = &entries[i].kind {
-            self.fuse
-                .remove(dir, &entries[i].device)
-                .map_err(core_err)?;
-            let e = entries.remove(i);
+        let detached = match entries[i].export.as_mut() {
+            Some(x) => x.detach().map_err(core_err)?,
+            None => Detached::Done,
+        };
+        let e = entries.remove(i);
+        if detached == Detached::Done {
             self.registry.close_export(e.dev, &e.id);
             tracing::info!(export = %e.id, "export removed");
             return Ok(Removal { entry: None });
         }
-        let e = entries.remove(i);
         self.removing.lock().insert(e.id.clone());
         Ok(Removal { entry: Some(e) })
     }
@@ -239,23 +222,12 @@ impl Exports {
     /// [`Exports::take`], waiting for their in-flight requests, and releases the device. Must
     /// not be called with the control lock held.
     pub fn finish(&self, r: Removal) {
-        let Some(e) = r.entry else { return };
-        if let ExportKind::Nbd { name, .. } = &e.kind {
-            if let Err(err) = self.nbd.remove_export(name.as_deref().unwrap_or(&e.device)) {
-                tracing::warn!(export = %e.id, "NBD export removal: {err}");
+        let Some(mut e) = r.entry else { return };
+        if let Some(x) = e.export.take() {
+            if let Err(err) = x.stop() {
+                tracing::warn!(export = %e.id, "export not stopped cleanly: {err}");
             }
         }
-        let mut e = e;
-        e.stop_vhost();
-        #[cfg(feature = "ublk")]
-        let e = {
-            if let Some(u) = e.ublk.take() {
-                if let Err(err) = u.stop() {
-                    tracing::warn!(export = %e.id, "ublk device not removed cleanly: {err}");
-                }
-            }
-            e
-        };
         self.registry.close_export(e.dev, &e.id);
         self.removing.lock().remove(&e.id);
         tracing::info!(export = %e.id, "export removed");
@@ -275,88 +247,31 @@ impl Exports {
 
     /// Export records with live counters.
     pub fn list(&self) -> Vec<ExportRecord> {
-        let nbd = self.nbd.exports();
-        let fuse = self.fuse.list();
         let mut v: Vec<ExportRecord> = self
             .entries
             .lock()
             .iter()
             .map(|e| {
-                let mut r = ExportRecord {
+                let (kind, location, s) = match &e.export {
+                    Some(x) => (x.kind(), x.location(), x.stats()),
+                    None => {
+                        let (kind, location) = describe(&e.device, &e.kind, &self.nbd_socket);
+                        (kind, location, Default::default())
+                    }
+                };
+                ExportRecord {
                     id: e.id.clone(),
                     device: e.device.clone(),
-                    kind: String::new(),
-                    location: String::new(),
+                    kind: kind.into(),
+                    location,
                     read_only: e.read_only,
-                    clients: 0,
-                    requests: 0,
-                    errors: 0,
-                    bytes_read: 0,
-                    bytes_written: 0,
+                    clients: s.clients,
+                    requests: s.requests,
+                    errors: s.errors,
+                    bytes_read: s.bytes_read,
+                    bytes_written: s.bytes_written,
                     unavailable: None,
-                };
-                match &e.kind {
-                    ExportKind::Nbd { name, .. } => {
-                        let n = name.as_deref().unwrap_or(&e.device);
-                        r.kind = "nbd".into();
-                        r.location =
-                            format!("nbd+unix:///{n}?socket={}", self.nbd_socket.display());
-                        if let Some(s) = nbd.iter().find(|s| s.name == n) {
-                            let st = &s.stats;
-                            r.clients = s.clients as u64;
-                            r.requests = st.reads
-                                + st.writes
-                                + st.flushes
-                                + st.trims
-                                + st.write_zeroes
-                                + st.caches
-                                + st.block_status
-                                + st.unknown;
-                            r.errors = st.errors;
-                            r.bytes_read = st.bytes_read;
-                            r.bytes_written = st.bytes_written;
-                        }
-                    }
-                    ExportKind::Fuse { dir } => {
-                        r.kind = "fuse".into();
-                        r.location = dir.join(&e.device).display().to_string();
-                        if let Some(s) = fuse.iter().find(|s| s.dir == *dir && s.name == e.device) {
-                            r.clients = s.open_handles;
-                            r.requests = s.reads + s.writes + s.fsyncs + s.fallocates;
-                            r.errors = s.errors;
-                            r.bytes_read = s.bytes_read;
-                            r.bytes_written = s.bytes_written;
-                        }
-                    }
-                    ExportKind::VhostUser { socket, .. } => {
-                        r.kind = "vhost-user".into();
-                        r.location = socket.display().to_string();
-                        if let Some(v) = &e.vhost {
-                            let s = v.stats();
-                            let get = |c: &std::sync::atomic::AtomicU64| {
-                                c.load(std::sync::atomic::Ordering::Relaxed)
-                            };
-                            r.clients = get(&s.clients);
-                            r.requests = get(&s.requests);
-                            r.errors = get(&s.errors);
-                            r.bytes_read = get(&s.bytes_read);
-                            r.bytes_written = get(&s.bytes_written);
-                        }
-                    }
-                    ExportKind::Ublk { .. } => {
-                        r.kind = "ublk".into();
-                        #[cfg(feature = "ublk")]
-                        if let Some(u) = &e.ublk {
-                            r.location = u.path().display().to_string();
-                            let st = u.stats();
-                            r.requests = st.requests;
-                            r.errors = st.errors;
-                            r.bytes_read = st.bytes_read;
-                            r.bytes_written = st.bytes_written;
-                        }
-                    }
                 }
-                r
             })
             .collect();
         v.extend(self.pending.records(&self.nbd_socket));
@@ -364,19 +279,20 @@ impl Exports {
     }
 
     /// Disconnects every client and unmounts every FUSE export (shutdown). The exports stay
-    /// recorded, so a restart brings them back.
+    /// recorded, so a restart brings them back. The shared NBD server and FUSE mounts shut
+    /// down all at once; then each export stops (bounded each).
     pub fn shutdown(&self) {
         self.nbd.shutdown();
         self.fuse.shutdown();
-        for e in self.entries.lock().iter_mut() {
-            e.stop_vhost();
-        }
-        #[cfg(feature = "ublk")]
-        for e in self.entries.lock().iter_mut() {
-            if let Some(u) = e.ublk.take() {
-                if let Err(err) = u.stop() {
-                    tracing::warn!(export = %e.id, "ublk device not removed at shutdown: {err}");
-                }
+        let stopping: Vec<(String, Box<dyn Export>)> = self
+            .entries
+            .lock()
+            .iter_mut()
+            .filter_map(|e| Some((e.id.clone(), e.export.take()?)))
+            .collect();
+        for (id, x) in stopping {
+            if let Err(err) = x.stop() {
+                tracing::warn!(export = %id, "export not stopped cleanly at shutdown: {err}");
             }
         }
     }
@@ -397,6 +313,20 @@ impl Exports {
             }
         }
         back
+    }
+}
+
+/// The kind name and location of an export that is not running (pending, or stopped at
+/// shutdown); a running one reports its own through [`Export`].
+fn describe(device: &str, kind: &ExportKind, nbd_socket: &Path) -> (&'static str, String) {
+    match kind {
+        ExportKind::Nbd { name, .. } => (
+            "nbd",
+            udm_export::nbd::unix_uri(name.as_deref().unwrap_or(device), nbd_socket),
+        ),
+        ExportKind::Fuse { dir } => ("fuse", dir.join(device).display().to_string()),
+        ExportKind::Ublk { .. } => ("ublk", String::new()),
+        ExportKind::VhostUser { socket, .. } => ("vhost-user", socket.display().to_string()),
     }
 }
 
@@ -454,21 +384,7 @@ impl PendingExports {
             .lock()
             .iter()
             .map(|p| {
-                let (kind, location) = match &p.kind {
-                    ExportKind::Nbd { name, .. } => (
-                        "nbd",
-                        format!(
-                            "nbd+unix:///{}?socket={}",
-                            name.as_deref().unwrap_or(&p.device),
-                            nbd_socket.display()
-                        ),
-                    ),
-                    ExportKind::Fuse { dir } => ("fuse", dir.join(&p.device).display().to_string()),
-                    ExportKind::Ublk { .. } => ("ublk", String::new()),
-                    ExportKind::VhostUser { socket, .. } => {
-                        ("vhost-user", socket.display().to_string())
-                    }
-                };
+                let (kind, location) = describe(&p.device, &p.kind, nbd_socket);
                 ExportRecord {
                     id: Exports::id_for(&p.device, &p.kind),
                     device: p.device.clone(),

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use udm_core::registry::DeviceKind;
+use udm_core::registry::DeviceKindRecord as DeviceKind;
 use udm_core::Registry;
 use udm_io::{Bio, BlockDevice};
 use udm_types::DevId;
@@ -68,16 +68,20 @@ impl Holds {
             deps: HashMap::new(),
             interposers: HashMap::new(),
         };
+        // The listing names devices by `major:minor`, as the protocol does.
+        let ids =
+            |v: &[String]| -> Vec<DevId> { v.iter().filter_map(|x| x.parse().ok()).collect() };
         for d in registry.devices() {
+            let id = DevId::new(d.major, d.minor);
             if d.kind == DeviceKind::Mapped && registry.info(&d.name).is_ok_and(|i| i.suspended) {
-                h.suspended.insert(d.id);
+                h.suspended.insert(id);
             }
-            for x in &d.interposes {
-                h.interposers.entry(*x).or_default().push(d.id);
+            for x in ids(&d.interposes) {
+                h.interposers.entry(x).or_default().push(id);
             }
-            h.deps.insert(d.id, d.deps.clone());
-            h.names.insert(d.id, d.name.clone());
-            h.ids.insert(d.name, d.id);
+            h.deps.insert(id, ids(&d.deps));
+            h.names.insert(id, d.name.clone());
+            h.ids.insert(d.name, id);
         }
         h
     }

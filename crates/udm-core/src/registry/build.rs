@@ -1,5 +1,5 @@
-//! Table construction: resolves the devices a table names, checks their claims, and works out
-//! the interposers of an `--interpose` table (the ERANGE, EALREADY and EBUSY rules).
+//! Table construction: resolves the devices a table names, checks their claims, and applies
+//! the interposer rules of an `--interpose` table (decided in `interpose`).
 
 use super::*;
 
@@ -42,8 +42,8 @@ pub(super) struct BuildCtx<'a> {
     pub(super) events: EventSink,
     pub(super) env: Arc<TargetEnv>,
     pub(super) uses: Vec<DevUse>,
-    /// (use index, target begin, target len, marked with `[interpose]`)
-    pub(super) opens: Vec<(usize, u64, u64, bool)>,
+    /// Every device opening of the table's targets.
+    pub(super) opens: Vec<interpose::Open>,
     /// Disks opened on demand for absolute paths; entered into the registry when the table is.
     pub(super) implicit: Vec<implicit::ImplicitDisk>,
 }
@@ -152,67 +152,16 @@ impl Registry {
         };
         let table = Table::build(spec, &self.targets, &mut ctx)?;
         let interposed = ctx.interposed;
-        let mut hooks: Vec<(usize, HookSpec)> = Vec::new();
+        let mut hooks = Vec::new();
         if interposed {
-            // The hook on device use `idx` for the sectors [start, start + len).
-            let hook = |idx: usize, start: u64, len: u64| {
-                let dev = ctx.uses[idx].dev;
-                (idx, HookSpec { dev, start, len })
+            let devs: Vec<DevId> = ctx.uses.iter().map(|u| u.dev).collect();
+            hooks = interpose::pick(&ctx.opens, &devs);
+            let target = |idx: usize| interpose::Target {
+                name: ctx.uses[idx].access.node().name(),
+                size: ctx.uses[idx].access.size(),
             };
-            let any_marked = ctx.opens.iter().any(|o| o.3);
-            if any_marked {
-                for &(idx, begin, len, marked) in &ctx.opens {
-                    // A target may open one marked device several times (delay: once per class).
-                    let seen = hooks
-                        .iter()
-                        .any(|(i, h)| *i == idx && h.start == begin && h.len == len);
-                    if marked && !seen {
-                        hooks.push(hook(idx, begin, len));
-                    }
-                }
-            } else {
-                // Unmarked: the one device of each target that names a single device.
-                let mut by_target: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
-                for &(idx, begin, len, _) in &ctx.opens {
-                    let devs = by_target.entry(begin).or_default();
-                    // A target may open one device several times (delay: once per class).
-                    if !devs.iter().any(|(i, _)| *i == idx) {
-                        devs.push((idx, len));
-                    }
-                }
-                for (begin, devs) in by_target {
-                    if let [(idx, len)] = devs[..] {
-                        hooks.push(hook(idx, begin, len));
-                    }
-                }
-            }
-            if hooks.len() > 1 {
-                return Err(CoreError::new(
-                    Errno::EALREADY,
-                    format!("{name}: a mapped device can have only one interposer; the table would attach {}", hooks.len()),
-                ));
-            }
-            for (idx, h) in &hooks {
-                let size = ctx.uses[*idx].access.size();
-                if h.start.checked_add(h.len).is_none_or(|end| end > size) {
-                    return Err(CoreError::new(
-                        Errno::ERANGE,
-                        format!(
-                            "{name}: interposer range {}+{} is beyond the end of {} ({size} sectors)",
-                            h.start,
-                            h.len,
-                            ctx.uses[*idx].access.node().name()
-                        ),
-                    ));
-                }
-                if let Some(other) = inner.overlapping_hook(h.dev, h.start, h.len, id) {
-                    return Err(CoreError::Busy(format!(
-                        "{name}: interposer range {}+{} of {} overlaps the interposer of {other}",
-                        h.start,
-                        h.len,
-                        ctx.uses[*idx].access.node().name()
-                    )));
-                }
+            interpose::check(id, name, &hooks, target, &inner.live_interposers())?;
+            for (idx, _) in &hooks {
                 ctx.uses[*idx].access.set_bypass(true);
             }
         }
@@ -316,9 +265,10 @@ fn unchanged(inner: &Inner, me: DevId, slot: &TableSlot, opened: &[DevId]) -> bo
             && inner.not_removing(u.dev, "").is_ok()
             && (slot.interposed || !e.holders.iter().any(|h| matches!(h, Holder::Export(_))))
     });
+    let live = inner.live_interposers();
     uses_ok
         && slot
             .hooks
             .iter()
-            .all(|h| inner.overlapping_hook(h.dev, h.start, h.len, me).is_none())
+            .all(|h| interpose::overlapping(&live, me, h).is_none())
 }

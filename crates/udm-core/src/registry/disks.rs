@@ -4,7 +4,7 @@ use super::*;
 
 impl Registry {
     /// Adds a disk backed by a file or block device, and its partitions.
-    pub fn add_disk(&self, name: &str, path: &Path, opts: &DiskOptions) -> Result<DiskInfo> {
+    pub fn add_disk(&self, name: &str, path: &Path, opts: &DiskOptions) -> Result<DiskRecord> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         // `disk add` of an unavailable disk's name and path brings it (and its dependents) back.
         if let Some(info) = self.add_disk_again(name, path)? {
@@ -57,7 +57,7 @@ impl Registry {
     }
 
     /// Adds a disk from any block device (memory devices in tests, embedders' own backends).
-    pub fn add_disk_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<DiskInfo> {
+    pub fn add_disk_device(&self, name: &str, dev: Arc<dyn BlockDevice>) -> Result<DiskRecord> {
         DevName::new(name).map_err(|e| CoreError::invalid(e.to_string()))?;
         let ro = dev.read_only();
         let flags = DiskFlags {
@@ -74,7 +74,7 @@ impl Registry {
         backend: Arc<dyn BlockDevice>,
         flags: DiskFlags,
         minor: Option<u32>,
-    ) -> Result<DiskInfo> {
+    ) -> Result<DiskRecord> {
         let DiskFlags {
             read_only,
             direct,
@@ -153,50 +153,7 @@ impl Registry {
             inner.order.push(id);
         }
         tracing::info!(disk = name, %id, partitions = parts.len(), "disk added");
-        Self::disk_info(&inner, id).ok_or_else(|| nodev(name))
-    }
-
-    pub(super) fn disk_info(inner: &Inner, id: DevId) -> Option<DiskInfo> {
-        let e = inner.entries.get(&id)?;
-        let EntryKind::Disk {
-            path,
-            read_only,
-            direct,
-            partitions,
-            implicit,
-            unavailable,
-        } = &e.kind
-        else {
-            return None;
-        };
-        let parts = partitions
-            .iter()
-            .filter_map(|p| {
-                let pe = inner.entries.get(p)?;
-                let NodeKind::Partition { number, start, .. } = pe.node.kind() else {
-                    return None;
-                };
-                Some(PartitionSummary {
-                    name: pe.node.name(),
-                    id: *p,
-                    number: *number,
-                    start: *start,
-                    sectors: pe.node.size(),
-                })
-            })
-            .collect();
-        Some(DiskInfo {
-            name: e.node.name(),
-            id,
-            path: path.clone(),
-            sectors: e.node.size(),
-            read_only: *read_only,
-            direct: *direct,
-            partitions: parts,
-            holders: inner.holders_of(id),
-            unavailable: unavailable.clone(),
-            implicit: *implicit,
-        })
+        Self::disk_record(&inner, id).ok_or_else(|| nodev(name))
     }
 
     /// Removes a disk: EBUSY while it or a partition is held, open or interposed.
@@ -235,12 +192,12 @@ impl Registry {
     }
 
     /// Every disk.
-    pub fn disks(&self) -> Vec<DiskInfo> {
+    pub fn disks(&self) -> Vec<DiskRecord> {
         let inner = self.inner.lock();
         inner
             .order
             .iter()
-            .filter_map(|id| Self::disk_info(&inner, *id))
+            .filter_map(|id| Self::disk_record(&inner, *id))
             .collect()
     }
 }

@@ -1,5 +1,6 @@
-//! Queries (`info`, `ls`, `table`, `status`, `deps`) and messages: they take the registry lock
-//! only briefly and never wait for I/O, so they answer while a switch drains.
+//! Queries (`ls`, `table`, `status`, `deps`, events; `info` and listings are in `report`) and
+//! messages: they take the registry lock only briefly and never wait for I/O, so they answer
+//! while a switch drains.
 
 use super::*;
 
@@ -12,52 +13,6 @@ impl Registry {
             .values()
             .find(|e| e.md().is_some_and(|m| m.uuid.as_deref() == Some(uuid)))
             .map(|e| e.node.name())
-    }
-
-    /// `info`.
-    pub fn info(&self, name: &str) -> Result<MdInfo> {
-        let inner = self.inner.lock();
-        let (id, m) = inner.md_entry(name)?;
-        let e = inner.entries.get(&id).ok_or_else(|| nodev(name))?;
-        let live = m.live.as_ref();
-        let shown = live.or(m.inactive.as_ref());
-        let interposers = shown
-            .map(|s| {
-                s.hooks
-                    .iter()
-                    .map(|h| InterposerInfo {
-                        device: inner
-                            .entries
-                            .get(&h.dev)
-                            .map(|e| e.node.name())
-                            .unwrap_or_default(),
-                        id: h.dev,
-                        start: h.start,
-                        len: h.len,
-                        attached: live.is_some(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(MdInfo {
-            name: e.node.name(),
-            uuid: m.uuid.clone(),
-            id,
-            suspended: m.md.is_suspended(),
-            read_only: live.is_some_and(|l| l.config.read_only),
-            live_present: live.is_some(),
-            inactive_present: m.inactive.is_some(),
-            open_count: e.open_count(),
-            event_nr: m.md.events().current(),
-            target_count: live.map_or(0, |l| l.live.table.target_count() as u32),
-            deferred_remove: m.deferred_remove,
-            sectors: m.md.size(),
-            interposers,
-            redirected: m.md.redirected(),
-            interposed: live.is_some_and(|l| l.interposed),
-            unavailable: m.pending.as_ref().map(|p| p.reason.clone()),
-            no_block_device: m.no_block_device(),
-        })
     }
 
     /// Mapped devices sorted by name (`ls`).

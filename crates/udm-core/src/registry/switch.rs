@@ -10,15 +10,15 @@
 //! `ls`, `table`) and the `resume` that releases parked I/O never wait behind a drain.
 
 use super::{
-    CoreError, DevId, DeviceNode, EntryKind, HookSpec, Inner, LiveTable, LoadFlags, MappedDevice,
-    Registry, Result, ResumeOptions, SuspendFlags, TableSlot, TableSpec,
+    interpose, CoreError, DevId, DeviceNode, EntryKind, HookSpec, Inner, LiveTable, LoadFlags,
+    MappedDevice, Registry, Result, ResumeOptions, SuspendFlags, TableSlot, TableSpec,
 };
 use crate::freeze::Frozen;
 use crate::gate::Flow;
 use parking_lot::MutexGuard;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use udm_io::BlockDevice;
 
 /// Devices taking part in switches now running without the registry lock.
@@ -91,6 +91,32 @@ impl Inner {
         Ok(())
     }
 
+    /// Plans a switch of mapped device `id` that quiesces `devs` (none when its interposers do
+    /// not change) and marks it, so conflicting operations get EBUSY until it ends. EBUSY
+    /// (nothing marked) when another switch holds one of `devs`.
+    fn plan(
+        &mut self,
+        id: DevId,
+        name: &str,
+        md: Arc<MappedDevice>,
+        devs: &[DevId],
+        change: Change,
+    ) -> Result<Plan> {
+        for d in devs {
+            self.not_held(*d)?;
+        }
+        let plan = Plan {
+            id,
+            name: name.to_string(),
+            suspended: md.is_suspended(),
+            md,
+            nodes: self.nodes_of(devs),
+            change,
+        };
+        self.mark(&plan);
+        Ok(plan)
+    }
+
     fn mark(&mut self, p: &Plan) {
         self.switches.owners.insert(p.id);
         if matches!(p.change, Change::Detach(_)) {
@@ -138,6 +164,46 @@ fn release(nodes: &[Arc<DeviceNode>]) {
     }
 }
 
+impl Plan {
+    /// The quiesce step of every switch, run without the registry lock: holds the interposed
+    /// devices' new I/O and drains what is in flight. Returns when the hold began.
+    fn hold(&self) -> Instant {
+        let since = Instant::now();
+        quiesce(&self.nodes, self.suspended);
+        since
+    }
+
+    /// Under the lock again: the held devices take the hooks of the live tables as they are
+    /// now (attached or detached by the commit).
+    fn rehook(&self, inner: &Inner) {
+        for n in &self.nodes {
+            n.set_hooks(inner.live_hooks_on(n.id()));
+        }
+    }
+
+    /// Ends a switch that held I/O since `since`: held I/O goes on, the stall is recorded, the
+    /// marks go. Returns how long I/O was held.
+    fn end(&self, registry: &Registry, inner: &mut Inner, since: Instant) -> Duration {
+        release(&self.nodes);
+        let held = since.elapsed();
+        if !self.nodes.is_empty() {
+            registry.record_stall(held);
+        }
+        inner.unmark(self);
+        held
+    }
+
+    /// Abandons a swap after its hold: held I/O goes on through the old table, the device is
+    /// resumed unless it was suspended before, the marks go.
+    fn abort(&self, inner: &mut Inner) {
+        release(&self.nodes);
+        if !self.suspended {
+            self.md.unsuspend();
+        }
+        inner.unmark(self);
+    }
+}
+
 impl Registry {
     /// `suspend`: holds new I/O and drains in-flight I/O. A no-op when already suspended.
     pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<()> {
@@ -181,32 +247,14 @@ impl Registry {
             let new_hooks = inactive.hooks.clone();
             let old_hooks: Vec<HookSpec> =
                 m.live.as_ref().map(|l| l.hooks.clone()).unwrap_or_default();
-            for h in &new_hooks {
-                if let Some(other) = inner.overlapping_hook(h.dev, h.start, h.len, id) {
-                    return Err(CoreError::Busy(format!(
-                        "{name}: interposer range overlaps the interposer of {other}"
-                    )));
-                }
-            }
+            interpose::check_attach(id, name, &new_hooks, &inner.live_interposers())?;
             let mut devs: Vec<DevId> = Vec::new();
             if old_hooks != new_hooks {
                 devs = old_hooks.iter().chain(&new_hooks).map(|h| h.dev).collect();
                 devs.sort();
                 devs.dedup();
             }
-            for d in &devs {
-                inner.not_held(*d)?;
-            }
-            let plan = Plan {
-                id,
-                name: name.to_string(),
-                suspended: md.is_suspended(),
-                md,
-                nodes: inner.nodes_of(&devs),
-                change: Change::Swap(new),
-            };
-            inner.mark(&plan);
-            plan
+            inner.plan(id, name, md, &devs, Change::Swap(new))?
         };
         let frozen = match (&opts.freeze, plan.nodes.is_empty()) {
             (Some(mp), false) => match Frozen::freeze(mp) {
@@ -243,18 +291,13 @@ impl Registry {
         let Change::Swap(new) = &plan.change else {
             return Err(CoreError::invalid("not a table swap"));
         };
-        let held_since = Instant::now();
-        quiesce(&plan.nodes, plan.suspended);
+        let held_since = plan.hold();
         let quiesced = held_since.elapsed();
         plan.md.suspend();
         let suspended = held_since.elapsed().saturating_sub(quiesced);
         if let Err(e) = new.table.preresume() {
             // Abort: the old table stays live, the new one inactive.
-            release(&plan.nodes);
-            if !plan.suspended {
-                plan.md.unsuspend();
-            }
-            self.inner.lock().unmark(&plan);
+            plan.abort(&mut self.inner.lock());
             return Err(CoreError::new(
                 e.errno,
                 format!("{}: preresume failed: {}", plan.name, e.msg),
@@ -269,11 +312,7 @@ impl Registry {
                 if let (Some(s), Ok(m)) = (other, inner.md_mut(plan.id)) {
                     m.inactive = Some(s);
                 }
-                release(&plan.nodes);
-                if !plan.suspended {
-                    plan.md.unsuspend();
-                }
-                inner.unmark(&plan);
+                plan.abort(&mut inner);
                 return Err(CoreError::invalid(format!(
                     "{}: the inactive table changed during the switch",
                     plan.name
@@ -289,16 +328,10 @@ impl Registry {
         if let Some(o) = &old {
             Self::release_slot(&mut inner, plan.id, o);
         }
-        for n in &plan.nodes {
-            n.set_hooks(inner.live_hooks_on(n.id()));
-        }
+        plan.rehook(&inner);
         new.table.resume();
         plan.md.unsuspend();
-        release(&plan.nodes);
-        let held = held_since.elapsed();
-        if !plan.nodes.is_empty() {
-            self.record_stall(held);
-        }
+        let held = plan.end(self, &mut inner, held_since);
         tracing::debug!(
             device = plan.name,
             quiesce_ms = quiesced.as_secs_f64() * 1e3,
@@ -306,7 +339,6 @@ impl Registry {
             held_ms = held.as_secs_f64() * 1e3,
             "switch phases"
         );
-        inner.unmark(&plan);
         self.run_deferred(inner);
         // The old table is destroyed without the registry lock.
         let detached = old.as_ref().map_or(0, |o| o.hooks.len());
@@ -339,18 +371,15 @@ impl Registry {
             return (inner, Ok(()));
         };
         let devs: Vec<DevId> = live.hooks.iter().map(|h| h.dev).collect();
-        if let Some(Err(e)) = devs.iter().map(|d| inner.not_held(*d)).find(|r| r.is_err()) {
-            return (inner, Err(e));
-        }
-        let plan = Plan {
-            id,
-            name: e.node.name(),
-            md: m.md.clone(),
-            suspended: m.md.is_suspended(),
-            change: Change::Detach(live.live.clone()),
-            nodes: inner.nodes_of(&devs),
+        let (name, md, change) = (
+            e.node.name(),
+            m.md.clone(),
+            Change::Detach(live.live.clone()),
+        );
+        let plan = match inner.plan(id, &name, md, &devs, change) {
+            Ok(p) => p,
+            Err(e) => return (inner, Err(e)),
         };
-        inner.mark(&plan);
         drop(inner);
         // Writes the interposer acknowledged but still holds must be on the device before its
         // I/O stops passing through the interposer. Most are settled first, while I/O still
@@ -360,8 +389,7 @@ impl Registry {
             t.table.drain_writeback();
         }
         let presettle = start.elapsed();
-        let held_since = Instant::now();
-        quiesce(&plan.nodes, plan.suspended);
+        let held_since = plan.hold();
         let quiesced = held_since.elapsed();
         if let Change::Detach(t) = &plan.change {
             t.table.drain_writeback();
@@ -371,13 +399,8 @@ impl Registry {
         if let Some(l) = inner.md_mut(id).ok().and_then(|m| m.live.as_mut()) {
             l.hooks.clear();
         }
-        for n in &plan.nodes {
-            n.set_hooks(inner.live_hooks_on(n.id()));
-        }
-        release(&plan.nodes);
-        let held = held_since.elapsed();
-        self.record_stall(held);
-        inner.unmark(&plan);
+        plan.rehook(&inner);
+        let held = plan.end(self, &mut inner, held_since);
         tracing::debug!(
             device = plan.name,
             presettle_ms = presettle.as_secs_f64() * 1e3,

@@ -1,5 +1,4 @@
-//! Persistence: the configuration to record, restoring it without losing any of it, and devices
-//! that cannot be served now.
+//! Devices that cannot be served now (what `persist` restores but cannot open or rebuild).
 //!
 //! A disk whose backing file cannot be opened at start-up (an unmounted file system, a late iSCSI
 //! login) stays in the registry as unavailable: same name, same `major:minor`, its path and flags
@@ -10,10 +9,10 @@
 //! back in dependency order once the file returns.
 
 use super::{
-    implicit, CoreError, DevId, DeviceNode, DiskInfo, Entry, EntryKind, Errno, Inner, NodeKind,
+    implicit, CoreError, DevId, DeviceNode, DiskRecord, Entry, EntryKind, Errno, Inner, NodeKind,
     Registry, Result, ResumeOptions, SuspendFlags, TableConfig, TableLine,
 };
-use crate::config::{DiskConfig, MappedConfig, RegistryConfig};
+use crate::config::DiskConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_io::backend::open::{open_backend, Engine, OpenOptions};
@@ -131,7 +130,7 @@ impl Inner {
     }
 }
 
-fn open_options(d: &DiskConfig) -> OpenOptions {
+pub(super) fn open_options(d: &DiskConfig) -> OpenOptions {
     OpenOptions {
         read_only: d.read_only,
         direct: d.direct,
@@ -139,7 +138,7 @@ fn open_options(d: &DiskConfig) -> OpenOptions {
     }
 }
 
-fn flags(d: &DiskConfig) -> super::DiskFlags {
+pub(super) fn flags(d: &DiskConfig) -> super::DiskFlags {
     super::DiskFlags {
         read_only: d.read_only,
         direct: d.direct,
@@ -149,7 +148,7 @@ fn flags(d: &DiskConfig) -> super::DiskFlags {
 
 /// What the state directory records of a disk entry with a backing path (`None` for any other
 /// entry).
-fn disk_config(id: DevId, e: &Entry) -> Option<DiskConfig> {
+pub(super) fn disk_config(id: DevId, e: &Entry) -> Option<DiskConfig> {
     match &e.kind {
         EntryKind::Disk {
             path: Some(path),
@@ -170,123 +169,6 @@ fn disk_config(id: DevId, e: &Entry) -> Option<DiskConfig> {
 }
 
 impl Registry {
-    /// What to record in the state directory.
-    pub fn config(&self) -> RegistryConfig {
-        let inner = self.inner.lock();
-        let mut cfg = RegistryConfig::default();
-        for id in &inner.order {
-            let Some(e) = inner.entries.get(id) else {
-                continue;
-            };
-            if let Some(disk) = disk_config(*id, e) {
-                cfg.disks.push(disk);
-            } else if let EntryKind::Mapped(m) = &e.kind {
-                // Tables not rebuilt yet are recorded exactly as they were read.
-                cfg.mapped.push(MappedConfig {
-                    name: e.node.name(),
-                    uuid: m.uuid.clone(),
-                    minor: id.minor,
-                    live: m
-                        .pending
-                        .as_ref()
-                        .and_then(|p| p.live.clone())
-                        .or_else(|| m.live.as_ref().map(|s| s.config.clone())),
-                    inactive: m
-                        .pending
-                        .as_ref()
-                        .and_then(|p| p.inactive.clone())
-                        .or_else(|| m.inactive.as_ref().map(|s| s.config.clone())),
-                    suspended: match &m.pending {
-                        Some(p) if p.live.is_some() => p.suspended,
-                        _ => m.md.is_suspended(),
-                    },
-                    deferred_remove: m.deferred_remove,
-                });
-            }
-        }
-        cfg
-    }
-
-    /// Replays a recorded configuration without dropping any of it: a disk that cannot be
-    /// opened is kept as unavailable, a mapped device whose tables cannot be rebuilt keeps them
-    /// recorded (see the module documentation). Returns one message per item not (yet)
-    /// restored; [`Registry::retry_unavailable`] retries them.
-    pub fn restore(&self, cfg: &RegistryConfig) -> Vec<String> {
-        let mut problems = Vec::new();
-        for d in &cfg.disks {
-            let r = match open_backend(&d.path, &open_options(d)) {
-                Ok(b) => self
-                    .insert_disk(&d.name, Some(d.path.clone()), b, flags(d), Some(d.minor))
-                    .map(|_| ()),
-                Err(e) => {
-                    let reason = e.to_string();
-                    problems.push(format!("disk {} is unavailable: {reason}", d.name));
-                    self.insert_unavailable_disk(d, reason)
-                }
-            };
-            if let Err(e) = r {
-                problems.push(format!("disk {}: {e}", d.name));
-            }
-        }
-        for m in &cfg.mapped {
-            if let Err(e) = self.create(
-                &m.name,
-                m.uuid.as_deref(),
-                Some(m.minor),
-                None,
-                &ResumeOptions::default(),
-            ) {
-                problems.push(format!("device {}: {e}", m.name));
-                continue;
-            }
-            if m.live.is_some() || m.inactive.is_some() || m.suspended {
-                let mut inner = self.inner.lock();
-                if let Ok(id) = inner.id_of(&m.name) {
-                    if let Ok(md) = inner.md_mut(id) {
-                        md.pending = Some(Pending {
-                            live: m.live.clone(),
-                            inactive: m.inactive.clone(),
-                            suspended: m.suspended,
-                            reason: "not restored yet".into(),
-                        });
-                    }
-                }
-            }
-        }
-        self.rebuild_pending();
-        let mut inner = self.inner.lock();
-        for m in &cfg.mapped {
-            let Ok(id) = inner.id_of(&m.name) else {
-                continue;
-            };
-            if let Ok(md) = inner.md_mut(id) {
-                md.deferred_remove = m.deferred_remove;
-                if let Some(p) = &md.pending {
-                    problems.push(format!("device {} is unavailable: {}", m.name, p.reason));
-                }
-            }
-        }
-        implicit::release_unused(&mut inner);
-        problems
-    }
-
-    /// Announces a recorded export of `device` (by its holder id) before it is opened: until
-    /// [`Registry::open_export`] opens it (or [`Registry::forget_export`]), it counts as an
-    /// opener, so a recorded deferred removal neither refuses it nor completes without it.
-    pub fn expect_export(&self, device: &str, holder: &str) {
-        self.inner
-            .lock()
-            .expected
-            .insert(holder.to_string(), device.to_string());
-    }
-
-    /// Drops an announced export that will not be opened (it was removed while pending).
-    pub fn forget_export(&self, holder: &str) {
-        let mut inner = self.inner.lock();
-        inner.expected.remove(holder);
-        self.run_deferred(inner);
-    }
-
     /// True when a disk or mapped device is unavailable (the daemon retries then).
     pub fn has_unavailable(&self) -> bool {
         let inner = self.inner.lock();
@@ -332,7 +214,7 @@ impl Registry {
 
     /// `disk add` of an unavailable disk's name: with its recorded path (or one resolving to
     /// it), retries it; with another path, EEXIST. `None` when `name` is not an unavailable disk.
-    pub(super) fn add_disk_again(&self, name: &str, path: &Path) -> Result<Option<DiskInfo>> {
+    pub(super) fn add_disk_again(&self, name: &str, path: &Path) -> Result<Option<DiskRecord>> {
         let (id, recorded) = {
             let inner = self.inner.lock();
             let Some(id) = inner.names.get(name).copied() else {
@@ -358,7 +240,7 @@ impl Registry {
         self.retry_unavailable(Some(name))?;
         let inner = self.inner.lock();
         Ok(Some(
-            Self::disk_info(&inner, id).ok_or_else(|| CoreError::NoDevice(name.to_string()))?,
+            Self::disk_record(&inner, id).ok_or_else(|| CoreError::NoDevice(name.to_string()))?,
         ))
     }
 
@@ -374,7 +256,7 @@ impl Registry {
 
     /// Enters a disk that cannot be opened: its name, number and recorded settings, a node
     /// that fails every request.
-    fn insert_unavailable_disk(&self, d: &DiskConfig, reason: String) -> Result<()> {
+    pub(super) fn insert_unavailable_disk(&self, d: &DiskConfig, reason: String) -> Result<()> {
         let mut inner = self.inner.lock();
         if inner.names.contains_key(&d.name) {
             return Err(CoreError::Exists(format!(
@@ -483,7 +365,7 @@ impl Registry {
     /// Rebuilds every pending mapped device, repeating while anything progresses (a table
     /// naming another pending device needs that device's live table first). Returns the
     /// devices that are complete again.
-    fn rebuild_pending(&self) -> Vec<String> {
+    pub(super) fn rebuild_pending(&self) -> Vec<String> {
         let mut back = Vec::new();
         loop {
             let (names, before) = {

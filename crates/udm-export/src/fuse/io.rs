@@ -12,7 +12,7 @@ use udm_types::{Errno, SECTOR_SIZE};
 /// Largest logical block size handled; larger reported sizes are clamped (no real device has one).
 const MAX_UNIT: u64 = 64 * 1024;
 
-/// Zeroes for partial-block zeroing and for devices without native write-zeroes.
+/// Zeroes for partial-block zeroing.
 static ZEROES: [u8; MAX_UNIT as usize] = [0; MAX_UNIT as usize];
 
 /// How to address one device: its size, its alignment unit and its largest request, in bytes.
@@ -265,22 +265,9 @@ pub(crate) fn zero_range(
             geo,
             Bio::write_zeroes(sector, sectors).with_flags(BioFlags::NO_UNMAP),
         ),
-        _ => {
-            // No native write-zeroes: write zero buffers, as the kernel's blkdev_issue_zeroout
-            // falls back to.
-            let chunk = ZEROES.len() as u64;
-            let mut at = mid_start;
-            while at < mid_end {
-                let n = (mid_end - at).min(chunk);
-                submit(
-                    dev,
-                    geo,
-                    Bio::write(at / SECTOR_SIZE, &ZEROES[..n as usize]),
-                )?;
-                at += n;
-            }
-            Ok(())
-        }
+        _ => udm_io::write_zeroes_fallback(sector, sectors, |at, zeroes| {
+            submit(dev, geo, Bio::write(at, zeroes))
+        }),
     }
 }
 

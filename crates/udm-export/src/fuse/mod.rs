@@ -9,10 +9,13 @@
 //! for the measures against the loop-over-FUSE memory-pressure deadlock.
 
 mod fs;
+mod handle;
 mod io;
 mod sys;
 #[cfg(test)]
 mod tests;
+
+pub use handle::FuseExport;
 
 use fs::{DeviceFs, MountState, RemoveRefused, ROOT_INO};
 use parking_lot::Mutex;
@@ -132,6 +135,12 @@ fn detach_hint(holders: &[PathBuf]) -> String {
     match holders.first() {
         Some(h) => format!(" (losetup -d {})", h.display()),
         None => String::new(),
+    }
+}
+
+impl From<FuseError> for crate::ExportError {
+    fn from(e: FuseError) -> Self {
+        crate::ExportError::kind(e)
     }
 }
 
@@ -393,13 +402,17 @@ impl FuseExports {
     /// EBUSY, naming the loop device, instead of waiting.
     pub fn remove(&self, dir: &Path, name: &str) -> Result<(), FuseError> {
         let mut mounts = self.mounts.lock();
-        let key = match mounts.keys().find(|k| k.as_path() == dir) {
-            Some(k) => k.clone(),
-            None => dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
-        };
         let not_found = || FuseError::NotFound {
             dir: dir.to_path_buf(),
             name: name.to_string(),
+        };
+        if mounts.is_empty() {
+            // Nothing mounted (or all unmounted by `shutdown`): no path to resolve.
+            return Err(not_found());
+        }
+        let key = match mounts.keys().find(|k| k.as_path() == dir) {
+            Some(k) => k.clone(),
+            None => dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         };
         let Some(m) = mounts.get_mut(&key) else {
             return Err(not_found());

@@ -190,16 +190,9 @@ impl Conn {
                 device: dev.describe(),
             });
         }
-        // Emulate with zero buffers.
-        let zeroes = vec![0u8; CHUNK.min(req.length as usize)];
-        let mut done = 0u64;
-        while done < sectors {
-            let n = (sectors - done).min(zeroes.len() as u64 / SECTOR_SIZE);
-            let buf = &zeroes[..(n * SECTOR_SIZE) as usize];
-            self.rw(dev, sector + done, RwBuf::Write(buf), fua)?;
-            done += n;
-        }
-        Ok(())
+        udm_io::write_zeroes_fallback(sector, sectors, |at, zeroes| {
+            self.rw(dev, at, RwBuf::Write(zeroes), fua)
+        })
     }
 
     fn rw(

@@ -26,7 +26,8 @@
 //! committed as they arrive), bounded and idle-trimmed buffer pools, and export removal that
 //! closes sockets after a short drain. [`NbdServer::memory`] reports what connections hold.
 //!
-//! Modules, top down (none imports one above it): `listen` (listeners, connection start-up);
+//! Modules, top down (none imports one above it): `handle` (one export as a
+//! [`crate::Export`]); `listen` (listeners, connection start-up);
 //! `conn` (handshake); `transmission` (reader, threads), `exec` (requests, replies) and
 //! `buffers` (payload memory), all on `connection` (a connection's shared state); `server`
 //! (export table); `session`, `export`, `ctl` (a connection's control block), `tls`; the
@@ -39,6 +40,7 @@ mod connection;
 mod ctl;
 mod exec;
 mod export;
+mod handle;
 mod limits;
 mod listen;
 pub mod proto;
@@ -49,6 +51,7 @@ mod transmission;
 mod watchdog;
 
 pub use export::{NbdExportInfo, NbdStats};
+pub use handle::{unix_uri, NbdExport};
 pub use limits::{NbdLimits, NbdMemory};
 pub use server::NbdServer;
 pub use tls::{ConnSecurity, TcpSecurity, TlsCreds, TlsError};
@@ -129,6 +132,12 @@ pub enum NbdError {
         /// The configured limit.
         limit: usize,
     },
+}
+
+impl From<NbdError> for crate::ExportError {
+    fn from(e: NbdError) -> Self {
+        crate::ExportError::kind(e)
+    }
 }
 
 impl HasErrno for NbdError {

@@ -44,19 +44,7 @@ const MAX_QUEUES: u16 = 64;
 /// parked in a suspended device) before it lets the removal finish in the background.
 const STOP_BOUND: Duration = Duration::from_secs(10);
 
-/// How a ublk export is set up.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct UblkOptions {
-    /// Wanted device id N (`/dev/ublkbN`); `None`: the driver picks one. A device with this id
-    /// left by a udmd that died is deleted first.
-    pub dev_id: Option<u32>,
-    /// Hardware queues (one serving thread each); `None`: one per CPU.
-    pub queues: Option<u16>,
-    /// Requests in flight per queue; `None`: [`DEFAULT_QUEUE_DEPTH`].
-    pub depth: Option<u16>,
-    /// Read-only block device.
-    pub read_only: bool,
-}
+pub use crate::export::UblkOptions;
 
 /// Traffic counters of a ublk export.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,6 +123,12 @@ pub enum UblkError {
     },
 }
 
+impl From<UblkError> for crate::ExportError {
+    fn from(e: UblkError) -> Self {
+        crate::ExportError::kind(e)
+    }
+}
+
 impl HasErrno for UblkError {
     fn errno(&self) -> Errno {
         match self {
@@ -159,6 +153,31 @@ pub struct UblkExport {
     inner: Device,
     stats: Arc<Stats>,
     path: PathBuf,
+}
+
+impl crate::Export for UblkExport {
+    fn kind(&self) -> &'static str {
+        "ublk"
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn stats(&self) -> crate::ExportStats {
+        let s = UblkExport::stats(self);
+        crate::ExportStats {
+            clients: 0,
+            requests: s.requests,
+            errors: s.errors,
+            bytes_read: s.bytes_read,
+            bytes_written: s.bytes_written,
+        }
+    }
+
+    fn stop(self: Box<Self>) -> Result<(), crate::ExportError> {
+        Ok(UblkExport::stop(*self)?)
+    }
 }
 
 /// What must be torn down, in order: the disk (STOP_DEV), the queue threads, the char device,

@@ -63,6 +63,12 @@ pub enum VhostUserError {
     },
 }
 
+impl From<VhostUserError> for crate::ExportError {
+    fn from(e: VhostUserError) -> Self {
+        crate::ExportError::kind(e)
+    }
+}
+
 impl HasErrno for VhostUserError {
     fn errno(&self) -> Errno {
         match self {
@@ -184,6 +190,39 @@ impl VhostUserExport {
         }
         let _ = std::fs::remove_file(&self.socket);
         clean
+    }
+}
+
+impl crate::Export for VhostUserExport {
+    fn kind(&self) -> &'static str {
+        "vhost-user"
+    }
+
+    fn location(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    fn stats(&self) -> crate::ExportStats {
+        let s = VhostUserExport::stats(self);
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::ExportStats {
+            clients: get(&s.clients),
+            requests: get(&s.requests),
+            errors: get(&s.errors),
+            bytes_read: get(&s.bytes_read),
+            bytes_written: get(&s.bytes_written),
+        }
+    }
+
+    fn stop(self: Box<Self>) -> Result<(), crate::ExportError> {
+        let socket = self.socket.display().to_string();
+        if VhostUserExport::stop(*self) {
+            Ok(())
+        } else {
+            Err(crate::ExportError::StillRunning(format!(
+                "vhost-user export {socket}"
+            )))
+        }
     }
 }
 
