@@ -4,10 +4,10 @@
 //! flushes of the COW per metadata write), and only then completes it. Here the write locks
 //! the chunks to copy, allocates their exceptions (at once, as the kernel does, so status and
 //! a full store behave the same) and is acknowledged once its data is held in memory. Two
-//! threads per origin then, for what is held, in batches of at most [`GATHER_BYTES`], copy the
+//! threads per origin then, for what is held, in batches of at most `GATHER_BYTES`, copy the
 //! chunks (the origin still has the old data: nothing reaches it before the commit), commit
 //! them in one metadata write, and only then write the held data to the origin, releasing it
-//! every [`APPLY_STEP`] writes; copying one batch overlaps the commit (mostly the COW's cache
+//! every `APPLY_STEP` writes; copying one batch overlaps the commit (mostly the COW's cache
 //! flush) of the last. Small batches keep the wait of a writer at the memory bound short. The origin therefore never receives a write before the copy
 //! of its old data is durable (the kernel's ordering, so the snapshot survives a crash or power
 //! loss as with the kernel), while writers no longer wait for a commit each.
@@ -38,7 +38,7 @@ pub const MAX_HELD_BYTES: usize = 32 << 20;
 /// How long a write-back thread waits for more work before it exits.
 const IDLE: Duration = Duration::from_millis(100);
 
-/// The copy thread gathers writes for up to this long, or until [`GATHER_BYTES`] are queued
+/// The copy thread gathers writes for up to this long, or until `GATHER_BYTES` are queued
 /// or somebody waits for held writes, so it copies runs and wakes once per batch, not once per
 /// write.
 const GATHER: Duration = Duration::from_micros(1500);
@@ -232,7 +232,7 @@ impl WriteBack {
         }
     }
 
-    /// The copy thread: copies the chunks of up to [`GATHER_BYTES`] queued in one go (long runs
+    /// The copy thread: copies the chunks of up to `GATHER_BYTES` queued in one go (long runs
     /// of chunks with one read and one write each), hands the batch to the commit thread, and
     /// repeats, so copying the next batch overlaps the commit of the last one; exits after
     /// [`IDLE`] without work.
