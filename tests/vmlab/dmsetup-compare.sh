@@ -8,25 +8,13 @@
 # from this checkout when unset), DMCMP_GUEST_OUT (re-check a saved guest.out without booting).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-RUN=${VMLAB_RUN:-}
-for r in "$ROOT/../shared/vmlab/run.sh" "$ROOT/../../shared/vmlab/run.sh"; do
-  [ -n "$RUN" ] || [ ! -f "$r" ] || RUN=$r
-done
-[ -n "$RUN" ] || { echo "SKIPPED dmsetup comparison: no vmlab run.sh (set VMLAB_RUN)"; exit 0; }
-if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
-command -v strip >/dev/null || { echo "SKIPPED dmsetup comparison: strip missing"; exit 0; }
-if [ -n "${UDM_BIN_DIR:-}" ]; then
-  T=$UDM_BIN_DIR
-else
-  (cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup)
-  T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
-fi
-W=$(mktemp -d)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+vmlab_init "dmsetup comparison"
 trap 'rm -rf "$W"' EXIT
+vmlab_bins "" udmd udmsetup
 OUT=${1:-$W}
-mkdir -p "$OUT" "$W/bin"
-for b in udmd udmsetup; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
+mkdir -p "$OUT"
 { echo "session() {"; cat "$HERE/dmsetup-compare/commands.sh"; echo "}"; cat "$HERE/dmsetup-compare/guest.sh"; } > "$W/guest.sh"
 truncate -s 16M "$W/vda.img" "$W/vdb.img"
 rc=0

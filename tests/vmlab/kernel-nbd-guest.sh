@@ -38,21 +38,8 @@ fi
 echo "SIZE $(blockdev --getsize64 /dev/nbd0)"
 echo "DISCARD_MAX $(cat /sys/block/nbd0/queue/discard_max_bytes)"
 echo "WRITE_CACHE $(cat /sys/block/nbd0/queue/write_cache)"
-run mkfs.ext4 -q -F /dev/nbd0
-mkdir -p /mnt
-run mount -t ext4 /dev/nbd0 /mnt
-run dd if=/dev/urandom of=/mnt/big bs=1M count=16 2>/dev/null
-mkdir /mnt/dir
-for i in $(seq 20); do echo "file $i $(date)" > /mnt/dir/f$i; done
-run cp /mnt/big /mnt/gone
-run sync
-echo "ALLOC_FULL $(du -k /tmp/disk.img | cut -f1)"
-rm /mnt/gone
-run sync
-echo "FSTRIM $(fstrim -v /mnt 2>&1)"
-run sync
-echo "ALLOC_TRIMMED $(du -k /tmp/disk.img | cut -f1)"
-# The live phase (live-phase.sh, sourced above): writer, interposer, frozen snapshot; the
+fs_phase /dev/nbd0 /tmp/disk.img
+# The live phase (guest-lib.sh, sourced above): writer, interposer, frozen snapshot; the
 # snapshot reaches the kernel through a second NBD device over the Unix socket. It ends with
 # /mnt unmounted, e2fsck clean and /tmp/sums listing every file.
 snap_attach() {

@@ -2,7 +2,7 @@
 # The kernel's own NBD client against udmd: boots a real kernel under QEMU (run.sh) with udmd,
 # udmsetup and Debian's nbd-client inside; nbd-client connects /dev/nbd0 to udmd over TCP on
 # 127.0.0.1 with X.509 TLS (client certificate required), the guest makes an ext4 filesystem on
-# it, writes, trims and flushes, goes through the live phase (live-phase.sh: interposer and
+# it, writes, trims and flushes, goes through the live phase (guest-lib.sh: interposer and
 # frozen snapshot under a writer), then reconnects over the Unix socket and checks it (see
 # kernel-nbd-guest.sh). Afterwards the host runs e2fsck -fn on the disk the guest copied out and
 # compares the files (debugfs) with the guest's checksums.
@@ -12,30 +12,11 @@
 set -euo pipefail
 MODE=${1:-tls}
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-# run.sh lives beside the main checkout (../shared), also when this is a worktree under ../wt.
-RUN=${VMLAB_RUN:-}
-for r in "$ROOT/../shared/vmlab/run.sh" "$ROOT/../../shared/vmlab/run.sh"; do
-  [ -n "$RUN" ] || [ ! -f "$r" ] || RUN=$r
-done
-[ -n "$RUN" ] || { echo "SKIPPED kernel NBD test: no vmlab run.sh (set VMLAB_RUN)"; exit 0; }
-if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
-export PATH="$PATH:/usr/sbin:/sbin"
-for t in nbd-client mkfs.ext4 e2fsck debugfs openssl strip; do
-  command -v $t >/dev/null || { echo "SKIPPED kernel NBD test: $t missing (scripts/deps.sh installs it)"; exit 0; }
-done
-# The test harness passes the binaries it tests (UDM_BIN_DIR); run by hand, build them.
-if [ -n "${UDM_BIN_DIR:-}" ]; then
-  T=$UDM_BIN_DIR
-else
-  (cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup --bin udm)
-  T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
-fi
-W=$(mktemp -d)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+vmlab_init "kernel NBD test" nbd-client mkfs.ext4 e2fsck debugfs openssl
 trap 'rm -rf "$W"' EXIT
-# Stripped copies: the debug binaries are ~100 MiB, all of which would go into the initramfs.
-mkdir "$W/bin"
-for b in udmd udmsetup udm; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
+vmlab_bins "" udmd udmsetup udm
 # Certificates as crates/udm-testkit/src/pki.rs makes them (SAN localhost and 127.0.0.1).
 mkdir "$W/pki" && cd "$W/pki"
 ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
@@ -57,7 +38,7 @@ cd "$W"
            client/ca-cert.pem client/client-cert.pem client/client-key.pem; do
     echo "mkdir -p /tmp/pki/$(dirname $f); cat > /tmp/pki/$f <<'PEM'"; cat "pki/$f"; echo PEM
   done
-  cat "$HERE/live-phase.sh" "$HERE/kernel-nbd-guest.sh"
+  cat "$HERE/guest-lib.sh" "$HERE/kernel-nbd-guest.sh"
 } > guest.sh
 truncate -s 128M disk.img
 rc=0

@@ -49,20 +49,8 @@ echo "DISCARD_MAX $(cat $Q/discard_max_bytes)"
 echo "WRITE_ZEROES_MAX $(cat $Q/write_zeroes_max_bytes)"
 
 # 1. A filesystem: write, sync, trim, unmount, check, remount and verify.
-run mkfs.ext4 -q -F "$DEV"
-mkdir -p /mnt /snap
-run mount -t ext4 "$DEV" /mnt
-run dd if=/dev/urandom of=/mnt/big bs=1M count=16 2>/dev/null
-mkdir /mnt/dir
-for i in $(seq 20); do echo "file $i $(date)" > /mnt/dir/f$i; done
-run cp /mnt/big /mnt/gone
-run sync
-echo "ALLOC_FULL $(du -k /tmp/disk.img | cut -f1)"
-rm /mnt/gone
-run sync
-echo "FSTRIM $(fstrim -v /mnt 2>&1)"
-run sync
-echo "ALLOC_TRIMMED $(du -k /tmp/disk.img | cut -f1)"
+fs_phase "$DEV" /tmp/disk.img
+mkdir -p /snap
 (cd /mnt && md5sum big dir/*) > /tmp/sums
 run umount /mnt
 # Field 12: discards completed, field 16: flushes completed (Documentation/block/stat.rst).
@@ -74,7 +62,7 @@ run mount -t ext4 "$DEV" /mnt
 (cd /mnt && md5sum -c /tmp/sums > /tmp/sums.out 2>&1) || { cat /tmp/sums.out; fail "checksums after remount"; }
 echo "SUMS_REMOUNT ok"
 
-# 2. The live phase (live-phase.sh, sourced above): writer, interposer, frozen snapshot.
+# 2. The live phase (guest-lib.sh, sourced above): writer, interposer, frozen snapshot.
 snap_attach() {
   out=$(timeout 60 udmsetup export add "$1" --ublk --read-only) || fail "export add $1: $out"
   SDEV=$(echo "$out" | awk '{print $2}')

@@ -9,29 +9,12 @@
 # this checkout when unset).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-RUN=${VMLAB_RUN:-}
-for r in "$ROOT/../shared/vmlab/run.sh" "$ROOT/../../shared/vmlab/run.sh"; do
-  [ -n "$RUN" ] || [ ! -f "$r" ] || RUN=$r
-done
-[ -n "$RUN" ] || { echo "SKIPPED kernel ublk test: no vmlab run.sh (set VMLAB_RUN)"; exit 0; }
-if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
-export PATH="$PATH:/usr/sbin:/sbin"
-for t in mkfs.ext4 e2fsck strip; do
-  command -v $t >/dev/null || { echo "SKIPPED kernel ublk test: $t missing (scripts/deps.sh installs it)"; exit 0; }
-done
-if [ -n "${UDM_BIN_DIR:-}" ]; then
-  T=$UDM_BIN_DIR
-else
-  (cd "$ROOT" && cargo build -q --features udm-daemon/ublk -p udm-daemon -p udm-cli --bin udmd --bin udmsetup --bin udm)
-  T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
-fi
-W=$(mktemp -d)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+vmlab_init "kernel ublk test" mkfs.ext4 e2fsck
 trap 'rm -rf "$W"' EXIT
-# Stripped copies: the debug binaries are ~100 MiB, all of which would go into the initramfs.
-mkdir "$W/bin"
-for b in udmd udmsetup udm; do cp "$T/$b" "$W/bin/" && strip "$W/bin/$b"; done
-cat "$HERE/live-phase.sh" "$HERE/kernel-ublk-guest.sh" > "$W/guest.sh"
+vmlab_bins udm-daemon/ublk udmd udmsetup udm
+cat "$HERE/guest-lib.sh" "$HERE/kernel-ublk-guest.sh" > "$W/guest.sh"
 rc=0
 out=$(cd "$W" && VMLAB_KERNEL=6.12 VMLAB_BINS="$W/bin/udmd $W/bin/udmsetup $W/bin/udm mkfs.ext4 e2fsck" \
       VMLAB_TIMEOUT=${VMLAB_TIMEOUT:-900} "$RUN" guest.sh 2>&1) || rc=$?

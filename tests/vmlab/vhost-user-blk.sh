@@ -16,25 +16,12 @@
 # and udm to test; built from this checkout when unset).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-RUN=${VMLAB_RUN:-}
-for r in "$ROOT/../shared/vmlab/run.sh" "$ROOT/../../shared/vmlab/run.sh"; do
-  [ -n "$RUN" ] || [ ! -f "$r" ] || RUN=$r
-done
-[ -n "$RUN" ] || { echo "SKIPPED vhost-user-blk test: no vmlab run.sh (set VMLAB_RUN)"; exit 0; }
-if [ -n "${VMLAB_EXTRA_PATH:-}" ]; then export PATH="$VMLAB_EXTRA_PATH:$PATH"; fi
-export PATH="$PATH:/usr/sbin:/sbin"
-for t in qemu-system-x86_64 nbdcopy mkfs.ext4 e2fsck debugfs md5sum; do
-  command -v $t >/dev/null || { echo "SKIPPED vhost-user-blk test: $t missing"; exit 0; }
-done
-if [ -n "${UDM_BIN_DIR:-}" ]; then
-  T=$UDM_BIN_DIR
-else
-  (cd "$ROOT" && cargo build -q -p udm-daemon -p udm-cli --bin udmd --bin udmsetup --bin udm)
-  T=${CARGO_TARGET_DIR:-$ROOT/target}/debug
-fi
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+vmlab_init "vhost-user-blk test" qemu-system-x86_64 nbdcopy mkfs.ext4 e2fsck debugfs md5sum
+vmlab_bins "" udmd udmsetup udm
+T=$W/bin
 TIMEOUT=${VMLAB_TIMEOUT:-900}
-W=$(mktemp -d)
 UDMD=
 cleanup() {
   [ -z "$UDMD" ] || { kill "$UDMD" 2>/dev/null; wait "$UDMD" 2>/dev/null || true; }

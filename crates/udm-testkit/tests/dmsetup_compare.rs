@@ -3,10 +3,6 @@
 //! and stderr) runs in a real Linux 6.1 under QEMU, once with dmsetup and once with udmsetup
 //! on udmd, and the two transcripts must be equal after the normalisation the script states.
 //! About a minute (two in a busy machine), so it runs only with UDM_VMLAB=1.
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
-
-use std::path::Path;
-use std::process::Command;
 
 /// Differences left on purpose: not in the compared session, each with its reason.
 const KNOWN_EXCEPTIONS: &[(&str, &str)] = &[
@@ -35,34 +31,13 @@ const KNOWN_EXCEPTIONS: &[(&str, &str)] = &[
 
 #[test]
 fn dmsetup_output_matches_the_kernel() {
-    if std::env::var("UDM_VMLAB").ok().as_deref() != Some("1") {
-        eprintln!(
-            "SKIPPED: dmsetup comparison with the kernel (set UDM_VMLAB=1 to run it; needs root \
-             and qemu)"
-        );
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/vmlab/dmsetup-compare.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("UDM_BIN_DIR", udm_testkit::bin_dir())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
     for (what, why) in KNOWN_EXCEPTIONS {
         eprintln!("known exception: {what}: {why}");
     }
-    assert!(
-        out.status.success(),
-        "udmsetup differs from dmsetup:\n{text}"
-    );
-    if let Some(line) = text.lines().find(|l| l.starts_with("SKIPPED")) {
-        eprintln!("{line}");
-        return;
-    }
-    assert!(
-        text.contains("dmsetup-compare: transcripts equal"),
-        "{text}"
+    udm_testkit::vmlab::run_script(
+        "dmsetup comparison with the kernel",
+        "dmsetup-compare.sh",
+        &[],
+        "dmsetup-compare: transcripts equal",
     );
 }

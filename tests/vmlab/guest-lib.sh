@@ -1,11 +1,33 @@
 # Sourced into the guest scripts of the kernel export tests (kernel-ublk.sh, kernel-nbd.sh):
-# the live phase every export goes through. With udm device VOL's filesystem mounted from DEV at
+# the phases every export goes through. Both need fail and run from the caller.
+#
+# fs_phase DEV BACKING: makes ext4 on DEV, mounts it at /mnt, writes 16 MiB and 20 files, syncs,
+# deletes a 16 MiB copy and runs fstrim; prints ALLOC_FULL and ALLOC_TRIMMED (KiB allocated in
+# the BACKING file udmd serves, before and after the trim) and FSTRIM. Leaves /mnt mounted.
+fs_phase() {
+  run mkfs.ext4 -q -F "$1"
+  mkdir -p /mnt
+  run mount -t ext4 "$1" /mnt
+  run dd if=/dev/urandom of=/mnt/big bs=1M count=16 2>/dev/null
+  mkdir /mnt/dir
+  for i in $(seq 20); do echo "file $i $(date)" > /mnt/dir/f$i; done
+  run cp /mnt/big /mnt/gone
+  run sync
+  echo "ALLOC_FULL $(du -k "$2" | cut -f1)"
+  rm /mnt/gone
+  run sync
+  echo "FSTRIM $(fstrim -v /mnt 2>&1)"
+  run sync
+  echo "ALLOC_TRIMMED $(du -k "$2" | cut -f1)"
+}
+
+# The live phase: With udm device VOL's filesystem mounted from DEV at
 # MNT, a writer adds files while an interposer is attached and detached three times and a live
 # snapshot is taken with `udm snapshot take --freeze`; the snapshot, made a block device by the
 # caller's `snap_attach NAME` (sets SDEV) and `snap_detach NAME`, must pass e2fsck -fn and hold
 # every file written before it; the live filesystem must hold every file and pass e2fsck after
 # unmounting. Prints REDIRECTED_n, WRITTEN, FSCK_SNAPSHOT, SNAPSHOT_FILES and FSCK_LIVE lines;
-# leaves the checksums of every file in /tmp/sums. Needs fail and run from the caller.
+# leaves the checksums of every file in /tmp/sums.
 # Usage: live_phase VOL DEV MNT SECTORS
 live_phase() {
   vol=$1; dev=$2; mnt=$3; sectors=$4
