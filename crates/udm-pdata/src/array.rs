@@ -144,7 +144,10 @@ impl Array {
         })
     }
 
-    /// Shadows array block `bi` and updates the btree when it moved (K `__shadow_ablock`).
+    /// Shadows array block `bi` and updates the btree when it moved (K `__shadow_ablock`). The
+    /// block is shadowed before the path above it, so a second reference to the array's root
+    /// must be taken only right after a commit (as era's take_metadata_snap does): a block new in
+    /// this transaction under a freshly shared root would be written in place.
     fn shadow_ablock(&mut self, tm: &mut Tm, bi: u64) -> Result<(u64, ArrayBlock)> {
         let loc = self.ablock_loc(tm, bi)?;
         let s = tm.shadow(loc, Kind::ArrayBlock)?;

@@ -70,19 +70,21 @@ impl Tm {
     }
 
     /// `dm_tm_shadow_block`: a writable copy of `b`. A block already shadowed (or new) in this
-    /// transaction is returned as is. Otherwise the copy goes to a new block and `b` loses one
+    /// transaction and not shared is returned as is. Otherwise the copy goes to a new block and `b` loses one
     /// reference; `inc_children` is true when `b` was shared, so the caller must count the
     /// copy's references to its children.
     pub fn shadow(&mut self, b: u64, kind: Kind) -> Result<Shadow> {
         let data = self.read(b, kind)?;
-        if self.fresh.contains(&b) {
+        // A block shadowed in this transaction but shared since (a snapshot took a reference)
+        // is copied again, as the kernel's `dm_tm_shadow_block` does.
+        let inc_children = self.sm.count(b)? > 1;
+        if self.fresh.contains(&b) && !inc_children {
             return Ok(Shadow {
                 location: b,
                 data,
                 inc_children: false,
             });
         }
-        let inc_children = self.sm.count(b)? > 1;
         let location = self.new_block()?;
         self.dec(b)?;
         Ok(Shadow {
