@@ -114,6 +114,28 @@ impl Array {
         })
     }
 
+    /// An array holding `values`, written bottom-up: the array blocks first, then the btree
+    /// (the layout era_restore writes).
+    pub fn build(tm: &mut Tm, value_size: u32, values: &[u64]) -> Result<Array> {
+        let m = max_entries(value_size) as usize;
+        let (mut keys, mut ptrs) = (Vec::new(), Vec::new());
+        for (i, chunk) in values.chunks(m).enumerate() {
+            let loc = tm.new_block()?;
+            let ab = ArrayBlock {
+                value_size,
+                max_entries: m as u32,
+                values: chunk.to_vec(),
+            };
+            tm.write(loc, Kind::ArrayBlock, ab.print(loc))?;
+            keys.push(i as u64);
+            ptrs.extend_from_slice(&loc.to_le_bytes());
+        }
+        Ok(Array {
+            root: btree::build(tm, &keys, &ptrs, &ARRAY_TREE)?,
+            value_size,
+        })
+    }
+
     fn ablock_loc(&self, tm: &Tm, bi: u64) -> Result<u64> {
         match btree::lookup(tm, self.root, bi, &ARRAY_TREE)? {
             Some(v) => Ok(get_u64(&v, 0)),

@@ -286,10 +286,25 @@ fn delete_rec(tm: &mut Tm, b: u64, vt: &ValueType, depth: usize) -> Result<()> {
     tm.dec(b)
 }
 
+/// A new tree holding sorted `keys` and their packed `values`, written bottom-up (leaves, then
+/// the levels above; the root is allocated last), as the userspace tools' builders do.
+pub fn build(tm: &mut Tm, keys: &[u64], values: &[u8], vt: &ValueType) -> Result<u64> {
+    let built = node::build(keys, values, vt.size);
+    let locs = (0..built.nodes.len())
+        .map(|_| tm.new_block())
+        .collect::<Result<Vec<u64>>>()?;
+    let root = locs.last().copied().unwrap_or_default();
+    for (loc, b) in built.place(&locs) {
+        tm.write(loc, Kind::BtreeNode, b)?;
+    }
+    Ok(root)
+}
+
 /// Every (key, value) in key order.
 pub fn entries(tm: &Tm, root: u64, vt: &ValueType) -> Result<Vec<(u64, Vec<u8>)>> {
     let mut out = Vec::new();
-    entries_rec(tm, root, vt, 0, &mut out)?;
+    let mut visits = 0u64;
+    entries_rec(tm, root, vt, 0, &mut visits, &mut out)?;
     Ok(out)
 }
 
@@ -298,17 +313,27 @@ fn entries_rec(
     b: u64,
     vt: &ValueType,
     depth: usize,
+    visits: &mut u64,
     out: &mut Vec<(u64, Vec<u8>)>,
 ) -> Result<()> {
     if depth >= MAX_DEPTH {
         return Err(node::too_deep(b));
+    }
+    // Nodes are not shared within one tree: more visits than blocks is corrupt sharing.
+    *visits += 1;
+    if *visits > tm.store().nr_blocks() {
+        return Err(Error::Corrupt {
+            kind: Kind::BtreeNode,
+            block: b,
+            what: "node reached twice in one tree".into(),
+        });
     }
     let n = read(tm, b, vt)?;
     for i in 0..n.nr() {
         if n.leaf {
             out.push((n.keys[i], n.value(i).to_vec()));
         } else {
-            entries_rec(tm, n.child(i), vt, depth + 1, out)?;
+            entries_rec(tm, n.child(i), vt, depth + 1, visits, out)?;
         }
     }
     Ok(())

@@ -65,6 +65,8 @@ struct Checker<'a> {
     expected: Vec<u32>,
     visited: HashSet<u64>,
     problems: Vec<Problem>,
+    /// Nodes the current tree walk may still visit (a tree never shares a node within itself).
+    budget: u64,
 }
 
 /// Checks the space map at `sm_root` and every structure in `roots` (name, block, what).
@@ -76,6 +78,7 @@ pub fn check(store: &dyn BlockStore, sm_root: &SmRoot, roots: &[(&str, u64, Stru
         expected: vec![0; nr_blocks as usize],
         visited: HashSet::new(),
         problems: Vec::new(),
+        budget: 0,
     };
     if sm_root.nr_blocks > store.nr_blocks() || sm_root.nr_blocks > space_map::MAX_METADATA_BLOCKS {
         c.problem(
@@ -193,6 +196,7 @@ impl Checker<'_> {
     ) -> Vec<(u64, Vec<u8>, bool)> {
         let mut leaf_depth = None;
         let mut entries = Vec::new();
+        self.budget = self.nr_blocks;
         self.node(
             name,
             b,
@@ -434,6 +438,15 @@ impl Checker<'_> {
             self.problem(b, name, format!("deeper than {MAX_DEPTH} levels"));
             return;
         }
+        if self.budget == 0 {
+            self.problem(
+                b,
+                name,
+                "node reached twice in one tree (cycle or corrupt sharing)".into(),
+            );
+            return;
+        }
+        self.budget -= 1;
         let n = match node::read_node(self.store, b) {
             Ok(n) => n,
             Err(e) => return self.problem(b, name, e.to_string()),

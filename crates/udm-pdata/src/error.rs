@@ -23,6 +23,13 @@ pub enum Error {
         block: u64,
         what: String,
     },
+    /// A well-formed block the code does not support (the kernel's EINVAL, e.g. a version).
+    #[error("{kind} block {block}: {what} (EINVAL)")]
+    Unsupported {
+        kind: Kind,
+        block: u64,
+        what: String,
+    },
     /// A block number past the end of the metadata device.
     #[error("block {block} is beyond the metadata device ({nr_blocks} blocks)")]
     OutOfRange { block: u64, nr_blocks: u64 },
@@ -51,7 +58,9 @@ impl Error {
             Error::Checksum { .. } | Error::Corrupt { .. } => libc::EILSEQ,
             Error::OutOfRange { .. } | Error::Index { .. } => libc::ERANGE,
             Error::NoSpace { .. } => libc::ENOSPC,
-            Error::RefCount { .. } | Error::NotShadowed { .. } => libc::EINVAL,
+            Error::RefCount { .. } | Error::NotShadowed { .. } | Error::Unsupported { .. } => {
+                libc::EINVAL
+            }
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -8,6 +8,7 @@ pub mod bitset;
 pub mod block;
 pub mod btree;
 pub mod check;
+pub mod era;
 pub mod error;
 pub mod node;
 pub mod space_map;

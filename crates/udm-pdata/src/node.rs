@@ -126,6 +126,13 @@ impl Node {
         if nr > max {
             return Err(corrupt(format!("nr_entries {nr} > max_entries {max}")));
         }
+        // The kernel computes max_entries (never below 3); an internal node always has a child.
+        if max < 3 {
+            return Err(corrupt(format!("max_entries {max} < 3")));
+        }
+        if !leaf && nr == 0 {
+            return Err(corrupt("internal node without entries".into()));
+        }
         if !leaf && vs != 8 {
             return Err(corrupt(format!("internal node with value_size {vs}")));
         }
@@ -215,6 +222,15 @@ fn walk_rec(
 ) -> Result<()> {
     if depth >= MAX_DEPTH {
         return Err(too_deep(b));
+    }
+    // A tree's nodes are never shared within it, so more visits than blocks means a cycle or
+    // corrupt sharing (which would otherwise make the walk exponential).
+    if nodes.len() as u64 >= store.nr_blocks() {
+        return Err(Error::Corrupt {
+            kind: Kind::BtreeNode,
+            block: b,
+            what: "node reached twice in one tree".into(),
+        });
     }
     let n = read_node(store, b)?;
     nodes.push(b);

@@ -101,10 +101,7 @@ fn shared_blocks_count_each_reference() {
     common::commit(&mut tm, &[live, a.root, root]);
     let r = common::check(&store, &[TREE, ARRAY, TREE]);
     common::assert_clean(&r);
-    assert!(
-        r.expected.contains(&2),
-        "shared children are counted twice"
-    );
+    assert!(r.expected.contains(&2), "shared children are counted twice");
 }
 
 #[test]
