@@ -4,9 +4,11 @@
 //! checksum, as the kind its last byte picks) so the fuzzer gets past the checksums.
 #![no_main]
 use udm_pdata::array::{Array, ArrayBlock};
+use udm_pdata::bitset::Bitset;
 use udm_pdata::block::{self, get_u32, get_u64, BlockStore, Kind};
 use udm_pdata::btree::{self, ValueType};
 use udm_pdata::check::{self, Structure};
+use udm_pdata::era::{self, Superblock, Writeset};
 use udm_pdata::node::Node;
 use udm_pdata::space_map::{self, SmRoot};
 use udm_pdata::tm::Tm;
@@ -49,6 +51,22 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let _ = space_map::parse_bitmap(&b, i);
         let _ = ArrayBlock::parse(&b, i, 4);
         let _ = ArrayBlock::parse(&b, i, 8);
+    }
+    // Block 0 as an era superblock: its roots, the checker, and the era structures.
+    if let Ok(sb) = Superblock::parse(&store.read(0).expect("in range"), 0) {
+        if let Ok(roots) = era::check_roots(&store, &sb) {
+            let _ = check::check(&store, &sb.sm_root, &roots);
+        }
+        if let Ok(tm) = Tm::open(Box::new(store.clone()), &sb.sm_root) {
+            if let Ok(ws) = btree::entries(&tm, sb.writeset_tree_root, &era::WRITESET_TREE) {
+                for (_, v) in ws.iter().take(8) {
+                    let w = Writeset::parse(v);
+                    let _ = Bitset::open(w.root, u64::from(w.nr_bits) % 100_000).bits(&tm);
+                }
+            }
+            let a = Array { root: sb.era_array_root, value_size: 4 };
+            let _ = a.values(&tm, u64::from(sb.nr_blocks) % 100_000);
+        }
     }
     // Block 0 as the tests' superblock: the space-map root at 16, up to 4 roots from 64.
     let sb = store.read(0).expect("in range");
