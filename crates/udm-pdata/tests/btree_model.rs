@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use udm_pdata::block::BlockStore;
 use udm_pdata::btree::{self, ValueType};
 use udm_pdata::check::Structure;
 
@@ -22,7 +23,7 @@ enum Op {
     InsertRun(u64, u16),
     Remove(u64),
     RemoveRun(u64, u16),
-    Commit,
+    Commit(u16),
     Crash,
     Snapshot,
     DropSnapshot,
@@ -34,7 +35,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..4000u64, 1..600u16).prop_map(|(k, n)| Op::InsertRun(k, n)),
         10 => (0..4000u64).prop_map(Op::Remove),
         2 => (0..4000u64, 1..600u16).prop_map(|(k, n)| Op::RemoveRun(k, n)),
-        2 => Just(Op::Commit),
+        2 => any::<u16>().prop_map(Op::Commit),
         1 => Just(Op::Crash),
         1 => Just(Op::Snapshot),
         1 => Just(Op::DropSnapshot),
@@ -113,10 +114,32 @@ fn run(ops: &[Op]) {
                     btree::delete(&mut tm, r, &VT).expect("delete");
                 }
             }
-            Op::Commit => {
+            Op::Commit(cut) => {
                 let mut roots = vec![root];
                 roots.extend(snaps.iter().map(|s| s.0));
+                let image = store.deep_copy();
+                let start = store.write_log().len();
                 common::commit(&mut tm, &roots);
+                // A power cut after `cut` of this commit's writes: the device holds the old
+                // state (or the new one once the superblock is written), and checks clean.
+                let writes = &store.write_log()[start..];
+                let n = usize::from(cut) % (writes.len() + 1);
+                let mut torn = image.deep_copy();
+                for &(b, _) in &writes[..n] {
+                    torn.write(b, &store.read(b).expect("read")).expect("write");
+                }
+                let (t, r) = common::reopen(&torn);
+                let want = if n == writes.len() {
+                    &model
+                } else {
+                    &committed.0
+                };
+                assert_same(
+                    &contents(&t, r[0]),
+                    want,
+                    &format!("after a cut at write {n} of {}", writes.len()),
+                );
+                common::assert_clean(&common::check(&torn, &vec![TREE; r.len()]));
                 committed = (model.clone(), snaps.clone());
             }
             Op::Crash => {
