@@ -42,6 +42,9 @@ pub enum Error {
     /// A write to a block that is reachable from the committed superblock (a shadowing bug).
     #[error("block {block} written in place but not shadowed in this transaction")]
     NotShadowed { block: u64 },
+    /// Transaction steps out of order (a caller bug).
+    #[error("transaction: {what}")]
+    Order { what: &'static str },
     /// An index past the end of an array or bitset.
     #[error("index {index} past the end ({len})")]
     Index { index: u64, len: u64 },
@@ -58,9 +61,10 @@ impl Error {
             Error::Checksum { .. } | Error::Corrupt { .. } => libc::EILSEQ,
             Error::OutOfRange { .. } | Error::Index { .. } => libc::ERANGE,
             Error::NoSpace { .. } => libc::ENOSPC,
-            Error::RefCount { .. } | Error::NotShadowed { .. } | Error::Unsupported { .. } => {
-                libc::EINVAL
-            }
+            Error::RefCount { .. }
+            | Error::NotShadowed { .. }
+            | Error::Unsupported { .. }
+            | Error::Order { .. } => libc::EINVAL,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

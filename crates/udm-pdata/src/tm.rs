@@ -15,6 +15,8 @@ pub struct Tm {
     dirty: HashMap<u64, Box<Block>>,
     /// Blocks allocated in this transaction: the only ones that may be written in place.
     fresh: HashSet<u64>,
+    /// Set by `pre_commit`, cleared by any change: the superblock may be written only then.
+    pre_committed: bool,
 }
 
 impl Tm {
@@ -26,6 +28,7 @@ impl Tm {
             sm,
             dirty: HashMap::new(),
             fresh: HashSet::new(),
+            pre_committed: false,
         }
     }
 
@@ -37,6 +40,7 @@ impl Tm {
             sm,
             dirty: HashMap::new(),
             fresh: HashSet::new(),
+            pre_committed: false,
         })
     }
 
@@ -66,6 +70,7 @@ impl Tm {
     pub fn new_block(&mut self) -> Result<u64> {
         let b = self.sm.alloc()?;
         self.fresh.insert(b);
+        self.pre_committed = false;
         Ok(b)
     }
 
@@ -101,6 +106,7 @@ impl Tm {
         }
         block::seal(&mut data, kind, b);
         self.dirty.insert(b, data);
+        self.pre_committed = false;
         Ok(())
     }
 
@@ -110,10 +116,12 @@ impl Tm {
     }
 
     pub fn inc(&mut self, b: u64) -> Result<()> {
+        self.pre_committed = false;
         self.sm.inc(b)
     }
 
     pub fn dec(&mut self, b: u64) -> Result<()> {
+        self.pre_committed = false;
         self.sm.dec(b)?;
         if self.sm.count(b)? == 0 && self.fresh.remove(&b) {
             self.dirty.remove(&b);
@@ -135,12 +143,19 @@ impl Tm {
         }
         let root = self.sm.commit(&mut *self.store)?;
         self.store.flush()?;
+        self.pre_committed = true;
         Ok(root)
     }
 
     /// `dm_tm_commit`: writes the superblock in place at `location`, then flushes. The transaction
     /// that follows starts from what was just committed.
     pub fn commit(&mut self, location: u64, kind: Kind, mut superblock: Box<Block>) -> Result<()> {
+        if !self.pre_committed {
+            return Err(Error::Order {
+                what: "superblock commit without a pre-commit after the last change",
+            });
+        }
+        self.pre_committed = false;
         block::seal(&mut superblock, kind, location);
         self.store.write(location, &superblock)?;
         self.store.flush()?;

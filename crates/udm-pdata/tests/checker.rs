@@ -240,3 +240,22 @@ fn file_store_round_trip() {
         300
     );
 }
+
+#[test]
+fn superblock_only_after_pre_commit() {
+    let (store, mut tm, root, _) = build();
+    let sb = || block::zeroed();
+    assert_eq!(
+        tm.commit(0, Kind::CloneSuperblock, sb())
+            .expect_err("no pre-commit")
+            .errno(),
+        libc::EINVAL
+    );
+    tm.pre_commit().expect("pre-commit");
+    btree::insert(&mut tm, root, 1, &[1; 8], &VT).expect("insert");
+    assert!(
+        tm.commit(0, Kind::CloneSuperblock, sb()).is_err(),
+        "a change after the pre-commit"
+    );
+    common::assert_clean(&common::check(&store, &[TREE, ARRAY]));
+}

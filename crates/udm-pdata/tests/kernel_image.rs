@@ -16,9 +16,19 @@ use udm_pdata::MemStore;
 /// Each record: le64 block number, then the block.
 const IMAGE: &[u8] = include_bytes!("data/kernel-6.1-era-metadata-snap.blocks");
 
+/// Metadata written here (`examples/era_write.rs META 128`: current era 5, writesets 4 = {3}
+/// and 5 = {1, 2, 9}, era array 1 → 2, 7 → 3, 127 → 1), then loaded by 6.1's dm-era (status
+/// `17/1024 6 -`), written at blocks 20, 21, `checkpoint`, 22, `take_metadata_snap` (status
+/// `12/1024 8 45`).
+const ON_UDM: &[u8] = include_bytes!("data/kernel-6.1-era-on-udm-metadata.blocks");
+
 fn store() -> MemStore {
+    load(IMAGE)
+}
+
+fn load(image: &[u8]) -> MemStore {
     let mut bytes = vec![0u8; 1024 * BLOCK_SIZE];
-    for rec in IMAGE.chunks_exact(8 + BLOCK_SIZE) {
+    for rec in image.chunks_exact(8 + BLOCK_SIZE) {
         let b = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) as usize;
         bytes[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].copy_from_slice(&rec[8..]);
     }
@@ -140,4 +150,68 @@ fn kernel_metadata_continues_here() {
         &era::check_roots(&store, &new).expect("roots"),
     );
     assert!(r.is_clean(), "{:#?}", r.problems);
+}
+
+#[test]
+fn kernel_continues_metadata_written_here() {
+    let store = load(ON_UDM);
+    let sb = Superblock::read(&store, 0).expect("superblock");
+    assert_eq!(
+        (sb.current_era, sb.metadata_snap, sb.sm_root.nr_allocated),
+        (8, 45, 12)
+    );
+    let r = check::check(
+        &store,
+        &sb.sm_root,
+        &era::check_roots(&store, &sb).expect("roots"),
+    );
+    assert!(r.is_clean(), "{:#?}", r.problems);
+    let tm = Tm::open(Box::new(store.clone()), &sb.sm_root).expect("tm");
+    let eras = Array {
+        root: sb.era_array_root,
+        value_size: 4,
+    }
+    .values(&tm, 128)
+    .expect("era array");
+    let written: Vec<(usize, u64)> = eras
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != 0)
+        .map(|(i, &e)| (i, e))
+        .collect();
+    // As era_dump prints it: our writesets digested (1, 2, 9 → 5; 3 → 4), our values kept
+    // (7 → 3, 127 → 1), the kernel's own writes in eras 6.
+    assert_eq!(
+        written,
+        vec![
+            (1, 5),
+            (2, 5),
+            (3, 4),
+            (7, 3),
+            (9, 5),
+            (20, 6),
+            (21, 6),
+            (127, 1)
+        ]
+    );
+    let ws = btree::entries(&tm, sb.writeset_tree_root, &WRITESET_TREE).expect("writesets");
+    assert_eq!(ws.len(), 1);
+    let w = Writeset::parse(&ws[0].1);
+    let bits = Bitset::open(w.root, u64::from(w.nr_bits))
+        .bits(&tm)
+        .expect("bits");
+    assert_eq!((ws[0].0, bits.iter().positions()), (7, vec![22]));
+}
+
+trait Positions {
+    fn positions(self) -> Vec<usize>;
+}
+
+impl<'a, I: Iterator<Item = &'a bool>> Positions for I {
+    fn positions(self) -> Vec<usize> {
+        self.enumerate()
+            .filter(|(_, &b)| b)
+            .map(|(i, _)| i)
+            .collect()
+    }
 }
