@@ -2,12 +2,12 @@
 //! the kernel's validators (self-location, then crc32c with a per-structure salt).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
+pub use crate::kind::Kind;
 
 /// Metadata block size in bytes (`DM_..._METADATA_BLOCK_SIZE`).
 pub const BLOCK_SIZE: usize = 4096;
@@ -18,52 +18,6 @@ pub type Block = [u8; BLOCK_SIZE];
 /// A zeroed block on the heap.
 pub fn zeroed() -> Box<Block> {
     Box::new([0u8; BLOCK_SIZE])
-}
-
-/// The block types that carry a validator, each with the kernel's checksum salt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    EraSuperblock,
-    CloneSuperblock,
-    BtreeNode,
-    Bitmap,
-    Index,
-    ArrayBlock,
-}
-
-impl Kind {
-    /// The XOR salt of `dm_bm_checksum` for this block type.
-    pub fn salt(self) -> u32 {
-        match self {
-            Kind::EraSuperblock => 146_538_381,
-            Kind::CloneSuperblock => 257_649_492,
-            Kind::BtreeNode => 121_107,
-            Kind::Bitmap => 240_779,
-            Kind::Index => 160_478,
-            Kind::ArrayBlock => 595_846_735,
-        }
-    }
-
-    /// Where the block stores its own number: offset 8 everywhere but in array blocks (16).
-    pub fn blocknr_offset(self) -> usize {
-        match self {
-            Kind::ArrayBlock => 16,
-            _ => 8,
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::EraSuperblock => "era superblock",
-            Kind::CloneSuperblock => "clone superblock",
-            Kind::BtreeNode => "btree node",
-            Kind::Bitmap => "space-map bitmap",
-            Kind::Index => "space-map index",
-            Kind::ArrayBlock => "array block",
-        })
-    }
 }
 
 /// `dm_bm_checksum(&b[4], 4092, salt)`: the kernel's raw crc32c (no final inversion) xor the salt.

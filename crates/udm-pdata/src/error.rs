@@ -1,6 +1,6 @@
 //! Typed errors: each names the block and the structure, and maps to the errno the kernel reports.
 
-use crate::block::Kind;
+use crate::kind::Kind;
 
 /// Everything that can go wrong reading or writing persistent-data metadata.
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,11 @@
 //! checksummed, self-locating metadata blocks; a metadata space map; copy-on-write btrees,
 //! arrays and bitsets through a transaction manager; and a checker that recomputes reference
 //! counts. Era uses it now, clone and thin later; it knows nothing of targets or I/O paths.
+//!
+//! Use: `Tm::format` (or `Tm::open` from a superblock's space-map root), build and change
+//! structures through `btree`, `array` and `bitset`, then `Tm::pre_commit` (data blocks and
+//! space map, flushed) and `Tm::commit` (the superblock, flushed). Not here yet: multi-level
+//! btrees and the data space map (thin), growing the metadata space map (`dm_sm_extend`).
 
 pub mod array;
 pub mod bitset;
@@ -10,6 +15,7 @@ pub mod btree;
 pub mod check;
 pub mod era;
 pub mod error;
+pub mod kind;
 pub mod node;
 pub mod space_map;
 pub mod tm;

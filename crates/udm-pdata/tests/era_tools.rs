@@ -76,7 +76,7 @@ fn era_tools_agree_both_ways() {
     let (Some(check_bin), Some(dump), Some(restore)) =
         (tool("era_check"), tool("era_dump"), tool("era_restore"))
     else {
-        eprintln!("skipped: era_check/era_dump/era_restore not installed (apt-get install thin-provisioning-tools)");
+        println!("SKIPPED era tools cross-check: era_check/era_dump/era_restore not installed (thin-provisioning-tools)");
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
