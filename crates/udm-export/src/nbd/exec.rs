@@ -2,7 +2,6 @@
 
 use super::connection::{Conn, Job, Wr, CHUNK, MAX_PENDING};
 use super::proto::*;
-use super::session::MAX_BLOCK;
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::Ordering;
 use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, IoError};
@@ -14,58 +13,6 @@ use udm_types::{Errno, SECTOR_SIZE};
 const WRITE_SLICE: usize = 4 << 20;
 
 impl Conn {
-    /// Checks a request against the negotiated session; the error is an NBD code.
-    pub(super) fn validate(&self, req: &Request) -> Result<(), (u32, &'static str)> {
-        let s = &self.sess;
-        let allowed = CMD_FLAG_FUA
-            | match req.cmd {
-                CMD_READ if s.structured => CMD_FLAG_DF,
-                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-                CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => 0,
-                _ => return Err((NBD_EINVAL, "unknown command")),
-            };
-        if req.flags & !allowed != 0 {
-            return Err((NBD_EINVAL, "command flag not valid for this command"));
-        }
-        let write_like = matches!(req.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-        if write_like && s.read_only {
-            return Err((NBD_EPERM, "export is read-only"));
-        }
-        if req.cmd == CMD_FLUSH {
-            if req.offset != 0 || req.length != 0 {
-                return Err((NBD_EINVAL, "flush offset and length must be zero"));
-            }
-            return Ok(());
-        }
-        if req.cmd == CMD_BLOCK_STATUS && !s.meta {
-            return Err((NBD_EINVAL, "no metadata context was negotiated"));
-        }
-        let min = u64::from(s.min_block);
-        if req.offset % min != 0
-            || (req.cmd != CMD_BLOCK_STATUS && u64::from(req.length) % min != 0)
-        {
-            return Err((NBD_EINVAL, "request not aligned to the minimum block size"));
-        }
-        let capped = matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_CACHE)
-            || (req.cmd == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO == 0);
-        if capped && req.length > MAX_BLOCK {
-            return Err((NBD_EINVAL, "request larger than the maximum block size"));
-        }
-        let end = req.offset.checked_add(u64::from(req.length));
-        if end.is_none_or(|e| e > s.size) {
-            return Err(if matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
-                (NBD_ENOSPC, "request beyond the end of the export")
-            } else {
-                (NBD_EINVAL, "request beyond the end of the export")
-            });
-        }
-        if req.cmd == CMD_BLOCK_STATUS && req.length == 0 {
-            return Err((NBD_EINVAL, "block status of zero length"));
-        }
-        Ok(())
-    }
-
     /// Runs a request and answers it, then gives back its in-flight budget (also when the
     /// connection is gone by then: the reply is dropped, the buffers freed).
     pub(super) fn execute(&self, job: Job, defer: bool) {

@@ -48,6 +48,7 @@ mod server;
 mod session;
 pub mod tls;
 mod transmission;
+mod validate;
 mod watchdog;
 
 pub use export::{NbdExportInfo, NbdStats};

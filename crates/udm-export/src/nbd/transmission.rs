@@ -13,6 +13,7 @@ use super::connection::{
 use super::ctl::ConnCtl;
 use super::proto::*;
 use super::session::{Session, MAX_BLOCK};
+use super::validate::{validate, Refusal};
 use super::watchdog::{Tick, Watchdog};
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::Ordering;
@@ -236,14 +237,14 @@ impl Conn {
         self.count(&req);
         let more = r.buffer().len() >= REQUEST_LEN;
         let refuse = if self.ctl.stopping.load(Ordering::SeqCst) {
-            Err((NBD_ESHUTDOWN, "export is being removed"))
+            Err(Refusal::Stopping)
         } else {
-            self.validate(&req)
+            validate(&self.sess.rules(), &req)
         };
-        if let Err((err, msg)) = refuse {
+        if let Err(why) = refuse {
             self.put_buf(payload);
             self.release(charge);
-            self.reply_err(&req, err, msg, more);
+            self.reply_err(&req, why.code(), why.message(), more);
             return Next::Handled;
         }
         // Reads (and chunked cache / emulated zeroing) hold buffers while they run.
