@@ -39,6 +39,7 @@ impl TargetCatalog {
         reg.register(Arc::new(crate::zero::ZeroType));
         reg.register(Arc::new(crate::delay::DelayType));
         reg.register(Arc::new(crate::flakey::FlakeyType));
+        reg.register(Arc::new(crate::era::EraType));
         reg.register(Arc::new(crate::snapshot::origin::OriginType));
         reg.register(Arc::new(crate::snapshot::snap::SnapshotType {
             merge: false,

@@ -1,0 +1,309 @@
+//! The era target in process, on memory devices: a write history through eras, checkpoints and
+//! suspend/resume against a model (block -> last era written), the metadata snapshot, a
+//! "crash" (the table dropped without suspend), write-after-commit ordering, bad input; the
+//! udm-pdata checker clean after every step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use udm_io::backend::mem::{Fault, MemDevice};
+use udm_io::{Bio, BioKind, BlockDevice};
+use udm_pdata::era::{check_roots, Superblock};
+use udm_pdata::{check, BlockStore};
+use udm_target::era::{shared_metadata, DevStore, Metadata};
+use udm_target::table::Table;
+use udm_target::testing::TestContext;
+use udm_target::TargetEnv;
+use udm_types::Errno;
+
+const BS: u64 = 128;
+const NR: u64 = 16;
+
+struct Rig {
+    ctx: TestContext,
+    env: Arc<TargetEnv>,
+    meta: Arc<MemDevice>,
+    origin: Arc<MemDevice>,
+}
+
+fn rig() -> Rig {
+    let mut ctx = TestContext::new();
+    let env = Arc::new(TargetEnv::default());
+    ctx.set_env(env.clone());
+    let meta = ctx.add_mem("meta", 8 * 256);
+    let origin = ctx.add_mem("origin", NR * BS);
+    Rig {
+        ctx,
+        env,
+        meta,
+        origin,
+    }
+}
+
+impl Rig {
+    fn table(&mut self) -> Table {
+        let t = self
+            .ctx
+            .build(&format!("0 {} era meta origin {BS}", NR * BS))
+            .expect("era table");
+        t.preresume().expect("preresume");
+        t.resume();
+        t
+    }
+
+    fn shared(&self) -> Arc<udm_target::era::Shared> {
+        let id = self.ctx.device("meta").expect("meta").id;
+        shared_metadata(&self.env, id).expect("in-core metadata")
+    }
+}
+
+fn write(t: &Table, block: u64) {
+    t.submit(Bio::write(block * BS + 1, &[0xa5; 1024]))
+        .expect("write");
+}
+
+fn status(t: &Table) -> String {
+    t.status_lines()[0].params.clone()
+}
+
+fn msg(t: &Table, m: &str) -> Result<Option<String>, udm_target::TargetError> {
+    t.message(0, &[m.to_string()])
+}
+
+/// The committed metadata, read through a fresh open (only while no table works on it).
+fn on_disk(meta: &Arc<MemDevice>) -> Metadata {
+    Metadata::open(Box::new(DevStore::new(meta.clone())), BS as u32).expect("open metadata")
+}
+
+/// The checker (reference counts included) finds nothing on the committed metadata.
+fn assert_clean(meta: &Arc<MemDevice>) {
+    let store = DevStore::new(meta.clone());
+    let sb = Superblock::read(&store, 0).expect("superblock");
+    let roots = check_roots(&store, &sb).expect("roots");
+    let report = check::check(&store as &dyn BlockStore, &sb.sm_root, &roots);
+    assert!(report.is_clean(), "checker: {:?}", report.problems);
+}
+
+/// The model: block -> last era it was written in (0 = never).
+fn model(history: &[(u32, &[u64])]) -> Vec<u32> {
+    let mut eras = vec![0u32; NR as usize];
+    for (era, blocks) in history {
+        for &b in *blocks {
+            eras[b as usize] = *era;
+        }
+    }
+    eras
+}
+
+fn bits(blocks: &[u64]) -> Vec<bool> {
+    (0..NR).map(|b| blocks.contains(&b)).collect()
+}
+
+#[test]
+fn fresh_device_is_formatted_and_resume_starts_era_1() {
+    let mut r = rig();
+    let t = r.table();
+    assert!(status(&t).starts_with("8 "), "{}", status(&t));
+    assert!(status(&t).ends_with(" 1 -"), "{}", status(&t));
+    let total = status(&t).split(['/', ' ']).nth(2).map(str::to_string);
+    assert_eq!(total.as_deref(), Some("256"), "total = metadata blocks");
+    assert_eq!(t.table_lines()[0].params, "8:0 8:16 128");
+    t.postsuspend();
+    drop(t);
+    let md = on_disk(&r.meta);
+    assert_eq!((md.current_era(), md.nr_blocks()), (1, NR as u32));
+    assert_clean(&r.meta);
+}
+
+#[test]
+fn write_history_reaches_the_era_array_as_the_model_says() {
+    let mut r = rig();
+    let t = r.table();
+    let history: [(u32, &[u64]); 3] = [(1, &[0, 3]), (2, &[3, 5, 15]), (3, &[7, 0])];
+    for (i, (_, blocks)) in history.iter().enumerate() {
+        for &b in *blocks {
+            write(&t, b);
+        }
+        if i + 1 < history.len() {
+            assert_eq!(msg(&t, "checkpoint").expect("checkpoint"), None);
+        }
+    }
+    assert!(r.shared().wait_digested(Duration::from_secs(10)), "digest");
+    assert!(status(&t).ends_with(" 3 -"), "{}", status(&t));
+    let (array, current) = r.shared().with_metadata(|md| {
+        (
+            md.era_array().expect("array"),
+            md.current_writeset().expect("ws"),
+        )
+    });
+    assert_eq!(array, model(&history[..2]), "eras 1 and 2 digested");
+    assert_eq!(
+        current,
+        Some(bits(&[0, 7])),
+        "era 3 is the current writeset"
+    );
+    // Suspend archives era 3 without a new era; resume rolls over to 4 and digests it.
+    t.postsuspend();
+    let md = on_disk(&r.meta);
+    assert_eq!(md.current_era(), 3);
+    assert_eq!(md.writesets().expect("ws"), vec![(3, bits(&[0, 7]))]);
+    assert_eq!(md.current_writeset().expect("ws"), None);
+    assert_clean(&r.meta);
+    t.preresume().expect("preresume");
+    assert!(r.shared().wait_digested(Duration::from_secs(10)), "digest");
+    assert!(status(&t).ends_with(" 4 -"), "{}", status(&t));
+    t.postsuspend();
+    drop(t);
+    let md = on_disk(&r.meta);
+    assert_eq!(md.era_array().expect("array"), model(&history));
+    assert_clean(&r.meta);
+}
+
+#[test]
+fn metadata_snapshot_is_held_and_dropped() {
+    let mut r = rig();
+    let t = r.table();
+    write(&t, 2);
+    msg(&t, "take_metadata_snap").expect("take");
+    let st = status(&t);
+    let held: u64 = st
+        .rsplit(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("held root");
+    assert!(st.contains(" 2 "), "the snapshot ends era 1: {st}");
+    let e = msg(&t, "take_metadata_snap").unwrap_err();
+    assert_eq!(
+        (e.errno, e.msg.as_str()),
+        (Errno::EINVAL, "metadata snapshot already exists")
+    );
+    // The snapshot's superblock holds era 1's writeset even after the digest removed it.
+    assert!(r.shared().wait_digested(Duration::from_secs(10)), "digest");
+    t.postsuspend();
+    assert_clean(&r.meta);
+    let store = DevStore::new(r.meta.clone());
+    let snap = Superblock::read(&store, held).expect("snapshot superblock");
+    assert_eq!((snap.current_era, snap.metadata_snap), (2, 0));
+    assert_ne!(
+        snap.writeset_tree_root,
+        on_disk(&r.meta).superblock().writeset_tree_root
+    );
+    t.preresume().expect("preresume");
+    msg(&t, "DROP_METADATA_SNAP").expect("drop, any case");
+    assert!(status(&t).ends_with(" -"), "{}", status(&t));
+    let e = msg(&t, "drop_metadata_snap").unwrap_err();
+    assert_eq!(
+        (e.errno, e.msg.as_str()),
+        (Errno::EINVAL, "no snap to drop")
+    );
+    t.postsuspend();
+    assert_clean(&r.meta);
+}
+
+#[test]
+fn unknown_or_malformed_message_is_einval() {
+    let mut r = rig();
+    let t = r.table();
+    assert_eq!(msg(&t, "frobnicate").unwrap_err().errno, Errno::EINVAL);
+    let e = t
+        .message(0, &["checkpoint".to_string(), "now".to_string()])
+        .unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL);
+    assert!(
+        status(&t).ends_with(" 1 -"),
+        "nothing changed: {}",
+        status(&t)
+    );
+}
+
+#[test]
+fn crash_loses_no_acknowledged_write() {
+    let mut r = rig();
+    let t = r.table();
+    msg(&t, "checkpoint").expect("checkpoint");
+    for b in [1, 4, 9] {
+        write(&t, b);
+    }
+    drop(t); // no postsuspend: nothing after the last write's commit
+    assert_clean(&r.meta);
+    let md = on_disk(&r.meta);
+    assert_eq!(md.current_era(), 2);
+    assert_eq!(md.current_writeset().expect("ws"), Some(bits(&[1, 4, 9])));
+    let t = r.table();
+    assert!(r.shared().wait_digested(Duration::from_secs(10)), "digest");
+    assert!(status(&t).ends_with(" 3 -"), "{}", status(&t));
+    t.postsuspend();
+    drop(t);
+    assert_eq!(
+        on_disk(&r.meta).era_array().expect("array"),
+        model(&[(2, &[1, 4, 9])])
+    );
+    assert_clean(&r.meta);
+}
+
+#[test]
+fn a_write_waits_for_its_metadata_commit() {
+    let mut r = rig();
+    let t = r.table();
+    write(&t, 3);
+    r.meta
+        .inject(Fault::range(0, u64::MAX, Errno::EIO).ops(&[BioKind::Write, BioKind::Flush]));
+    let before = r.origin.count(BioKind::Write);
+    let e = t.submit(Bio::write(5 * BS, &[1; 512])).unwrap_err();
+    assert_eq!(udm_types::errno::HasErrno::errno(&e), Errno::EIO);
+    assert_eq!(
+        r.origin.count(BioKind::Write),
+        before,
+        "not issued to the origin"
+    );
+    write(&t, 3); // already marked: no metadata I/O needed
+    r.meta.clear_faults();
+}
+
+#[test]
+fn discard_marks_every_block_it_touches() {
+    let mut r = rig();
+    let t = r.table();
+    t.submit(Bio::discard(BS - 8, 2 * BS + 16))
+        .expect("discard");
+    let current = r
+        .shared()
+        .with_metadata(|md| md.current_writeset().expect("ws"));
+    assert_eq!(current, Some(bits(&[0, 1, 2, 3])));
+}
+
+#[test]
+fn constructor_errors() {
+    let mut r = rig();
+    let e =
+        |ctx: &mut TestContext, args: &str| match ctx.build(&format!("0 {} era {args}", NR * BS)) {
+            Ok(_) => panic!("{args}: built"),
+            Err(e) => e.to_string(),
+        };
+    assert!(e(&mut r.ctx, "meta origin").contains("Invalid argument count"));
+    assert!(e(&mut r.ctx, "meta origin 12").contains("Invalid block size"));
+    assert!(e(&mut r.ctx, "meta origin x").contains("Error parsing block size"));
+    assert!(e(&mut r.ctx, "nope origin 128").contains("Error opening metadata device"));
+    assert!(e(&mut r.ctx, "meta nope 128").contains("Error opening data device"));
+    // Format with 128, then a table with 256 on the same metadata.
+    drop(r.table());
+    let msg = e(&mut r.ctx, "meta origin 256");
+    assert!(
+        msg.contains("changing the data block size (from 128 to 256) is not supported"),
+        "{msg}"
+    );
+    // A corrupt superblock: a clear error with the kernel's errno, nothing written.
+    let mut sb = [0u8; 4096];
+    r.meta.submit(Bio::read(0, &mut sb)).expect("read");
+    sb[200] ^= 0xff;
+    r.meta.submit(Bio::write(0, &sb)).expect("write");
+    let before = r.meta.contents();
+    let err = match r.ctx.build(&format!("0 {} era meta origin {BS}", NR * BS)) {
+        Ok(_) => panic!("corrupt metadata accepted"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("Error reading metadata"), "{err}");
+    assert!(err.to_string().contains("EILSEQ"), "{err}");
+    assert_eq!(udm_types::errno::HasErrno::errno(&err), Errno(libc::EILSEQ));
+    assert!(r.meta.contents() == before, "nothing written");
+}
