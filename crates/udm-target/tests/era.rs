@@ -307,3 +307,20 @@ fn constructor_errors() {
     assert_eq!(udm_types::errno::HasErrno::errno(&err), Errno(libc::EILSEQ));
     assert!(r.meta.contents() == before, "nothing written");
 }
+
+#[test]
+fn metadata_device_too_small_is_a_clear_error() {
+    for (sectors, errno) in [(8, Errno::ENOSPC), (4, Errno::ERANGE)] {
+        let mut ctx = TestContext::new();
+        let meta = ctx.add_mem("meta", sectors);
+        ctx.add_mem("origin", NR * BS);
+        let err = match ctx.build(&format!("0 {} era meta origin {BS}", NR * BS)) {
+            Ok(_) => panic!("{sectors}-sector metadata device accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(udm_types::errno::HasErrno::errno(&err), errno, "{err}");
+        assert!(err.to_string().contains("Error reading metadata"), "{err}");
+        println!("{sectors} sectors: {err}");
+        assert!(meta.contents().iter().all(|&b| b == 0), "nothing written");
+    }
+}
