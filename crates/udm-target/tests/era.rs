@@ -324,3 +324,45 @@ fn metadata_device_too_small_is_a_clear_error() {
         assert!(meta.contents().iter().all(|&b| b == 0), "nothing written");
     }
 }
+
+#[test]
+fn origin_resize_keeps_the_eras_of_the_blocks_that_remain() {
+    let mut r = rig();
+    let t = r.table();
+    write(&t, 2);
+    write(&t, 15);
+    t.postsuspend();
+    drop(t);
+    // Grow to 24 blocks (the origin device is replaced by a bigger one under the same name).
+    r.origin = r.ctx.add_mem("origin", 24 * BS);
+    let t = r
+        .ctx
+        .build(&format!("0 {} era meta origin {BS}", 24 * BS))
+        .expect("grown");
+    t.preresume().expect("preresume");
+    write(&t, 20);
+    assert!(status(&t).ends_with(" 2 -"), "{}", status(&t));
+    let eras = r
+        .shared()
+        .with_metadata(|md| md.logical_eras().expect("eras"));
+    let mut want = vec![0u32; 24];
+    (want[2], want[15], want[20]) = (1, 1, 2);
+    assert_eq!(eras, want);
+    t.postsuspend();
+    drop(t);
+    assert_clean(&r.meta);
+    // Shrink to 10 blocks: the eras of blocks 0..10 stay.
+    let t = r
+        .ctx
+        .build(&format!("0 {} era meta origin {BS}", 10 * BS))
+        .expect("shrunk");
+    t.preresume().expect("preresume");
+    assert!(r.shared().wait_digested(Duration::from_secs(10)), "digest");
+    let eras = r
+        .shared()
+        .with_metadata(|md| md.logical_eras().expect("eras"));
+    assert_eq!(eras, want[..10].to_vec());
+    t.postsuspend();
+    drop(t);
+    assert_clean(&r.meta);
+}
