@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use udm_io::backend::mem::{Fault, MemDevice};
 use udm_io::{Bio, BioKind, BlockDevice};
-use udm_pdata::era::{check_roots, Superblock};
+use udm_pdata::era::{check_roots, Superblock, Writeset, WRITESET_TREE};
 use udm_pdata::{check, BlockStore};
 use udm_target::era::{shared_metadata, DevStore, Metadata};
 use udm_target::table::Table;
@@ -364,5 +364,62 @@ fn origin_resize_keeps_the_eras_of_the_blocks_that_remain() {
     assert_eq!(eras, want[..10].to_vec());
     t.postsuspend();
     drop(t);
+    assert_clean(&r.meta);
+}
+
+#[test]
+fn corrupt_metadata_in_each_structure_is_refused_before_anything_is_written() {
+    let mut r = rig();
+    let t = r.table();
+    write(&t, 1);
+    msg(&t, "checkpoint").expect("checkpoint");
+    write(&t, 2);
+    msg(&t, "take_metadata_snap").expect("snap");
+    write(&t, 3);
+    t.postsuspend();
+    drop(t);
+    let store = DevStore::new(r.meta.clone());
+    let sb = Superblock::read(&store, 0).expect("superblock");
+    let tm =
+        udm_pdata::tm::Tm::open(Box::new(DevStore::new(r.meta.clone())), &sb.sm_root).expect("tm");
+    let tree = udm_pdata::btree::entries(&tm, sb.writeset_tree_root, &WRITESET_TREE).expect("tree");
+    let bitset = Writeset::parse(&tree.last().expect("an archived writeset").1).root;
+    let structures = [
+        ("space map index", sb.sm_root.bitmap_root),
+        ("writeset tree", sb.writeset_tree_root),
+        ("archived writeset", bitset),
+        ("era array", sb.era_array_root),
+        ("metadata snapshot", sb.metadata_snap),
+    ];
+    for (what, block) in structures {
+        let mut b = [0u8; 4096];
+        r.meta.submit(Bio::read(block * 8, &mut b)).expect("read");
+        let good = b;
+        b[100] ^= 0x40;
+        r.meta.submit(Bio::write(block * 8, &b)).expect("write");
+        let before = r.meta.contents();
+        let err = match r.ctx.build(&format!("0 {} era meta origin {BS}", NR * BS)) {
+            Ok(_) => panic!("{what} corrupt: accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            udm_types::errno::HasErrno::errno(&err),
+            Errno(libc::EILSEQ),
+            "{what}: {err}"
+        );
+        assert!(
+            err.to_string().contains("Error reading metadata"),
+            "{what}: {err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("block {block}")),
+            "{what}: {err}"
+        );
+        assert!(r.meta.contents() == before, "{what}: nothing written");
+        r.meta
+            .submit(Bio::write(block * 8, &good))
+            .expect("restore");
+    }
+    drop(r.table());
     assert_clean(&r.meta);
 }

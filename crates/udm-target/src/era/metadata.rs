@@ -5,10 +5,13 @@
 use udm_pdata::array::Array;
 use udm_pdata::bitset::Bitset;
 use udm_pdata::btree;
+use udm_pdata::check;
+use udm_pdata::era::check_roots;
 use udm_pdata::era::{
     Superblock, Writeset, MAGIC, METADATA_BLOCK_SECTORS, SUPERBLOCK_LOCATION, VERSION,
     WRITESET_TREE,
 };
+use udm_pdata::space_map::SpaceMap;
 use udm_pdata::tm::Tm;
 use udm_pdata::{BlockStore, Error, Kind, Result};
 
@@ -19,6 +22,44 @@ pub enum OpenError {
     Read(#[from] Error),
     #[error("changing the data block size (from {on_disk} to {table}) is not supported")]
     BlockSize { on_disk: u32, table: u32 },
+    /// The checker found damage: a structure that does not parse, or a block referenced more
+    /// often than the space map counts (it could be handed out again while in use).
+    #[error("Error reading metadata: {first} ({more} more problems) (EILSEQ)")]
+    Damaged { first: String, more: usize },
+}
+
+impl OpenError {
+    /// The errno the constructor fails with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            OpenError::Read(e) => e.errno(),
+            OpenError::BlockSize { .. } => libc::EINVAL,
+            OpenError::Damaged { .. } => libc::EILSEQ,
+        }
+    }
+}
+
+/// Runs the checker on the committed metadata. Blocks counted more often than referenced
+/// (leaks) are tolerated as the kernel does; anything else refuses the load, before anything
+/// is written.
+fn verify(store: &dyn BlockStore, sb: &Superblock) -> std::result::Result<(), OpenError> {
+    let roots = check_roots(store, sb)?;
+    let report = check::check(store, &sb.sm_root, &roots);
+    let on_disk = SpaceMap::open(store, &sb.sm_root)?;
+    let leak = |p: &check::Problem| {
+        p.structure == "space map"
+            && usize::try_from(p.block)
+                .ok()
+                .is_some_and(|b| on_disk.counts().get(b) > report.expected.get(b))
+    };
+    let bad: Vec<_> = report.problems.iter().filter(|p| !leak(p)).collect();
+    match bad.first() {
+        None => Ok(()),
+        Some(first) => Err(OpenError::Damaged {
+            first: first.to_string(),
+            more: bad.len() - 1,
+        }),
+    }
 }
 
 /// A metadata operation refused in the current state (the kernel's EINVAL messages).
@@ -73,16 +114,8 @@ impl Metadata {
                 table: block_sectors,
             });
         }
+        verify(&*store, &sb)?;
         let tm = Tm::open(store, &sb.sm_root)?;
-        // The roots must at least be readable nodes; deeper damage shows as EIO on use.
-        tm.read(sb.writeset_tree_root, Kind::BtreeNode)?;
-        tm.read(sb.era_array_root, Kind::BtreeNode)?;
-        if sb.metadata_snap != 0 {
-            Superblock::parse(
-                &*tm.read(sb.metadata_snap, Kind::EraSuperblock)?,
-                sb.metadata_snap,
-            )?;
-        }
         let marked = vec![0; words(sb.nr_blocks)];
         Ok(Metadata {
             tm,

@@ -44,6 +44,9 @@ struct State {
     worker_gen: u64,
     /// The last digest failure (the digest stops until the next resume).
     digest_error: Option<String>,
+    /// Era instances using this metadata. At 0 the next table reads the device again (a
+    /// worker that briefly holds the object must not make a table skip that).
+    users: usize,
 }
 
 /// The in-core metadata of one metadata device.
@@ -75,8 +78,13 @@ impl Shared {
         let reg = env.get::<EraRegistry>();
         let mut by_meta = reg.by_meta.lock();
         by_meta.retain(|_, w| w.strong_count() > 0);
-        if let Some(s) = by_meta.get(&meta.id).and_then(Weak::upgrade) {
-            let on_disk = s.state.lock().md.superblock().data_block_size;
+        let live = by_meta
+            .get(&meta.id)
+            .and_then(Weak::upgrade)
+            .filter(|s| s.state.lock().users > 0);
+        if let Some(s) = live {
+            let mut st = s.state.lock();
+            let on_disk = st.md.superblock().data_block_size;
             if on_disk != block_sectors {
                 return Err(TargetError::invalid(
                     OpenError::BlockSize {
@@ -86,23 +94,19 @@ impl Shared {
                     .to_string(),
                 ));
             }
+            st.users += 1;
+            drop(st);
             return Ok(s);
         }
-        let md = Metadata::open(Box::new(DevStore::new(meta.dev.clone())), block_sectors).map_err(
-            |e| {
-                let errno = match &e {
-                    OpenError::Read(p) => Errno(p.errno()),
-                    OpenError::BlockSize { .. } => Errno::EINVAL,
-                };
-                TargetError::new(errno, format!("{}: {e}", meta.name))
-            },
-        )?;
+        let md = Metadata::open(Box::new(DevStore::new(meta.dev.clone())), block_sectors)
+            .map_err(|e| TargetError::new(Errno(e.errno()), format!("{}: {e}", meta.name)))?;
         let s = Arc::new(Shared {
             state: Mutex::new(State {
                 md,
                 worker: false,
                 worker_gen: 0,
                 digest_error: None,
+                users: 1,
             }),
             cv: Condvar::new(),
         });
@@ -356,6 +360,7 @@ impl Drop for Era {
     fn drop(&mut self) {
         let gen = *self.started.lock();
         let mut st = self.shared.state.lock();
+        st.users = st.users.saturating_sub(1);
         if gen != 0 && st.worker_gen == gen {
             st.worker = false;
         }
