@@ -11,6 +11,8 @@
 #     --written-since N (N = 1..last era) print the same for both;
 #   - the kernel loads the metadata udm wrote (status: udm's last era + 1, as after any resume)
 #     and udm loads the kernel's (the same), and neither load changes what was written when.
+# ERA_BS, ERA_ORIGIN (a truncate size) and ERA_HISTORY change the block size, the origin and
+# the history (tests/vmlab/era-kernel.sh lists the steps).
 # Needs root and what /work/shared/vmlab/run.sh needs, plus era_check/era_dump/era_invalidate.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -19,14 +21,14 @@ vmlab_init era-crosscheck era_check era_dump era_invalidate
 trap 'rm -rf "$W"' EXIT
 (cd "$ROOT" && cargo build -q -p udm-target --example era-tool)
 TOOL=${CARGO_TARGET_DIR:-$ROOT/target}/debug/examples/era-tool
-BS=128
+BS=${ERA_BS:-128}
 HISTORY=${ERA_HISTORY:-'w1 w3 w31 c w3 w5 t w7 w8 r w2 w3 d c w9 w0 c r w4'}
 fail=0
 check() { # what, udm value, kernel value
   if [ "$2" = "$3" ] && [ -n "$2" ]; then echo "OK   $1: $2"; else echo "FAIL $1: udm='$2' kernel='$3'"; fail=1; fi
 }
 truncate -s 4M "$W/mk.img" "$W/mu.img"
-truncate -s 2M "$W/o.img" "$W/ou.img"
+truncate -s "${ERA_ORIGIN:-2M}" "$W/o.img" "$W/ou.img"
 ustat=$("$TOOL" "$W/mu.img" "$W/ou.img" $BS "$HISTORY" | sed -n 's/^STATUS //p')
 cp "$W/mu.img" "$W/mu0.img"
 { echo "BS=$BS HISTORY='$HISTORY'"; cat "$HERE/era-kernel.sh"; } > "$W/g.sh"

@@ -423,3 +423,20 @@ fn corrupt_metadata_in_each_structure_is_refused_before_anything_is_written() {
     drop(r.table());
     assert_clean(&r.meta);
 }
+
+/// The status line of a fresh device after its first resume is the kernel's, byte for byte
+/// (Linux 6.1 in vmlab: `8 9/1024 1 -` for 32 blocks of 128 sectors, `8 25/1024 1 -` for
+/// 16384 blocks of 8: the era array grows by one new block per full block, as the kernel's).
+#[test]
+fn fresh_status_is_the_kernels() {
+    for (blocks, bs, want) in [(32u64, 128u64, "8 9/1024 1 -"), (16384, 8, "8 25/1024 1 -")] {
+        let mut ctx = TestContext::new();
+        ctx.add_mem("meta", 8 * 1024);
+        ctx.add_sparse("origin", blocks * bs);
+        let t = ctx
+            .build(&format!("0 {} era meta origin {bs}", blocks * bs))
+            .expect("table");
+        t.preresume().expect("preresume");
+        assert_eq!(status(&t), want, "{blocks} blocks of {bs}");
+    }
+}
