@@ -459,32 +459,34 @@ fn concurrent_writers_and_checkpoints() {
         let writers: Vec<_> = (0..4u64)
             .map(|w| {
                 let (t, era_now) = (&t, &era_now);
+                let done = &done;
                 s.spawn(move || {
-                    (0..150u64)
-                        .map(|i| {
-                            let b = (i * 7 + w * 3) % NR;
-                            let era = era_now(t);
-                            write(t, b);
-                            (b, era)
-                        })
-                        .collect::<Vec<_>>()
+                    let mut out = Vec::new();
+                    let mut i = 0u64;
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        let b = (i * 7 + w * 3) % NR;
+                        let era = era_now(t);
+                        write(t, b);
+                        out.push((b, era));
+                        i += 1;
+                    }
+                    out
                 })
             })
             .collect();
-        s.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                msg(&t, "checkpoint").expect("checkpoint");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        let out = writers
+        // 20 checkpoints while the writers run, then they stop.
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(1));
+            msg(&t, "checkpoint").expect("checkpoint");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        writers
             .into_iter()
             .map(|h| h.join().expect("writer"))
-            .collect();
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
-        out
+            .collect()
     });
-    assert!(era_now(&t) > 1, "checkpoints ran");
+    assert_eq!(era_now(&t), 21, "checkpoints ran");
+    assert!(issued.iter().any(|w| !w.is_empty()), "the writers wrote");
     t.postsuspend();
     drop(t);
     assert_clean(&r.meta);
