@@ -499,3 +499,24 @@ fn concurrent_writers_and_checkpoints() {
         );
     }
 }
+
+#[test]
+fn two_to_the_31_origin_blocks_is_einval_at_resume() {
+    let mut ctx = TestContext::new();
+    ctx.add_mem("meta", 8 * 64);
+    let len = (1u64 << 31) * 8;
+    ctx.add_sparse("origin", len);
+    let t = ctx
+        .build(&format!("0 {len} era meta origin 8"))
+        .expect("the constructor does not look at the size (the kernel checks in preresume)");
+    let e = t.preresume().unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL);
+    assert_eq!(e.msg, "Invalid number of origin blocks 2147483648");
+    let t = ctx
+        .build(&format!("0 {} era meta origin 8", len - 8))
+        .expect("one block less");
+    assert!(
+        t.preresume().is_err(),
+        "2^31 - 1 blocks need more metadata than 64 blocks"
+    );
+}

@@ -71,6 +71,9 @@ pub enum OpError {
     NoSnap,
     #[error("no current writeset: the device has not been resumed")]
     NotResumed,
+    /// The origin has 2^31 era blocks or more (K `valid_nr_blocks`).
+    #[error("Invalid number of origin blocks {0}")]
+    TooManyBlocks(u64),
     #[error("era metadata: {0}")]
     Pdata(#[from] Error),
 }

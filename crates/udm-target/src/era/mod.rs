@@ -233,7 +233,11 @@ impl Era {
     }
 
     fn preresume_inner(&self) -> Result<(), OpError> {
-        let nr = u32::try_from(self.nr_blocks()).map_err(|_| OpError::NotResumed)?;
+        let nr = self.nr_blocks();
+        let nr = u32::try_from(nr)
+            .ok()
+            .filter(|&n| u64::from(n) < MAX_NR_BLOCKS)
+            .ok_or(OpError::TooManyBlocks(nr))?;
         let mut st = self.shared.state.lock();
         if st.md.nr_blocks() != nr {
             st.md.resize(nr)?;
@@ -335,12 +339,6 @@ impl Target for Era {
     }
 
     fn preresume(&self) -> Result<(), TargetError> {
-        if self.nr_blocks() >= MAX_NR_BLOCKS {
-            return Err(TargetError::invalid(format!(
-                "Invalid number of origin blocks {}",
-                self.nr_blocks()
-            )));
-        }
         self.preresume_inner().map_err(|e| metadata_error(&e))?;
         self.shared.start_worker();
         *self.started.lock() = self.shared.state.lock().worker_gen;
