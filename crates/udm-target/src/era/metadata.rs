@@ -71,6 +71,9 @@ pub enum OpError {
     NoSnap,
     #[error("no current writeset: the device has not been resumed")]
     NotResumed,
+    /// An earlier change failed; nothing more is written until the metadata is read again.
+    #[error("era metadata failed earlier ({0}); reload the table to read it again (EIO)")]
+    Failed(String),
     /// The origin has 2^31 era blocks or more (K `valid_nr_blocks`).
     #[error("Invalid number of origin blocks {0}")]
     TooManyBlocks(u64),
@@ -191,6 +194,11 @@ impl Metadata {
         (sm.nr_blocks() - sm.nr_free(), sm.nr_blocks())
     }
 
+    /// Whether blocks `first..=last` are marked (committed) in the current era already.
+    pub fn all_marked(&self, first: u64, last: u64) -> bool {
+        (first..=last).all(|b| self.is_marked(b))
+    }
+
     fn is_marked(&self, b: u64) -> bool {
         self.marked
             .get((b / 64) as usize)
@@ -201,7 +209,7 @@ impl Metadata {
     /// committed before the in-core ones, so a write is acknowledged only once its block is
     /// durable in the writeset (K `process_deferred_bios`). Returns whether a commit was needed.
     pub fn mark(&mut self, first: u64, last: u64) -> std::result::Result<bool, OpError> {
-        if (first..=last).all(|b| self.is_marked(b)) {
+        if self.all_marked(first, last) {
             return Ok(false);
         }
         let ws = self.sb.current_writeset;

@@ -42,11 +42,31 @@ struct State {
     worker: bool,
     /// Bumped at each worker start, so an old worker exits.
     worker_gen: u64,
-    /// The last digest failure (the digest stops until the next resume).
-    digest_error: Option<String>,
+    /// Why the metadata failed: after a failed change the in-core state may be ahead of what
+    /// is on disk, so nothing more is written (writes to unmarked blocks, messages and the
+    /// digest fail with EIO) until a new table reads the device again.
+    failed: Option<String>,
     /// Era instances using this metadata. At 0 the next table reads the device again (a
     /// worker that briefly holds the object must not make a table skip that).
     users: usize,
+}
+
+impl State {
+    /// Runs a change on the metadata unless it has failed; a failure other than a refusal
+    /// made before anything changed puts the metadata in the failed state.
+    fn change<T>(
+        &mut self,
+        f: impl FnOnce(&mut Metadata) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
+        if let Some(why) = &self.failed {
+            return Err(OpError::Failed(why.clone()));
+        }
+        let r = f(&mut self.md);
+        if let Err(e @ OpError::Pdata(_)) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
 }
 
 /// The in-core metadata of one metadata device.
@@ -64,6 +84,7 @@ struct EraRegistry {
 fn metadata_error(e: &OpError) -> TargetError {
     let errno = match e {
         OpError::Pdata(p) => Errno(p.errno()),
+        OpError::Failed(_) => Errno::EIO,
         _ => Errno::EINVAL,
     };
     TargetError::new(errno, e.to_string())
@@ -78,10 +99,10 @@ impl Shared {
         let reg = env.get::<EraRegistry>();
         let mut by_meta = reg.by_meta.lock();
         by_meta.retain(|_, w| w.strong_count() > 0);
-        let live = by_meta
-            .get(&meta.id)
-            .and_then(Weak::upgrade)
-            .filter(|s| s.state.lock().users > 0);
+        let live = by_meta.get(&meta.id).and_then(Weak::upgrade).filter(|s| {
+            let st = s.state.lock();
+            st.users > 0 && st.failed.is_none()
+        });
         if let Some(s) = live {
             let mut st = s.state.lock();
             let on_disk = st.md.superblock().data_block_size;
@@ -105,7 +126,7 @@ impl Shared {
                 md,
                 worker: false,
                 worker_gen: 0,
-                digest_error: None,
+                failed: None,
                 users: 1,
             }),
             cv: Condvar::new(),
@@ -119,7 +140,6 @@ impl Shared {
         let mut st = self.state.lock();
         st.worker = true;
         st.worker_gen += 1;
-        st.digest_error = None;
         let gen = st.worker_gen;
         drop(st);
         let weak = Arc::downgrade(self);
@@ -142,7 +162,7 @@ impl Shared {
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock();
         while st.md.digest_pending() {
-            if !st.worker || st.digest_error.is_some() || Instant::now() >= deadline {
+            if !st.worker || st.failed.is_some() || Instant::now() >= deadline {
                 return false;
             }
             self.cv
@@ -173,13 +193,12 @@ fn digest_worker(weak: &Weak<Shared>, gen: u64) {
         if !st.worker || st.worker_gen != gen {
             return;
         }
-        if st.digest_error.is_some() || !st.md.digest_pending() {
+        if st.failed.is_some() || !st.md.digest_pending() {
             s.cv.wait_for(&mut st, WORKER_IDLE);
             continue;
         }
-        if let Err(e) = st.md.digest_step(DIGEST_STEP_BITS) {
+        if let Err(e) = st.change(|md| Ok(md.digest_step(DIGEST_STEP_BITS)?)) {
             tracing::error!("era: digest failed: {e}");
-            st.digest_error = Some(e.to_string());
         }
         drop(st);
         s.cv.notify_all();
@@ -238,14 +257,14 @@ impl Era {
             .ok()
             .filter(|&n| u64::from(n) < MAX_NR_BLOCKS)
             .ok_or(OpError::TooManyBlocks(nr))?;
-        let mut st = self.shared.state.lock();
-        if st.md.nr_blocks() != nr {
-            st.md.resize(nr)?;
-            st.md.commit()?;
-        }
-        st.md.rollover()?;
-        st.md.commit()?;
-        Ok(())
+        self.shared.state.lock().change(|md| {
+            if md.nr_blocks() != nr {
+                md.resize(nr)?;
+                md.commit()?;
+            }
+            md.rollover()?;
+            Ok(md.commit()?)
+        })
     }
 }
 
@@ -258,7 +277,14 @@ impl Target for Era {
         {
             let bs = u64::from(self.block_sectors);
             let (first, last) = (bio.sector / bs, (bio.end() - 1) / bs);
-            let marked = self.shared.state.lock().md.mark(first, last);
+            // Blocks already marked need no metadata I/O, even when the metadata has failed.
+            let mut st = self.shared.state.lock();
+            let marked = if st.md.all_marked(first, last) {
+                Ok(false)
+            } else {
+                st.change(|md| md.mark(first, last))
+            };
+            drop(st);
             if let Err(e) = marked {
                 return Err(IoError::errno(
                     bio.kind(),
@@ -282,6 +308,9 @@ impl Target for Era {
 
     fn status(&self) -> String {
         let st = self.shared.state.lock();
+        if st.failed.is_some() {
+            return "Error".to_string();
+        }
         let (used, total) = st.md.usage();
         EraStatus {
             metadata_block_sectors: udm_pdata::era::METADATA_BLOCK_SECTORS,
@@ -301,11 +330,11 @@ impl Target for Era {
         };
         let mut st = self.shared.state.lock();
         let r = if word.eq_ignore_ascii_case("checkpoint") {
-            st.md.checkpoint()
+            st.change(Metadata::checkpoint)
         } else if word.eq_ignore_ascii_case("take_metadata_snap") {
-            st.md.take_snap().map(|_| ())
+            st.change(|md| md.take_snap().map(|_| ()))
         } else if word.eq_ignore_ascii_case("drop_metadata_snap") {
-            st.md.drop_snap()
+            st.change(Metadata::drop_snap)
         } else {
             return Err(TargetError::invalid(format!(
                 "unsupported message '{word}'"
@@ -330,7 +359,10 @@ impl Target for Era {
 
     fn postsuspend(&self) {
         let mut st = self.shared.state.lock();
-        let r = st.md.archive().and_then(|()| st.md.commit());
+        let r = st.change(|md| {
+            md.archive()?;
+            Ok(md.commit()?)
+        });
         drop(st);
         self.shared.stop_worker();
         if let Err(e) = r {
