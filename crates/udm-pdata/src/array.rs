@@ -219,7 +219,7 @@ impl Array {
     }
 
     /// Changes the length from `old` to `new`; new values are `default` (`dm_array_resize`:
-    /// whole new blocks share one block of defaults, with a reference each).
+    /// the tail block extended, then a new block for each new full block and the new tail).
     pub fn resize(&mut self, tm: &mut Tm, old: u64, new: u64, default: u64) -> Result<()> {
         let m = u64::from(max_entries(self.value_size));
         let (old_blocks, new_blocks) = (old.div_ceil(m), new.div_ceil(m));
@@ -231,19 +231,15 @@ impl Array {
                 ab.values.resize(fill as usize, default);
                 tm.write(loc, Kind::ArrayBlock, ab.print(loc))?;
             }
+            // One new block per full block, as the kernel's `insert_full_ablocks` does (so the
+            // metadata's used-block count is the kernel's).
             let full_end = new / m;
-            if full_end > old_blocks {
-                let shared = tm.new_block()?;
+            for bi in old_blocks..full_end {
+                let loc = tm.new_block()?;
                 let mut ab = ArrayBlock::new(self.value_size);
                 ab.values = vec![default; m as usize];
-                tm.write(shared, Kind::ArrayBlock, ab.print(shared))?;
-                for bi in old_blocks..full_end {
-                    if bi != old_blocks {
-                        tm.inc(shared)?;
-                    }
-                    self.root =
-                        btree::insert(tm, self.root, bi, &shared.to_le_bytes(), &ARRAY_TREE)?;
-                }
+                tm.write(loc, Kind::ArrayBlock, ab.print(loc))?;
+                self.root = btree::insert(tm, self.root, bi, &loc.to_le_bytes(), &ARRAY_TREE)?;
             }
             if new_blocks > old_blocks.max(full_end) {
                 let tail = tm.new_block()?;

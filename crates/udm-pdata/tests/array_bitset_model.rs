@@ -1,5 +1,5 @@
-//! dm-array against a Vec<u64> and dm-bitset against a Vec<bool>: sets, resizes (growing shares
-//! one block of defaults), snapshots of the root, commits and crashes; then reopen and check.
+//! dm-array against a Vec<u64> and dm-bitset against a Vec<bool>: sets, resizes (growing adds
+//! one block per new full block, as the kernel), snapshots of the root, commits and crashes; then reopen and check.
 
 mod common;
 

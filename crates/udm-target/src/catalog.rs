@@ -29,7 +29,7 @@ impl TargetCatalog {
         Self::default()
     }
 
-    /// Every target udm implements: error, linear, striped, zero, delay, flakey and the
+    /// Every target udm implements: error, linear, striped, zero, delay, flakey, era and the
     /// snapshot family.
     pub fn with_builtins() -> Self {
         let mut reg = Self::new();
@@ -39,6 +39,7 @@ impl TargetCatalog {
         reg.register(Arc::new(crate::zero::ZeroType));
         reg.register(Arc::new(crate::delay::DelayType));
         reg.register(Arc::new(crate::flakey::FlakeyType));
+        reg.register(Arc::new(crate::era::EraType));
         reg.register(Arc::new(crate::snapshot::origin::OriginType));
         reg.register(Arc::new(crate::snapshot::snap::SnapshotType {
             merge: false,
@@ -106,6 +107,7 @@ mod tests {
         assert_eq!(v("error"), Some([1, 7, 0]));
         assert_eq!(v("delay"), Some([1, 5, 0]));
         assert_eq!(v("flakey"), Some([1, 5, 0]));
+        assert_eq!(v("era"), Some([1, 0, 0]));
         assert!(v("snapshot").is_some() && v("snapshot-origin").is_some());
         assert!(reg.format_targets().contains("linear           v1.5.0\n"));
         let mut reg2 = reg.clone();

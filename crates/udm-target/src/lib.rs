@@ -9,6 +9,7 @@
 pub mod args;
 pub mod catalog;
 pub mod delay;
+pub mod era;
 pub mod error_target;
 pub mod flakey;
 pub mod linear;

@@ -12,6 +12,7 @@
 //! destinations, as in the kernel: [`StripedParams::header`]).
 
 mod delay;
+mod era;
 mod flakey;
 mod linear;
 mod simple;
@@ -19,6 +20,7 @@ mod snapshot;
 mod striped;
 
 pub use delay::{DelayClass, DelayParams, DelayStatus};
+pub use era::{EraParams, EraStatus, ERA_MIN_BLOCK_SECTORS};
 pub use flakey::{CorruptByte, Direction, FlakeyFeatures, FlakeyParams, PROBABILITY_BASE};
 pub use linear::LinearParams;
 pub use simple::{ErrorParams, OriginParams, ZeroParams};

@@ -1,0 +1,400 @@
+//! `era <metadata dev> <origin dev> <block size>`: passes I/O to the origin and records, per
+//! era, which blocks were written, in metadata byte-compatible with Linux dm-era (K
+//! dm-era-target.c, v1.0.0). A write to a block not yet marked in the current era is issued
+//! only after its bit is committed to the metadata device.
+//!
+//! The in-core metadata is one object per metadata device, shared by every table that names
+//! that device (a table reload reuses it instead of re-reading a superblock the old table is
+//! about to change). A worker thread, started at resume and stopped at suspend, digests
+//! archived writesets into the era array.
+
+mod metadata;
+mod store;
+
+pub use metadata::{Metadata, OpError, OpenError};
+pub use store::{DevStore, MAX_METADATA_BLOCKS};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use udm_io::{Bio, BioKind, Extent, IoError};
+use udm_types::{DevId, Errno};
+
+use crate::args::{self, EraParams, EraStatus, FromArgs};
+use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetEnv, TargetError, TargetType};
+
+/// Bits digested per lock hold, so writes are not stalled behind a large writeset.
+const DIGEST_STEP_BITS: u64 = 4096;
+/// How long the idle worker waits before checking whether its device still exists.
+const WORKER_IDLE: Duration = Duration::from_millis(200);
+/// Origin blocks must be fewer than 2^31 (K `valid_nr_blocks`).
+const MAX_NR_BLOCKS: u64 = 1 << 31;
+
+/// The `era` target type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EraType;
+
+struct State {
+    md: Metadata,
+    /// The digest worker runs (between preresume and postsuspend).
+    worker: bool,
+    /// Bumped at each worker start, so an old worker exits.
+    worker_gen: u64,
+    /// Why the metadata failed: after a failed change the in-core state may be ahead of what
+    /// is on disk, so nothing more is written (writes to unmarked blocks, messages and the
+    /// digest fail with EIO) until a new table reads the device again.
+    failed: Option<String>,
+    /// Era instances using this metadata. At 0 the next table reads the device again (a
+    /// worker that briefly holds the object must not make a table skip that).
+    users: usize,
+}
+
+impl State {
+    /// Runs a change on the metadata unless it has failed; a failure other than a refusal
+    /// made before anything changed puts the metadata in the failed state.
+    fn change<T>(
+        &mut self,
+        f: impl FnOnce(&mut Metadata) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
+        if let Some(why) = &self.failed {
+            return Err(OpError::Failed(why.clone()));
+        }
+        let r = f(&mut self.md);
+        if let Err(e @ OpError::Pdata(_)) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+}
+
+/// The in-core metadata of one metadata device.
+pub struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// In-core metadata by metadata device, shared by the tables of one registry.
+#[derive(Default)]
+struct EraRegistry {
+    by_meta: Mutex<HashMap<DevId, Weak<Shared>>>,
+}
+
+fn metadata_error(e: &OpError) -> TargetError {
+    let errno = match e {
+        OpError::Pdata(p) => Errno(p.errno()),
+        OpError::Failed(_) => Errno::EIO,
+        _ => Errno::EINVAL,
+    };
+    TargetError::new(errno, e.to_string())
+}
+
+impl Shared {
+    fn open(
+        env: &TargetEnv,
+        meta: &DevRef,
+        block_sectors: u32,
+    ) -> Result<Arc<Shared>, TargetError> {
+        let reg = env.get::<EraRegistry>();
+        let mut by_meta = reg.by_meta.lock();
+        by_meta.retain(|_, w| w.strong_count() > 0);
+        let live = by_meta.get(&meta.id).and_then(Weak::upgrade).filter(|s| {
+            let st = s.state.lock();
+            st.users > 0 && st.failed.is_none()
+        });
+        if let Some(s) = live {
+            let mut st = s.state.lock();
+            let on_disk = st.md.superblock().data_block_size;
+            if on_disk != block_sectors {
+                return Err(TargetError::invalid(
+                    OpenError::BlockSize {
+                        on_disk,
+                        table: block_sectors,
+                    }
+                    .to_string(),
+                ));
+            }
+            st.users += 1;
+            drop(st);
+            return Ok(s);
+        }
+        let md = Metadata::open(Box::new(DevStore::new(meta.dev.clone())), block_sectors)
+            .map_err(|e| TargetError::new(Errno(e.errno()), format!("{}: {e}", meta.name)))?;
+        let s = Arc::new(Shared {
+            state: Mutex::new(State {
+                md,
+                worker: false,
+                worker_gen: 0,
+                failed: None,
+                users: 1,
+            }),
+            cv: Condvar::new(),
+        });
+        by_meta.insert(meta.id, Arc::downgrade(&s));
+        Ok(s)
+    }
+
+    /// Starts the digest worker (holding only a weak reference, so it ends with the device).
+    fn start_worker(self: &Arc<Self>) {
+        let mut st = self.state.lock();
+        st.worker = true;
+        st.worker_gen += 1;
+        let gen = st.worker_gen;
+        drop(st);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("udm-era-digest".into())
+            .spawn(move || digest_worker(&weak, gen));
+        if let Err(e) = spawned {
+            tracing::error!("era: cannot start the digest worker: {e}");
+        }
+    }
+
+    fn stop_worker(&self) {
+        self.state.lock().worker = false;
+        self.cv.notify_all();
+    }
+
+    /// Waits until no archived writeset is left to digest (tests, tools); false on timeout or
+    /// when the worker is not running.
+    pub fn wait_digested(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        while st.md.digest_pending() {
+            if !st.worker || st.failed.is_some() || Instant::now() >= deadline {
+                return false;
+            }
+            self.cv
+                .wait_until(&mut st, deadline.min(Instant::now() + WORKER_IDLE));
+        }
+        true
+    }
+
+    /// Runs `f` on the metadata under the lock (tests: the era array, the writesets).
+    pub fn with_metadata<R>(&self, f: impl FnOnce(&Metadata) -> R) -> R {
+        f(&self.state.lock().md)
+    }
+}
+
+/// The in-core metadata of the era device whose metadata device is `meta`, if a table holds it.
+pub fn shared_metadata(env: &TargetEnv, meta: DevId) -> Option<Arc<Shared>> {
+    env.get::<EraRegistry>()
+        .by_meta
+        .lock()
+        .get(&meta)
+        .and_then(Weak::upgrade)
+}
+
+fn digest_worker(weak: &Weak<Shared>, gen: u64) {
+    loop {
+        let Some(s) = weak.upgrade() else { return };
+        let mut st = s.state.lock();
+        if !st.worker || st.worker_gen != gen {
+            return;
+        }
+        if st.failed.is_some() || !st.md.digest_pending() {
+            s.cv.wait_for(&mut st, WORKER_IDLE);
+            continue;
+        }
+        if let Err(e) = st.change(|md| Ok(md.digest_step(DIGEST_STEP_BITS)?)) {
+            tracing::error!("era: digest failed: {e}");
+        }
+        drop(st);
+        s.cv.notify_all();
+    }
+}
+
+/// An era target instance.
+pub struct Era {
+    meta: DevRef,
+    origin: DevRef,
+    block_sectors: u32,
+    len: u64,
+    shared: Arc<Shared>,
+    /// The worker generation this instance started (0 = none), stopped on drop.
+    started: Mutex<u64>,
+}
+
+impl TargetType for EraType {
+    fn name(&self) -> &'static str {
+        "era"
+    }
+
+    fn version(&self) -> [u32; 3] {
+        [1, 0, 0]
+    }
+
+    fn construct(
+        &self,
+        ctx: &mut dyn CtorContext,
+        argv: &[String],
+    ) -> Result<Box<dyn Target>, TargetError> {
+        let p = EraParams::from_args(argv)?;
+        let meta = args::get_device_as(ctx, &p.meta, "Error opening metadata device")?;
+        let origin = args::get_device_as(ctx, &p.origin, "Error opening data device")?;
+        origin.check_area(0, ctx.len())?;
+        let shared = Shared::open(&ctx.env(), &meta, p.block_sectors)?;
+        Ok(Box::new(Era {
+            meta,
+            origin,
+            block_sectors: p.block_sectors,
+            len: ctx.len(),
+            shared,
+            started: Mutex::new(0),
+        }))
+    }
+}
+
+impl Era {
+    fn nr_blocks(&self) -> u64 {
+        self.len.div_ceil(u64::from(self.block_sectors))
+    }
+
+    fn preresume_inner(&self) -> Result<(), OpError> {
+        let nr = self.nr_blocks();
+        let nr = u32::try_from(nr)
+            .ok()
+            .filter(|&n| u64::from(n) < MAX_NR_BLOCKS)
+            .ok_or(OpError::TooManyBlocks(nr))?;
+        self.shared.state.lock().change(|md| {
+            if md.nr_blocks() != nr {
+                md.resize(nr)?;
+                md.commit()?;
+            }
+            md.rollover()?;
+            Ok(md.commit()?)
+        })
+    }
+}
+
+impl Target for Era {
+    fn map(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if matches!(
+            bio.kind(),
+            BioKind::Write | BioKind::Discard | BioKind::WriteZeroes
+        ) && bio.sectors() > 0
+        {
+            let bs = u64::from(self.block_sectors);
+            let (first, last) = (bio.sector / bs, (bio.end() - 1) / bs);
+            // Blocks already marked need no metadata I/O, even when the metadata has failed.
+            let mut st = self.shared.state.lock();
+            let marked = if st.md.all_marked(first, last) {
+                Ok(false)
+            } else {
+                st.change(|md| md.mark(first, last))
+            };
+            drop(st);
+            if let Err(e) = marked {
+                return Err(IoError::errno(
+                    bio.kind(),
+                    bio.sector,
+                    Errno::EIO,
+                    format!("era: {e}"),
+                ));
+            }
+        }
+        self.origin.dev.submit(bio)
+    }
+
+    fn table_params(&self) -> String {
+        EraParams {
+            meta: self.meta.id.to_string(),
+            origin: self.origin.id.to_string(),
+            block_sectors: self.block_sectors,
+        }
+        .to_string()
+    }
+
+    fn status(&self) -> String {
+        let st = self.shared.state.lock();
+        if st.failed.is_some() {
+            return "Error".to_string();
+        }
+        let (used, total) = st.md.usage();
+        EraStatus {
+            metadata_block_sectors: udm_pdata::era::METADATA_BLOCK_SECTORS,
+            used,
+            total,
+            current_era: st.md.current_era(),
+            held_root: st.md.metadata_snap(),
+        }
+        .to_string()
+    }
+
+    fn message(&self, argv: &[String]) -> Result<Option<String>, TargetError> {
+        let [word] = argv else {
+            return Err(TargetError::invalid(
+                "incorrect number of message arguments",
+            ));
+        };
+        let mut st = self.shared.state.lock();
+        let r = if word.eq_ignore_ascii_case("checkpoint") {
+            st.change(Metadata::checkpoint)
+        } else if word.eq_ignore_ascii_case("take_metadata_snap") {
+            st.change(|md| md.take_snap().map(|_| ()))
+        } else if word.eq_ignore_ascii_case("drop_metadata_snap") {
+            st.change(Metadata::drop_snap)
+        } else {
+            return Err(TargetError::invalid(format!(
+                "unsupported message '{word}'"
+            )));
+        };
+        drop(st);
+        self.shared.cv.notify_all();
+        r.map(|()| None).map_err(|e| metadata_error(&e))
+    }
+
+    fn max_io_len(&self) -> u64 {
+        u64::from(self.block_sectors)
+    }
+
+    fn caps(&self) -> TargetCaps {
+        TargetCaps {
+            flush: true,
+            discard: true,
+            write_zeroes: false,
+        }
+    }
+
+    fn postsuspend(&self) {
+        let mut st = self.shared.state.lock();
+        let r = st.change(|md| {
+            md.archive()?;
+            Ok(md.commit()?)
+        });
+        drop(st);
+        self.shared.stop_worker();
+        if let Err(e) = r {
+            tracing::error!("era {}: archive at suspend failed: {e}", self.meta.name);
+        }
+    }
+
+    fn preresume(&self) -> Result<(), TargetError> {
+        self.preresume_inner().map_err(|e| metadata_error(&e))?;
+        self.shared.start_worker();
+        *self.started.lock() = self.shared.state.lock().worker_gen;
+        Ok(())
+    }
+
+    fn devices(&self) -> Vec<DevRef> {
+        vec![self.meta.clone(), self.origin.clone()]
+    }
+
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        self.origin.dev.block_status(sector, sectors)
+    }
+}
+
+impl Drop for Era {
+    fn drop(&mut self) {
+        let gen = *self.started.lock();
+        let mut st = self.shared.state.lock();
+        st.users = st.users.saturating_sub(1);
+        if gen != 0 && st.worker_gen == gen {
+            st.worker = false;
+        }
+        drop(st);
+        self.shared.cv.notify_all();
+    }
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Kernel cross-check of dm-era (vmlab, Linux 6.1 or VMLAB_KERNEL=6.12): one write history with
+# checkpoints, a metadata snapshot and suspend/resume, run by the kernel's era in the guest and
+# by udm's era target (era-tool example) on the host, on fresh metadata each.
+#   - the status line after every step: metadata block size, total, current era and whether a
+#     metadata snapshot is held must be equal. The used count and the held root's block number
+#     are printed, not compared: udm-pdata allocates lowest-free where the kernel's metadata
+#     space map allocates from a rolling cursor, and the kernel's digest changes the used count
+#     in the background without a commit, so its count depends on when status is asked;
+#   - era_check passes on both metadata images, and era_dump --logical and era_invalidate
+#     --written-since N (N = 1..last era) print the same for both;
+#   - the kernel loads the metadata udm wrote (status: udm's last era + 1, as after any resume)
+#     and udm loads the kernel's (the same), and neither load changes what was written when.
+# ERA_BS, ERA_ORIGIN (a truncate size) and ERA_HISTORY change the block size, the origin and
+# the history (tests/vmlab/era-kernel.sh lists the steps).
+# Needs root and what /work/shared/vmlab/run.sh needs, plus era_check/era_dump/era_invalidate.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh"
+vmlab_init era-crosscheck era_check era_dump era_invalidate
+trap 'rm -rf "$W"' EXIT
+(cd "$ROOT" && cargo build -q -p udm-target --example era-tool)
+TOOL=${CARGO_TARGET_DIR:-$ROOT/target}/debug/examples/era-tool
+BS=${ERA_BS:-128}
+HISTORY=${ERA_HISTORY:-'w1 w3 w31 c w3 w5 t w7 w8 r w2 w3 d c w9 w0 c r w4'}
+fail=0
+check() { # what, udm value, kernel value
+  if [ "$2" = "$3" ] && [ -n "$2" ]; then echo "OK   $1: $2"; else echo "FAIL $1: udm='$2' kernel='$3'"; fail=1; fi
+}
+truncate -s 4M "$W/mk.img" "$W/mu.img"
+truncate -s "${ERA_ORIGIN:-2M}" "$W/o.img" "$W/ou.img"
+ustat=$("$TOOL" "$W/mu.img" "$W/ou.img" $BS "$HISTORY" | sed -n 's/^STATUS //p')
+cp "$W/mu.img" "$W/mu0.img"
+{ echo "BS=$BS HISTORY='$HISTORY'"; cat "$HERE/era-kernel.sh"; } > "$W/g.sh"
+out=$("$RUN" "$W/g.sh" "$W/mk.img" "$W/o.img" "$W/mu.img") || { echo "FAIL vmlab: $out"; exit 1; }
+if grep -q '^ERROR' <<<"$out"; then echo "FAIL guest: $(grep '^ERROR' <<<"$out")"; fail=1; fi
+kstat=$(sed -n 's/^STATUS //p' <<<"$out")
+n=$(wc -l <<<"$ustat")
+# "8 used/total era held" -> "8 total era held?" (the compared fields), and the full lines.
+fields() { sed -n "${1}p" | awk '{split($2, u, "/"); print $1, u[2], $3, ($4 == "-" ? "-" : "held")}'; }
+for i in $(seq 1 "$n"); do
+  check "status after step $i (mbs total era held)" "$(fields "$i" <<<"$ustat")" "$(fields "$i" <<<"$kstat")"
+  echo "     full line: udm '$(sed -n "${i}p" <<<"$ustat")' kernel '$(sed -n "${i}p" <<<"$kstat")'"
+done
+[ "$(wc -l <<<"$kstat")" = "$n" ] || { echo "FAIL status line count: udm $n, kernel $(wc -l <<<"$kstat")"; fail=1; }
+for img in mk mu0; do
+  era_check "$W/$img.img" >/dev/null 2>&1 && echo "OK   era_check $img" || { echo "FAIL era_check $img"; fail=1; }
+done
+check "era_dump --logical" "$(era_dump --logical "$W/mu0.img" | md5sum)" "$(era_dump --logical "$W/mk.img" | md5sum)"
+last=$(era_dump "$W/mk.img" | sed -n 's/.*current_era="\([0-9]*\)".*/\1/p')
+for s in $(seq 1 "$last"); do
+  check "era_invalidate --written-since $s" \
+    "$(era_invalidate --written-since "$s" "$W/mu0.img" | tr '\n' ' ')" \
+    "$(era_invalidate --written-since "$s" "$W/mk.img" | tr '\n' ' ')"
+done
+# Each side loads the other's metadata: one resume later, the same blocks in the same eras.
+uera=$(sed -n '$p' <<<"$ustat" | cut -d' ' -f3)
+check "kernel loads udm metadata: era" "$((uera + 1))" "$(sed -n 's/^LOADED //p' <<<"$out" | cut -d' ' -f3)"
+era_check "$W/mu.img" >/dev/null 2>&1 && echo "OK   era_check udm metadata after the kernel" || { echo "FAIL era_check mu after kernel"; fail=1; }
+arr() { era_dump --logical "$1" | grep '<era '; }
+check "udm metadata after the kernel's load: same eras" "$(arr "$W/mu0.img" | md5sum)" "$(arr "$W/mu.img" | md5sum)"
+cp "$W/mk.img" "$W/mk2.img"
+kload=$("$TOOL" "$W/mk2.img" "$W/ou.img" $BS "")
+kera=$(sed -n '$p' <<<"$kstat" | cut -d' ' -f3)
+check "udm loads kernel metadata: era" "$((kera + 1))" "$(sed -n 's/^STATUS //p' <<<"$kload" | cut -d' ' -f3)"
+era_check "$W/mk2.img" >/dev/null 2>&1 && echo "OK   era_check kernel metadata after udm" || { echo "FAIL era_check mk after udm"; fail=1; }
+check "kernel metadata after udm's load: same eras" "$(arr "$W/mk.img" | md5sum)" "$(arr "$W/mk2.img" | md5sum)"
+if [ $fail -ne 0 ]; then echo "era-crosscheck: MISMATCH"; exit 1; fi
+echo "era-crosscheck: all match"
