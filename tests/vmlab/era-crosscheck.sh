@@ -13,7 +13,7 @@
 #     and udm loads the kernel's (the same), and neither load changes what was written when.
 # ERA_BS, ERA_ORIGIN (a truncate size) and ERA_HISTORY change the block size, the origin and
 # the history (tests/vmlab/era-kernel.sh lists the steps).
-# Needs root and what /work/shared/vmlab/run.sh needs, plus era_check/era_dump/era_invalidate.
+# Needs root and what ../shared/vmlab/run.sh needs, plus era_check/era_dump/era_invalidate.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
