@@ -4,6 +4,7 @@
 
 pub mod snapshot;
 pub mod status;
+pub mod track;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -42,6 +43,10 @@ pub enum Command {
     /// Live snapshots of devices in use: take, list, status, drop, merge.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Change tracking on a device in use (for incremental backup): start, stop, status,
+    /// checkpoint.
+    #[command(subcommand)]
+    Track(track::TrackCommand),
 }
 
 #[cfg(test)]
