@@ -1,6 +1,6 @@
-//! `udm`: high-level workflows over the control protocol, one module per workflow. Only
-//! `status` exists so far; the snapshot, backup and migration workflows go here as siblings
-//! (`snapshot.rs`, ...), each exposing a clap `Args` struct and a `run` function.
+//! `udm`: high-level workflows over the control protocol, one module per workflow: `status`,
+//! `snapshot`, `track` (change tracking); backup and migration go here as siblings, each
+//! exposing clap `Args`/`Subcommand` types and functions the binary calls.
 
 pub mod snapshot;
 pub mod status;
