@@ -231,3 +231,41 @@ fn bad_input_is_a_clear_error() {
         "--delete removes the metadata file"
     );
 }
+
+/// Without `--meta` the metadata goes to STATE_DIR/track/DEV.era (the CLI's default state
+/// directory, here from `UDM_STATE_DIR`), and `status` prints its place and the counts.
+#[test]
+fn default_metadata_file_and_human_status() {
+    let d = Udmd::start();
+    d.disk("vol", SIZE, 2);
+    d.ok(&["export", "add", "vol", "--nbd"]);
+    let state = d.path("cli-state");
+    let udm = |args: &[&str]| {
+        let o = std::process::Command::new(udm_testkit::bin("udm"))
+            .env("UDM_RUNTIME_DIR", d.runtime())
+            .env("UDM_STATE_DIR", &state)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "udm {args:?}: {err}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = udm(&["track", "start", "vol"]);
+    let meta = state.join("track/vol.era");
+    assert!(out.contains(&meta.display().to_string()), "{out}");
+    assert!(out.contains("128-sector blocks"), "64K by default: {out}");
+    assert!(meta.exists());
+    let mut c = d.nbd_client("vol");
+    write_ok(&mut c, 0);
+    write_ok(&mut c, 40); // 4K blocks 0 and 40: 64K blocks 0 and 2
+    let out = udm(&["track", "status", "vol"]);
+    assert!(out.contains("written since era 1: 2/256 blocks"), "{out}");
+    assert!(
+        out.contains(&format!("vol-era-meta ({})", meta.display())),
+        "{out}"
+    );
+    udm(&["track", "stop", "vol", "--delete"]);
+    assert!(!meta.exists());
+    write_ok(&mut c, 41);
+}
