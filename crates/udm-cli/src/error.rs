@@ -58,6 +58,14 @@ pub enum CliError {
     /// failure); the text is dmsetup's, one or more lines.
     #[error("{}", .0.trim_end())]
     ReportField(String),
+    /// A workflow refused or failed for a reason of its own, with the errno that names it.
+    #[error("{message} [{}]", errno.name())]
+    Workflow {
+        /// The errno.
+        errno: Errno,
+        /// What happened and what to do.
+        message: String,
+    },
     /// Writing the output failed (e.g. a closed pipe).
     #[error("write error: {0}")]
     Output(#[from] std::io::Error),
@@ -72,6 +80,7 @@ impl HasErrno for CliError {
             CliError::Refused { reply, .. } => Errno(reply.errno),
             CliError::Unexpected { .. } => Errno::EPROTO,
             CliError::NoDevice { .. } | CliError::ReportField(_) => Errno::ENXIO,
+            CliError::Workflow { errno, .. } => *errno,
             CliError::Output(e) => Errno::from_io(e),
         }
     }

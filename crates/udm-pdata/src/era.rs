@@ -143,6 +143,38 @@ fn writeset_bitset(v: &[u8]) -> Structure {
     }
 }
 
+/// The era each origin block was last written in, as `era_dump --logical` prints it: the era
+/// array, then the archived writesets in era order, then (with `current`) the current
+/// writeset in `sb.current_era`. A metadata snapshot's copy is read with `current` false: the
+/// snapshot holds no reference on the current writeset (K `metadata_take_snap` archives it
+/// first), so its blocks may have been reused since.
+pub fn logical_eras(tm: &Tm, sb: &Superblock, current: bool) -> Result<Vec<u32>> {
+    let array = Array {
+        root: sb.era_array_root,
+        value_size: 4,
+    };
+    let mut eras: Vec<u32> = array
+        .values(tm, u64::from(sb.nr_blocks))?
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let mut sets = Vec::new();
+    for (era, v) in btree::entries(tm, sb.writeset_tree_root, &WRITESET_TREE)? {
+        let ws = Writeset::parse(&v);
+        sets.push((era as u32, ws));
+    }
+    if current && sb.current_writeset.root != 0 {
+        sets.push((sb.current_era, sb.current_writeset));
+    }
+    for (era, ws) in sets {
+        let bits = Bitset::open(ws.root, u64::from(ws.nr_bits)).bits(tm)?;
+        for (e, _) in eras.iter_mut().zip(&bits).filter(|(_, set)| **set) {
+            *e = era;
+        }
+    }
+    Ok(eras)
+}
+
 /// What the checker walks for an era device: the superblock, the writeset tree with each
 /// archived bitset, the era array, the live writeset, and a metadata snapshot's copy with the
 /// extra references it holds on its two roots.

@@ -32,6 +32,12 @@ impl Tm {
         }
     }
 
+    /// A transaction for reading only, with no space map read: for reading a metadata
+    /// snapshot while the live metadata (and its space map) keep changing under it.
+    pub fn reader(store: Box<dyn BlockStore>) -> Tm {
+        Tm::format(store)
+    }
+
     /// Opens the transaction that continues from the committed space map at `root`.
     pub fn open(store: Box<dyn BlockStore>, root: &SmRoot) -> Result<Tm> {
         let sm = SpaceMap::open(&*store, root)?;

@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use udm_cli::udm::snapshot::{self, SnapshotCommand};
+use udm_cli::udm::track::{self, TrackCommand};
 use udm_cli::udm::{status, Cli, Command};
 use udm_cli::{default_socket, Session};
 
@@ -23,6 +24,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Snapshot(cmd) => snapshot_cmd(&mut session, cmd, cli.json),
+        Command::Track(cmd) => track_cmd(&mut session, cmd, cli.json),
     };
     if cli.timings {
         for t in session.timings() {
@@ -88,6 +90,54 @@ fn snapshot_cmd(s: &mut Session, cmd: SnapshotCommand, json: bool) -> anyhow::Re
                 );
             } else {
                 println!("snapshot {name} merged into its origin");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn track_cmd(s: &mut Session, cmd: TrackCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        TrackCommand::Start(a) => {
+            let (name, meta, bs) = track::start(s, &a)?;
+            if json {
+                let v = serde_json::json!({
+                    "device": a.device, "era_device": name, "meta_file": meta,
+                    "block_sectors": bs,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "tracking {} through {name} ({bs}-sector blocks, metadata {})",
+                    a.device,
+                    meta.display()
+                );
+            }
+        }
+        TrackCommand::Stop { device, delete } => {
+            let meta = track::stop(s, &device, delete)?;
+            match meta {
+                Some(m) if !delete => println!(
+                    "tracking of {device} stopped; metadata kept in {}",
+                    m.display()
+                ),
+                _ => println!("tracking of {device} stopped"),
+            }
+        }
+        TrackCommand::Status { device, since } => {
+            let t = track::status(s, &device, since)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print!("{}", track::format_status(&t));
+            }
+        }
+        TrackCommand::Checkpoint { device } => {
+            let era = track::checkpoint(s, &device)?;
+            if json {
+                println!("{}", serde_json::json!({ "device": device, "era": era }));
+            } else {
+                println!("{device}: new era {era} (a backup point: `udm track status {device} --since {era}`)");
             }
         }
     }

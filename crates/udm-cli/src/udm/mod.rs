@@ -1,9 +1,10 @@
-//! `udm`: high-level workflows over the control protocol, one module per workflow. Only
-//! `status` exists so far; the snapshot, backup and migration workflows go here as siblings
-//! (`snapshot.rs`, ...), each exposing a clap `Args` struct and a `run` function.
+//! `udm`: high-level workflows over the control protocol, one module per workflow: `status`,
+//! `snapshot`, `track` (change tracking); backup and migration go here as siblings, each
+//! exposing clap `Args`/`Subcommand` types and functions the binary calls.
 
 pub mod snapshot;
 pub mod status;
+pub mod track;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -42,6 +43,10 @@ pub enum Command {
     /// Live snapshots of devices in use: take, list, status, drop, merge.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Change tracking on a device in use (for incremental backup): start, stop, status,
+    /// checkpoint.
+    #[command(subcommand)]
+    Track(track::TrackCommand),
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ pub struct SnapshotInfo {
     pub params: SnapshotParams,
 }
 
-fn lines(
+pub(crate) fn lines(
     s: &mut Session,
     name: Option<String>,
     status: bool,
@@ -131,7 +131,7 @@ fn lines(
     }
 }
 
-fn devices(s: &mut Session) -> Result<Vec<DeviceRecord>, CliError> {
+pub(crate) fn devices(s: &mut Session) -> Result<Vec<DeviceRecord>, CliError> {
     match s.call("ls", "", Request::List)? {
         Response::Devices(d) => Ok(d),
         other => Err(unexpected("ls", &other)),
@@ -144,7 +144,7 @@ fn name_of(devs: &[DeviceRecord], id: &str) -> String {
         .map_or_else(|| id.to_string(), |d| d.name.clone())
 }
 
-fn size_of(s: &mut Session, dev: &str) -> Result<u64, CliError> {
+pub(crate) fn size_of(s: &mut Session, dev: &str) -> Result<u64, CliError> {
     if let Ok(Response::Info(i)) = s.call(
         "info",
         dev,
@@ -171,8 +171,58 @@ fn size_of(s: &mut Session, dev: &str) -> Result<u64, CliError> {
     )))
 }
 
-fn done(s: &mut Session, command: &str, device: &str, req: Request) -> Result<(), CliError> {
+pub(crate) fn done(
+    s: &mut Session,
+    command: &str,
+    device: &str,
+    req: Request,
+) -> Result<(), CliError> {
     s.call(command, device, req).map(|_| ())
+}
+
+/// Removes the mapped device `name`.
+pub(crate) fn remove(s: &mut Session, name: &str) -> Result<(), CliError> {
+    done(
+        s,
+        "remove",
+        name,
+        Request::Remove {
+            name: name.into(),
+            force: false,
+            deferred: false,
+        },
+    )
+}
+
+/// Removes the disk `name`.
+pub(crate) fn disk_remove(s: &mut Session, name: &str) -> Result<(), CliError> {
+    done(
+        s,
+        "disk remove",
+        name,
+        Request::DiskRemove { name: name.into() },
+    )
+}
+
+/// Creates `name` with the interposed `table` (shared opens of the devices it interposes).
+pub(crate) fn create_interposed(
+    s: &mut Session,
+    name: &str,
+    table: String,
+) -> Result<(), CliError> {
+    done(
+        s,
+        "create",
+        name,
+        Request::Create {
+            name: name.into(),
+            uuid: None,
+            table: Some(table),
+            read_only: false,
+            interpose: true,
+            freeze: None,
+        },
+    )
 }
 
 /// Loads an interposed table into `device` and makes it live (one quiesced switch).
@@ -258,7 +308,7 @@ pub fn list(s: &mut Session) -> Result<Vec<SnapshotInfo>, CliError> {
 
 /// `what` (a table or status line of `device`) read as `T`; udmd printed it, so a line that
 /// does not parse is a reply udm does not understand.
-fn parse_reply<T>(device: &str, what: &str, text: &str) -> Result<T, CliError>
+pub(crate) fn parse_reply<T>(device: &str, what: &str, text: &str) -> Result<T, CliError>
 where
     T: std::str::FromStr<Err = udm_table::args::ArgError>,
 {
@@ -278,7 +328,11 @@ fn origin_of(target_type: &str, params: &str) -> Option<String> {
 }
 
 /// One table line covering `[0, sectors)`.
-fn whole_line(sectors: u64, target_type: &str, params: &dyn std::fmt::Display) -> String {
+pub(crate) fn whole_line(
+    sectors: u64,
+    target_type: &str,
+    params: &dyn std::fmt::Display,
+) -> String {
     TableLine {
         start: 0,
         len: sectors,
@@ -437,19 +491,7 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
         .unwrap_or(false);
     if !have_origin {
         let table = origin_line(sectors, dev);
-        if let Err(e) = done(
-            s,
-            "create",
-            &origin,
-            Request::Create {
-                name: origin.clone(),
-                uuid: None,
-                table: Some(table),
-                read_only: false,
-                interpose: true,
-                freeze: None,
-            },
-        ) {
+        if let Err(e) = create_interposed(s, &origin, table) {
             cleanup_cow(s);
             return Err(e);
         }
@@ -480,19 +522,7 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
         features: Default::default(),
     };
     let table = whole_line(sectors, "snapshot", &params);
-    let created = done(
-        s,
-        "create",
-        &name,
-        Request::Create {
-            name: name.clone(),
-            uuid: None,
-            table: Some(table),
-            read_only: false,
-            interpose: true,
-            freeze: None,
-        },
-    );
+    let created = create_interposed(s, &name, table);
     let resumed = done(
         s,
         "resume",
@@ -589,42 +619,17 @@ fn find(s: &mut Session, name: &str) -> Result<SnapshotInfo, CliError> {
 pub fn drop_snapshot(s: &mut Session, name: &str) -> Result<(), CliError> {
     let snap = find(s, name)?;
     remove_exports_of(s, name)?;
-    done(
-        s,
-        "remove",
-        name,
-        Request::Remove {
-            name: name.into(),
-            force: false,
-            deferred: false,
-        },
-    )?;
+    remove(s, name)?;
     let others = list(s)?
         .into_iter()
         .filter(|x| x.origin == snap.origin)
         .count();
     if others == 0 {
         if let Some(o) = &snap.origin_interposer {
-            done(
-                s,
-                "remove",
-                o,
-                Request::Remove {
-                    name: o.clone(),
-                    force: false,
-                    deferred: false,
-                },
-            )?;
+            remove(s, o)?;
         }
     }
-    done(
-        s,
-        "disk remove",
-        &snap.cow,
-        Request::DiskRemove {
-            name: snap.cow.clone(),
-        },
-    )
+    disk_remove(s, &snap.cow)
 }
 
 /// Merge progress of the merging origin `origin` (merging `what`): sectors still to merge.
@@ -679,16 +684,7 @@ pub fn merge(
     };
     let table = whole_line(sectors, "snapshot-merge", &params);
     reload(s, &origin, table)?;
-    done(
-        s,
-        "remove",
-        name,
-        Request::Remove {
-            name: name.into(),
-            force: false,
-            deferred: false,
-        },
-    )?;
+    remove(s, name)?;
     if no_wait {
         return Ok(origin);
     }
@@ -708,28 +704,12 @@ pub fn merge(
         .filter(|x| x.origin == snap.origin && x.name != origin)
         .count();
     if others == 0 {
-        done(
-            s,
-            "remove",
-            &origin,
-            Request::Remove {
-                name: origin.clone(),
-                force: false,
-                deferred: false,
-            },
-        )?;
+        remove(s, &origin)?;
     } else {
         let table = origin_line(sectors, &snap.origin);
         reload(s, &origin, table)?;
     }
-    done(
-        s,
-        "disk remove",
-        &snap.cow,
-        Request::DiskRemove {
-            name: snap.cow.clone(),
-        },
-    )?;
+    disk_remove(s, &snap.cow)?;
     Ok(origin)
 }
 

@@ -440,17 +440,7 @@ impl Metadata {
     /// The era each block was last written in, as `era_dump --logical` prints it: the era
     /// array, then the archived writesets in era order, then the current writeset.
     pub fn logical_eras(&self) -> Result<Vec<u32>> {
-        let mut eras = self.era_array()?;
-        let mut sets = self.writesets()?;
-        if let Some(bits) = self.current_writeset()? {
-            sets.push((self.sb.current_era, bits));
-        }
-        for (era, bits) in sets {
-            for (e, _) in eras.iter_mut().zip(&bits).filter(|(_, set)| **set) {
-                *e = era;
-            }
-        }
-        Ok(eras)
+        udm_pdata::era::logical_eras(&self.tm, &self.sb, true)
     }
 
     /// The transaction's store (the checker reads it).
