@@ -90,6 +90,10 @@ struct Args {
     /// before the client is disconnected; 0 waits forever (removal and shutdown still cut it).
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     nbd_send_timeout: u64,
+    /// MiB of acknowledged origin writes a snapshot origin may hold in memory while their
+    /// chunks are copied (1..=4096): more smooths bursts of first writes, less bounds memory.
+    #[arg(long, default_value_t = udm_target::snapshot::writeback::MAX_HELD_BYTES as u64 >> 20, value_name = "MIB")]
+    snapshot_writeback_mib: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
     #[arg(long, env = "UDM_LOG", default_value = "info")]
     log: String,
@@ -238,6 +242,13 @@ fn main() -> Result<()> {
 
     let registry = Arc::new(Registry::new());
     let st = state::load(&state_dir)?;
+    if !(1..=4096).contains(&args.snapshot_writeback_mib) {
+        bail!(
+            "--snapshot-writeback-mib must be 1..=4096, got {}",
+            args.snapshot_writeback_mib
+        );
+    }
+    udm_target::snapshot::writeback::set_held_limit((args.snapshot_writeback_mib as usize) << 20);
     let nbd = NbdServer::with_limits(nbd_limits(&args)?);
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),

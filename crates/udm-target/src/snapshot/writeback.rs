@@ -22,6 +22,7 @@
 //! ([`MAX_HELD_BYTES`]).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +33,23 @@ use udm_types::SECTOR_SHIFT;
 
 use super::cow::{allocate, commit, copy_and_commit, copy_runs, Locked, Pending};
 
-/// Most data held at once; a writer that would exceed it waits for the commit in progress.
+/// Default of the most data held at once per origin; a writer that would exceed the bound
+/// waits for the commit in progress. udmd sets the bound with `--snapshot-writeback-mib`.
 pub const MAX_HELD_BYTES: usize = 32 << 20;
+
+/// The bound in force (see [`set_held_limit`]).
+static HELD_LIMIT: AtomicUsize = AtomicUsize::new(MAX_HELD_BYTES);
+
+/// Sets the most data held at once per origin, for origins of every snapshot (at least one
+/// byte: a bound of 0 is taken as 1, which holds one write at a time).
+pub fn set_held_limit(bytes: usize) {
+    HELD_LIMIT.store(bytes.max(1), Ordering::Relaxed);
+}
+
+/// The most data held at once per origin.
+pub fn held_limit() -> usize {
+    HELD_LIMIT.load(Ordering::Relaxed)
+}
 
 /// How long a write-back thread waits for more work before it exits.
 const IDLE: Duration = Duration::from_millis(100);
@@ -167,7 +183,8 @@ impl WriteBack {
     ) -> Result<(), IoError> {
         let end = sector.saturating_add((data.len() as u64) >> SECTOR_SHIFT);
         let mut st = self.st.lock();
-        while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > MAX_HELD_BYTES) {
+        let limit = held_limit();
+        while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > limit) {
             self.wait_urgent(&mut st);
         }
         if !st.copier {
