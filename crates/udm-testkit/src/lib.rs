@@ -267,6 +267,22 @@ impl Udmd {
         run_tool(&bin("udm"), &self.runtime(), args, None)
     }
 
+    /// `udm snapshot take DEVICE --cow PATH/COW --size 32M EXTRA...` (the COW file in this test's
+    /// directory), asserting success; returns the output (stderr has `--timings` lines).
+    pub fn take_snapshot(&self, device: &str, cow: &str, extra: &[&str]) -> Output {
+        let cow = self.path(cow);
+        let cow = cow.to_str().unwrap_or_default();
+        let mut args = vec!["snapshot", "take", device, "--cow", cow, "--size", "32M"];
+        args.extend_from_slice(extra);
+        let o = self.udm(&args);
+        assert!(
+            o.status.success(),
+            "udm snapshot take {device}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
+
     /// Runs `udmsetup ARGS`, asserting success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.udmsetup(args);

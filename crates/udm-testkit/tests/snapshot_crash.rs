@@ -88,22 +88,12 @@ fn snapshot_survives_fifty_kill9_points() {
     let mut d = Udmd::start();
     let img = d.disk("vol", SIZE, 3);
     d.ok(&["export", "add", "vol", "--nbd"]);
-    let o = d.udm(&[
-        "snapshot",
-        "take",
+    let o = d.take_snapshot(
         "vol",
-        "--cow",
-        d.path("vol.cow").to_str().unwrap(),
-        "--size",
-        "32M",
-        "--chunk",
-        "8",
-        "--export",
-        "nbd",
-        "--timings",
-    ]);
+        "vol.cow",
+        &["--chunk", "8", "--export", "nbd", "--timings"],
+    );
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
     // --timings: every phase of the take, with its time.
     for phase in [
         "create vol-origin",
@@ -221,19 +211,7 @@ fn merge_resumes_after_kill9() {
     let mut d = Udmd::start();
     let img = d.disk("vol", SIZE, 5);
     d.ok(&["export", "add", "vol", "--nbd"]);
-    let cow = d.path("vol.cow");
-    let o = d.udm(&[
-        "snapshot",
-        "take",
-        "vol",
-        "--cow",
-        cow.to_str().unwrap(),
-        "--size",
-        "32M",
-        "--chunk",
-        "8",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.take_snapshot("vol", "vol.cow", &["--chunk", "8"]);
     let point_in_time = std::fs::read(&img).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x3e7);
     let mut c = d.nbd_client("vol");

@@ -34,19 +34,7 @@ fn a_one_mib_bound_keeps_the_snapshot_point_in_time() {
     let img = d.disk("vol", SIZE, 5);
     d.ok(&["export", "add", "vol", "--nbd"]);
     let before = std::fs::read(&img).unwrap();
-    let cow = d.path("vol.cow");
-    let o = d.udm(&[
-        "snapshot",
-        "take",
-        "vol",
-        "--cow",
-        cow.to_str().unwrap(),
-        "--size",
-        "32M",
-        "--export",
-        "nbd",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.take_snapshot("vol", "vol.cow", &["--export", "nbd"]);
     // 8 MiB of first writes in 256 KiB requests: eight times the bound.
     let mut c = d.nbd_client("vol");
     let mut model = before.clone();
