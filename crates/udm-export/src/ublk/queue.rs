@@ -161,11 +161,10 @@ impl Drop for IoBufs {
     }
 }
 
-/// Marks the calling thread as an I/O flusher (see the FUSE README: same deadlock, same cure).
+/// Marks the queue thread as an I/O flusher (see the FUSE README: same deadlock, same cure).
 fn mark_io_flusher() {
-    // SAFETY: prctl with integer arguments only changes flags of the calling thread.
-    unsafe {
-        libc::prctl(57 /* PR_SET_IO_FLUSHER */, 1, 0, 0, 0);
+    if let Err(e) = udm_io::thread::mark_io_flusher() {
+        tracing::debug!("ublk queue: PR_SET_IO_FLUSHER refused: {e}");
     }
 }
 
