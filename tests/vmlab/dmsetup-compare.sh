@@ -24,7 +24,6 @@ out=$(VMLAB_BINS="$W/bin/udmd $W/bin/udmsetup" VMLAB_TIMEOUT=${VMLAB_TIMEOUT:-60
 printf '%s\n' "$out" > "$OUT/guest.out"; fi
 grep -q '^@@TRANSCRIPT udmsetup' <<<"$out" && [ $rc = 0 ] \
   || { echo "$out"; echo "dmsetup-compare: FAIL in the guest (rc=$rc)"; exit 1; }
-val() { sed -n "s/^$1 //p" <<<"$out" | head -1; }
 VMAJ=$(val MAJOR_VIRTBLK); DMAJ=$(val MAJOR_DM)
 echo "guest: virtblk major $VMAJ, device-mapper major $DMAJ; $(val DMSETUP_VERSION)"
 transcript() { sed -n "/^@@TRANSCRIPT $1\$/,/^@@TRANSCRIPT-END\$/p" <<<"$out" | sed '1d;$d'; }

@@ -1,6 +1,23 @@
 # Sourced into the guest scripts of the kernel export tests (kernel-ublk.sh, kernel-nbd.sh):
-# the phases every export goes through. Both need fail and run from the caller.
+# the helpers and the phases every export goes through.
 #
+# fail MSG: prints a FAIL line, the tails of udmd's log and the kernel log, and exits 1.
+# run CMD...: runs CMD with a 120 s bound; fails naming it when it fails.
+# start_udmd [ARGS...]: starts udmd (log appended to /tmp/udmd.log, pid in UDMD) and waits for
+# its control socket.
+fail() {
+  echo "FAIL $*"; echo "--- udmd log"; tail -30 /tmp/udmd.log; echo "--- dmesg"; dmesg | tail -40
+  exit 1
+}
+run() { timeout 120 "$@" || fail "$* (exit $?)"; }
+export UDM_RUNTIME_DIR=/run/udm UDM_STATE_DIR=/tmp/udm-state
+start_udmd() {
+  udmd "$@" >> /tmp/udmd.log 2>&1 &
+  UDMD=$!
+  for _ in $(seq 100); do [ -S /run/udm/control.sock ] && break; sleep 0.2; done
+  [ -S /run/udm/control.sock ] || fail "udmd did not start"
+}
+
 # fs_phase DEV BACKING: makes ext4 on DEV, mounts it at /mnt, writes 16 MiB and 20 files, syncs,
 # deletes a 16 MiB copy and runs fstrim; prints ALLOC_FULL and ALLOC_TRIMMED (KiB allocated in
 # the BACKING file udmd serves, before and after the trim) and FSTRIM. Leaves /mnt mounted.

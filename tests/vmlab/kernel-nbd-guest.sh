@@ -4,21 +4,17 @@
 # again over udmd's Unix socket. The udm disk is a file on the guest's tmpfs, so a TRIM that
 # reaches udmd shows as freed blocks; at the end it is copied to /dev/vda for the host to check.
 # Prints KEY value lines for the host; any FAIL line (or a non-zero exit) fails the test.
-fail() { echo "FAIL $*"; echo "--- udmd log"; tail -30 /tmp/udmd.log; echo "--- dmesg"; dmesg | tail -30; exit 1; }
-run() { timeout 120 "$@" || fail "$* (exit $?)"; }
+# fail, run and start_udmd come from guest-lib.sh (sourced above).
 echo "KERNEL $(uname -r)"
 echo "NBDCLIENT $(nbd-client -V 2>&1 | head -1)"
 ip link set lo up || fail "loopback up"
-export UDM_RUNTIME_DIR=/run/udm UDM_STATE_DIR=/tmp/udm-state
 SECTORS=262144 # 128 MiB
 truncate -s $((SECTORS * 512)) /tmp/disk.img
 if [ "$MODE" = tls ]; then
-  udmd --nbd-listen 127.0.0.1:10809 --tls-creds /tmp/pki/server --tls-verify-peer > /tmp/udmd.log 2>&1 &
+  start_udmd --nbd-listen 127.0.0.1:10809 --tls-creds /tmp/pki/server --tls-verify-peer
 else
-  udmd --nbd-listen 127.0.0.1:10809 --nbd-insecure-tcp > /tmp/udmd.log 2>&1 &
+  start_udmd --nbd-listen 127.0.0.1:10809 --nbd-insecure-tcp
 fi
-for _ in $(seq 100); do [ -S /run/udm/control.sock ] && break; sleep 0.2; done
-[ -S /run/udm/control.sock ] || fail "udmd did not start"
 run udmsetup disk add d0 --file /tmp/disk.img >/dev/null
 run udmsetup create vol --table "0 $SECTORS linear d0 0"
 if [ "$MODE" = tls ]; then

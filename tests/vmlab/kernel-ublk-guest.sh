@@ -4,20 +4,9 @@
 # detached and a live snapshot taken with --freeze while a writer runs; then the ends of a ublk
 # device's life: export remove, SIGTERM and restart (same /dev/ublkbN), kill -9 and restart.
 # Prints KEY value lines for the host; any FAIL line (or a non-zero exit) fails the test.
-fail() {
-  echo "FAIL $*"; echo "--- udmd log"; tail -30 /tmp/udmd.log; echo "--- dmesg"; dmesg | tail -40
-  exit 1
-}
-run() { timeout 120 "$@" || fail "$* (exit $?)"; }
+# fail, run and start_udmd come from guest-lib.sh (sourced above).
 echo "KERNEL $(uname -r)"
 [ -e /dev/ublk-control ] || fail "no /dev/ublk-control in this kernel"
-export UDM_RUNTIME_DIR=/run/udm UDM_STATE_DIR=/tmp/udm-state
-start_udmd() {
-  udmd >> /tmp/udmd.log 2>&1 &
-  UDMD=$!
-  for _ in $(seq 100); do [ -S /run/udm/control.sock ] && break; sleep 0.2; done
-  [ -S /run/udm/control.sock ] || fail "udmd did not start"
-}
 # Waits up to $2 seconds for path $1 to exist (or, with a leading !, to be gone).
 wait_for() {
   p=$1; n=$(( $2 * 5 ))

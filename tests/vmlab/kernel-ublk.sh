@@ -30,22 +30,11 @@ if grep -q '^NO_UBLK_FEATURE' <<<"$out"; then
 fi
 [ $rc = 0 ] && grep -q '^GUEST_DONE' <<<"$out" || { echo "kernel-ublk: FAIL in the guest (rc=$rc)"; exit 1; }
 fail=0
-val() { sed -n "s/^$1 //p" <<<"$out" | head -1; }
 [ "$(val NR_QUEUES)" = 2 ] || { echo "FAIL expected 2 hardware queues, got $(val NR_QUEUES)"; fail=1; }
 [ "$(val WRITE_CACHE)" = "write back" ] || { echo "FAIL not write-back (no FLUSH)"; fail=1; }
 [ "$(val FUA)" = 1 ] || { echo "FAIL no FUA"; fail=1; }
 [ "$(val DISCARD_MAX)" -gt 0 ] || { echo "FAIL no discard"; fail=1; }
 [ "$(val WRITE_ZEROES_MAX)" -gt 0 ] || { echo "FAIL no write-zeroes"; fail=1; }
-stat=$(val STAT)
-d=$(sed -n 's/.*discards=\([0-9]*\).*/\1/p' <<<"$stat"); f=$(sed -n 's/.*flushes=\([0-9]*\).*/\1/p' <<<"$stat")
-[ "${d:-0}" -gt 0 ] && [ "${f:-0}" -gt 0 ] || { echo "FAIL no completed discards/flushes: $stat"; fail=1; }
-full=$(val ALLOC_FULL); trimmed=$(val ALLOC_TRIMMED)
-[ "$trimmed" -lt $((full - 8192)) ] || { echo "FAIL trim freed nothing in the backing file: $full -> $trimmed KiB"; fail=1; }
-w=$(val WRITTEN)
-b=$(sed -n 's/.*before_snapshot=\([0-9]*\).*/\1/p' <<<"$w"); t=$(sed -n 's/.*total=\([0-9]*\).*/\1/p' <<<"$w")
-[ "${b:-0}" -gt 0 ] && [ "${t:-0}" -gt "${b:-0}" ] || { echo "FAIL the writer did not run across the snapshot: $w"; fail=1; }
-redirected=$(sed -n 's/^REDIRECTED_[0-9] //p' <<<"$out" | awk '{ s += $1 } END { print s + 0 }')
-[ "$redirected" -gt 0 ] || { echo "FAIL no writer I/O went through the interposer"; fail=1; }
-[ "$(val SNAP_EXPORT | sed 's/.*RO=//')" = 1 ] || { echo "FAIL the snapshot export is not read-only"; fail=1; }
+check_guest_phases STAT
 if [ $fail -ne 0 ]; then echo "kernel-ublk: FAIL"; exit 1; fi
 echo "kernel-ublk: all passed"

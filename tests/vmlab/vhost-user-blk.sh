@@ -81,7 +81,6 @@ wait $GUEST && rc=0 || rc=$?
 out=$(cat "$W/guest.out")
 echo "$out"
 [ $rc = 0 ] && grep -q '^GUEST_DONE' <<<"$out" || { echo "FAIL in the guest (rc=$rc)"; fail=1; }
-val() { sed -n "s/^$1 //p" <<<"$out" | head -1; }
 [ "$(val QUEUES)" = 2 ] || { echo "FAIL guest sees $(val QUEUES) queues, not 2"; fail=1; }
 [ "$(val DISCARD_MAX)" -gt 0 ] || { echo "FAIL no discard"; fail=1; }
 [ "$(val WZEROES_MAX)" -gt 0 ] || { echo "FAIL no write-zeroes"; fail=1; }
