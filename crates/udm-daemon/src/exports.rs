@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use udm_core::{CoreError, Registry};
 use udm_export::fuse::{FuseExport, FuseExports};
-use udm_export::nbd::{NbdExport, NbdExportOptions, NbdServer};
+use udm_export::nbd::{NbdBitmap, NbdExport, NbdExportOptions, NbdServer};
 use udm_export::vhost_user::{VhostUserExport, VhostUserOptions};
 use udm_export::{Detached, Export, ExportError, UblkOptions};
 use udm_io::BlockDevice;
-use udm_proto::{ExportKind, ExportRecord};
+use udm_proto::{BitmapSpec, ExportKind, ExportRecord};
 use udm_types::errno::HasErrno;
-use udm_types::{DevId, Errno};
+use udm_types::{BitmapError, DevId, DirtyBitmap, Errno, SECTOR_SIZE};
 
 struct Entry {
     id: String,
@@ -93,11 +93,18 @@ impl Exports {
         ro: bool,
     ) -> Result<Box<dyn Export>, ExportError> {
         Ok(match kind {
-            ExportKind::Nbd { name, insecure_tcp } => {
+            ExportKind::Nbd {
+                name,
+                insecure_tcp,
+                bitmaps,
+            } => {
+                let bitmaps = load_bitmaps(bitmaps, dev.size().saturating_mul(SECTOR_SIZE))
+                    .map_err(ExportError::kind)?;
                 let opts = NbdExportOptions {
                     read_only: ro,
                     description: Some(format!("udm device {device}")),
                     insecure_tcp: *insecure_tcp,
+                    bitmaps,
                 };
                 let name = name.as_deref().unwrap_or(device);
                 Box::new(NbdExport::start(
@@ -410,4 +417,37 @@ impl PendingExports {
     fn drain(&self) -> Vec<PendingExport> {
         std::mem::take(&mut *self.0.lock())
     }
+}
+
+/// Reads the dirty bitmaps of an NBD export; each must cover the device exactly (a bitmap of
+/// another device or size would report wrong blocks) and have a usable name.
+fn load_bitmaps(specs: &[BitmapSpec], size: u64) -> Result<Vec<NbdBitmap>, BitmapError> {
+    let mut out: Vec<NbdBitmap> = Vec::new();
+    for b in specs {
+        if b.name.is_empty() || b.name.len() > 255 || b.name.chars().any(char::is_control) {
+            return Err(BitmapError::Invalid(format!(
+                "bitmap name {:?}: 1 to 255 printable characters",
+                b.name
+            )));
+        }
+        if out.iter().any(|o| o.name == b.name) {
+            return Err(BitmapError::Invalid(format!(
+                "bitmap {:?} given twice",
+                b.name
+            )));
+        }
+        let bitmap = DirtyBitmap::load(&b.file)?;
+        if bitmap.size() != size {
+            return Err(BitmapError::Invalid(format!(
+                "{} covers {} bytes, the device has {size}",
+                b.file.display(),
+                bitmap.size()
+            )));
+        }
+        out.push(NbdBitmap {
+            name: b.name.clone(),
+            bitmap: Arc::new(bitmap),
+        });
+    }
+    Ok(out)
 }

@@ -60,6 +60,7 @@ fn main() {
         read_only,
         description,
         insecure_tcp: tcp.is_some(),
+        bitmaps: Vec::new(),
     };
     if let Err(e) = server.add_export(&name, dev, opts) {
         eprintln!("nbd-serve: {e}");

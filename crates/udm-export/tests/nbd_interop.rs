@@ -63,6 +63,7 @@ fn env(size: u64) -> Env {
                 read_only: false,
                 description: Some("interop disk".into()),
                 insecure_tcp: false,
+                bitmaps: Vec::new(),
             },
         )
         .unwrap();

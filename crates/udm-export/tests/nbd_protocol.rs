@@ -46,6 +46,7 @@ fn env() -> Env {
                 read_only: false,
                 description: Some("a memory disk".into()),
                 insecure_tcp: false,
+                bitmaps: Vec::new(),
             },
         )
         .unwrap();
@@ -57,6 +58,7 @@ fn env() -> Env {
                 read_only: true,
                 description: None,
                 insecure_tcp: false,
+                bitmaps: Vec::new(),
             },
         )
         .unwrap();

@@ -91,6 +91,7 @@ fn serve(security: TcpSecurity) -> Srv {
                     read_only: false,
                     description: Some(format!("tls test {name}")),
                     insecure_tcp,
+                    bitmaps: Vec::new(),
                 },
             )
             .unwrap();

@@ -136,6 +136,7 @@ mod tests {
                 export: ExportKind::Nbd {
                     name: None,
                     insecure_tcp: false,
+                    bitmaps: Vec::new(),
                 },
                 read_only: true,
             },

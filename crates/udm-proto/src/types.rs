@@ -53,6 +53,9 @@ pub enum ExportKind {
         /// clients need TLS). Recorded with the export so restarts keep it.
         #[serde(default)]
         insecure_tcp: bool,
+        /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` metadata contexts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        bitmaps: Vec<BitmapSpec>,
     },
     /// FUSE file `DIR/DEV`.
     Fuse {
@@ -80,6 +83,16 @@ pub enum ExportKind {
         #[serde(default = "one_queue")]
         num_queues: u16,
     },
+}
+
+/// A dirty bitmap an NBD export serves: `qemu:dirty-bitmap:NAME`, read from FILE (the format of
+/// [`udm_types::DirtyBitmap`]; `udm backup` writes it) when the export starts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BitmapSpec {
+    /// NAME (libvirt's convention for backups: `backup-<DEV>`).
+    pub name: String,
+    /// The bitmap file (absolute).
+    pub file: PathBuf,
 }
 
 fn one_queue() -> u16 {

@@ -496,6 +496,10 @@ pub struct ExportAddArgs {
     /// port can then read and write the device.
     #[arg(long, requires = "nbd")]
     pub insecure_tcp: bool,
+    /// Serve a dirty bitmap file (written by `udm backup`) as the NBD metadata context
+    /// `qemu:dirty-bitmap:NAME` (repeatable).
+    #[arg(long = "dirty-bitmap", requires = "nbd", value_name = "NAME=FILE")]
+    pub dirty_bitmaps: Vec<String>,
     /// FUSE file in this directory.
     #[arg(long, value_name = "DIR")]
     pub fuse: Option<PathBuf>,

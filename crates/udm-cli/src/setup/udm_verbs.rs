@@ -5,7 +5,8 @@ use super::Ctx;
 use crate::error::CliError;
 use crate::format::{self, report::ReportStyle};
 use crate::session::unexpected;
-use udm_proto::{ExportKind, Request, Response};
+use std::path::Path;
+use udm_proto::{BitmapSpec, ExportKind, Request, Response};
 
 pub(super) fn disk(ctx: &mut Ctx<'_>, d: DiskCommand) -> Result<(), CliError> {
     match d {
@@ -70,9 +71,22 @@ pub(super) fn export(ctx: &mut Ctx<'_>, e: ExportCommand) -> Result<(), CliError
                     num_queues: a.num_queues.unwrap_or(1),
                 }
             } else {
+                let mut bitmaps = Vec::new();
+                for b in &a.dirty_bitmaps {
+                    let Some((name, file)) = b.split_once('=') else {
+                        return Err(CliError::Usage(format!(
+                            "--dirty-bitmap {b:?}: expected NAME=FILE"
+                        )));
+                    };
+                    bitmaps.push(BitmapSpec {
+                        name: name.to_string(),
+                        file: absolute(Path::new(file)),
+                    });
+                }
                 ExportKind::Nbd {
                     name: a.name,
                     insecure_tcp: a.insecure_tcp,
+                    bitmaps,
                 }
             };
             let kind_name = match &kind {

@@ -556,6 +556,7 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
                 ExportKind::Nbd {
                     name: None,
                     insecure_tcp: false,
+                    bitmaps: Vec::new(),
                 }
             } else {
                 let dir = a

@@ -4,6 +4,7 @@
 
 use super::ctl::ConnCtl;
 use super::export::Export;
+use super::meta;
 use super::proto::*;
 use super::server::NbdServer;
 use super::session::{export_size, min_block, session, Session, MAX_BLOCK};
@@ -89,8 +90,8 @@ fn handshake(
     }
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    // (export name the contexts were selected for, base:allocation selected)
-    let mut meta: Option<(String, bool)> = None;
+    // (export name the contexts were selected for, the contexts)
+    let mut meta: Option<(String, meta::MetaSel)> = None;
     let mut h = Hand { w };
     loop {
         let hdr = read_array::<OPTION_HEADER_LEN>(r)?;
@@ -282,29 +283,20 @@ fn handshake(
                     h.err(opt, REP_ERR_INVALID, "malformed meta context request")?;
                     continue;
                 };
-                if !server
-                    .lookup(name)
-                    .is_some_and(|e| ctl.security.shown(&e.opts))
-                {
+                let Some(export) = server.lookup(name).filter(|e| ctl.security.shown(&e.opts))
+                else {
                     h.err(opt, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
                     continue;
-                }
-                let matched = if set {
-                    queries.contains(&META_BASE_ALLOCATION)
-                } else {
-                    queries.is_empty()
-                        || queries
-                            .iter()
-                            .any(|q| *q == "base:" || *q == META_BASE_ALLOCATION)
                 };
-                if matched {
-                    let mut d = (if set { 1u32 } else { 0 }).to_be_bytes().to_vec();
-                    d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                let chosen = meta::matching(&export.opts.bitmaps, &queries, set);
+                for (id, ctx) in &chosen {
+                    let mut d = (if set { *id } else { 0 }).to_be_bytes().to_vec();
+                    d.extend_from_slice(ctx.as_bytes());
                     h.reply(opt, REP_META_CONTEXT, &d)?;
                 }
                 h.reply(opt, REP_ACK, &[])?;
                 if set {
-                    meta = Some((name.to_string(), matched));
+                    meta = Some((name.to_string(), meta::selection(&chosen)));
                 }
             }
             OPT_STARTTLS => {

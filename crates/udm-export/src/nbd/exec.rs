@@ -1,6 +1,7 @@
 //! Executing requests on the device and writing their replies.
 
 use super::connection::{Conn, Job, Wr, CHUNK, MAX_PENDING};
+use super::meta;
 use super::proto::*;
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::Ordering;
@@ -171,16 +172,57 @@ impl Conn {
         Ok(())
     }
 
+    /// One block-status chunk per selected context (base:allocation first, then the dirty
+    /// bitmaps in id order), sent as one write; the last chunk carries the DONE flag.
     fn block_status(&self, dev: &dyn BlockDevice, req: &Request, defer: bool) {
         let s = &self.sess;
         let min = u64::from(s.min_block);
         let len = (u64::from(req.length).div_ceil(min) * min).min(s.size - req.offset);
-        let sector = req.offset / SECTOR_SIZE;
-        let exts = match dev.block_status(sector, len.div_ceil(SECTOR_SIZE)) {
-            Ok(x) => x,
-            Err(e) => return self.reply_io_err(req, &e, defer),
-        };
         let max_desc = u64::from(u32::MAX) / min * min;
+        let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let mut chunks: Vec<(u32, Vec<(u32, u32)>)> = Vec::new();
+        if s.meta.base {
+            match self.allocation(dev, req, len, max_desc) {
+                Ok(d) => chunks.push((meta::ID_BASE, d)),
+                Err(e) => return self.reply_io_err(req, &e, defer),
+            }
+        }
+        for &i in &s.meta.bitmaps {
+            if let Some(b) = s.export.opts.bitmaps.get(i) {
+                let d = meta::bitmap_descs(b, req.offset, len, max_desc, one);
+                chunks.push((meta::bitmap_id(i), d));
+            }
+        }
+        let mut out = Vec::new();
+        let last = chunks.len().saturating_sub(1);
+        for (n, (id, descs)) in chunks.iter().enumerate() {
+            let plen = 4 + descs.len() * 8;
+            let flags = if n == last { REPLY_FLAG_DONE } else { 0 };
+            out.extend_from_slice(&structured_header(
+                flags,
+                REPLY_TYPE_BLOCK_STATUS,
+                req.handle,
+                plen as u32,
+            ));
+            out.extend_from_slice(&id.to_be_bytes());
+            for (l, f) in descs {
+                out.extend_from_slice(&l.to_be_bytes());
+                out.extend_from_slice(&f.to_be_bytes());
+            }
+        }
+        self.send(&[&out], defer);
+    }
+
+    /// `base:allocation` descriptors for `len` bytes at the request's offset.
+    fn allocation(
+        &self,
+        dev: &dyn BlockDevice,
+        req: &Request,
+        len: u64,
+        max_desc: u64,
+    ) -> Result<Vec<(u32, u32)>, IoError> {
+        let min = u64::from(self.sess.min_block);
+        let exts = dev.block_status(req.offset / SECTOR_SIZE, len.div_ceil(SECTOR_SIZE))?;
         let mut descs: Vec<(u64, u32)> = Vec::new();
         let mut total = 0u64;
         for e in exts {
@@ -229,19 +271,7 @@ impl Conn {
                 out[0].0 = cap as u32;
             }
         }
-        let mut payload = Vec::with_capacity(4 + out.len() * 8);
-        payload.extend_from_slice(&1u32.to_be_bytes());
-        for (l, f) in &out {
-            payload.extend_from_slice(&l.to_be_bytes());
-            payload.extend_from_slice(&f.to_be_bytes());
-        }
-        let hdr = structured_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            req.handle,
-            payload.len() as u32,
-        );
-        self.send(&[&hdr, &payload], defer);
+        Ok(out)
     }
 
     fn reply_read(&self, req: &Request, data: &[u8], defer: bool) {

@@ -9,9 +9,9 @@
 //! Choices the protocol leaves to the server: the minimum block size is the device's logical
 //! block size (512 or 4096) and unaligned requests get `EINVAL` (no read-modify-write); the
 //! preferred size is 4096, the maximum 32 MiB (larger writes are skipped and refused up to 64 MiB,
-//! beyond that the connection is dropped). Metadata queries: `base:allocation` is the only
-//! context; `NBD_OPT_LIST_META_CONTEXT` accepts `base:` as a wildcard, other namespaces match
-//! nothing. Successful non-read replies are simple replies even with structured replies on;
+//! beyond that the connection is dropped). Metadata contexts (`meta`): `base:allocation` and
+//! one `qemu:dirty-bitmap:NAME` per bitmap given with the export; `NBD_OPT_LIST_META_CONTEXT`
+//! accepts `base:`, `qemu:` and `qemu:dirty-bitmap:` as wildcards. Successful non-read replies are simple replies even with structured replies on;
 //! errors are structured (with a message) when negotiated.
 //!
 //! TLS ([`tls`]): TCP listeners take X.509 (rustls) or PSK (OpenSSL) credentials and then
@@ -31,10 +31,9 @@
 //! `conn` (handshake); `transmission` (reader, threads), `exec` (requests, replies) and
 //! `buffers` (payload memory), all on `connection` (a connection's shared state); `server`
 //! (export table); `session`, `export`, `ctl` (a connection's control block), `tls`; the
-//! leaves `watchdog`, `limits`, `proto`. Traits and options they share are in this file.
+//! leaves `watchdog`, `limits`, `meta`, and `proto` (in udm-nbd). Traits and options they share are in this file.
 
 mod buffers;
-pub mod client;
 mod conn;
 mod connection;
 mod ctl;
@@ -43,11 +42,14 @@ mod export;
 mod handle;
 mod limits;
 mod listen;
-pub mod proto;
+mod meta;
 mod server;
 mod session;
 pub mod tls;
 mod transmission;
+pub use meta::{META_DIRTY_BITMAP, STATE_DIRTY};
+/// The wire format and the test client live in `udm-nbd` (the backup workflow uses the client).
+pub use udm_nbd::{client, proto};
 mod validate;
 mod watchdog;
 
@@ -74,6 +76,17 @@ pub struct NbdExportOptions {
     /// Also served over plain (unencrypted, unauthenticated) TCP, on listeners that allow it
     /// ([`TcpSecurity::allow_insecure`]). Off: TCP clients need TLS.
     pub insecure_tcp: bool,
+    /// Dirty bitmaps served as `qemu:dirty-bitmap:NAME` metadata contexts.
+    pub bitmaps: Vec<NbdBitmap>,
+}
+
+/// A dirty bitmap an export serves (`qemu:dirty-bitmap:NAME`; flag 1 = changed).
+#[derive(Clone, Debug)]
+pub struct NbdBitmap {
+    /// NAME, the part after `qemu:dirty-bitmap:` (libvirt's `backup-<DEV>`).
+    pub name: String,
+    /// Which blocks changed.
+    pub bitmap: std::sync::Arc<udm_types::DirtyBitmap>,
 }
 
 /// Accepted sockets are switched back to blocking mode before serving.
@@ -292,6 +305,7 @@ fn new_fuzz_server() -> std::sync::Arc<NbdServer> {
             read_only: false,
             description: Some("fuzz target".into()),
             insecure_tcp: false,
+            bitmaps: fuzz_bitmaps(),
         },
     );
     let ro = std::sync::Arc::new(udm_io::backend::mem::MemDevice::new(16));
@@ -302,9 +316,23 @@ fn new_fuzz_server() -> std::sync::Arc<NbdServer> {
             read_only: true,
             description: None,
             insecure_tcp: false,
+            bitmaps: Vec::new(),
         },
     );
     server
+}
+
+/// A dirty bitmap on the fuzzed export, so `qemu:dirty-bitmap:` queries and replies are fuzzed.
+fn fuzz_bitmaps() -> Vec<NbdBitmap> {
+    let Ok(mut b) = udm_types::DirtyBitmap::new(64 * 512, 4096) else {
+        return Vec::new();
+    };
+    b.set(1);
+    b.set(5);
+    vec![NbdBitmap {
+        name: "backup-fuzz".into(),
+        bitmap: std::sync::Arc::new(b),
+    }]
 }
 
 /// Feeds arbitrary client bytes to a fresh server from the first byte of the handshake; the

@@ -2,6 +2,7 @@
 //! serves a connection with.
 
 use super::export::Export;
+use super::meta::MetaSel;
 use std::sync::Arc;
 use udm_io::BlockDevice;
 use udm_types::SECTOR_SIZE;
@@ -29,7 +30,8 @@ pub(crate) fn export_size(e: &Export) -> u64 {
 pub(super) struct Session {
     pub(super) export: Arc<Export>,
     pub(super) structured: bool,
-    pub(super) meta: bool,
+    /// Metadata contexts selected for this export.
+    pub(super) meta: MetaSel,
     pub(super) size: u64,
     pub(super) min_block: u32,
     pub(super) read_only: bool,
@@ -42,7 +44,7 @@ pub(super) struct Session {
 pub(super) fn session(
     export: Arc<Export>,
     structured: bool,
-    meta: &Option<(String, bool)>,
+    meta: &Option<(String, MetaSel)>,
     name: &str,
 ) -> Session {
     let min = min_block(export.dev.as_ref());
@@ -55,7 +57,10 @@ pub(super) fn session(
     Session {
         size: export_size(&export),
         structured,
-        meta: structured && matches!(meta, Some((n, true)) if n == name),
+        meta: match meta {
+            Some((n, sel)) if structured && n == name => sel.clone(),
+            _ => MetaSel::default(),
+        },
         min_block: min,
         read_only: export.read_only(),
         max_io_bytes: max_io.max(min as usize),

@@ -24,7 +24,7 @@ impl Session {
     pub(super) fn rules(&self) -> Rules {
         Rules {
             structured: self.structured,
-            meta: self.meta,
+            meta: self.meta.any(),
             read_only: self.read_only,
             min_block: self.min_block,
             size: self.size,

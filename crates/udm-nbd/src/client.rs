@@ -1,8 +1,9 @@
-//! A small blocking NBD client over the same codec, for tests and diagnostics: fixed newstyle
-//! with `NBD_OPT_GO`, optional structured replies and `base:allocation`, and one request at a
-//! time (or several sent before reading replies, for pipelining tests).
+//! A small blocking NBD client over the same codec, for `udm backup` and tests: fixed newstyle
+//! with `NBD_OPT_GO`, optional structured replies and metadata contexts (`base:allocation`,
+//! `qemu:dirty-bitmap:NAME`), and one request at a time (or several sent before reading
+//! replies, for pipelining tests).
 
-use super::proto::*;
+use crate::proto::*;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
@@ -11,8 +12,10 @@ use std::io::{self, Read, Write};
 pub enum Reply {
     /// Success with the data of a read (empty otherwise).
     Ok(Vec<u8>),
-    /// Block status descriptors `(length, flags)`.
+    /// Block status descriptors `(length, flags)` (one metadata context).
     Extents(Vec<(u32, u32)>),
+    /// Block status of several metadata contexts: `(context id, descriptors)` in reply order.
+    Contexts(Vec<(u32, Vec<(u32, u32)>)>),
     /// An NBD error code.
     Err(u32),
 }
@@ -37,6 +40,7 @@ pub struct Client<S: Read + Write> {
     pub export: ExportDesc,
     structured: bool,
     meta_id: Option<u32>,
+    contexts: Vec<(u32, String)>,
     next_handle: u64,
     /// Structured replies received in part, by handle.
     partial: HashMap<u64, Partial>,
@@ -46,7 +50,7 @@ pub struct Client<S: Read + Write> {
 #[derive(Default)]
 struct Partial {
     data: Vec<u8>,
-    extents: Option<Vec<(u32, u32)>>,
+    extents: Vec<(u32, Vec<(u32, u32)>)>,
     error: Option<u32>,
 }
 
@@ -105,9 +109,25 @@ pub fn list(mut s: impl Read + Write) -> io::Result<Vec<(String, String)>> {
 
 impl<S: Read + Write> Client<S> {
     /// Negotiates `name`: structured replies and `base:allocation` when `structured`.
-    pub fn connect(mut s: S, name: &str, structured: bool) -> io::Result<Self> {
+    pub fn connect(s: S, name: &str, structured: bool) -> io::Result<Self> {
+        let contexts: &[&str] = if structured {
+            &[META_BASE_ALLOCATION]
+        } else {
+            &[]
+        };
+        Self::connect_with(s, name, structured, contexts)
+    }
+
+    /// Negotiates `name` with structured replies and the metadata `contexts` (those the server
+    /// has: see [`Client::contexts`]).
+    pub fn connect_contexts(s: S, name: &str, contexts: &[&str]) -> io::Result<Self> {
+        Self::connect_with(s, name, true, contexts)
+    }
+
+    fn connect_with(mut s: S, name: &str, structured: bool, wanted: &[&str]) -> io::Result<Self> {
         greet(&mut s)?;
         let mut meta_id = None;
+        let mut contexts = Vec::new();
         if structured {
             s.write_all(&option_request(OPT_STRUCTURED_REPLY, &[]))?;
             let (_, t, _) = read_option_reply(&mut s)?;
@@ -116,12 +136,16 @@ impl<S: Read + Write> Client<S> {
             }
             s.write_all(&option_request(
                 OPT_SET_META_CONTEXT,
-                &meta_request_data(name, &[META_BASE_ALLOCATION]),
+                &meta_request_data(name, wanted),
             ))?;
             loop {
                 let (_, t, d) = read_option_reply(&mut s)?;
                 match t {
-                    REP_META_CONTEXT if d.len() >= 4 => meta_id = Some(be32(&d[0..4])),
+                    REP_META_CONTEXT if d.len() >= 4 => {
+                        let id = be32(&d[0..4]);
+                        meta_id.get_or_insert(id);
+                        contexts.push((id, String::from_utf8_lossy(&d[4..]).into_owned()));
+                    }
                     REP_ACK => break,
                     t => return Err(proto_err(format!("SET_META_CONTEXT failed: {t:#x}"))),
                 }
@@ -163,6 +187,7 @@ impl<S: Read + Write> Client<S> {
             export,
             structured,
             meta_id,
+            contexts,
             next_handle: 1,
             partial: HashMap::new(),
         })
@@ -228,24 +253,25 @@ impl<S: Read + Write> Client<S> {
                         REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => part
                             .data
                             .resize(part.data.len() + be32(&p[8..12]) as usize, 0),
-                        REPLY_TYPE_BLOCK_STATUS if p.len() >= 12 => {
-                            part.extents = Some(
-                                p[4..]
-                                    .chunks_exact(8)
-                                    .map(|c| (be32(&c[0..4]), be32(&c[4..8])))
-                                    .collect(),
-                            )
-                        }
+                        REPLY_TYPE_BLOCK_STATUS if p.len() >= 12 => part.extents.push((
+                            be32(&p[0..4]),
+                            p[4..]
+                                .chunks_exact(8)
+                                .map(|c| (be32(&c[0..4]), be32(&c[4..8])))
+                                .collect(),
+                        )),
                         REPLY_TYPE_NONE => {}
                         t if t & 0x8000 != 0 && p.len() >= 6 => part.error = Some(be32(&p[0..4])),
                         t => return Err(proto_err(format!("unexpected chunk type {t}"))),
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
                         let part = self.partial.remove(&handle).unwrap_or_default();
-                        let r = match (part.error, part.extents) {
+                        let mut x = part.extents;
+                        let r = match (part.error, x.len()) {
                             (Some(e), _) => Reply::Err(e),
-                            (None, Some(x)) => Reply::Extents(x),
-                            (None, None) => Reply::Ok(part.data),
+                            (None, 0) => Reply::Ok(part.data),
+                            (None, 1) => Reply::Extents(x.remove(0).1),
+                            (None, _) => Reply::Contexts(x),
                         };
                         return Ok((handle, r));
                     }
@@ -290,6 +316,11 @@ impl<S: Read + Write> Client<S> {
     /// Block status of a range (`base:allocation`).
     pub fn block_status(&mut self, offset: u64, len: u32, flags: u16) -> io::Result<Reply> {
         self.call(CMD_BLOCK_STATUS, flags, offset, len, &[])
+    }
+
+    /// The metadata contexts the server selected: `(id, name)`.
+    pub fn contexts(&self) -> &[(u32, String)] {
+        &self.contexts
     }
 
     /// Whether structured replies and a metadata context were negotiated.
