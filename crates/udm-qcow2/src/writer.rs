@@ -145,11 +145,13 @@ impl Writer {
             )));
         }
         let offset = self.layout.data_offset(self.done);
-        if len == cs {
+        // Bytes past the virtual size are stored as zeros whatever the caller passed, so the
+        // file depends only on the guest bytes.
+        if tail >= cs {
             self.file.write_all_at(data, offset)
         } else {
             let mut padded = vec![0u8; cs as usize];
-            padded[..data.len()].copy_from_slice(data);
+            padded[..tail as usize].copy_from_slice(&data[..tail as usize]);
             self.file.write_all_at(&padded, offset)
         }
         .map_err(io_err(&self.name, "data cluster", offset))?;
