@@ -244,7 +244,7 @@ pub fn parse(file: &str, first: &[u8], file_len: u64) -> Result<Header> {
             ));
         }
         let start = h.backing_file_offset;
-        let end = start.checked_add(len as u64).unwrap_or(u64::MAX);
+        let end = start.saturating_add(len as u64);
         if end > first.len() as u64 {
             return Err(corrupt(
                 8,

@@ -197,3 +197,73 @@ pub(crate) fn layout(file: &str, plan: &Plan) -> Result<Layout> {
         total_clusters: data_start + data_count,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(size: u64, bits: u32, clusters: Vec<(u64, Planned)>) -> Plan {
+        Plan {
+            size,
+            cluster_bits: bits,
+            backing: None,
+            clusters,
+        }
+    }
+
+    #[test]
+    fn structures_follow_each_other() {
+        let p = plan(
+            1 << 30,
+            16,
+            vec![
+                (0, Planned::Data),
+                (1, Planned::Zero),
+                (8192, Planned::Data),
+            ],
+        );
+        let l = layout("t", &p).expect("layout");
+        assert_eq!(l.l1_size, 2);
+        assert_eq!(
+            (l.rt_start, l.rt_clusters, l.rb_start, l.rb_count),
+            (1, 1, 2, 1)
+        );
+        assert_eq!((l.l1_start, l.l1_clusters, l.l2_start), (3, 1, 4));
+        assert_eq!(l.l2_tables, vec![0, 1]);
+        assert_eq!((l.data_start, l.data_count, l.total_clusters), (6, 2, 8));
+        assert_eq!(l.data_offset(1), 7 << 16);
+    }
+
+    /// The refcount blocks cover every cluster, themselves and the table included, and the
+    /// table holds every block, at the boundaries where one more block or table cluster is due.
+    #[test]
+    fn refcounts_cover_the_file() {
+        for n in [0u64, 1, 2030, 2040, 2041, 2042, 2043, 2048, 5000, 300_000] {
+            let p = plan(
+                (n + 1) << 12,
+                12,
+                (0..n).map(|i| (i, Planned::Data)).collect(),
+            );
+            let l = layout("t", &p).expect("layout");
+            let per_block = 4096 * 8 / 16;
+            assert!(l.rb_count * per_block >= l.total_clusters, "{n}: {l:?}");
+            assert!(
+                (l.rb_count - 1) * per_block < l.total_clusters,
+                "{n}: minimal"
+            );
+            assert!(l.rt_clusters * 512 >= l.rb_count, "{n}: {l:?}");
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let mut p = plan(12345 << 12, 12, vec![(3, Planned::Zero)]);
+        p.backing = Some("point-0.qcow2".to_string());
+        let l = layout("t", &p).expect("layout");
+        let h = l.header(&p);
+        let mut bytes = header::print(&h);
+        bytes.resize(4096, 0);
+        let len = l.total_clusters << 12;
+        assert_eq!(header::parse("t", &bytes, len).expect("parse"), h);
+    }
+}

@@ -3,6 +3,7 @@
 //! `Chain` exactly as the model (later points override, Zero hides, unallocated falls through,
 //! a smaller backing file reads as zeros past its end), and each image's `allocated()` is its
 //! plan.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 
@@ -11,8 +12,11 @@ use udm_qcow2::{Chain, Cluster, Image, Plan, Planned};
 
 use common::{assert_bytes, model, point_name, write};
 
+/// A point: its size and per guest cluster None (unallocated), Some(true) Data, Some(false) Zero.
+type Point = (u64, Vec<Option<bool>>);
+
 /// One point: its size and, per guest cluster, None (unallocated) or the planned state.
-fn point(bits: u32) -> impl Strategy<Value = (u64, Vec<Option<bool>>)> {
+fn point(bits: u32) -> impl Strategy<Value = Point> {
     let cs = 1u64 << bits;
     (1u64..=40 * cs).prop_flat_map(move |size| {
         let n = size.div_ceil(cs) as usize;
@@ -23,7 +27,8 @@ fn point(bits: u32) -> impl Strategy<Value = (u64, Vec<Option<bool>>)> {
     })
 }
 
-fn chain() -> impl Strategy<Value = (u32, Vec<(u64, Vec<Option<bool>>)>, u64)> {
+/// Cluster bits, the points bottom first, and the data seed.
+fn chain() -> impl Strategy<Value = (u32, Vec<Point>, u64)> {
     prop_oneof![Just(12u32), Just(16u32)].prop_flat_map(|bits| {
         (
             Just(bits),

@@ -1,6 +1,7 @@
 //! Hostile images: each malformed header, table or entry gives the expected error (variant and
 //! errno, naming the problem), and random corruption never panics. Chains that loop, go too
 //! deep, name another format or mix cluster sizes are refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 

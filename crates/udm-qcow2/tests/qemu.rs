@@ -1,6 +1,7 @@
 //! Interoperability with QEMU's tools: qemu-img check accepts what the writer makes (no errors,
 //! no leaks), qemu-img reads the same guest bytes as the model, and images QEMU makes read
 //! through `Chain` the same as qemu-img convert renders them. Skips loudly without qemu-img.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 
@@ -232,4 +233,42 @@ fn qemu_made_chain_reads_as_qemu_img_renders_it() {
         .unwrap()
         .iter()
         .all(|(_, c)| matches!(c, Cluster::Data { .. })));
+}
+
+#[test]
+fn qemu_made_version_2_image_reads_as_qemu_img_renders_it() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("v2.qcow2");
+    run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=4k",
+        ])
+        .arg(&base)
+        .arg("1M"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x42 4k 12k",
+            "-c",
+            "write -P 0x43 1020k 4k",
+        ])
+        .arg(&base));
+    let img = Image::open(&base).unwrap();
+    assert_eq!(img.header().version, 2);
+    assert_eq!(img.allocated().unwrap().len(), 4);
+    assert_bytes(
+        &chain_bytes(&base),
+        &convert(&base, &dir.path().join("v2.raw")),
+        "v2",
+    );
 }

@@ -1,6 +1,7 @@
 //! An image interrupted after k synced data clusters and resumed with done = k is
 //! byte-identical to one written without interruption, for every k; an unfinished file is not
 //! an image; resume refuses finished images and impossible `done` values.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
 mod common;
 
