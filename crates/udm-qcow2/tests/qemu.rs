@@ -272,3 +272,82 @@ fn qemu_made_version_2_image_reads_as_qemu_img_renders_it() {
         "v2",
     );
 }
+
+#[test]
+fn edge_images_check_clean() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases = [
+        ("empty.qcow2", plan(0, 16, None, &[])),
+        ("nothing.qcow2", plan(100 << 20, 16, None, &[])),
+        (
+            "zeros.qcow2",
+            plan(
+                1 << 20,
+                12,
+                None,
+                &[(0, Planned::Zero), (255, Planned::Zero)],
+            ),
+        ),
+        (
+            "big-clusters.qcow2",
+            plan(9 << 20, 21, None, &[(1, Planned::Data), (4, Planned::Data)]),
+        ),
+        // Enough clusters for two refcount blocks at 4 KiB clusters (2048 entries each).
+        (
+            "two-blocks.qcow2",
+            plan(
+                3000 << 12,
+                12,
+                None,
+                &(0..2100).map(|i| (i, Planned::Data)).collect::<Vec<_>>(),
+            ),
+        ),
+    ];
+    for (name, p) in &cases {
+        let path = d.join(name);
+        write(&path, p, 4);
+        check(&path);
+        assert_bytes(&chain_bytes(&path), &model(p, 4, None), name);
+        assert_bytes(&convert(&path, &d.join("x.raw")), &model(p, 4, None), name);
+    }
+    // The longest backing name.
+    let long = "b".repeat(1019) + ".raw";
+    let p = plan(1 << 20, 16, Some(&long), &[(2, Planned::Data)]);
+    write(&d.join("long.qcow2"), &p, 4);
+    let info = run(Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(d.join("long.qcow2")));
+    assert!(info.contains(&long), "{info}");
+}
+
+#[test]
+fn smaller_backing_file_reads_as_qemu_reads_it() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let create = |name: &str, size: &str, backing: Option<&str>| {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k"]);
+        if let Some(b) = backing {
+            c.args(["-b", b, "-F", "qcow2"]);
+        }
+        run(c.arg(d.join(name)).arg(size));
+    };
+    create("t0.qcow2", "64k", None);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x61 0 64k"])
+        .arg(d.join("t0.qcow2")));
+    create("t1.qcow2", "20k", Some("t0.qcow2"));
+    create("t2.qcow2", "64k", Some("t1.qcow2"));
+    let top = d.join("t2.qcow2");
+    let want = convert(&top, &d.join("t2.raw"));
+    assert!(want[..20 << 10].iter().all(|&b| b == 0x61));
+    assert!(want[20 << 10..].iter().all(|&b| b == 0));
+    assert_bytes(&chain_bytes(&top), &want, "t2");
+}
