@@ -579,3 +579,55 @@ fn corrupt_areas_never_panic() {
     // Most stores load (a test where every constructor refused would check nothing).
     assert!(merged >= 20, "only {merged} of 40 stores loaded and merged");
 }
+
+/// Block status of a snapshot: the origin's, except where an exception holds the chunk (data,
+/// even where the origin has since become a hole). `udm backup` stores zero clusters from it.
+#[test]
+fn block_status_follows_origin_and_exceptions() {
+    use udm_io::{BlockDevice, Extent, ExtentKind};
+    let mut c = Ctx::new();
+    let o = c.mem("o", O);
+    c.mem("c", 4096);
+    dev_write(&*o, 0, &pattern(1, 0, 64));
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    let ext = |sectors, kind| Extent { sectors, kind };
+    let before = vec![ext(64, ExtentKind::Data), ext(O - 64, ExtentKind::HoleZero)];
+    assert_eq!(s.block_status(0, O).unwrap(), before);
+    assert_eq!(
+        org.block_status(0, O).unwrap(),
+        before,
+        "the origin passes its status on"
+    );
+    // Origin writes into the hole and over the first chunk copy out first; then the first
+    // chunk becomes a hole underneath (snapshot-origin takes no discards, as in the kernel).
+    write(&*org, 512, &pattern(2, 512, 8)).unwrap();
+    write(&*org, 0, &pattern(3, 0, 8)).unwrap();
+    flush(&*org).unwrap();
+    o.submit(Bio::discard(0, 8)).unwrap();
+    assert_eq!(
+        o.block_status(0, 8).unwrap(),
+        vec![ext(8, ExtentKind::HoleZero)],
+        "the origin's first chunk is a hole now"
+    );
+    assert_eq!(
+        s.block_status(0, O).unwrap(),
+        vec![
+            ext(64, ExtentKind::Data),
+            ext(448, ExtentKind::HoleZero),
+            ext(8, ExtentKind::Data),
+            ext(O - 520, ExtentKind::HoleZero),
+        ]
+    );
+    // A range inside a chunk, and past the origin's status.
+    assert_eq!(
+        s.block_status(514, 4).unwrap(),
+        vec![ext(4, ExtentKind::Data)]
+    );
+    assert_eq!(
+        read(&*s, 0, 8).unwrap(),
+        pattern(1, 0, 8),
+        "the snapshot still reads the old data"
+    );
+}

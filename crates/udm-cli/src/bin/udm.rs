@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use udm_cli::udm::backup::{self, BackupCommand, Kind, Progress};
 use udm_cli::udm::snapshot::{self, SnapshotCommand};
 use udm_cli::udm::track::{self, TrackCommand};
 use udm_cli::udm::{status, Cli, Command};
@@ -25,6 +26,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Snapshot(cmd) => snapshot_cmd(&mut session, cmd, cli.json),
         Command::Track(cmd) => track_cmd(&mut session, cmd, cli.json),
+        Command::Backup(cmd) => backup_cmd(&mut session, cmd, cli.json),
     };
     if cli.timings {
         for t in session.timings() {
@@ -140,6 +142,137 @@ fn track_cmd(s: &mut Session, cmd: TrackCommand, json: bool) -> anyhow::Result<(
                 println!("{device}: new era {era} (a backup point: `udm track status {device} --since {era}`)");
             }
         }
+    }
+    Ok(())
+}
+
+/// Shows progress: a bar on a terminal, JSON lines with `--json`, plain notes otherwise.
+struct Reporter {
+    json: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Reporter {
+    fn new(json: bool) -> Reporter {
+        use std::io::IsTerminal;
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            ) {
+                b.set_style(style);
+            }
+            b
+        });
+        Reporter { json, bar }
+    }
+
+    fn report(&mut self, p: Progress) {
+        match p {
+            Progress::Note(n) if self.json => {
+                println!("{}", serde_json::json!({ "event": "note", "message": n }))
+            }
+            Progress::Note(n) => match &self.bar {
+                Some(b) => b.println(n),
+                None => eprintln!("{n}"),
+            },
+            Progress::Copied { done, total } => {
+                if self.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "event": "progress", "done": done, "total": total })
+                    );
+                } else if let Some(b) = &self.bar {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn backup_cmd(s: &mut Session, cmd: BackupCommand, json: bool) -> anyhow::Result<()> {
+    let mut r = Reporter::new(json);
+    let mut progress = |p: Progress| r.report(p);
+    let result =
+        |v: serde_json::Value| println!("{}", serde_json::json!({ "event": "done", "result": v }));
+    match cmd {
+        BackupCommand::Full(a) => {
+            let p = backup::run::run(s, Kind::Full, &a, &mut progress)?;
+            print_point(&a, &p, json, &result)?;
+        }
+        BackupCommand::Incremental(a) => {
+            let p = backup::run::run(s, Kind::Incremental, &a, &mut progress)?;
+            print_point(&a, &p, json, &result)?;
+        }
+        BackupCommand::List { dir } => {
+            let m = backup::Manifest::load(&dir)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is not a udm backup directory (no backup.json)",
+                    dir.display()
+                )
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print!("{}", backup::format_list(&m));
+            }
+        }
+        BackupCommand::Restore(a) => {
+            let rep = backup::restore::restore(s, &a, &mut progress)?;
+            if json {
+                result(serde_json::to_value(&rep)?);
+            } else {
+                println!(
+                    "point {} restored to {} ({} bytes, {} clusters checked, digest {})",
+                    rep.point, a.to, rep.size, rep.clusters, rep.digest
+                );
+            }
+        }
+        BackupCommand::Verify(a) => {
+            let rep = backup::restore::verify(&a.dir, a.point, &mut progress)?;
+            if json {
+                result(serde_json::to_value(&rep)?);
+            } else {
+                println!(
+                    "point {} verified: {} clusters match their checksums ({} bytes of data, digest {})",
+                    rep.point, rep.clusters, rep.data_bytes, rep.digest
+                );
+            }
+        }
+    }
+    r.finish();
+    Ok(())
+}
+
+fn print_point(
+    a: &backup::RunArgs,
+    p: &backup::Point,
+    json: bool,
+    result: &dyn Fn(serde_json::Value),
+) -> anyhow::Result<()> {
+    if json {
+        result(serde_json::to_value(p)?);
+    } else {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "point {} ({:?}) of {} in {}: {:.1} MiB changed, {:.1} MiB copied, {:.1} MiB as zeros, image {:.1} MiB, {:.1} s",
+            p.n,
+            p.kind,
+            a.device,
+            a.to.join(&p.file).display(),
+            mib(p.changed_bytes),
+            mib(p.data_bytes),
+            mib(p.zero_bytes),
+            mib(p.image_bytes),
+            p.seconds
+        );
     }
     Ok(())
 }

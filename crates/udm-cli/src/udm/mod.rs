@@ -1,7 +1,8 @@
 //! `udm`: high-level workflows over the control protocol, one module per workflow: `status`,
-//! `snapshot`, `track` (change tracking); backup and migration go here as siblings, each
+//! `snapshot`, `track` (change tracking), `backup`; migration goes here as a sibling, each
 //! exposing clap `Args`/`Subcommand` types and functions the binary calls.
 
+pub mod backup;
 pub mod snapshot;
 pub mod status;
 pub mod track;
@@ -47,6 +48,10 @@ pub enum Command {
     /// checkpoint.
     #[command(subcommand)]
     Track(track::TrackCommand),
+    /// Full and incremental backups of devices in use as qcow2 chains: full, incremental,
+    /// list, restore, verify.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 #[cfg(test)]

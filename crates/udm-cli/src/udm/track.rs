@@ -113,7 +113,7 @@ fn workflow(errno: Errno, message: String) -> CliError {
 }
 
 /// `major:minor` of a disk, partition or mapped device.
-fn dev_id(s: &mut Session, dev: &str) -> Result<Option<String>, CliError> {
+pub(crate) fn dev_id(s: &mut Session, dev: &str) -> Result<Option<String>, CliError> {
     if let Some(d) = devices(s)?.into_iter().find(|d| d.name == dev) {
         return Ok(Some(format!("{}:{}", d.major, d.minor)));
     }
@@ -131,7 +131,7 @@ fn dev_id(s: &mut Session, dev: &str) -> Result<Option<String>, CliError> {
 }
 
 /// The era device interposed on `dev` and its table arguments, if any.
-fn tracker(s: &mut Session, dev: &str) -> Result<Option<(String, EraParams)>, CliError> {
+pub(crate) fn tracker(s: &mut Session, dev: &str) -> Result<Option<(String, EraParams)>, CliError> {
     let Some(id) = dev_id(s, dev)? else {
         return Ok(None);
     };
@@ -151,7 +151,7 @@ fn tracker(s: &mut Session, dev: &str) -> Result<Option<(String, EraParams)>, Cl
     Ok(None)
 }
 
-fn tracked(s: &mut Session, dev: &str) -> Result<(String, EraParams), CliError> {
+pub(crate) fn tracked(s: &mut Session, dev: &str) -> Result<(String, EraParams), CliError> {
     if dev_id(s, dev)?.is_none() {
         return Err(workflow(
             Errno::ENXIO,
@@ -268,6 +268,7 @@ pub fn start(s: &mut Session, a: &StartArgs) -> Result<(String, PathBuf, u32), C
     if created {
         create_meta(&meta, meta_bytes(nr_blocks))?;
     }
+    write_tracking_id(&meta)?;
     let forget = |s: &mut Session, added: bool| {
         if added {
             let _ = disk_remove(s, &meta_disk);
@@ -312,6 +313,7 @@ pub fn stop(s: &mut Session, dev: &str, delete: bool) -> Result<Option<PathBuf>,
     disk_remove(s, &meta_disk)?;
     if delete {
         if let Some(f) = &path {
+            let _ = std::fs::remove_file(id_file(f));
             std::fs::remove_file(f).map_err(|e| {
                 workflow(
                     Errno::from_io(&e),
@@ -324,7 +326,7 @@ pub fn stop(s: &mut Session, dev: &str, delete: bool) -> Result<Option<PathBuf>,
 }
 
 /// The metadata disk's name and file from the era table's metadata device (`major:minor`).
-fn meta_of(s: &mut Session, meta: &str) -> Result<(String, Option<PathBuf>), CliError> {
+pub(crate) fn meta_of(s: &mut Session, meta: &str) -> Result<(String, Option<PathBuf>), CliError> {
     if let Response::Disks(disks) = s.call("disk list", "", Request::DiskList)? {
         if let Some(d) = disks.into_iter().find(|d| d.dev == meta || d.name == meta) {
             return Ok((d.name, d.path));
@@ -364,9 +366,25 @@ fn snapshot_eras(path: &Path, root: u64) -> Result<Vec<u32>, CliError> {
     logical_eras(&tm, &sb, false).map_err(bad)
 }
 
-/// `status`: reads the metadata through a metadata snapshot (taking one starts a new era, as
-/// in the kernel).
-pub fn status(s: &mut Session, dev: &str, since: u32) -> Result<TrackInfo, CliError> {
+/// What a metadata snapshot of a tracked device shows.
+pub(crate) struct Eras {
+    /// The era device.
+    pub era_device: String,
+    /// Its table arguments.
+    pub params: EraParams,
+    /// The metadata disk and file.
+    pub meta_disk: String,
+    /// The metadata file.
+    pub meta_file: PathBuf,
+    /// The status after the snapshot was taken (the era writes go to now).
+    pub status: EraStatus,
+    /// The era of each block (the last era it was written in; 0 = not since tracking began).
+    pub eras: Vec<u32>,
+}
+
+/// Reads the era of every block of `dev` through a metadata snapshot (taking one starts a new
+/// era, as in the kernel); the snapshot is dropped before returning.
+pub(crate) fn read_eras(s: &mut Session, dev: &str) -> Result<Eras, CliError> {
     let (name, p) = tracked(s, dev)?;
     let (meta_disk, path) = meta_of(s, &p.meta)?;
     let path = path.ok_or_else(|| {
@@ -391,20 +409,77 @@ pub fn status(s: &mut Session, dev: &str, since: u32) -> Result<TrackInfo, CliEr
     let dropped = message(s, &name, "drop_metadata_snap");
     let eras = eras?;
     dropped?;
+    Ok(Eras {
+        era_device: name,
+        params: p,
+        meta_disk,
+        meta_file: path,
+        status: st,
+        eras,
+    })
+}
+
+/// `status`: the blocks written in era `since` or later, read through a metadata snapshot.
+pub fn status(s: &mut Session, dev: &str, since: u32) -> Result<TrackInfo, CliError> {
+    let e = read_eras(s, dev)?;
     Ok(TrackInfo {
         device: dev.into(),
-        era_device: name,
-        meta_disk,
-        meta_file: Some(path),
-        block_sectors: p.block_sectors,
-        nr_blocks: eras.len() as u64,
-        current_era: st.current_era,
-        meta_used: st.used,
-        meta_total: st.total,
+        era_device: e.era_device,
+        meta_disk: e.meta_disk,
+        meta_file: Some(e.meta_file),
+        block_sectors: e.params.block_sectors,
+        nr_blocks: e.eras.len() as u64,
+        current_era: e.status.current_era,
+        meta_used: e.status.used,
+        meta_total: e.status.total,
         since,
-        written_blocks: eras.iter().filter(|&&e| e >= since).count() as u64,
-        written: ranges_since(&eras, since),
+        written_blocks: e.eras.iter().filter(|&&x| x >= since).count() as u64,
+        written: ranges_since(&e.eras, since),
     })
+}
+
+/// The file naming one run of tracking of a metadata file: `META.track-id`.
+pub fn id_file(meta: &Path) -> PathBuf {
+    let mut p = meta.as_os_str().to_owned();
+    p.push(".track-id");
+    PathBuf::from(p)
+}
+
+/// The id of the current run of tracking with metadata `meta`. `start` writes a new one every
+/// time, so a backup chain notices that tracking stopped and started again (writes in between
+/// were not recorded) even when the metadata file was reused.
+pub fn tracking_id(meta: &Path) -> Result<String, CliError> {
+    let f = id_file(meta);
+    std::fs::read_to_string(&f)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| {
+            workflow(
+                Errno::from_io(&e),
+                format!(
+                    "cannot read the tracking id {}: {e}; restart tracking (`udm track stop` and `start`) and take a full backup",
+                    f.display()
+                ),
+            )
+        })
+}
+
+fn write_tracking_id(meta: &Path) -> Result<(), CliError> {
+    use std::io::{Read, Write};
+    let f = id_file(meta);
+    let err = |e: std::io::Error| {
+        workflow(
+            Errno::from_io(&e),
+            format!("cannot write {}: {e}", f.display()),
+        )
+    };
+    let mut r = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut u| u.read_exact(&mut r))
+        .map_err(err)?;
+    let id: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let mut o = std::fs::File::create(&f).map_err(err)?;
+    o.write_all(format!("{id}\n").as_bytes()).map_err(err)?;
+    o.sync_all().map_err(err)
 }
 
 /// The human form of `status`.

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, Extent, ExtentKind, IoError};
 
 use super::cow::{lock_chunks, origin_write};
 use super::{OriginEntry, Origins};
@@ -145,6 +145,24 @@ impl Target for OriginTarget {
 
     fn devices(&self) -> Vec<DevRef> {
         vec![self.dev.clone()]
+    }
+
+    /// The origin's status, except that a range with a write acknowledged but not yet applied
+    /// (held while its copies are made) is data. Checked before and after asking the origin,
+    /// so a held write applied meanwhile is seen one way or the other.
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        let abs = self.begin + sector;
+        let end = abs.saturating_add(sectors);
+        let wb = &self.entry.writeback;
+        let held = wb.holds(abs, end);
+        let ext = self.dev.dev.block_status(abs, sectors)?;
+        if held || wb.holds(abs, end) {
+            return Ok(vec![Extent {
+                sectors,
+                kind: ExtentKind::Data,
+            }]);
+        }
+        Ok(ext)
     }
 }
 

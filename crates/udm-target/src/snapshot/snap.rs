@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use udm_io::{Bio, BioKind, BlockDevice, IoError};
+use udm_io::{Bio, BioKind, BlockDevice, Extent, ExtentKind, IoError};
 use udm_types::{Errno, SECTOR_SIZE};
 
 use super::cow::origin_write;
@@ -564,6 +564,52 @@ impl Target for SnapshotTarget {
 
     fn devices(&self) -> Vec<DevRef> {
         vec![self.snap.origin.clone(), self.snap.cow.clone()]
+    }
+
+    /// Chunks with an exception are data; the others read from the origin and take its
+    /// status. The origin is asked first: a chunk the origin changes meanwhile gets its
+    /// exception before the origin is written (the copy-out order), so it is seen as data by
+    /// the check that follows, never as the origin's new state.
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        let s = &self.snap;
+        let cs = s.state.read().chunk_size;
+        let data = vec![Extent {
+            sectors,
+            kind: ExtentKind::Data,
+        }];
+        if cs == 0 || s.merge {
+            return Ok(data);
+        }
+        let abs = s.begin + sector;
+        let origin = s.origin.dev.block_status(abs, sectors)?;
+        let st = s.state.read();
+        if !st.valid {
+            return Err(eio(BioKind::Read, abs, "snapshot is invalid"));
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |n: u64, kind: ExtentKind| match out.last_mut() {
+            Some(l) if l.kind == kind => l.sectors += n,
+            _ => out.push(Extent { sectors: n, kind }),
+        };
+        let mut pos = abs;
+        for e in origin {
+            let end = (pos + e.sectors).min(abs + sectors);
+            while pos < end {
+                let chunk = pos / cs;
+                let next = ((chunk + 1) * cs).min(end);
+                let kind = if st.exceptions.contains_key(&chunk) {
+                    ExtentKind::Data
+                } else {
+                    e.kind
+                };
+                push(next - pos, kind);
+                pos = next;
+            }
+        }
+        if pos < abs + sectors {
+            push(abs + sectors - pos, ExtentKind::Data);
+        }
+        Ok(out)
     }
 }
 

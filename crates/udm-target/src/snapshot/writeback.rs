@@ -135,6 +135,11 @@ impl WriteBack {
         }
     }
 
+    /// Whether `[start, end)` overlaps a write acknowledged but not yet on the origin.
+    pub fn holds(&self, start: u64, end: u64) -> bool {
+        self.st.lock().overlaps(start, end)
+    }
+
     /// Reads `buf` at `sector` from `origin` as clients must see it: the origin's content with
     /// every held write it overlaps laid over it (instead of waiting for their commit).
     pub fn read(

@@ -1,0 +1,257 @@
+//! Reading and writing udm devices from the CLI over udmd's NBD Unix socket: `udm backup`
+//! exports the snapshot (with its dirty bitmap) and reads it as any NBD client would, and
+//! `restore` writes a udm device the same way.
+
+use super::chain::err;
+use crate::error::CliError;
+use crate::session::Session;
+use crate::udm::snapshot::done;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use udm_nbd::client::{Client, Reply};
+use udm_nbd::proto::{CMD_FLUSH, CMD_WRITE_ZEROES, META_BASE_ALLOCATION, STATE_ZERO};
+use udm_proto::{BitmapSpec, ExportKind, Request, Response};
+use udm_types::Errno;
+
+/// Largest read or write sent at once.
+pub const IO_MAX: u64 = 4 << 20;
+
+/// An NBD export this module added, and a connection to it.
+pub struct NbdDev {
+    client: Client<UnixStream>,
+    /// The export's id (to remove it).
+    pub export_id: String,
+    /// Its size in bytes.
+    pub size: u64,
+    bitmap_id: Option<u32>,
+    base_id: Option<u32>,
+}
+
+fn nbd_err(what: &str, dev: &str, e: impl std::fmt::Display) -> CliError {
+    err(Errno::EIO, format!("{what} {dev} over NBD: {e}"))
+}
+
+/// The socket path in an `nbd+unix:///NAME?socket=PATH` location.
+fn socket_of(location: &str) -> Option<PathBuf> {
+    location
+        .split_once("?socket=")
+        .map(|(_, p)| PathBuf::from(p))
+}
+
+impl NbdDev {
+    /// Exports `device` over NBD as `name` (with `bitmap` as `qemu:dirty-bitmap:BITMAP_NAME`)
+    /// unless an export of that name exists (a resumed backup), and connects, selecting
+    /// `base:allocation` and the bitmap.
+    pub fn open(
+        s: &mut Session,
+        device: &str,
+        name: &str,
+        read_only: bool,
+        bitmap: Option<BitmapSpec>,
+    ) -> Result<NbdDev, CliError> {
+        let id = format!("nbd:{name}");
+        let list = match s.call("export list", "", Request::ExportList)? {
+            Response::Exports(v) => v,
+            _ => Vec::new(),
+        };
+        let mut rec = list.into_iter().find(|e| e.id == id);
+        if rec.is_none() {
+            let req = Request::ExportAdd {
+                device: device.into(),
+                export: ExportKind::Nbd {
+                    name: Some(name.into()),
+                    insecure_tcp: false,
+                    bitmaps: bitmap.iter().cloned().collect(),
+                },
+                read_only,
+            };
+            if let Response::Exports(v) = s.call("export add", device, req)? {
+                rec = v.into_iter().find(|e| e.id == id);
+            }
+        }
+        let rec = rec.ok_or_else(|| {
+            err(
+                Errno::EPROTO,
+                format!("export {id} of {device} was not listed after adding it"),
+            )
+        })?;
+        let sock = socket_of(&rec.location).ok_or_else(|| {
+            err(
+                Errno::EPROTO,
+                format!("export {id} is not on a Unix socket: {}", rec.location),
+            )
+        })?;
+        let stream =
+            UnixStream::connect(&sock).map_err(|e| nbd_err("cannot connect to", device, e))?;
+        let bm_ctx = bitmap
+            .as_ref()
+            .map(|b| format!("qemu:dirty-bitmap:{}", b.name));
+        let mut wanted = vec![META_BASE_ALLOCATION];
+        if let Some(c) = &bm_ctx {
+            wanted.push(c);
+        }
+        let client = Client::connect_contexts(stream, name, &wanted)
+            .map_err(|e| nbd_err("cannot open", device, e))?;
+        let find = |n: &str| client.contexts().iter().find(|c| c.1 == n).map(|c| c.0);
+        let base_id = find(META_BASE_ALLOCATION);
+        let bitmap_id =
+            match &bm_ctx {
+                Some(c) => Some(find(c).ok_or_else(|| {
+                    err(Errno::EPROTO, format!("export {name} does not offer {c}"))
+                })?),
+                None => None,
+            };
+        Ok(NbdDev {
+            size: client.export.size,
+            client,
+            export_id: id,
+            bitmap_id,
+            base_id,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), CliError> {
+        match self.client.read(offset, buf.len() as u32) {
+            Ok(Reply::Ok(d)) if d.len() == buf.len() => {
+                buf.copy_from_slice(&d);
+                Ok(())
+            }
+            Ok(Reply::Err(code)) => Err(err(
+                Errno::EIO,
+                format!(
+                    "reading {} bytes at {offset} failed: NBD error {code}",
+                    buf.len()
+                ),
+            )),
+            Ok(_) => Err(err(Errno::EPROTO, format!("short read at {offset}"))),
+            Err(e) => Err(nbd_err("reading", &self.export_id, e)),
+        }
+    }
+
+    /// Writes `data` at `offset` (zeros by WRITE_ZEROES when `data` is all zero).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), CliError> {
+        let r = if data.iter().all(|&b| b == 0) {
+            self.client
+                .call(CMD_WRITE_ZEROES, 0, offset, data.len() as u32, &[])
+        } else {
+            self.client.write(offset, data)
+        };
+        match r {
+            Ok(Reply::Ok(_)) => Ok(()),
+            Ok(Reply::Err(code)) => Err(err(
+                Errno::EIO,
+                format!(
+                    "writing {} bytes at {offset} failed: NBD error {code}",
+                    data.len()
+                ),
+            )),
+            Ok(_) => Err(err(
+                Errno::EPROTO,
+                format!("odd reply to a write at {offset}"),
+            )),
+            Err(e) => Err(nbd_err("writing", &self.export_id, e)),
+        }
+    }
+
+    /// Flushes the device.
+    pub fn flush(&mut self) -> Result<(), CliError> {
+        match self.client.call(CMD_FLUSH, 0, 0, 0, &[]) {
+            Ok(Reply::Ok(_)) => Ok(()),
+            Ok(r) => Err(err(Errno::EIO, format!("flush failed: {r:?}"))),
+            Err(e) => Err(nbd_err("flushing", &self.export_id, e)),
+        }
+    }
+
+    /// For `len` bytes at `offset`: `(bytes, dirty, zero)` runs from the dirty bitmap (every
+    /// byte dirty without one) and `base:allocation` (zero: reads as zeros).
+    pub fn status(&mut self, offset: u64, len: u32) -> Result<Vec<(u64, bool, bool)>, CliError> {
+        let r = self
+            .client
+            .block_status(offset, len, 0)
+            .map_err(|e| nbd_err("block status of", &self.export_id, e))?;
+        let chunks = match r {
+            Reply::Contexts(c) => c,
+            Reply::Extents(x) => vec![(self.base_id.or(self.bitmap_id).unwrap_or(0), x)],
+            Reply::Err(code) => {
+                return Err(err(
+                    Errno::EIO,
+                    format!("block status at {offset}: NBD error {code}"),
+                ))
+            }
+            Reply::Ok(_) => return Err(err(Errno::EPROTO, "block status without extents".into())),
+        };
+        let mut base = None;
+        let mut dirty = None;
+        for (id, x) in chunks {
+            if Some(id) == self.base_id {
+                base = Some(x);
+            } else if Some(id) == self.bitmap_id {
+                dirty = Some(x);
+            }
+        }
+        // Merge the two descriptor lists over the covered range.
+        let flatten = |x: Option<Vec<(u32, u32)>>, default: u32| -> Vec<(u64, u32)> {
+            match x {
+                Some(v) => v.into_iter().map(|(l, f)| (u64::from(l), f)).collect(),
+                None => vec![(u64::from(len), default)],
+            }
+        };
+        let a = flatten(base, 0);
+        let b = flatten(dirty, 1);
+        let covered = a
+            .iter()
+            .map(|x| x.0)
+            .sum::<u64>()
+            .min(b.iter().map(|x| x.0).sum());
+        let mut out: Vec<(u64, bool, bool)> = Vec::new();
+        let (mut i, mut j, mut ai, mut bj, mut pos) = (0usize, 0usize, 0u64, 0u64, 0u64);
+        while pos < covered && i < a.len() && j < b.len() {
+            let n = (a[i].0 - ai).min(b[j].0 - bj).min(covered - pos);
+            let run = (n, b[j].1 & 1 != 0, a[i].1 & STATE_ZERO != 0);
+            match out.last_mut() {
+                Some(l) if l.1 == run.1 && l.2 == run.2 => l.0 += n,
+                _ => out.push(run),
+            }
+            pos += n;
+            ai += n;
+            bj += n;
+            if ai == a[i].0 {
+                i += 1;
+                ai = 0;
+            }
+            if bj == b[j].0 {
+                j += 1;
+                bj = 0;
+            }
+        }
+        if out.is_empty() {
+            return Err(err(
+                Errno::EPROTO,
+                format!("empty block status at {offset}"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Disconnects and removes the export.
+    pub fn close(self, s: &mut Session) -> Result<(), CliError> {
+        let _ = self.client.disconnect();
+        remove_export(s, &self.export_id)
+    }
+}
+
+/// Removes export `id` if it exists.
+pub fn remove_export(s: &mut Session, id: &str) -> Result<(), CliError> {
+    if let Response::Exports(v) = s.call("export list", "", Request::ExportList)? {
+        if v.iter().any(|e| e.id == id) {
+            done(
+                s,
+                "export remove",
+                id,
+                Request::ExportRemove { id: id.into() },
+            )?;
+        }
+    }
+    Ok(())
+}
