@@ -43,6 +43,10 @@ pub struct Hook {
     pub end: u64,
     /// The interposing mapped device.
     pub md: Arc<MappedDevice>,
+    /// The interposing mapped device's own node: a request redirected into `md` passes its
+    /// gate and hooks too, so interposers stack (the kernel resubmits a redirected bio to the
+    /// mapped device, where that device's own interposer sees it).
+    pub node: Option<Arc<DeviceNode>>,
 }
 
 /// The entry point of one device.
@@ -111,13 +115,19 @@ impl DeviceNode {
 
     /// Sends a request through the hooks: the parts inside an interposed range go to the
     /// interposer, the rest to the backend.
-    fn route(&self, hooks: &[Hook], mut bio: Bio<'_>) -> Result<(), IoError> {
+    /// `below` takes the parts outside every hook.
+    fn route(
+        &self,
+        hooks: &[Hook],
+        mut bio: Bio<'_>,
+        below: &dyn Fn(Bio<'_>) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
         if bio.is_empty_flush() {
             // A flush must cover every write completed before it, wherever it was redirected.
             for h in hooks {
                 redirect(h, bio.reborrow())?;
             }
-            return self.backend.submit(bio);
+            return below(bio);
         }
         loop {
             let s = bio.sector;
@@ -131,7 +141,7 @@ impl DeviceNode {
             let (head, tail) = bio.split(len);
             match target {
                 Some(h) => redirect(h, head)?,
-                None => self.backend.submit(head)?,
+                None => below(head)?,
             }
             match tail {
                 Some(t) => bio = t,
@@ -146,6 +156,33 @@ impl DeviceNode {
 /// issuers do: write zero buffers for write-zeroes (unless the client asked for a fast zero) and
 /// treat a discard, which is only a hint, as done rather than bypass the interposer.
 fn redirect(h: &Hook, bio: Bio<'_>) -> Result<(), IoError> {
+    match &h.node {
+        Some(n) => n.enter_redirected(bio, &|b| into_md(h, b)),
+        None => into_md(h, bio),
+    }
+}
+
+impl DeviceNode {
+    /// A request an interposer below redirected into this node's mapped device: through this
+    /// node's gate (a switch of its hooks waits for it) and hooks, the rest into `into`.
+    fn enter_redirected(
+        &self,
+        bio: Bio<'_>,
+        into: &dyn Fn(Bio<'_>) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        let mut guard = self.gate.enter(Flow::Direct);
+        let hooks = self.hooks.load();
+        if hooks.is_empty() {
+            return into(bio);
+        }
+        udm_io::device::check_range(&bio, self.size())?;
+        guard.reclassify(Flow::Redirected);
+        self.route(&hooks, bio, into)
+    }
+}
+
+/// The last step of [`redirect`]: into the interposing mapped device itself.
+fn into_md(h: &Hook, bio: Bio<'_>) -> Result<(), IoError> {
     let limits = match bio.kind() {
         BioKind::WriteZeroes | BioKind::Discard => h.md.limits(),
         _ => return h.md.submit_redirected(bio),
@@ -196,7 +233,7 @@ impl BlockDevice for DeviceNode {
         // it (bio_check_eod); split among the hooks it would be executed in part.
         udm_io::device::check_range(&bio, self.size())?;
         guard.reclassify(Flow::Redirected);
-        self.route(&hooks, bio)
+        self.route(&hooks, bio, &|b| self.backend.submit(b))
     }
 
     fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {

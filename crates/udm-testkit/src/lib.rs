@@ -344,8 +344,14 @@ impl Drop for Udmd {
     }
 }
 
-fn run_tool(exe: &Path, runtime: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+/// Runs a udm tool with the daemon's runtime and state directories (the state directory is
+/// the runtime's sibling), so defaults such as `udm track`'s metadata file stay in the test's
+/// directory.
+pub fn run_tool(exe: &Path, runtime: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(exe);
+    if let Some(dir) = runtime.parent() {
+        cmd.env("UDM_STATE_DIR", dir.join("state"));
+    }
     cmd.env("UDM_RUNTIME_DIR", runtime)
         .args(args)
         .stdin(if stdin.is_some() {

@@ -40,7 +40,7 @@ impl HasErrno for BitmapError {
     fn errno(&self) -> Errno {
         match self {
             BitmapError::Invalid(_) => Errno::EINVAL,
-            BitmapError::Corrupt { .. } => Errno(libc::EILSEQ),
+            BitmapError::Corrupt { .. } => Errno::EILSEQ,
             BitmapError::Io { source, .. } => Errno::from_io(source),
         }
     }

@@ -57,6 +57,12 @@ impl Errno {
     pub const ENODATA: Errno = Errno(libc::ENODATA);
     /// Timer expired (an operation gave up waiting).
     pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
+    /// Illegal byte sequence: a checksum mismatch (the kernel's persistent-data uses it so).
+    pub const EILSEQ: Errno = Errno(libc::EILSEQ);
+    /// Block device required: metadata found at the wrong location.
+    pub const ENOTBLK: Errno = Errno(libc::ENOTBLK);
+    /// Protocol not available.
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
 
     /// The symbolic name, e.g. `EBUSY`, for messages and JSON.
     pub fn name(self) -> &'static str {
@@ -85,6 +91,16 @@ impl Errno {
             libc::EPROTO => "EPROTO",
             libc::ENODATA => "ENODATA",
             libc::ETIMEDOUT => "ETIMEDOUT",
+            libc::EILSEQ => "EILSEQ",
+            libc::ENOTBLK => "ENOTBLK",
+            libc::ENOSYS => "ENOSYS",
+            libc::ENOTDIR => "ENOTDIR",
+            libc::EISDIR => "EISDIR",
+            libc::EMFILE => "EMFILE",
+            libc::ENAMETOOLONG => "ENAMETOOLONG",
+            libc::ECONNREFUSED => "ECONNREFUSED",
+            libc::EPIPE => "EPIPE",
+            libc::ENOTCONN => "ENOTCONN",
             _ => "E?",
         }
     }

@@ -101,6 +101,7 @@ impl Inner {
                             start: h.start,
                             end: h.start + h.len,
                             md: m.md.clone(),
+                            node: Some(e.node.clone()),
                         });
                     }
                 }

@@ -111,12 +111,9 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Cli
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("cannot read", path, &e)),
     };
-    serde_json::from_slice(&b).map(Some).map_err(|e| {
-        err(
-            Errno(libc::EILSEQ),
-            format!("{} is damaged: {e}", path.display()),
-        )
-    })
+    serde_json::from_slice(&b)
+        .map(Some)
+        .map_err(|e| err(Errno::EILSEQ, format!("{} is damaged: {e}", path.display())))
 }
 
 impl Manifest {
@@ -140,7 +137,7 @@ impl Manifest {
         for (i, p) in m.points.iter().enumerate() {
             if p.n as usize != i || p.file.contains('/') {
                 return Err(err(
-                    Errno(libc::EILSEQ),
+                    Errno::EILSEQ,
                     format!("{}: point {i} is recorded as {:?}", path.display(), p.file),
                 ));
             }
@@ -250,7 +247,7 @@ impl Sums {
         let b = std::fs::read(path).map_err(|e| io_err("cannot read", path, &e))?;
         let bad = |what: &str| {
             err(
-                Errno(libc::EILSEQ),
+                Errno::EILSEQ,
                 format!("{} is damaged: {what}", path.display()),
             )
         };

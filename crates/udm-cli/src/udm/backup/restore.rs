@@ -72,7 +72,7 @@ fn open_point(dir: &Path, n: Option<u32>) -> Result<(Manifest, u32, Sums, Chain)
     let sums = Sums::load(&dir.join(super::chain::sums_file(p.n)))?;
     if sums.digest() != p.digest {
         return Err(err(
-            Errno(libc::EILSEQ),
+            Errno::EILSEQ,
             format!(
                 "point {}: its sums have digest {}, the manifest records {}",
                 p.n,
@@ -89,7 +89,7 @@ fn open_point(dir: &Path, n: Option<u32>) -> Result<(Manifest, u32, Sums, Chain)
     })?;
     if chain.size() != sums.size || sums.cluster_size != m.cluster_size {
         return Err(err(
-            Errno(libc::EILSEQ),
+            Errno::EILSEQ,
             format!(
                 "point {}: image of {} bytes, sums of {} bytes in {}-byte clusters",
                 p.n,
@@ -152,7 +152,7 @@ fn walk(
         let crc = crc32c::crc32c(&buf[..len]);
         if crc != sums.crcs[idx as usize] {
             return Err(err(
-                Errno(libc::EILSEQ),
+                Errno::EILSEQ,
                 format!(
                     "point {n}: cluster {idx} (offset {}) reads with crc32c {crc:08x}, {:08x} was recorded; it comes from {}",
                     idx * cs,
