@@ -21,7 +21,8 @@ pub struct Chain {
 impl Chain {
     /// Opens `top` and follows backing names relative to each image's directory. Refuses
     /// (EINVAL naming the file) loops, more than 256 backing files, backing formats other than
-    /// qcow2 and images whose cluster size differs from the top's.
+    /// qcow2 and images whose cluster size differs from the top's. A backing file without a
+    /// format extension is opened as qcow2 (and refused if it is not one).
     pub fn open(top: &Path) -> Result<Chain> {
         let mut images = Vec::new();
         let mut paths = Vec::new();

@@ -26,7 +26,9 @@ pub enum Planned {
 /// A new image: its virtual size, cluster size, backing file and the clusters it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Virtual size in bytes (need not be a multiple of the cluster size).
+    /// Virtual size in bytes (need not be a multiple of the cluster size). QEMU rounds a
+    /// qcow2 virtual size down to 512-byte sectors, so only sector multiples read the same
+    /// everywhere (udm devices are sector multiples).
     pub size: u64,
     /// log2 of the cluster size, 12..=21.
     pub cluster_bits: u32,

@@ -123,6 +123,10 @@ impl<R: ReadAt> Image<R> {
         r.read_at(&mut raw, header.l1_table_offset)
             .map_err(io("L1 table", header.l1_table_offset))?;
         let mut l1 = Vec::with_capacity(needed as usize);
+        // Each L2 table serves one L1 entry (its refcount is 1 in the active table). Refusing a
+        // shared one also bounds `allocated()` by the file length: a small file repeating one
+        // L2 table in every L1 entry would otherwise describe billions of clusters.
+        let mut seen = std::collections::HashMap::new();
         for (i, e) in raw.chunks_exact(8).enumerate() {
             let mut v = [0u8; 8];
             v.copy_from_slice(e);
@@ -145,6 +149,14 @@ impl<R: ReadAt> Image<R> {
                         offset: l2,
                         len: cs,
                         file_len,
+                    });
+                }
+                if let Some(first) = seen.insert(l2, i) {
+                    return Err(Error::Corrupt {
+                        file: name.to_string(),
+                        structure: "L1 entry",
+                        offset: at,
+                        what: format!("L2 table {l2:#x} is also L1 entry {first}'s"),
                     });
                 }
             }

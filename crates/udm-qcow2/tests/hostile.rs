@@ -201,6 +201,11 @@ fn l1_and_l2_entry_refusals() {
     let mut b = good();
     put64(&mut b, at, (1 << 63) | 0x00ff_ffff_ffff_f000);
     refused(b, libc::EIO, "L2 table");
+    // One L2 table in two L1 entries (a small file could otherwise describe billions of
+    // allocated clusters).
+    let mut b = good();
+    put64(&mut b, at + 8, e);
+    refused(b, libc::EILSEQ, "also L1 entry 0");
     // L2 entries: unaligned and past-the-end data offsets fail on access, naming the entry.
     let mut b = good();
     let at0 = l2_entry_at(&b, 0);
