@@ -209,7 +209,12 @@ impl Metadata {
     /// committed before the in-core ones, so a write is acknowledged only once its block is
     /// durable in the writeset (K `process_deferred_bios`). Returns whether a commit was needed.
     pub fn mark(&mut self, first: u64, last: u64) -> std::result::Result<bool, OpError> {
-        if self.all_marked(first, last) {
+        self.mark_many(&[(first, last)])
+    }
+
+    /// [`Metadata::mark`] for several ranges with one commit (a batch of deferred writes).
+    pub fn mark_many(&mut self, ranges: &[(u64, u64)]) -> std::result::Result<bool, OpError> {
+        if ranges.iter().all(|&(f, l)| self.all_marked(f, l)) {
             return Ok(false);
         }
         let ws = self.sb.current_writeset;
@@ -218,20 +223,24 @@ impl Metadata {
         }
         let mut bitset = Bitset::open(ws.root, u64::from(ws.nr_bits));
         let mut changed = false;
-        let todo: Vec<u64> = (first..=last).filter(|&b| !self.is_marked(b)).collect();
-        for b in todo {
-            if !bitset.test(&self.tm, b)? {
-                bitset.set(&mut self.tm, b, true)?;
-                changed = true;
+        for &(first, last) in ranges {
+            let todo: Vec<u64> = (first..=last).filter(|&b| !self.is_marked(b)).collect();
+            for b in todo {
+                if !bitset.test(&self.tm, b)? {
+                    bitset.set(&mut self.tm, b, true)?;
+                    changed = true;
+                }
             }
         }
         self.sb.current_writeset.root = bitset.root();
         if changed {
             self.commit()?;
         }
-        for b in first..=last {
-            if let Some(w) = self.marked.get_mut((b / 64) as usize) {
-                *w |= 1 << (b % 64);
+        for &(first, last) in ranges {
+            for b in first..=last {
+                if let Some(w) = self.marked.get_mut((b / 64) as usize) {
+                    *w |= 1 << (b % 64);
+                }
             }
         }
         Ok(changed)

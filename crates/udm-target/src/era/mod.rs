@@ -73,6 +73,25 @@ impl State {
 pub struct Shared {
     state: Mutex<State>,
     cv: Condvar,
+    /// Writes waiting for their blocks to be marked: one commit covers all that queued while
+    /// the previous one ran (the kernel's `process_deferred_bios` batches them the same way).
+    marks: Mutex<MarkQueue>,
+    marks_cv: Condvar,
+}
+
+/// Group commit of writeset bits.
+struct MarkQueue {
+    /// Block ranges waiting for the next commit.
+    pending: Vec<(u64, u64)>,
+    /// The batch that ranges queued now belong to.
+    gathering: u64,
+    /// The last batch whose commit has finished (well or not).
+    done: u64,
+    /// A writer is committing a batch.
+    leader: bool,
+    /// Recent batches whose commit failed, with why (a failure is rare and usually puts the
+    /// metadata in the failed state, so later batches fail too).
+    failures: std::collections::VecDeque<(u64, String)>,
 }
 
 /// In-core metadata by metadata device, shared by the tables of one registry.
@@ -91,6 +110,47 @@ fn metadata_error(e: &OpError) -> TargetError {
 }
 
 impl Shared {
+    /// Marks `first..=last` and returns once the bits are committed: the range joins the
+    /// batch being gathered; whoever finds no commit running commits every queued range at
+    /// once while later ranges gather for the next batch.
+    fn mark(&self, first: u64, last: u64) -> Result<(), OpError> {
+        let mut q = self.marks.lock();
+        q.pending.push((first, last));
+        let mine = q.gathering;
+        while q.done < mine {
+            if q.leader {
+                self.marks_cv.wait(&mut q);
+                continue;
+            }
+            q.leader = true;
+            let batch = std::mem::take(&mut q.pending);
+            let id = q.gathering;
+            q.gathering += 1;
+            drop(q);
+            let r = self.state.lock().change(|md| md.mark_many(&batch));
+            q = self.marks.lock();
+            if let Err(e) = r {
+                if q.failures.len() >= 64 {
+                    q.failures.pop_front();
+                }
+                q.failures.push_back((id, e.to_string()));
+            }
+            q.done = id;
+            q.leader = false;
+            self.marks_cv.notify_all();
+        }
+        // (A checkpoint may have started a new era since: the block was marked in the era
+        // the write was accepted in, so the batch's own result is the answer.)
+        match q.failures.iter().find(|(b, _)| *b == mine) {
+            Some((_, why)) => Err(OpError::Failed(why.clone())),
+            // Older failures were dropped from the record: do not guess.
+            None if q.failures.len() >= 64 && q.failures.front().is_some_and(|f| f.0 > mine) => {
+                Err(OpError::Failed("too many failed writeset commits".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
     fn open(
         env: &TargetEnv,
         meta: &DevRef,
@@ -130,6 +190,14 @@ impl Shared {
                 users: 1,
             }),
             cv: Condvar::new(),
+            marks: Mutex::new(MarkQueue {
+                pending: Vec::new(),
+                gathering: 1,
+                done: 0,
+                leader: false,
+                failures: std::collections::VecDeque::new(),
+            }),
+            marks_cv: Condvar::new(),
         });
         by_meta.insert(meta.id, Arc::downgrade(&s));
         Ok(s)
@@ -278,13 +346,11 @@ impl Target for Era {
             let bs = u64::from(self.block_sectors);
             let (first, last) = (bio.sector / bs, (bio.end() - 1) / bs);
             // Blocks already marked need no metadata I/O, even when the metadata has failed.
-            let mut st = self.shared.state.lock();
-            let marked = if st.md.all_marked(first, last) {
-                Ok(false)
+            let marked = if self.shared.state.lock().md.all_marked(first, last) {
+                Ok(())
             } else {
-                st.change(|md| md.mark(first, last))
+                self.shared.mark(first, last)
             };
-            drop(st);
             if let Err(e) = marked {
                 return Err(IoError::errno(
                     bio.kind(),
