@@ -2,7 +2,8 @@
 # The main job: build udm, start udmd with its default directories (root: /run/udm and
 # /var/lib/udm; a user: $XDG_RUNTIME_DIR/udm and ~/.local/state/udm) and run a short live demo:
 # a disk, a linear mapping exported over NBD, a client writing and reading through it, and a delay
-# interposer attached to the device in use and detached again, with the data checked throughout.
+# interposer attached to the device in use and detached again, a live snapshot, and a full and an
+# incremental backup (a qcow2 chain that qemu-img reads), with the data checked throughout.
 # udmd keeps running afterwards; the last lines say how to reach and stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,15 @@ echo "the snapshot still holds the point-in-time data:"
 run qemu-io -f raw -r -c 'read -P 0x5a 0 8M' "nbd+unix:///vol-snap?socket=$RUN/nbd.sock"
 run udm snapshot list
 run udm snapshot drop vol-snap
+say "full and incremental backups of the device in use (udm backup: era tracking, a qcow2 chain)"
+run udm backup full vol --to "$DEMO/backup"
+run qemu-io -f raw -c 'write -P 0x66 16M 1M' "$URI"
+run udm backup incremental vol --to "$DEMO/backup"
+run udm backup list "$DEMO/backup"
+LAST=$(ls "$DEMO"/backup/point-*.qcow2 | sort -V | tail -1)
+run qemu-img compare -F raw "$LAST" "$URI"
+run udm backup verify "$DEMO/backup"
+run udm track stop vol --delete
 run udmsetup export list
 say "done: udmd keeps serving"
 echo "control socket: $RUN/control.sock   NBD: $URI"

@@ -32,6 +32,19 @@ fn backup_json(d: &Udmd, args: &[&str]) -> serde_json::Value {
     v["result"].clone()
 }
 
+/// `udm backup incremental --auto` where an incremental is impossible: a full point `n`.
+fn auto_takes_a_full_backup(d: &Udmd, dir: &Path, n: u64) {
+    let p = backup_json(
+        d,
+        &["backup", "incremental", "vol", "--to", s(dir), "--auto"],
+    );
+    assert_eq!(
+        (p["n"].as_u64(), p["kind"].as_str()),
+        (Some(n), Some("full")),
+        "{p}"
+    );
+}
+
 /// Runs `udm ARGS`, expecting failure; returns stderr.
 fn udm_fails(d: &Udmd, args: &[&str]) -> String {
     let o = d.udm(args);
@@ -307,14 +320,7 @@ fn bad_input_is_refused_with_nothing_written() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
     assert!(e.contains("restarted since point 0"), "{e}");
-    let p = backup_json(
-        &d,
-        &["backup", "incremental", "vol", "--to", s(&dir), "--auto"],
-    );
-    assert_eq!(
-        (p["n"].as_u64(), p["kind"].as_str()),
-        (Some(1), Some("full"))
-    );
+    auto_takes_a_full_backup(&d, &dir, 1);
     let p = backup_json(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
     assert_eq!(p["n"], 2);
     // Restore refusals: a missing point, an existing file, a point that does not exist.
@@ -385,4 +391,30 @@ fn snapshot_of_a_tracked_device_is_a_point_in_time() {
         before,
         "the writes reached the device"
     );
+}
+
+/// A device that grows: the next incremental is refused (EINVAL: what changed beyond the old
+/// end is unknown), `--auto` takes a full backup and restarts tracking over the whole device,
+/// and incrementals continue from there.
+#[test]
+fn size_change_needs_a_full_backup() {
+    let d = Udmd::start();
+    let img = d.disk("d0", 32 << 20, 4);
+    d.ok(&["create", "vol", "--table", "0 32768 linear d0 0"]);
+    let dir = d.path("bk");
+    let p = backup_json(&d, &["backup", "full", "vol", "--to", s(&dir)]);
+    assert_eq!(p["data_bytes"], 16 << 20);
+    d.ok(&["load", "vol", "--table", "0 65536 linear d0 0"]);
+    d.ok(&["resume", "vol"]);
+    let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    assert!(e.contains("size change") && e.contains("[EINVAL]"), "{e}");
+    auto_takes_a_full_backup(&d, &dir, 1);
+    let p = backup_json(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    assert_eq!(
+        (p["n"].as_u64(), p["kind"].as_str()),
+        (Some(2), Some("incremental"))
+    );
+    let out = d.path("r.raw");
+    backup_json(&d, &["backup", "restore", s(&dir), "--to", s(&out)]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
 }

@@ -66,44 +66,53 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Why an incremental cannot be taken, or None when it can (with the era to copy from).
+/// A tracked device's era device, tracking id and the bytes its era table covers.
+pub(super) struct Tracked {
+    era_device: String,
+    id: String,
+    covers: u64,
+}
+
+/// Why an incremental cannot be taken (errno and what to do), or the era to copy from.
 fn incremental_refusal(
     m: Option<&Manifest>,
     dev: &str,
-    tracked: Option<&(String, String)>,
+    tracked: Option<&Tracked>,
     size: u64,
-) -> Result<u32, String> {
-    let Some((_, id)) = tracked else {
-        return Err(format!(
+) -> Result<u32, (Errno, String)> {
+    let Some(t) = tracked else {
+        return Err((Errno::ENOENT, format!(
             "{dev} is not tracked, so what changed is unknown: start tracking with `udm track start {dev}` and take a full backup (`udm backup full {dev} --to DIR`), or give --auto"
-        ));
+        )));
     };
-    let Some(last) = m.and_then(|m| m.points.last()) else {
-        return Err("the backup directory has no full backup to build on: take one with `udm backup full`, or give --auto".into());
+    let Some((m, last)) = m.and_then(|m| m.points.last().map(|p| (m, p))) else {
+        return Err((Errno::ENOENT, "the backup directory has no full backup to build on: take one with `udm backup full`, or give --auto".into()));
     };
-    if m.is_some_and(|m| m.size != size) {
-        return Err(format!(
-            "{dev} is {size} bytes now, {} at point {}: a size change needs a full backup",
-            m.map_or(0, |m| m.size),
-            last.n
-        ));
+    if m.size != size || t.covers != size {
+        return Err((Errno::EINVAL, format!(
+            "{dev} is {size} bytes now, {} at point {} (tracking covers {}): a size change needs a full backup, or give --auto",
+            m.size, last.n, t.covers
+        )));
     }
-    if last.tracking_id.as_deref() != Some(id.as_str()) {
-        return Err(format!(
+    if last.tracking_id.as_deref() != Some(t.id.as_str()) {
+        return Err((Errno::ENOENT, format!(
             "tracking of {dev} was restarted since point {} (writes in between were not recorded): take a full backup, or give --auto",
             last.n
-        ));
+        )));
     }
     last.next_era.ok_or_else(|| {
-        format!(
-            "point {} was taken without tracking: take a full backup",
-            last.n
+        (
+            Errno::ENOENT,
+            format!(
+                "point {} was taken without tracking: take a full backup",
+                last.n
+            ),
         )
     })
 }
 
-/// The era device and tracking id of `dev`, if tracked.
-fn tracking(s: &mut Session, dev: &str) -> Result<Option<(String, String)>, CliError> {
+/// The tracking of `dev`, if tracked.
+fn tracking(s: &mut Session, dev: &str) -> Result<Option<Tracked>, CliError> {
     let Some((name, p)) = track::tracker(s, dev)? else {
         return Ok(None);
     };
@@ -114,7 +123,11 @@ fn tracking(s: &mut Session, dev: &str) -> Result<Option<(String, String)>, CliE
             format!("the era metadata of {dev} has no backing file"),
         )
     })?;
-    Ok(Some((name, track::tracking_id(&file)?)))
+    Ok(Some(Tracked {
+        covers: size_of(s, &name)?.saturating_mul(512),
+        era_device: name,
+        id: track::tracking_id(&file)?,
+    }))
 }
 
 /// Runs one backup; returns the point recorded.
@@ -149,14 +162,22 @@ pub fn run(
     if kind == Kind::Incremental {
         match incremental_refusal(manifest.as_ref(), dev, tracked.as_ref(), size) {
             Ok(era) => since = Some(era),
-            Err(why) if a.auto => {
+            Err((_, why)) if a.auto => {
                 progress(Progress::Note(format!(
                     "{why}; taking a full backup (--auto)"
                 )));
                 kind = Kind::Full;
             }
-            Err(why) => return Err(err(Errno::ENOENT, why)),
+            Err((errno, why)) => return Err(err(errno, why)),
         }
+    }
+    if kind == Kind::Full && tracked.as_ref().is_some_and(|t| t.covers != size) {
+        // Tracking made for another size: start it again over the whole device.
+        track::stop(s, dev, false)?;
+        progress(Progress::Note(format!(
+            "{dev} changed size: change tracking restarts"
+        )));
+        tracked = None;
     }
     if kind == Kind::Full && !a.no_track && tracked.is_none() {
         track::start(
@@ -179,7 +200,9 @@ pub fn run(
     };
     // (2) The snapshot: of the era device when tracked (it interposes the device; the
     // snapshot-origin interposes it in turn), else of the device.
-    let snap_of = tracked.as_ref().map_or(dev.to_string(), |t| t.0.clone());
+    let snap_of = tracked
+        .as_ref()
+        .map_or(dev.to_string(), |t| t.era_device.clone());
     let snap_name = format!("{dev}-backup");
     if devices(s)?.iter().any(|d| d.name == snap_name) {
         return Err(err(
@@ -231,7 +254,7 @@ pub fn run(
         kind,
         file: point_file(n),
         created,
-        tracking_id: tracked.as_ref().map(|t| t.1.clone()),
+        tracking_id: tracked.as_ref().map(|t| t.id.clone()),
         next_era,
         changed_bytes,
         data_bytes: 0,
@@ -401,4 +424,84 @@ fn dev_of(p: &Partial) -> String {
         .strip_suffix("-backup")
         .unwrap_or(&p.snapshot)
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::udm::backup::chain::{point_file, Point};
+
+    fn manifest(size: u64, id: &str, next_era: Option<u32>) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            device: "vol".into(),
+            size,
+            cluster_size: 65536,
+            points: vec![Point {
+                n: 0,
+                kind: Kind::Full,
+                file: point_file(0),
+                created: 0,
+                tracking_id: Some(id.into()),
+                next_era,
+                changed_bytes: size,
+                data_bytes: size,
+                zero_bytes: 0,
+                image_bytes: size,
+                digest: String::new(),
+                seconds: 0.0,
+            }],
+        }
+    }
+
+    fn tracked(id: &str, covers: u64) -> Tracked {
+        Tracked {
+            era_device: "vol-era".into(),
+            id: id.into(),
+            covers,
+        }
+    }
+
+    #[test]
+    fn an_incremental_needs_tracking_a_base_the_same_size_and_the_same_tracking_run() {
+        let m = manifest(1 << 20, "a", Some(7));
+        let t = tracked("a", 1 << 20);
+        assert_eq!(
+            incremental_refusal(Some(&m), "vol", Some(&t), 1 << 20),
+            Ok(7)
+        );
+        let errno = |r: Result<u32, (Errno, String)>| r.err().map(|e| e.0);
+        assert_eq!(
+            errno(incremental_refusal(Some(&m), "vol", None, 1 << 20)),
+            Some(Errno::ENOENT)
+        );
+        assert_eq!(
+            errno(incremental_refusal(None, "vol", Some(&t), 1 << 20)),
+            Some(Errno::ENOENT)
+        );
+        assert_eq!(
+            errno(incremental_refusal(Some(&m), "vol", Some(&t), 2 << 20)),
+            Some(Errno::EINVAL)
+        );
+        let short = tracked("a", 1 << 19);
+        assert_eq!(
+            errno(incremental_refusal(Some(&m), "vol", Some(&short), 1 << 20)),
+            Some(Errno::EINVAL)
+        );
+        let other = tracked("b", 1 << 20);
+        assert_eq!(
+            errno(incremental_refusal(Some(&m), "vol", Some(&other), 1 << 20)),
+            Some(Errno::ENOENT)
+        );
+        let untracked_point = manifest(1 << 20, "a", None);
+        assert_eq!(
+            errno(incremental_refusal(
+                Some(&untracked_point),
+                "vol",
+                Some(&t),
+                1 << 20
+            )),
+            Some(Errno::ENOENT)
+        );
+    }
 }
