@@ -70,6 +70,27 @@ pub struct VerifyArgs {
     pub point: Option<u32>,
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch (Howard Hinnant's civil_from_days).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// The human form of `list`.
 pub fn format_list(m: &Manifest) -> String {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -80,7 +101,7 @@ pub fn format_list(m: &Manifest) -> String {
         m.cluster_size / 1024,
         "POINT",
         "KIND",
-        "CREATED",
+        "CREATED (UTC)",
         "CHANGED MiB",
         "DATA MiB",
         "IMAGE MiB",
@@ -95,7 +116,7 @@ pub fn format_list(m: &Manifest) -> String {
                 Kind::Full => "full",
                 Kind::Incremental => "incremental",
             },
-            p.created,
+            utc(p.created),
             mib(p.changed_bytes),
             mib(p.data_bytes),
             mib(p.image_bytes),
@@ -104,4 +125,14 @@ pub fn format_list(m: &Manifest) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_796_147_881), "2026-12-01 17:58:01");
+    }
 }
