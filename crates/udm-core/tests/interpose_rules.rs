@@ -383,15 +383,19 @@ fn rename_reaches_open_nodes_and_messages() {
 #[test]
 fn block_status_of_an_interposed_device_comes_from_the_interposer() {
     use udm_io::ExtentKind;
-    let (reg, _) = setup();
+    let (reg, mem) = setup();
     let node = reg.open_export("d", "nbd:d").unwrap();
-    let holes = node.block_status(0, 2048).unwrap();
+    // d[1024, 2048) holds data, d[0, 1024) is a hole; the interposer maps the hole's range
+    // onto the data.
+    mem.submit(Bio::write(1024, &vec![7u8; 1024 * 512]))
+        .unwrap();
+    let holes = node.block_status(0, 1024).unwrap();
     assert!(
         holes.iter().all(|e| e.kind == ExtentKind::HoleZero),
         "{holes:?}"
     );
-    create(&reg, "ip", "0 2048 snapshot-origin [interpose]d", IP).unwrap();
-    for (sector, sectors) in [(0u64, 2048u64), (100, 50), (2000, 48)] {
+    create(&reg, "ip", "0 1024 linear [interpose]d 1024", IP).unwrap();
+    for (sector, sectors) in [(0u64, 1024u64), (100, 50), (1000, 24)] {
         let got = node.block_status(sector, sectors).unwrap();
         assert!(
             got.iter().all(|e| e.kind == ExtentKind::Data)
@@ -400,7 +404,7 @@ fn block_status_of_an_interposed_device_comes_from_the_interposer() {
         );
     }
     reg.remove("ip", false, false).unwrap();
-    let after = node.block_status(0, 2048).unwrap();
+    let after = node.block_status(0, 1024).unwrap();
     assert!(
         after.iter().all(|e| e.kind == ExtentKind::HoleZero),
         "{after:?}"

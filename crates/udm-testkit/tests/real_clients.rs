@@ -138,12 +138,14 @@ fn interposed_device_with_real_clients() {
     ]);
     s.d.ok(&["export", "add", "b", "--nbd"]);
     assert_eq!(s.agreed_map("b"), sparse_map());
-    // The interposer diverts b's I/O into a snapshot of b: its writes go to the COW store,
-    // and its block status (all data) tells it apart from b's own (mostly holes).
+    // The interposer diverts b's I/O into a snapshot of b: its writes go to the COW store.
+    // A write into one of b's holes makes the snapshot's block status (data there, from the
+    // COW) differ from b's own file (still a hole).
     let table = format!("0 {SECTORS} snapshot [interpose]b bcow P 8");
     s.d.ok(&["create", "ip", "--interpose", "--table", &table]);
     s.d.ok(&["export", "add", "ip", "--nbd"]);
     s.offers_all("b");
+    s.qemu_io(Via::Unix, "ip", &["write -P 0x3c 20M 64k"]);
     let ip_map = s.agreed_map("ip");
     assert_ne!(ip_map, sparse_map(), "the test cannot tell the two apart");
     assert_eq!(
