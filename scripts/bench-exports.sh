@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side NBD benchmark: the same 1 GiB file served by udm, by nbdkit's file plugin and by
-# qemu-storage-daemon, driven by the same fio jobs (ioengine=nbd), one server at a time.
+# qemu-storage-daemon, driven by the same fio jobs (ioengine=nbd), one server at a time, on an
+# allocated file (random data) and on a fresh sparse one (FILES).
 # Prints IOPS, MiB/s and p99 latency per job and server, and the udm/peer ratios. A failed fio
 # stops it, and each job runs once per server as a crc32c-verified write pass (bench-fio.sh).
 #
@@ -95,10 +96,11 @@ ALL_JOBS=(
     "randwrite-4k-2conn rw=randwrite 4k 16 2"
 )
 
-run_job() { # server job-spec
+run_job() { # server job-spec file-kind
     local server=$1 name rw bs depth jobs
     read -r name rw bs depth jobs <<<"$2"
-    local out=$WORKDIR/$server-$name.json
+    name="$name/$3"
+    local out=$WORKDIR/$server-${name//\//-}.json
     fio_json "$out" --name="$name" --ioengine=nbd --uri="nbd+unix:///bench?socket=$SOCK" \
         --"$rw" --bs="$bs" --iodepth="$depth" --numjobs="$jobs" --group_reporting \
         --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1
@@ -111,10 +113,27 @@ run_job() { # server job-spec
 
 mkdir -p "$WORKDIR"
 : >"$RESULTS"
-echo "bench-exports: preparing $SIZE file in $WORKDIR" >&2
-fio --name=fill --filename="$FILE" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
-    --refill_buffers --output=/dev/null
-sync
+# The file each server is given: `allocated` (filled with random data once: every write
+# overwrites allocated blocks) and `sparse` (a fresh sparse file before every run: writes
+# allocate). Both by default; FILES=allocated or FILES=sparse picks one.
+FILES=${FILES:-allocated sparse}
+prepare() { # kind
+    case $1 in
+    allocated)
+        if [[ ! -e $WORKDIR/filled ]]; then
+            echo "bench-exports: filling $SIZE file in $WORKDIR" >&2
+            rm -f "$FILE"
+            fio --name=fill --filename="$FILE" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
+                --refill_buffers --output=/dev/null
+            sync
+            touch "$WORKDIR/filled"
+        fi ;;
+    sparse)
+        rm -f "$FILE" "$WORKDIR/filled"
+        truncate -s "$SIZE" "$FILE" ;;
+    *) echo "bench-exports: unknown file kind $1 (allocated or sparse)" >&2; exit 1 ;;
+    esac
+}
 
 SELECTED=()
 for j in "${ALL_JOBS[@]}"; do
@@ -125,12 +144,14 @@ done
 
 # Servers alternate within each round so that background load hits all of them alike; the
 # table shows the median over ROUNDS.
+for kind in $FILES; do
 for j in "${SELECTED[@]}"; do
     for round in $(seq "$ROUNDS"); do
         for server in udm nbdkit qsd; do
-            echo "bench-exports: ${j%% *} round $round $server" >&2
+            echo "bench-exports: ${j%% *} ($kind file) round $round $server" >&2
+            prepare "$kind"
             "start_$server"
-            run_job "$server" "$j"
+            run_job "$server" "$j" "$kind"
             # Once per job and server: the same pattern, written and read back verified.
             if [[ $round == 1 ]]; then
                 read -r _ rw bs depth _ <<<"$j"
@@ -139,6 +160,7 @@ for j in "${SELECTED[@]}"; do
             stop_server
         done
     done
+done
 done
 
 python3 - "$RESULTS" <<'EOF'
@@ -153,7 +175,7 @@ for n, d in runs.items():
     for s, l in d.items():
         l.sort()
         r.setdefault(n, {})[s] = l[len(l) // 2]
-hdr = f"{'job':<20} {'server':<7} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}"
+hdr = f"{'job/file':<24} {'server':<7} {'IOPS':>10} {'MiB/s':>9} {'p99 us':>9}"
 print(hdr)
 print("-" * len(hdr))
 worst = {}
@@ -161,7 +183,7 @@ for n, d in r.items():
     for s in ("udm", "nbdkit", "qsd"):
         if s in d:
             i, m, p = d[s]
-            print(f"{n:<20} {s:<7} {i:>10.0f} {m:>9.1f} {p:>9.0f}")
+            print(f"{n:<24} {s:<7} {i:>10.0f} {m:>9.1f} {p:>9.0f}")
     if "udm" in d:
         u = d["udm"][0]
         parts = []
@@ -170,7 +192,7 @@ for n, d in r.items():
                 ratio = u / d[peer][0]
                 worst[peer] = min(worst.get(peer, ratio), ratio)
                 parts.append(f"udm/{peer} {ratio:.2f}x")
-        print(f"{'':<20} {'ratio':<7} " + "  ".join(parts))
+        print(f"{'':<24} {'ratio':<7} " + "  ".join(parts))
 print()
 print("worst ratio: " + "  ".join(f"udm/{p} {v:.2f}x" for p, v in worst.items()))
 EOF

@@ -2,6 +2,8 @@
 //! open, mark a block in the current writeset, commit, era rollover and archive, the digest of
 //! archived writesets into the era array, and the metadata snapshot.
 
+use parking_lot::RwLock;
+use std::sync::Arc;
 use udm_pdata::array::Array;
 use udm_pdata::bitset::Bitset;
 use udm_pdata::btree;
@@ -88,12 +90,25 @@ struct Digest {
     next: u64,
 }
 
+/// The in-core bits of the current writeset (one per origin block).
+pub type Marks = Arc<RwLock<Vec<u64>>>;
+
+/// Whether bits `first..=last` are all set in `m`.
+pub fn all_set(m: &[u64], first: u64, last: u64) -> bool {
+    (first..=last).all(|b| {
+        m.get((b / 64) as usize)
+            .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    })
+}
+
 /// The open metadata: the transaction, the superblock fields as the next commit writes them,
 /// and the in-core copy of the current writeset (set only once its bits are committed).
 pub struct Metadata {
     tm: Tm,
     sb: Superblock,
-    marked: Vec<u64>,
+    /// Shared with the target's write path, which checks it without the metadata's lock (a
+    /// write to a marked block must not wait behind a commit of other blocks' bits).
+    marked: Marks,
     /// The writeset tree may hold eras not yet digested.
     archived: bool,
     digest: Option<Digest>,
@@ -122,7 +137,7 @@ impl Metadata {
         }
         verify(&*store, &sb)?;
         let tm = Tm::open(store, &sb.sm_root)?;
-        let marked = vec![0; words(sb.nr_blocks)];
+        let marked = Arc::new(RwLock::new(vec![0; words(sb.nr_blocks)]));
         Ok(Metadata {
             tm,
             sb,
@@ -155,7 +170,7 @@ impl Metadata {
         let mut md = Metadata {
             tm,
             sb,
-            marked: Vec::new(),
+            marked: Marks::default(),
             archived: false,
             digest: None,
         };
@@ -196,13 +211,13 @@ impl Metadata {
 
     /// Whether blocks `first..=last` are marked (committed) in the current era already.
     pub fn all_marked(&self, first: u64, last: u64) -> bool {
-        (first..=last).all(|b| self.is_marked(b))
+        all_set(&self.marked.read(), first, last)
     }
 
-    fn is_marked(&self, b: u64) -> bool {
-        self.marked
-            .get((b / 64) as usize)
-            .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    /// The in-core copy of the current writeset, for checks without the metadata's lock:
+    /// bits are set only after their commit and cleared when an era starts.
+    pub fn marks(&self) -> Marks {
+        self.marked.clone()
     }
 
     /// Marks origin blocks `first..=last` in the current era: the on-disk bits are set and
@@ -224,7 +239,10 @@ impl Metadata {
         let mut bitset = Bitset::open(ws.root, u64::from(ws.nr_bits));
         let mut changed = false;
         for &(first, last) in ranges {
-            let todo: Vec<u64> = (first..=last).filter(|&b| !self.is_marked(b)).collect();
+            let todo: Vec<u64> = {
+                let m = self.marked.read();
+                (first..=last).filter(|&b| !all_set(&m, b, b)).collect()
+            };
             for b in todo {
                 if !bitset.test(&self.tm, b)? {
                     bitset.set(&mut self.tm, b, true)?;
@@ -236,9 +254,10 @@ impl Metadata {
         if changed {
             self.commit()?;
         }
+        let mut m = self.marked.write();
         for &(first, last) in ranges {
             for b in first..=last {
-                if let Some(w) = self.marked.get_mut((b / 64) as usize) {
+                if let Some(w) = m.get_mut((b / 64) as usize) {
                     *w |= 1 << (b % 64);
                 }
             }
@@ -261,7 +280,7 @@ impl Metadata {
         )?;
         self.sb.era_array_root = array.root;
         self.sb.nr_blocks = nr_blocks;
-        self.marked = vec![0; words(nr_blocks)];
+        *self.marked.write() = vec![0; words(nr_blocks)];
         self.digest = None;
         Ok(())
     }
@@ -293,7 +312,7 @@ impl Metadata {
             nr_bits: self.sb.nr_blocks,
             root: bitset.root(),
         };
-        self.marked = vec![0; words(self.sb.nr_blocks)];
+        *self.marked.write() = vec![0; words(self.sb.nr_blocks)];
         self.sb.current_era = self.sb.current_era.wrapping_add(1);
         Ok(())
     }

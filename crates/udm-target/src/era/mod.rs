@@ -77,6 +77,8 @@ pub struct Shared {
     /// the previous one ran (the kernel's `process_deferred_bios` batches them the same way).
     marks: Mutex<MarkQueue>,
     marks_cv: Condvar,
+    /// The metadata's in-core writeset bits, checked by writes without the state lock.
+    marked: metadata::Marks,
 }
 
 /// Group commit of writeset bits.
@@ -181,7 +183,9 @@ impl Shared {
         }
         let md = Metadata::open(Box::new(DevStore::new(meta.dev.clone())), block_sectors)
             .map_err(|e| TargetError::new(Errno(e.errno()), format!("{}: {e}", meta.name)))?;
+        let marked = md.marks();
         let s = Arc::new(Shared {
+            marked,
             state: Mutex::new(State {
                 md,
                 worker: false,
@@ -345,8 +349,11 @@ impl Target for Era {
         {
             let bs = u64::from(self.block_sectors);
             let (first, last) = (bio.sector / bs, (bio.end() - 1) / bs);
-            // Blocks already marked need no metadata I/O, even when the metadata has failed.
-            let marked = if self.shared.state.lock().md.all_marked(first, last) {
+            // Blocks already marked need no metadata I/O, even when the metadata has failed,
+            // and no lock: a commit of other blocks' bits does not hold them up. (A write
+            // that finds its block marked just as a checkpoint clears the bits belongs to the
+            // era that ends: it is in flight across the checkpoint.)
+            let marked = if metadata::all_set(&self.shared.marked.read(), first, last) {
                 Ok(())
             } else {
                 self.shared.mark(first, last)
