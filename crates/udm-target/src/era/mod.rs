@@ -129,7 +129,13 @@ impl Shared {
             let id = q.gathering;
             q.gathering += 1;
             drop(q);
+            let started = std::time::Instant::now();
             let r = self.state.lock().change(|md| md.mark_many(&batch));
+            tracing::trace!(
+                ranges = batch.len(),
+                us = started.elapsed().as_micros() as u64,
+                "era: writeset commit"
+            );
             q = self.marks.lock();
             if let Err(e) = r {
                 if q.failures.len() >= 64 {
