@@ -8,7 +8,7 @@
 
 use super::connection::{
     Conn, Job, Next, Wr, CHUNK, HEAVY_BYTES, IDLE_TRIM_TICKS, MAX_SKIP_PAYLOAD, MAX_WORKERS,
-    STALL_NS, STANDBY_IDLE,
+    SLOW_LIGHT_NS, STALL_NS, STANDBY_IDLE,
 };
 use super::ctl::ConnCtl;
 use super::proto::*;
@@ -86,11 +86,19 @@ impl Conn {
             let more = rg.buffer().len() >= REQUEST_LEN;
             self.released_at.store(self.clock.now(), Ordering::SeqCst);
             drop(rg);
-            let heavy = job.req.length >= HEAVY_BYTES || job.req.cmd == CMD_FLUSH;
-            if heavy {
+            let light = job.req.length < HEAVY_BYTES && job.req.cmd != CMD_FLUSH;
+            let inline = light && self.light_ns.load(Ordering::Relaxed) <= SLOW_LIGHT_NS;
+            if !inline {
                 self.add_reader();
             }
-            self.execute(job, more && !heavy);
+            let started = light.then(std::time::Instant::now);
+            self.execute(job, more && inline);
+            if let Some(t) = started {
+                let took = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let avg = self.light_ns.load(Ordering::Relaxed);
+                let next = avg - avg / 8 + took / 8;
+                self.light_ns.store(next, Ordering::Relaxed);
+            }
         }
         let mut t = self.threads.lock();
         t.live -= 1;
