@@ -1,7 +1,8 @@
-//! A device whose small writes each wait a little (as an era target's first writes wait for
-//! their writeset commit): the server must give a pipelining client's small requests to
-//! several threads once it sees them take long, or the device only ever sees one at a time and
-//! cannot batch (era's group commit), and the client gets one request per wait.
+//! A device whose small writes each wait for a commit (as an era target's first writes wait for
+//! their writeset bits, and say so with `udm_io::thread::note_commit_wait`): the server must
+//! give a pipelining client's small requests to several threads, or the device only ever sees
+//! one at a time and cannot batch (era's group commit), and the client gets one request per
+//! wait.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
@@ -14,8 +15,8 @@ use udm_export::nbd::proto::CMD_WRITE;
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::{Bio, BlockDevice, IoError};
 
-/// Each request sleeps `wait` (below the server's 2 ms stall watchdog) and records how many
-/// ran at once.
+/// Each request notes a commit wait, sleeps `wait` (below the server's 2 ms stall watchdog)
+/// and records how many ran at once.
 struct Slow {
     wait: Duration,
     now: AtomicUsize,
@@ -27,6 +28,7 @@ impl BlockDevice for Slow {
         2048
     }
     fn submit(&self, _bio: Bio<'_>) -> Result<(), IoError> {
+        udm_io::thread::note_commit_wait();
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(n, Ordering::SeqCst);
         std::thread::sleep(self.wait);

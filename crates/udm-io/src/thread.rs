@@ -16,3 +16,34 @@ pub fn mark_io_flusher() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+thread_local! {
+    static WAITED_FOR_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called by a device while it executes a request that waits for a metadata commit (an era
+/// target's first write to a block): such waits batch when requests arrive together, so the
+/// issuer should give it several requests at once rather than one at a time.
+pub fn note_commit_wait() {
+    WAITED_FOR_COMMIT.with(|w| w.set(true));
+}
+
+/// Whether a request executed on this thread since the last call waited for a commit (and
+/// forgets it).
+pub fn took_commit_wait() -> bool {
+    WAITED_FOR_COMMIT.with(|w| w.replace(false))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn commit_waits_are_per_thread_and_taken_once() {
+        assert!(!super::took_commit_wait());
+        super::note_commit_wait();
+        std::thread::spawn(|| assert!(!super::took_commit_wait()))
+            .join()
+            .expect("thread");
+        assert!(super::took_commit_wait());
+        assert!(!super::took_commit_wait());
+    }
+}

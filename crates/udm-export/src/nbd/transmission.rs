@@ -7,8 +7,8 @@
 //! requests sent to it. A thread that finishes and finds someone else reading exits.
 
 use super::connection::{
-    Conn, Job, Next, Wr, CHUNK, HEAVY_BYTES, IDLE_TRIM_TICKS, MAX_SKIP_PAYLOAD, MAX_WORKERS,
-    SLOW_LIGHT_NS, STALL_NS, STANDBY_IDLE,
+    Conn, Job, Next, Wr, CHUNK, COMMIT_WAIT_SPAN, HEAVY_BYTES, IDLE_TRIM_TICKS, MAX_SKIP_PAYLOAD,
+    MAX_WORKERS, STALL_NS, STANDBY_IDLE,
 };
 use super::ctl::ConnCtl;
 use super::proto::*;
@@ -87,17 +87,24 @@ impl Conn {
             self.released_at.store(self.clock.now(), Ordering::SeqCst);
             drop(rg);
             let light = job.req.length < HEAVY_BYTES && job.req.cmd != CMD_FLUSH;
-            let inline = light && self.light_ns.load(Ordering::Relaxed) <= SLOW_LIGHT_NS;
+            // Light requests run on this thread, unless the device recently made one wait for
+            // a commit (udm_io::thread::note_commit_wait): then they are handed off too, so the
+            // device gets the client's queue depth and can batch its commits.
+            let inline = light && self.commit_waits.load(Ordering::Relaxed) == 0;
             if !inline {
                 self.add_reader();
             }
-            let started = light.then(std::time::Instant::now);
             self.execute(job, more && inline);
-            if let Some(t) = started {
-                let took = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                let avg = self.light_ns.load(Ordering::Relaxed);
-                let next = avg - avg / 8 + took / 8;
-                self.light_ns.store(next, Ordering::Relaxed);
+            if light {
+                if udm_io::thread::took_commit_wait() {
+                    self.commit_waits.store(COMMIT_WAIT_SPAN, Ordering::Relaxed);
+                } else {
+                    let _ =
+                        self.commit_waits
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            });
+                }
             }
         }
         let mut t = self.threads.lock();
