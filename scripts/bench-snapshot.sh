@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cost of live snapshots: origin write throughput with 0, 1 and 2 active snapshots (fresh COW
 # stores, so first writes copy chunks) for 4k random and 64k sequential writes, as ratios to the
-# plain device; and snapshot read throughput relative to origin reads. udmd serves one disk
+# plain device, with udmd's largest RSS during each run; and snapshot read throughput relative
+# to origin reads. udmd serves one disk
 # exported over NBD; snapshots are taken with `udm snapshot take` on the exported device.
 # Not a timed test: run it and read the table. Target: one snapshot keeps >= 50% of 64k
 # sequential write throughput.
@@ -44,15 +45,27 @@ take() { # n
   done
 }
 drop() { for s in $("$BIN/udm" --json snapshot list | jq -r '.[].name'); do "$BIN/udm" snapshot drop "$s" >/dev/null; rm -f "$WORKDIR/$s.cow"; done; }
-run() { # name uri rw bs depth -> RESULT="iops mibs"
+# Samples udmd's resident memory until killed and keeps the largest value (KiB) in FILE.
+sample_rss() { # file
+  local most=0 r
+  echo 0 >"$1"
+  while :; do
+    r=$(awk '/^VmRSS/ {print $2}' "/proc/$PID/status" 2>/dev/null || echo 0)
+    if (( r > most )); then most=$r; echo "$most" >"$1"; fi
+    sleep 0.2
+  done
+}
+run() { # name uri rw bs depth -> RESULT="iops mibs max-rss-KiB"
   local out=$WORKDIR/$1.json dir=read amount=(--time_based --runtime="$RUNTIME")
   [[ $3 == *write* ]] && { dir=write; amount=(--io_size="$IO"); }
   # Start every run with no dirty data of earlier runs being written back meanwhile (the COW's
   # flushes would queue behind it).
   sync
+  sample_rss "$WORKDIR/rss" & local sampler=$!
   fio_json "$out" --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs="$4" --iodepth="$5" \
       --size="$SIZE" "${amount[@]}"
-  RESULT=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes/1048576)"' "$out")
+  kill "$sampler"; wait "$sampler" 2>/dev/null || true
+  RESULT="$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes/1048576)"' "$out") $(cat "$WORKDIR/rss")"
 }
 # digest DEV -> DIGEST=md5 of DEV's content read over NBD (a read that fails or hangs stops the script).
 digest() {
@@ -70,7 +83,7 @@ check() { # n origin-digest-before job-rw bs depth
   fio_verify "$(uri vol)" "$3" "$4" "$5"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-declare -A IOPS MIBS
+declare -A IOPS MIBS RSS
 for round in $(seq "$ROUNDS"); do
   for job in "${JOBS[@]}"; do
     read -r name rw bs depth <<<"$job"
@@ -79,16 +92,17 @@ for round in $(seq "$ROUNDS"); do
       [[ $round == 1 ]] && digest vol && before=$DIGEST
       take "$n"
       run "$name-$n" "$(uri vol)" "$rw" "$bs" "$depth"
-      read -r iops mib <<<"$RESULT"
+      read -r iops mib rss <<<"$RESULT"
       [[ $round == 1 ]] && check "$n" "$before" "$rw" "$bs" "$depth"
       drop
       IOPS[$name-$n]+="$iops "
       MIBS[$name-$n]+="$mib "
+      RSS[$name-$n]+="$rss "
       [[ -n ${VERBOSE:-} ]] && echo "round $round $name $n: $iops IOPS $mib MiB/s" >&2
     done
   done
 done
-printf '%-22s %10s %9s %8s   (median of %s rounds)\n' job IOPS MiB/s ratio "$ROUNDS"
+printf '%-22s %10s %9s %8s %12s   (median of %s rounds; udmd RSS: largest sample during the run)\n' job IOPS MiB/s ratio "RSS MiB" "$ROUNDS"
 for job in "${JOBS[@]}"; do
   read -r name _ <<<"$job"
   [[ -n ${ONLY:-} && $name != "$ONLY" ]] && continue
@@ -96,8 +110,9 @@ for job in "${JOBS[@]}"; do
   for n in $SNAPS; do
     iops=$(tr ' ' '\n' <<<"${IOPS[$name-$n]}" | grep . | median)
     mib=$(tr ' ' '\n' <<<"${MIBS[$name-$n]}" | grep . | median)
+    rss=$(tr ' ' '\n' <<<"${RSS[$name-$n]}" | grep . | median)
     [[ -z $base ]] && base=$mib
-    printf '%-22s %10.0f %9.1f %7.2fx\n' "$name, $n snapshot(s)" "$iops" "$mib" "$(echo "$mib / $base" | bc -l)"
+    printf '%-22s %10.0f %9.1f %7.2fx %12.0f\n' "$name, $n snapshot(s)" "$iops" "$mib" "$(echo "$mib / $base" | bc -l)" "$(echo "$rss / 1024" | bc -l)"
   done
 done
 [[ -n ${NOREAD:-} ]] && exit 0
@@ -105,8 +120,8 @@ done
 take 1
 run warm "$(uri vol)" randwrite 64k 4
 run read-origin "$(uri vol)" read 64k 4
-read -r _ o <<<"$RESULT"
+read -r _ o _ <<<"$RESULT"
 run read-snap "$(uri s1)" read 64k 4
-read -r _ s <<<"$RESULT"
+read -r _ s _ <<<"$RESULT"
 printf '%-22s %10s %9.1f\n%-22s %10s %9.1f %7.2fx\n' "read-64k origin" - "$o" "read-64k snapshot" - "$s" "$(echo "$s / $o" | bc -l)"
 drop

@@ -216,7 +216,8 @@ impl Table {
             let mut max = t.len - off;
             let mil = t.target.max_io_len();
             let abnormal = matches!(b.kind(), BioKind::Discard | BioKind::WriteZeroes);
-            if mil > 0 && (!abnormal || t.target.discards_split_at_max_io_len()) {
+            let whole_read = b.kind() == BioKind::Read && !t.target.reads_split_at_max_io_len();
+            if mil > 0 && !whole_read && (!abnormal || t.target.discards_split_at_max_io_len()) {
                 max = max.min(mil - off % mil);
             }
             let (head, tail) = b.split(max);

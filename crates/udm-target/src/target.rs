@@ -216,6 +216,13 @@ pub trait Target: Send + Sync {
         TargetCaps::default()
     }
 
+    /// Whether reads are split at [`Target::max_io_len`] too. A target that maps a read of
+    /// any length itself (the snapshot reads runs of unchanged chunks from the origin in one
+    /// request) says false; writes are always split.
+    fn reads_split_at_max_io_len(&self) -> bool {
+        true
+    }
+
     /// Whether discards and write-zeroes are split at [`Target::max_io_len`] like data (the
     /// kernel's `max_discard_granularity`). A target that handles a whole range itself (striped
     /// sends one request per stripe) returns false and then receives ranges split only at the

@@ -105,6 +105,37 @@ impl ChunkLocks {
         }
     }
 
+    /// Waits until none of `chunks` is held exclusively, then holds them all shared (a read
+    /// of several chunks from the origin). Release with [`ChunkLocks::unlock_shared_many`].
+    pub fn shared_many(&self, chunks: &[u64]) {
+        let mut held = self.held.lock();
+        while chunks.iter().any(|c| held.get(c).is_some_and(|e| e.1)) {
+            self.cv.wait(&mut held);
+        }
+        for &c in chunks {
+            held.entry(c).or_insert((0, false)).0 += 1;
+        }
+    }
+
+    /// Releases shared holds taken with [`ChunkLocks::shared_many`].
+    pub fn unlock_shared_many(&self, chunks: &[u64]) {
+        let mut held = self.held.lock();
+        let mut freed = false;
+        for c in chunks {
+            if let Some(e) = held.get_mut(c) {
+                e.0 = e.0.saturating_sub(1);
+                if e.0 == 0 && !e.1 {
+                    held.remove(c);
+                    freed = true;
+                }
+            }
+        }
+        drop(held);
+        if freed {
+            self.cv.notify_all();
+        }
+    }
+
     /// Waits until none of `chunks` is held, then holds them all exclusively: one wait and
     /// one lock round for the chunks of a whole write, and never some held while waiting for
     /// others of the same snapshot. Release with [`ChunkLocks::unlock_many`].

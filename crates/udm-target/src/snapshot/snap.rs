@@ -85,6 +85,60 @@ impl Snap {
         }
     }
 
+    /// A snapshot read (`sector` absolute): a chunk with an exception is read from the COW;
+    /// a run of chunks without one is read from the origin in one request, under shared chunk
+    /// locks (as `map_piece` holds one per chunk), so a 64k read of unchanged data is one
+    /// origin read, not sixteen.
+    fn read_runs(&self, bio: Bio<'_>, cs: u64) -> Result<(), IoError> {
+        let mut rest = Some(bio);
+        while let Some(b) = rest.take() {
+            let (first, last) = (b.sector / cs, (b.end() - 1) / cs);
+            let st = self.state.read();
+            if !st.valid || st.chunk_size != cs {
+                return Err(eio(BioKind::Read, b.sector, "snapshot is invalid"));
+            }
+            if let Some(n) = st.exceptions.get(&first).copied() {
+                drop(st);
+                let avail = cs - (b.sector & (cs - 1));
+                let (head, tail) = b.split(avail);
+                let sector = head.sector;
+                self.cow.dev.submit(head.at(Self::remap(n, cs, sector)))?;
+                rest = tail;
+                continue;
+            }
+            let mut end = first;
+            while end < last && !st.exceptions.contains_key(&(end + 1)) {
+                end += 1;
+            }
+            drop(st);
+            let run: Vec<u64> = (first..=end).collect();
+            self.locks.shared_many(&run);
+            // Copies made while we waited are exceptions now: read up to the first of them.
+            let st = self.state.read();
+            let valid = st.valid;
+            let clean = run
+                .iter()
+                .take_while(|c| !st.exceptions.contains_key(c))
+                .count() as u64;
+            drop(st);
+            if !valid || clean == 0 {
+                self.locks.unlock_shared_many(&run);
+                if !valid {
+                    return Err(eio(BioKind::Read, b.sector, "snapshot is invalid"));
+                }
+                rest = Some(b);
+                continue;
+            }
+            let len = ((first + clean) * cs).min(b.end()) - b.sector;
+            let (head, tail) = b.split(len);
+            let r = self.origin.dev.submit(head);
+            self.locks.unlock_shared_many(&run);
+            r?;
+            rest = tail;
+        }
+        Ok(())
+    }
+
     fn discard_piece(&self, bio: Bio<'_>, cs: u64, known: Option<u64>) -> Result<(), IoError> {
         let Some(n) = known else {
             // No exception: completing the discard avoids a pointless copy-out.
@@ -446,6 +500,9 @@ impl Target for SnapshotTarget {
             return Err(eio(bio.kind(), bio.sector, "snapshot is not resumed"));
         }
         let abs = s.begin + bio.sector;
+        if !s.merge && bio.kind() == BioKind::Read {
+            return s.read_runs(bio.at(abs), cs);
+        }
         let mut rest = Some(bio.at(abs));
         while let Some(b) = rest.take() {
             let avail = cs - (b.sector & (cs - 1));
@@ -478,6 +535,11 @@ impl Target for SnapshotTarget {
 
     fn status(&self) -> String {
         self.snap.status().to_string()
+    }
+
+    fn reads_split_at_max_io_len(&self) -> bool {
+        // `read_runs` takes reads of any length; the merge target maps piece by piece.
+        self.snap.merge
     }
 
     fn max_io_len(&self) -> u64 {
