@@ -45,6 +45,24 @@ fn auto_takes_a_full_backup(d: &Udmd, dir: &Path, n: u64) {
     );
 }
 
+/// `udm backup full vol --to DIR` stopped (exit 75) right after the progress record that
+/// follows `clusters` data clusters, as a kill would stop it.
+fn full_interrupted_after(d: &Udmd, dir: &Path, clusters: u32) {
+    let o = Command::new(bin("udm"))
+        .env("UDM_RUNTIME_DIR", d.runtime())
+        .env("UDM_STATE_DIR", d.state())
+        .env("UDM_BACKUP_TEST_ABORT_AFTER", clusters.to_string())
+        .args(["backup", "full", "vol", "--to", s(dir)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Runs `udm ARGS`, expecting failure; returns stderr.
 fn udm_fails(d: &Udmd, args: &[&str]) -> String {
     let o = d.udm(args);
@@ -242,19 +260,7 @@ fn interrupted_backup_resumes_and_discards_shrink_the_next_point() {
     let dir = d.path("bk");
     // Interrupted after 100 of its 1024 data clusters (as a kill would, right after a
     // progress record), then run again: it continues with the same snapshot.
-    let o = Command::new(bin("udm"))
-        .env("UDM_RUNTIME_DIR", d.runtime())
-        .env("UDM_STATE_DIR", d.state())
-        .env("UDM_BACKUP_TEST_ABORT_AFTER", "100")
-        .args(["backup", "full", "vol", "--to", s(&dir)])
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(75),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    full_interrupted_after(&d, &dir, 100);
     assert!(dir.join("partial.json").exists());
     assert!(dir.join("point-0.qcow2.part").exists());
     let mut c = d.nbd_client("vol");
@@ -417,4 +423,27 @@ fn size_change_needs_a_full_backup() {
     let out = d.path("r.raw");
     backup_json(&d, &["backup", "restore", s(&dir), "--to", s(&out)]);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+}
+
+/// An unfinished point whose progress record lost its sums (a crash between the two files)
+/// is discarded and taken again, not left blocking every later run.
+#[test]
+fn an_unusable_partial_point_is_discarded_and_taken_again() {
+    let d = Udmd::start();
+    let img = d.disk("vol", 16 << 20, 8);
+    let dir = d.path("bk");
+    full_interrupted_after(&d, &dir, 50);
+    std::fs::remove_file(dir.join(".partial.sums")).unwrap();
+    let p = backup_json(&d, &["backup", "full", "vol", "--to", s(&dir)]);
+    assert_eq!(p["n"], 0);
+    assert!(!dir.join("partial.json").exists());
+    let out = d.path("r.raw");
+    backup_json(&d, &["backup", "restore", s(&dir), "--to", s(&out)]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+    let snaps = d.udm(&["--json", "snapshot", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&snaps.stdout).trim(),
+        "[]",
+        "no snapshot left"
+    );
 }

@@ -275,13 +275,7 @@ pub fn run(
     let mut nbd = open_snapshot(s, dev, &partial)?;
     partial.plan = plan(&mut nbd, kind, CLUSTER_BITS)?;
     partial.save(dir)?;
-    let sums = match kind {
-        Kind::Full => Sums::zeros(size, 1 << CLUSTER_BITS),
-        Kind::Incremental => {
-            let prev = n - 1;
-            Sums::load(&dir.join(sums_file(prev)))?
-        }
-    };
+    let sums = initial_sums(dir, kind, n, size)?;
     finish(
         s,
         dir,
@@ -292,6 +286,14 @@ pub fn run(
         a.keep_snapshot,
         progress,
     )
+}
+
+/// The sums a point starts from: zeros for a full one, the previous point's for an incremental.
+fn initial_sums(dir: &Path, kind: Kind, n: u32, size: u64) -> Result<Sums, CliError> {
+    match kind {
+        Kind::Full => Ok(Sums::zeros(size, 1 << CLUSTER_BITS)),
+        Kind::Incremental => Sums::load(&dir.join(sums_file(n.saturating_sub(1)))),
+    }
 }
 
 fn open_snapshot(s: &mut Session, dev: &str, p: &Partial) -> Result<NbdDev, CliError> {
@@ -322,12 +324,20 @@ fn resume(
             p.point.n, p.done
         )));
         let nbd = open_snapshot(s, &a.device, p)?;
-        let sums = Sums::load(&dir.join(".partial.sums"))?;
-        let m = manifest.cloned();
-        return finish(s, dir, m, p.clone(), nbd, sums, a.keep_snapshot, progress).map(Some);
+        // Sums are saved with each progress record; before the first one, start afresh.
+        let sums = match Sums::load(&dir.join(".partial.sums")) {
+            Ok(sums) => Some(sums),
+            Err(_) if p.done == 0 => Some(initial_sums(dir, p.point.kind, p.point.n, nbd.size)?),
+            Err(_) => None,
+        };
+        if let Some(sums) = sums {
+            let m = manifest.cloned();
+            return finish(s, dir, m, p.clone(), nbd, sums, a.keep_snapshot, progress).map(Some);
+        }
+        drop(nbd);
     }
     progress(Progress::Note(format!(
-        "discarding the unfinished point {} (its snapshot is gone or invalid)",
+        "discarding the unfinished point {} (its snapshot or progress record is gone or invalid)",
         p.point.n
     )));
     discard(s, dir, p)?;
