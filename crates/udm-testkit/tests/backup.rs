@@ -361,6 +361,21 @@ fn bad_input_is_refused_with_nothing_written() {
     std::fs::write(&img, &b).unwrap();
     let e = udm_fails(&d, &["backup", "verify", s(&dir), "--point", "2"]);
     assert!(e.contains("cluster") && e.contains("[EILSEQ]"), "{e}");
+    // Damaged sums of the last point: the next incremental fails after taking its snapshot,
+    // and leaves neither the snapshot nor a partial point behind.
+    let sums = dir.join("point-2.sums");
+    let mut b = std::fs::read(&sums).unwrap();
+    b[30] ^= 1;
+    std::fs::write(&sums, &b).unwrap();
+    let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    assert!(e.contains("[EILSEQ]"), "{e}");
+    let snaps = d.udm(&["--json", "snapshot", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&snaps.stdout).trim(),
+        "[]",
+        "no snapshot left"
+    );
+    assert!(!dir.join("partial.json").exists());
     // A damaged manifest.
     std::fs::write(dir.join("backup.json"), b"{").unwrap();
     let e = udm_fails(&d, &["backup", "list", s(&dir)]);

@@ -232,8 +232,65 @@ pub fn run(
         },
     )?;
     progress(Progress::Note(format!("snapshot {snap_name} taken")));
-    // (3) What changed.
-    let mut bitmap_file = None;
+    // Anything failing before the progress record is saved leaves nothing behind: no resume
+    // would find this snapshot, so it is dropped here.
+    let prepared = prepare(
+        s,
+        dir,
+        dev,
+        kind,
+        n,
+        size,
+        since,
+        snap_name.clone(),
+        cow.clone(),
+    );
+    let prepared = prepared.and_then(|(mut p, mut nbd)| {
+        p.point.created = created;
+        p.point.tracking_id = tracked.as_ref().map(|t| t.id.clone());
+        p.point.next_era = next_era;
+        p.plan = plan(&mut nbd, kind, CLUSTER_BITS)?;
+        p.save(dir)?;
+        Ok((initial_sums(dir, kind, n, size)?, p, nbd))
+    });
+    let (sums, partial, nbd) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = remove_export(s, &format!("nbd:{snap_name}"));
+            let _ = snapshot::drop_snapshot(s, &snap_name);
+            let _ = std::fs::remove_file(&cow);
+            let _ = std::fs::remove_file(dir.join(format!(".bitmap-{n}")));
+            let _ = Partial::remove(dir);
+            return Err(e);
+        }
+    };
+    finish(
+        s,
+        dir,
+        manifest,
+        partial,
+        nbd,
+        sums,
+        a.keep_snapshot,
+        progress,
+    )
+}
+
+/// Steps (3) and (4): the changed blocks as a bitmap file (incremental), and the snapshot
+/// exported over NBD with it.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    s: &mut Session,
+    dir: &Path,
+    dev: &str,
+    kind: Kind,
+    n: u32,
+    size: u64,
+    since: Option<u32>,
+    snapshot: String,
+    cow: PathBuf,
+) -> Result<(Partial, NbdDev), CliError> {
+    let mut bitmap = None;
     let mut changed_bytes = size;
     if let Some(since) = since {
         let eras = track::read_eras(s, dev)?;
@@ -247,45 +304,31 @@ pub fn run(
         let f = dir.join(format!(".bitmap-{n}"));
         bm.save(&f)
             .map_err(|e| err(Errno::EIO, format!("saving the dirty bitmap: {e}")))?;
-        bitmap_file = Some(f);
+        bitmap = Some(f);
     }
-    let point = Point {
-        n,
-        kind,
-        file: point_file(n),
-        created,
-        tracking_id: tracked.as_ref().map(|t| t.id.clone()),
-        next_era,
-        changed_bytes,
-        data_bytes: 0,
-        zero_bytes: 0,
-        image_bytes: 0,
-        digest: String::new(),
-        seconds: 0.0,
-    };
-    let mut partial = Partial {
-        point,
-        snapshot: snap_name.clone(),
+    let partial = Partial {
+        point: Point {
+            n,
+            kind,
+            file: point_file(n),
+            created: 0,
+            tracking_id: None,
+            next_era: None,
+            changed_bytes,
+            data_bytes: 0,
+            zero_bytes: 0,
+            image_bytes: 0,
+            digest: String::new(),
+            seconds: 0.0,
+        },
+        snapshot,
         cow,
-        bitmap: bitmap_file,
+        bitmap,
         plan: Vec::new(),
         done: 0,
     };
-    // (4) + (5): export, plan, copy.
-    let mut nbd = open_snapshot(s, dev, &partial)?;
-    partial.plan = plan(&mut nbd, kind, CLUSTER_BITS)?;
-    partial.save(dir)?;
-    let sums = initial_sums(dir, kind, n, size)?;
-    finish(
-        s,
-        dir,
-        manifest,
-        partial,
-        nbd,
-        sums,
-        a.keep_snapshot,
-        progress,
-    )
+    let nbd = open_snapshot(s, dev, &partial)?;
+    Ok((partial, nbd))
 }
 
 /// The sums a point starts from: zeros for a full one, the previous point's for an incremental.
