@@ -150,6 +150,8 @@ fn track_cmd(s: &mut Session, cmd: TrackCommand, json: bool) -> anyhow::Result<(
 struct Reporter {
     json: bool,
     bar: Option<indicatif::ProgressBar>,
+    /// When the last JSON progress line was printed (at most one a second, and the last).
+    last: Option<std::time::Instant>,
 }
 
 impl Reporter {
@@ -164,7 +166,11 @@ impl Reporter {
             }
             b
         });
-        Reporter { json, bar }
+        Reporter {
+            json,
+            bar,
+            last: None,
+        }
     }
 
     fn report(&mut self, p: Progress) {
@@ -177,7 +183,9 @@ impl Reporter {
                 None => eprintln!("{n}"),
             },
             Progress::Copied { done, total } => {
-                if self.json {
+                let due = self.last.is_none_or(|t| t.elapsed().as_secs() >= 1) || done >= total;
+                if self.json && due {
+                    self.last = Some(std::time::Instant::now());
                     println!(
                         "{}",
                         serde_json::json!({ "event": "progress", "done": done, "total": total })
