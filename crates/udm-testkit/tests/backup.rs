@@ -98,7 +98,9 @@ fn save_export(d: &Udmd, name: &str, to: &Path) {
 /// fio writing random blocks with verification while it runs (and checks at its end).
 fn fio_load(d: &Udmd, seconds: u32, seed: u32) -> Child {
     Command::new("fio")
+        .current_dir(d.path(""))
         .args([
+            "--verify_state_save=0",
             "--name=load",
             "--ioengine=nbd",
             &format!("--uri={}", d.nbd_uri("vol")),

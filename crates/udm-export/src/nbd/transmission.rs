@@ -95,8 +95,10 @@ impl Conn {
                 self.add_reader();
             }
             self.execute(job, more && inline);
+            // Taken after every request, so a heavy one's wait does not linger for a later one.
+            let waited = udm_io::thread::took_commit_wait();
             if light {
-                if udm_io::thread::took_commit_wait() {
+                if waited {
                     self.commit_waits.store(COMMIT_WAIT_SPAN, Ordering::Relaxed);
                 } else {
                     let _ =
