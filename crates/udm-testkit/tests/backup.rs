@@ -450,6 +450,13 @@ fn an_unusable_partial_point_is_discarded_and_taken_again() {
     let img = d.disk("vol", 16 << 20, 8);
     let dir = d.path("bk");
     full_interrupted_after(&d, &dir, 50);
+    // Another device's backup into this directory is refused, not finished as this one.
+    d.disk("other", 16 << 20, 9);
+    let e = udm_fails(&d, &["backup", "full", "other", "--to", s(&dir)]);
+    assert!(
+        e.contains("unfinished backup of vol") && e.contains("[EINVAL]"),
+        "{e}"
+    );
     std::fs::remove_file(dir.join(".partial.sums")).unwrap();
     let p = backup_json(&d, &["backup", "full", "vol", "--to", s(&dir)]);
     assert_eq!(p["n"], 0);

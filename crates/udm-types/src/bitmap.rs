@@ -133,15 +133,27 @@ impl DirtyBitmap {
     /// Runs of equal state covering `len` bytes from `offset` (clipped to the device):
     /// `(bytes, dirty)`, adjacent runs differing.
     pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        self.runs_upto(offset, len, usize::MAX)
+    }
+
+    /// [`DirtyBitmap::runs`], stopping after `max` runs (the last one may then be cut short).
+    /// Whole words of equal bits are skipped at once, so a long clean or dirty range costs
+    /// little whatever the granularity.
+    pub fn runs_upto(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
         let mut out: Vec<(u64, bool)> = Vec::new();
         let end = offset.saturating_add(len).min(self.size);
         let mut pos = offset;
         while pos < end {
             let block = pos / self.granularity;
-            let next = ((block + 1) * self.granularity).min(end);
             let dirty = self.is_set(block);
+            let word = self.words[(block / 64) as usize];
+            let uniform = block % 64 == 0 && (word == 0 || word == u64::MAX);
+            let step = if uniform { 64 } else { 1 };
+            let next = ((block + step) * self.granularity).min(end);
+            let n = out.len();
             match out.last_mut() {
                 Some(l) if l.1 == dirty => l.0 += next - pos,
+                _ if n == max => break,
                 _ => out.push((next - pos, dirty)),
             }
             pos = next;

@@ -85,7 +85,10 @@ pub(super) fn bitmap_descs(
     one: bool,
 ) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
-    for (bytes, dirty) in b.bitmap.runs(offset, len) {
+    for (bytes, dirty) in b
+        .bitmap
+        .runs_upto(offset, len, if one { 1 } else { usize::MAX })
+    {
         let flags = if dirty { STATE_DIRTY } else { 0 };
         let mut left = bytes;
         while left > 0 {

@@ -81,6 +81,30 @@ pub struct Shared {
     marked: metadata::Marks,
 }
 
+/// The leader of one batch: ends it when dropped (recording its result and waking writers),
+/// also when the commit panicked.
+struct Lead<'a> {
+    shared: &'a Shared,
+    id: u64,
+    result: Result<(), String>,
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let mut q = self.shared.marks.lock();
+        if let Err(why) = &self.result {
+            if q.failures.len() >= 64 {
+                q.failures.pop_front();
+            }
+            q.failures.push_back((self.id, why.clone()));
+        }
+        q.done = self.id;
+        q.leader = false;
+        drop(q);
+        self.shared.marks_cv.notify_all();
+    }
+}
+
 /// Group commit of writeset bits.
 struct MarkQueue {
     /// Block ranges waiting for the next commit.
@@ -130,6 +154,13 @@ impl Shared {
             let id = q.gathering;
             q.gathering += 1;
             drop(q);
+            // Should the commit panic, the guard still ends the batch (as failed), so the
+            // writers waiting for it and for the next leader are not left waiting forever.
+            let mut lead = Lead {
+                shared: self,
+                id,
+                result: Err("the writeset commit panicked".into()),
+            };
             let started = std::time::Instant::now();
             let r = self.state.lock().change(|md| md.mark_many(&batch));
             tracing::trace!(
@@ -137,16 +168,9 @@ impl Shared {
                 us = started.elapsed().as_micros() as u64,
                 "era: writeset commit"
             );
+            lead.result = r.map(|_| ()).map_err(|e| e.to_string());
+            drop(lead);
             q = self.marks.lock();
-            if let Err(e) = r {
-                if q.failures.len() >= 64 {
-                    q.failures.pop_front();
-                }
-                q.failures.push_back((id, e.to_string()));
-            }
-            q.done = id;
-            q.leader = false;
-            self.marks_cv.notify_all();
         }
         // (A checkpoint may have started a new era since: the block was marked in the era
         // the write was accepted in, so the batch's own result is the answer.)

@@ -152,7 +152,7 @@ pub fn run(
         }
     }
     if let Some(p) = Partial::load(dir)? {
-        if let Some(point) = resume(s, dir, manifest.as_ref(), &p, a, progress)? {
+        if let Some(point) = resume(s, dir, manifest.as_ref(), &p, a, requested, progress)? {
             return Ok(point);
         }
     }
@@ -349,35 +349,57 @@ fn open_snapshot(s: &mut Session, dev: &str, p: &Partial) -> Result<NbdDev, CliE
 
 /// Continues an interrupted backup when its snapshot is still there and valid; otherwise
 /// discards it (returns None: a new backup starts).
+#[allow(clippy::too_many_arguments)]
 fn resume(
     s: &mut Session,
     dir: &Path,
     manifest: Option<&Manifest>,
     p: &Partial,
     a: &RunArgs,
+    requested: Kind,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Option<Point>, CliError> {
+    if dev_of(p) != a.device {
+        return Err(err(
+            Errno::EINVAL,
+            format!(
+                "{} holds an unfinished backup of {}, not {}: finish it with `udm backup {} {} --to {}`",
+                dir.display(),
+                dev_of(p),
+                a.device,
+                if p.point.kind == Kind::Full { "full" } else { "incremental" },
+                dev_of(p),
+                dir.display()
+            ),
+        ));
+    }
     let expected = manifest.map_or(0, |m| m.points.len() as u32);
     let snap_ok = snapshot::list(s)?
         .iter()
         .any(|x| x.name == p.snapshot && x.state == "active");
-    if p.point.n == expected && snap_ok {
-        progress(Progress::Note(format!(
-            "resuming point {} after {} data clusters",
-            p.point.n, p.done
-        )));
-        let nbd = open_snapshot(s, &a.device, p)?;
-        // Sums are saved with each progress record; before the first one, start afresh.
-        let sums = match Sums::load(&dir.join(".partial.sums")) {
-            Ok(sums) => Some(sums),
-            Err(_) if p.done == 0 => Some(initial_sums(dir, p.point.kind, p.point.n, nbd.size)?),
-            Err(_) => None,
-        };
-        if let Some(sums) = sums {
-            let m = manifest.cloned();
-            return finish(s, dir, m, p.clone(), nbd, sums, a.keep_snapshot, progress).map(Some);
+    // Continue only what was asked for (an unfinished incremental when a full one is asked
+    // for is discarded), with its snapshot still valid and exported.
+    let wanted = p.point.kind == requested || requested == Kind::Incremental;
+    if p.point.n == expected && snap_ok && wanted {
+        if let Ok(nbd) = open_snapshot(s, &a.device, p) {
+            // Sums are saved with each progress record; before the first one, start afresh.
+            let sums = match Sums::load(&dir.join(".partial.sums")) {
+                Ok(sums) => Some(sums),
+                Err(_) if p.done == 0 => {
+                    Some(initial_sums(dir, p.point.kind, p.point.n, nbd.size)?)
+                }
+                Err(_) => None,
+            };
+            if let Some(sums) = sums {
+                progress(Progress::Note(format!(
+                    "resuming point {} after {} data clusters",
+                    p.point.n, p.done
+                )));
+                let m = manifest.cloned();
+                return finish(s, dir, m, p.clone(), nbd, sums, a.keep_snapshot, progress)
+                    .map(Some);
+            }
         }
-        drop(nbd);
     }
     progress(Progress::Note(format!(
         "discarding the unfinished point {} (its snapshot or progress record is gone or invalid)",
