@@ -90,8 +90,8 @@ fn handshake(
     }
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    // (export name the contexts were selected for, the contexts)
-    let mut meta: Option<(String, meta::MetaSel)> = None;
+    // (export name the contexts were selected for, the contexts, that export)
+    let mut meta: Option<(String, meta::MetaSel, Arc<Export>)> = None;
     let mut h = Hand { w };
     loop {
         let hdr = read_array::<OPTION_HEADER_LEN>(r)?;
@@ -296,7 +296,7 @@ fn handshake(
                 }
                 h.reply(opt, REP_ACK, &[])?;
                 if set {
-                    meta = Some((name.to_string(), meta::selection(&chosen)));
+                    meta = Some((name.to_string(), meta::selection(&chosen), export.clone()));
                 }
             }
             OPT_STARTTLS => {

@@ -44,7 +44,7 @@ pub(super) struct Session {
 pub(super) fn session(
     export: Arc<Export>,
     structured: bool,
-    meta: &Option<(String, MetaSel)>,
+    meta: &Option<(String, MetaSel, Arc<Export>)>,
     name: &str,
 ) -> Session {
     let min = min_block(export.dev.as_ref());
@@ -57,8 +57,10 @@ pub(super) fn session(
     Session {
         size: export_size(&export),
         structured,
+        // The contexts count for the export they were selected on: an export removed and
+        // added again in between may have other bitmaps behind the same ids.
         meta: match meta {
-            Some((n, sel)) if structured && n == name => sel.clone(),
+            Some((n, sel, e)) if structured && n == name && Arc::ptr_eq(e, &export) => sel.clone(),
             _ => MetaSel::default(),
         },
         min_block: min,
@@ -67,5 +69,44 @@ pub(super) fn session(
         discard: limits.discard,
         native_zeroes: limits.write_zeroes,
         export,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::export::{Counters, ExportConns};
+    use parking_lot::Mutex;
+    use udm_io::backend::mem::MemDevice;
+
+    fn export() -> Arc<Export> {
+        Arc::new(Export {
+            name: "e".into(),
+            dev: Arc::new(MemDevice::new(64)),
+            opts: Default::default(),
+            counters: Counters::default(),
+            conns: Mutex::new(ExportConns {
+                map: Default::default(),
+                removed: false,
+            }),
+        })
+    }
+
+    #[test]
+    fn contexts_count_only_for_the_export_they_were_selected_on() {
+        let (a, b) = (export(), export());
+        let sel = MetaSel {
+            base: true,
+            bitmaps: vec![0],
+        };
+        let meta = Some(("e".to_string(), sel.clone(), a.clone()));
+        assert_eq!(session(a.clone(), true, &meta, "e").meta, sel);
+        // The same name, another export (removed and added again between SET and GO).
+        assert_eq!(session(b, true, &meta, "e").meta, MetaSel::default());
+        assert_eq!(
+            session(a.clone(), true, &meta, "f").meta,
+            MetaSel::default()
+        );
+        assert_eq!(session(a, false, &meta, "e").meta, MetaSel::default());
     }
 }
