@@ -44,26 +44,8 @@ impl Snap {
         let known = st.exceptions.get(&chunk).copied();
         drop(st);
         match kind {
-            BioKind::Read => {
-                if let Some(n) = known {
-                    return cow.submit(bio.at(Self::remap(n, cs, sector)));
-                }
-                let _g = self.locks.shared(chunk);
-                let st = self.state.read();
-                if !st.valid {
-                    return Err(eio(kind, sector, "snapshot is invalid"));
-                }
-                match st.exceptions.get(&chunk).copied() {
-                    Some(n) => {
-                        drop(st);
-                        cow.submit(bio.at(Self::remap(n, cs, sector)))
-                    }
-                    None => {
-                        drop(st);
-                        self.origin.dev.submit(bio)
-                    }
-                }
-            }
+            // Reads go to `read_runs` from `map`; one that arrives here takes the same path.
+            BioKind::Read => self.read_runs(bio, cs),
             BioKind::Discard => {
                 let n = bio.sectors();
                 let r = self.discard_piece(bio, cs, known);

@@ -199,16 +199,16 @@ impl Sums {
     /// The sums of a device of zeros.
     pub fn zeros(size: u64, cluster_size: u64) -> Sums {
         let n = size.div_ceil(cluster_size);
-        let mut crcs = vec![crc_zeros(cluster_size); n as usize];
-        let tail = size % cluster_size;
-        if let (Some(last), true) = (crcs.last_mut(), tail != 0) {
-            *last = crc_zeros(tail);
-        }
-        Sums {
+        let mut sums = Sums {
             cluster_size,
             size,
-            crcs,
+            crcs: vec![0; n as usize],
+        };
+        let zero = ZeroCrc::new(cluster_size);
+        for i in 0..n {
+            sums.crcs[i as usize] = zero.of(sums.len_of(i));
         }
+        sums
     }
 
     /// Bytes of cluster `i` within the device.
@@ -276,6 +276,32 @@ impl Sums {
             size,
             crcs,
         })
+    }
+}
+
+/// crc32c of zero clusters, the full cluster's computed once (a mostly empty device has
+/// millions of them).
+pub struct ZeroCrc {
+    cluster: u64,
+    full: u32,
+}
+
+impl ZeroCrc {
+    /// For clusters of `cluster` bytes.
+    pub fn new(cluster: u64) -> ZeroCrc {
+        ZeroCrc {
+            cluster,
+            full: crc_zeros(cluster),
+        }
+    }
+
+    /// crc32c of `len` zero bytes (a cluster, or the device's short last one).
+    pub fn of(&self, len: u64) -> u32 {
+        if len == self.cluster {
+            self.full
+        } else {
+            crc_zeros(len)
+        }
     }
 }
 

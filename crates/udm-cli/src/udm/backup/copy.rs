@@ -2,7 +2,7 @@
 //! `base:allocation` read over NBD) and the copy into its qcow2 image, with progress records
 //! that let an interrupted copy continue.
 
-use super::chain::{crc_zeros, err, io_err, sync_dir, Kind, Partial, Run, Sums};
+use super::chain::{err, io_err, sync_dir, Kind, Partial, Run, Sums, ZeroCrc};
 use super::nbd::{NbdDev, IO_MAX};
 use super::Progress;
 use crate::error::CliError;
@@ -148,10 +148,11 @@ pub fn copy(
     let per_io = (IO_MAX / cs).max(1);
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
     let mut k = 0u64; // data clusters seen in plan order
+    let zero = ZeroCrc::new(cs);
     for r in p.plan.clone() {
         if r.zero {
             for c in r.start..r.start + r.count {
-                sums.crcs[c as usize] = crc_zeros(sums.len_of(c));
+                sums.crcs[c as usize] = zero.of(sums.len_of(c));
                 zero_bytes += sums.len_of(c);
             }
             continue;

@@ -242,7 +242,7 @@ impl NbdDev {
 }
 
 /// Removes export `id` if it exists.
-pub fn remove_export(s: &mut Session, id: &str) -> Result<(), CliError> {
+fn remove_export(s: &mut Session, id: &str) -> Result<(), CliError> {
     if let Response::Exports(v) = s.call("export list", "", Request::ExportList)? {
         if v.iter().any(|e| e.id == id) {
             done(

@@ -3,7 +3,7 @@
 //! differs from what was backed up without saying so, and `verify` finds damage in any image of
 //! the chain without touching a device.
 
-use super::chain::{err, io_err, Manifest, Sums};
+use super::chain::{err, io_err, Manifest, Sums, ZeroCrc};
 use super::nbd::{NbdDev, IO_MAX};
 use super::Progress;
 use crate::error::CliError;
@@ -132,6 +132,8 @@ fn walk(
 ) -> Result<u64, CliError> {
     let cs = sums.cluster_size;
     let mut buf = vec![0u8; cs as usize];
+    let zeros = vec![0u8; cs as usize];
+    let zero_crc = ZeroCrc::new(cs);
     let mut data_bytes = 0;
     let step = (IO_MAX / cs).max(1);
     for idx in 0..sums.crcs.len() as u64 {
@@ -144,12 +146,13 @@ fn walk(
                 data_bytes += len as u64;
                 (false, Some(i))
             }
-            _ => {
-                buf.fill(0);
-                (true, None)
-            }
+            _ => (true, None),
         };
-        let crc = crc32c::crc32c(&buf[..len]);
+        let (data, crc) = if zero {
+            (&zeros[..len], zero_crc.of(len as u64))
+        } else {
+            (&buf[..len], crc32c::crc32c(&buf[..len]))
+        };
         if crc != sums.crcs[idx as usize] {
             return Err(err(
                 Errno::EILSEQ,
@@ -161,7 +164,7 @@ fn walk(
                 ),
             ));
         }
-        out(idx * cs, &buf[..len], zero)?;
+        out(idx * cs, data, zero)?;
         if idx % step == 0 {
             progress(Progress::Copied {
                 done: idx * cs,

@@ -17,7 +17,7 @@ use super::chain::{
     FORMAT,
 };
 use super::copy::{copy, plan};
-use super::nbd::{remove_export, NbdDev};
+use super::nbd::NbdDev;
 use super::Progress;
 use crate::error::CliError;
 use crate::session::Session;
@@ -256,7 +256,6 @@ pub fn run(
     let (sums, partial, nbd) = match prepared {
         Ok(x) => x,
         Err(e) => {
-            let _ = remove_export(s, &format!("nbd:{snap_name}"));
             let _ = snapshot::drop_snapshot(s, &snap_name);
             let _ = std::fs::remove_file(&cow);
             let _ = std::fs::remove_file(dir.join(format!(".bitmap-{n}")));
@@ -411,7 +410,7 @@ fn resume(
 
 /// Removes what an unfinished point left: export, snapshot, COW, bitmap, partial image.
 fn discard(s: &mut Session, dir: &Path, p: &Partial) -> Result<(), CliError> {
-    remove_export(s, &format!("nbd:{}", p.snapshot))?;
+    // Dropping the snapshot removes its exports too.
     if snapshot::list(s)?.iter().any(|x| x.name == p.snapshot) {
         snapshot::drop_snapshot(s, &p.snapshot)?;
     }
