@@ -52,8 +52,6 @@ done
 . "$ROOT/scripts/bench-lib.sh"
 # shellcheck source=bench-fio.sh
 . "$ROOT/scripts/bench-fio.sh"
-(cd "$ROOT" && cargo build --quiet --release -p udm-cli --bin udm)
-udm() { "$BIN/udm" "$@"; }
 u disk add vol --file "$WORKDIR/disk.img" >/dev/null
 u export add vol --nbd >/dev/null
 BYTES=$(stat -c %s "$WORKDIR/disk.img")

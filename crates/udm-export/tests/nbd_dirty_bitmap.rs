@@ -138,6 +138,17 @@ fn own_client_selects_contexts_and_gets_one_chunk_each() {
     );
 }
 
+/// `nbdinfo ARGS`, asserting success; its JSON output.
+fn nbdinfo_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("nbdinfo").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn nbdinfo_maps_the_bitmap() {
     if !have("nbdinfo") {
@@ -145,16 +156,7 @@ fn nbdinfo_maps_the_bitmap() {
     }
     let e = env();
     let uri = format!("nbd+unix:///snap?socket={}", e.sock.display());
-    let out = Command::new("nbdinfo")
-        .args(["--json", &uri])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = nbdinfo_json(&["--json", &uri]);
     let ctx = v["exports"][0]["contexts"].as_array().unwrap().clone();
     for c in [
         "base:allocation",
@@ -163,16 +165,7 @@ fn nbdinfo_maps_the_bitmap() {
     ] {
         assert!(ctx.iter().any(|x| x == c), "{c} not in {ctx:?}");
     }
-    let out = Command::new("nbdinfo")
-        .args(["--json", "--map=qemu:dirty-bitmap:backup-vol", &uri])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = nbdinfo_json(&["--json", "--map=qemu:dirty-bitmap:backup-vol", &uri]);
     let got: Vec<(u64, u64, bool)> = v
         .as_array()
         .unwrap()

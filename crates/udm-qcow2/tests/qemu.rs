@@ -93,36 +93,25 @@ fn three_point_chain_checks_clean_and_reads_as_the_model() {
     // Point 0: most clusters; 1: some overridden, some zeroed; 2: more of both, across L2s.
     let bits = 12;
     let n = size.div_ceil(1 << bits);
-    let p0: Vec<_> = (0..n)
-        .filter(|i| i % 3 != 0)
-        .map(|i| (i, Planned::Data))
-        .collect();
-    let p1: Vec<_> = (0..n)
-        .filter(|i| i % 5 == 0)
-        .map(|i| {
-            (
-                i,
-                if i % 2 == 0 {
-                    Planned::Zero
-                } else {
-                    Planned::Data
-                },
-            )
-        })
-        .collect();
-    let p2: Vec<_> = (0..n)
-        .filter(|i| i % 7 == 1 || i == &(n - 1))
-        .map(|i| {
-            (
-                i,
-                if i % 3 == 0 {
-                    Planned::Zero
-                } else {
-                    Planned::Data
-                },
-            )
-        })
-        .collect();
+    // The clusters of `0..n` that `keep` selects, as Zero where `zero` says so, else Data.
+    let pick = |keep: &dyn Fn(u64) -> bool, zero: &dyn Fn(u64) -> bool| -> Vec<(u64, Planned)> {
+        (0..n)
+            .filter(|&i| keep(i))
+            .map(|i| {
+                (
+                    i,
+                    if zero(i) {
+                        Planned::Zero
+                    } else {
+                        Planned::Data
+                    },
+                )
+            })
+            .collect()
+    };
+    let p0 = pick(&|i| i % 3 != 0, &|_| false);
+    let p1 = pick(&|i| i % 5 == 0, &|i| i % 2 == 0);
+    let p2 = pick(&|i| i % 7 == 1 || i == n - 1, &|i| i % 3 == 0);
     let plans = [
         plan(size, bits, None, &p0),
         plan(size, bits, Some(&point_name(0)), &p1),

@@ -267,6 +267,32 @@ impl Udmd {
         run_tool(&bin("udm"), &self.runtime(), args, None)
     }
 
+    /// Runs `udm --json ARGS`, asserting success (the daemon's log in the message); returns
+    /// stdout.
+    pub fn udm_json_out(&self, args: &[&str]) -> String {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.udm(&a);
+        assert!(
+            o.status.success(),
+            "udm {args:?} failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs `udm ARGS`, asserting failure; returns stderr.
+    pub fn udm_fails(&self, args: &[&str]) -> String {
+        let o = self.udm(args);
+        assert!(
+            !o.status.success(),
+            "udm {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
     /// `udm snapshot take DEVICE --cow PATH/COW --size 32M EXTRA...` (the COW file in this test's
     /// directory), asserting success; returns the output (stderr has `--timings` lines).
     pub fn take_snapshot(&self, device: &str, cow: &str, extra: &[&str]) -> Output {

@@ -16,16 +16,7 @@ const SIZE: u64 = 64 << 20;
 
 /// Runs `udm --json ARGS`; returns the `result` of its `done` line.
 fn backup_json(d: &Udmd, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let o = d.udm(&a);
-    assert!(
-        o.status.success(),
-        "udm {args:?} failed: {}\nlog:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        d.log()
-    );
-    let text = String::from_utf8_lossy(&o.stdout);
+    let text = d.udm_json_out(args);
     let last = text.lines().last().expect("output");
     let v: serde_json::Value = serde_json::from_str(last).expect("JSON line");
     assert_eq!(v["event"], "done", "{text}");
@@ -61,17 +52,6 @@ fn full_interrupted_after(d: &Udmd, dir: &Path, clusters: u32) {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-/// Runs `udm ARGS`, expecting failure; returns stderr.
-fn udm_fails(d: &Udmd, args: &[&str]) -> String {
-    let o = d.udm(args);
-    assert!(
-        !o.status.success(),
-        "udm {args:?} unexpectedly succeeded: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn s(p: &Path) -> &str {
@@ -249,9 +229,7 @@ fn chain_under_fio_load_with_kill9_restores_every_point() {
 }
 
 fn backup_json_list(d: &Udmd, dir: &Path) -> serde_json::Value {
-    let o = d.udm(&["--json", "backup", "list", s(dir)]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    serde_json::from_str(&d.udm_json_out(&["backup", "list", s(dir)])).unwrap()
 }
 
 #[test]
@@ -303,7 +281,7 @@ fn bad_input_is_refused_with_nothing_written() {
     d.disk("vol", 16 << 20, 5);
     d.disk("other", 16 << 20, 6);
     let dir = d.path("bk");
-    let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    let e = d.udm_fails(&["backup", "incremental", "vol", "--to", s(&dir)]);
     assert!(
         e.contains("udm track start vol") && e.contains("[ENOENT]"),
         "{e}"
@@ -316,7 +294,7 @@ fn bad_input_is_refused_with_nothing_written() {
     );
     assert_eq!(p["kind"], "full");
     // A directory of another device.
-    let e = udm_fails(&d, &["backup", "full", "other", "--to", s(&dir)]);
+    let e = d.udm_fails(&["backup", "full", "other", "--to", s(&dir)]);
     assert!(
         e.contains("holds backups of vol") && e.contains("[EINVAL]"),
         "{e}"
@@ -326,33 +304,30 @@ fn bad_input_is_refused_with_nothing_written() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = d.udm(&["track", "start", "vol"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    let e = d.udm_fails(&["backup", "incremental", "vol", "--to", s(&dir)]);
     assert!(e.contains("restarted since point 0"), "{e}");
     auto_takes_a_full_backup(&d, &dir, 1);
     let p = backup_json(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
     assert_eq!(p["n"], 2);
     // Restore refusals: a missing point, an existing file, a point that does not exist.
     let out = d.path("out.raw");
-    let e = udm_fails(
-        &d,
-        &[
-            "backup",
-            "restore",
-            s(&dir),
-            "--point",
-            "7",
-            "--to",
-            s(&out),
-        ],
-    );
+    let e = d.udm_fails(&[
+        "backup",
+        "restore",
+        s(&dir),
+        "--point",
+        "7",
+        "--to",
+        s(&out),
+    ]);
     assert!(e.contains("no point 7") && e.contains("[ENOENT]"), "{e}");
     std::fs::rename(dir.join("point-1.qcow2"), d.path("moved.qcow2")).unwrap();
-    let e = udm_fails(&d, &["backup", "restore", s(&dir), "--to", s(&out)]);
+    let e = d.udm_fails(&["backup", "restore", s(&dir), "--to", s(&out)]);
     assert!(e.contains("[ENOENT]"), "{e}");
     assert!(!out.exists(), "nothing written on a missing point");
     std::fs::rename(d.path("moved.qcow2"), dir.join("point-1.qcow2")).unwrap();
     std::fs::write(&out, b"keep").unwrap();
-    let e = udm_fails(&d, &["backup", "restore", s(&dir), "--to", s(&out)]);
+    let e = d.udm_fails(&["backup", "restore", s(&dir), "--to", s(&out)]);
     assert!(e.contains("--force") && e.contains("[EEXIST]"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
     // Damage: a flipped byte in point 1's data is found by verify, naming the cluster.
@@ -361,7 +336,7 @@ fn bad_input_is_refused_with_nothing_written() {
     let at = b.len() - 1000;
     b[at] ^= 0xff;
     std::fs::write(&img, &b).unwrap();
-    let e = udm_fails(&d, &["backup", "verify", s(&dir), "--point", "2"]);
+    let e = d.udm_fails(&["backup", "verify", s(&dir), "--point", "2"]);
     assert!(e.contains("cluster") && e.contains("[EILSEQ]"), "{e}");
     // Damaged sums of the last point: the next incremental fails after taking its snapshot,
     // and leaves neither the snapshot nor a partial point behind.
@@ -369,7 +344,7 @@ fn bad_input_is_refused_with_nothing_written() {
     let mut b = std::fs::read(&sums).unwrap();
     b[30] ^= 1;
     std::fs::write(&sums, &b).unwrap();
-    let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    let e = d.udm_fails(&["backup", "incremental", "vol", "--to", s(&dir)]);
     assert!(e.contains("[EILSEQ]"), "{e}");
     let snaps = d.udm(&["--json", "snapshot", "list"]);
     assert_eq!(
@@ -380,7 +355,7 @@ fn bad_input_is_refused_with_nothing_written() {
     assert!(!dir.join("partial.json").exists());
     // A damaged manifest.
     std::fs::write(dir.join("backup.json"), b"{").unwrap();
-    let e = udm_fails(&d, &["backup", "list", s(&dir)]);
+    let e = d.udm_fails(&["backup", "list", s(&dir)]);
     assert!(e.contains("damaged"), "{e}");
 }
 
@@ -429,7 +404,7 @@ fn size_change_needs_a_full_backup() {
     assert_eq!(p["data_bytes"], 16 << 20);
     d.ok(&["load", "vol", "--table", "0 65536 linear d0 0"]);
     d.ok(&["resume", "vol"]);
-    let e = udm_fails(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
+    let e = d.udm_fails(&["backup", "incremental", "vol", "--to", s(&dir)]);
     assert!(e.contains("size change") && e.contains("[EINVAL]"), "{e}");
     auto_takes_a_full_backup(&d, &dir, 1);
     let p = backup_json(&d, &["backup", "incremental", "vol", "--to", s(&dir)]);
@@ -452,7 +427,7 @@ fn an_unusable_partial_point_is_discarded_and_taken_again() {
     full_interrupted_after(&d, &dir, 50);
     // Another device's backup into this directory is refused, not finished as this one.
     d.disk("other", 16 << 20, 9);
-    let e = udm_fails(&d, &["backup", "full", "other", "--to", s(&dir)]);
+    let e = d.udm_fails(&["backup", "full", "other", "--to", s(&dir)]);
     assert!(
         e.contains("unfinished backup of vol") && e.contains("[EINVAL]"),
         "{e}"

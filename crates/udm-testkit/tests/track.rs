@@ -19,26 +19,7 @@ const SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 4096;
 
 fn udm_json(d: &Udmd, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    let o = d.udm(&a);
-    assert!(
-        o.status.success(),
-        "udm {args:?} failed: {}\nlog:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        d.log()
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON output")
-}
-
-fn udm_fails(d: &Udmd, args: &[&str]) -> String {
-    let o = d.udm(args);
-    assert!(
-        !o.status.success(),
-        "udm {args:?} unexpectedly succeeded: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    serde_json::from_str(&d.udm_json_out(args)).expect("JSON output")
 }
 
 fn start_fails(d: &Udmd, meta: &str, block_size: &str) -> String {
@@ -51,7 +32,7 @@ fn start_fails(d: &Udmd, meta: &str, block_size: &str) -> String {
         "--block-size",
         block_size,
     ];
-    udm_fails(d, &args)
+    d.udm_fails(&args)
 }
 
 /// The blocks `udm track status --since ERA` reports written.
@@ -177,7 +158,7 @@ fn tracking_survives_kill9_and_stop_keeps_clients() {
     let data = c.read(10 * BLOCK, BLOCK as u32).expect("read after stop");
     assert!(matches!(data, Reply::Ok(ref v) if v[..] == vec![10u8 ^ 0x5a; BLOCK as usize][..]));
     assert!(d.path("vol.era").exists(), "stop keeps the metadata file");
-    let e = udm_fails(&d, &["track", "status", "vol"]);
+    let e = d.udm_fails(&["track", "status", "vol"]);
     assert!(e.contains("not tracked") && e.contains("[ENOENT]"), "{e}");
 }
 
@@ -187,17 +168,17 @@ fn bad_input_is_a_clear_error() {
     d.disk("vol", SIZE, 1);
     let meta = d.path("vol.era");
     let meta = meta.to_str().unwrap();
-    let e = udm_fails(&d, &["track", "start", "nope", "--meta", meta]);
+    let e = d.udm_fails(&["track", "start", "nope", "--meta", meta]);
     assert!(
         e.contains("nope does not exist") && e.contains("[ENXIO]"),
         "{e}"
     );
-    let e = udm_fails(&d, &["track", "status", "vol"]);
+    let e = d.udm_fails(&["track", "status", "vol"]);
     assert!(
         e.contains("vol is not tracked") && e.contains("[ENOENT]"),
         "{e}"
     );
-    let e = udm_fails(&d, &["track", "checkpoint", "nope"]);
+    let e = d.udm_fails(&["track", "checkpoint", "nope"]);
     assert!(e.contains("[ENXIO]"), "{e}");
     let e = start_fails(&d, meta, "5000");
     assert!(
@@ -206,7 +187,7 @@ fn bad_input_is_a_clear_error() {
     );
     assert!(!d.path("vol.era").exists(), "nothing created on bad input");
     start(&d);
-    let e = udm_fails(&d, &["track", "start", "vol", "--meta", meta]);
+    let e = d.udm_fails(&["track", "start", "vol", "--meta", meta]);
     assert!(
         e.contains("tracked already") && e.contains("[EEXIST]"),
         "{e}"
