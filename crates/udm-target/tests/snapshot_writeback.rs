@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use snapshot_common::gate::{wait_for, GateDev};
 use snapshot_common::*;
-use udm_io::BlockDevice;
+use udm_io::backend::mem::{Fault, MemDevice};
+use udm_io::{BioKind, BlockDevice};
 use udm_target::snapshot::writeback::{held_limit, set_held_limit, MAX_HELD_BYTES};
 use udm_target::Target;
+use udm_types::errno::HasErrno;
+use udm_types::Errno;
 
 /// An origin of `os` sectors (pattern 1) with an active persistent snapshot of chunk size
 /// `chunk` on a gated COW.
@@ -35,6 +38,11 @@ impl Drop for Rig {
 }
 
 fn rig(os: u64, chunk: u64) -> Rig {
+    rig_with_origin(os, chunk).0
+}
+
+/// [`rig`], also returning the origin's memory device (for faults and latency).
+fn rig_with_origin(os: u64, chunk: u64) -> (Rig, Arc<MemDevice>) {
     let mut c = Ctx::new();
     let o = c.mem("o", os);
     let mut img = vec![0u8; (os * 512) as usize];
@@ -45,7 +53,7 @@ fn rig(os: u64, chunk: u64) -> Rig {
     let org = c.origin(os, "o").unwrap();
     let snap = c.snapshot(os, &format!("o c P {chunk}")).unwrap();
     activate(&*snap);
-    Rig { c, cow, org, snap }
+    (Rig { c, cow, org, snap }, o)
 }
 
 impl Rig {
@@ -217,4 +225,37 @@ fn a_write_over_the_bound_is_held_alone() {
     write(&*r.org, 0, &data).unwrap();
     flush(&*r.org).unwrap();
     assert_eq!(dev_read(r.origin_dev(), 0, over as u64), data);
+}
+
+/// Hundreds of writes held together reach the origin in parts applied by several threads: a
+/// flush returns only once every one of them is there, and reports (once) the one the origin
+/// refused, whichever part it was in.
+#[test]
+fn a_batch_of_held_writes_is_applied_whole_and_a_failure_is_reported() {
+    // The first write's commit waits at the gate with that write alone; the other 73 are
+    // committed together after it: a part of 64 writes and one of 9, applied at once by two
+    // threads, so the short last part is done while the first is still being written.
+    let n = 74u64;
+    let (r, o) = rig_with_origin(n * 8 + 256, 8);
+    let bad = 70 * 8;
+    o.inject(Fault::range(bad, bad + 8, Errno::EIO).ops(&[BioKind::Write]));
+    r.cow.set_closed(true);
+    for i in 0..n {
+        acked(&r, i * 8, &pattern(30 + i, i * 8, 8));
+    }
+    // Slow origin writes: the parts are still being applied when the flush arrives.
+    o.set_latency(Duration::from_micros(300));
+    r.cow.set_closed(false);
+    let e = flush(&*r.org).expect_err("the refused held write was not reported");
+    assert_eq!(e.errno(), Errno::EIO, "{e}");
+    // Last written first, still slow: a part not yet applied is found before it could be.
+    for i in (0..n).rev().filter(|&i| i * 8 != bad) {
+        assert_eq!(
+            dev_read(&*o, i * 8, 8),
+            pattern(30 + i, i * 8, 8),
+            "held write {i} was not on the origin when the flush returned"
+        );
+    }
+    flush(&*r.org).expect("the failure is reported once");
+    o.set_latency(Duration::ZERO);
 }

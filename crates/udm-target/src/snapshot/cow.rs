@@ -167,6 +167,9 @@ pub fn commit(pending: Vec<Pending>, force: bool) {
     });
 }
 
+/// Exceptions installed (and their chunks unlocked) per lock round by [`finish_all`].
+const FINISH_SLICE: usize = 256;
+
 /// Waits for the commits of `group` (one store) and installs them; releases the chunk locks.
 fn finish_all(mut group: Vec<Pending>, force: bool) {
     let Some(first) = group.first() else {
@@ -191,11 +194,19 @@ fn finish_all(mut group: Vec<Pending>, force: bool) {
             })
             .collect();
         let s = group[i].l.s.clone();
-        s.finish_many(&done);
-        let chunks: Vec<u64> = group[i..j].iter().map(|p| p.l.chunk).collect();
-        s.locks.unlock_many(&chunks);
-        for p in &mut group[i..j] {
-            p.l.held = false;
+        // In slices, each installed before its chunks are unlocked: origin writers look up
+        // exceptions under the state lock, so a batch of thousands installed under one write
+        // lock would hold them all up for milliseconds.
+        for (d, ps) in done
+            .chunks(FINISH_SLICE)
+            .zip(group[i..j].chunks_mut(FINISH_SLICE))
+        {
+            s.finish_many(d);
+            let chunks: Vec<u64> = ps.iter().map(|p| p.l.chunk).collect();
+            s.locks.unlock_many(&chunks);
+            for p in ps {
+                p.l.held = false;
+            }
         }
         i = j;
     }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, Extent, ExtentKind, IoError};
+use udm_types::SECTOR_SHIFT;
 
 use super::cow::{lock_chunks, origin_write};
 use super::{OriginEntry, Origins};
@@ -81,6 +82,7 @@ impl Target for OriginTarget {
                     let snaps = self.entry.snaps.read();
                     return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
                 }
+                wb.wait_room(((end - abs) << SECTOR_SHIFT) as usize);
                 let snaps = self.entry.snaps.read();
                 if snaps.iter().any(|s| s.merge) {
                     // A merge moves data into the origin: keep its writes synchronous.

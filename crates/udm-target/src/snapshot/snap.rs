@@ -676,9 +676,6 @@ fn handover(src: &Arc<Snap>, dest: &Arc<Snap>) {
 impl Drop for SnapshotTarget {
     fn drop(&mut self) {
         let s = &self.snap;
-        // As the kernel's destructor waits for pending exceptions: origin writes still
-        // copying into this snapshot finish before its table is gone.
-        s.entry.writeback.settle();
         {
             let snaps = s.entry.snaps.read();
             let sh = find_sharing(&snaps, s);
@@ -692,6 +689,11 @@ impl Drop for SnapshotTarget {
         if s.merge {
             merge::stop_merge(s);
         }
+        // As the kernel's destructor: off the origin's list first, so that new origin writes
+        // no longer copy into this snapshot, then wait for the copies still pending (origin
+        // writes held meanwhile, which reach the origin once those are committed). Settling
+        // first had writers keep adding copies to wait for.
         unregister(s);
+        s.entry.writeback.settle();
     }
 }

@@ -6,11 +6,12 @@
 //! a full store behave the same) and is acknowledged once its data is held in memory. Two
 //! threads per origin then, for what is held, in batches of at most `GATHER_BYTES`, copy the
 //! chunks (the origin still has the old data: nothing reaches it before the commit), commit
-//! them in one metadata write, and only then write the held data to the origin, releasing it
-//! every `APPLY_STEP` writes; copying one batch overlaps the commit (mostly the COW's cache
-//! flush) of the last. Small batches keep the wait of a writer at the memory bound short. The origin therefore never receives a write before the copy
-//! of its old data is durable (the kernel's ordering, so the snapshot survives a crash or power
-//! loss as with the kernel), while writers no longer wait for a commit each.
+//! them in one metadata write, and only then write the held data to the origin (one thread
+//! per core, in parts of `APPLY_STEP` writes, each part released when applied); copying one
+//! batch overlaps the commit (mostly the COW's cache flush) of the last. Small batches keep
+//! the wait of a writer at the memory bound short. The origin therefore never receives a write
+//! before the copy of its old data is durable (the kernel's ordering, so the snapshot survives
+//! a crash or power loss as with the kernel), while writers no longer wait for a commit each.
 //!
 //! This is a volatile write cache in front of the origin, as the block layer allows: a flush,
 //! or a write with PREFLUSH or FUA, waits until every write acknowledged before it is on the
@@ -24,7 +25,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError};
@@ -172,6 +173,18 @@ impl WriteBack {
         Ok(())
     }
 
+    /// Waits while `len` more bytes would exceed the memory bound. Called before a writer
+    /// takes the origin's snapshot list and chunk locks, so that it rarely waits at the bound
+    /// while holding them (a snapshot being removed waits for the list's holders, and every
+    /// writer after it for that).
+    pub fn wait_room(&self, len: usize) {
+        let mut st = self.st.lock();
+        let limit = held_limit();
+        while st.bytes > 0 && st.bytes + len > limit {
+            self.wait_urgent(&mut st);
+        }
+    }
+
     /// Acknowledges a write that needs the copies of the chunks `locked` (locked, nothing
     /// allocated): allocates their exceptions, keeps a copy of `data` until those copies are
     /// committed, then writes it to `origin` at `sector`. Waits first while the memory bound
@@ -189,8 +202,23 @@ impl WriteBack {
         let end = sector.saturating_add((data.len() as u64) >> SECTOR_SHIFT);
         let mut st = self.st.lock();
         let limit = held_limit();
+        let t0 = Instant::now();
+        let mut why = "";
         while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > limit) {
+            why = if st.overlaps(sector, end) {
+                "overlap"
+            } else {
+                "bound"
+            };
             self.wait_urgent(&mut st);
+        }
+        if !why.is_empty() {
+            tracing::trace!(
+                why,
+                wait_ms = t0.elapsed().as_secs_f64() * 1e3,
+                bytes = st.bytes,
+                "hold waited"
+            );
         }
         if !st.copier {
             let me = self.clone();
@@ -263,8 +291,11 @@ impl WriteBack {
         loop {
             let mut batch: Vec<Held> = {
                 let mut st = self.st.lock();
-                if st.queue.is_empty() {
-                    self.copy_cv.wait_for(&mut st, IDLE);
+                // Until IDLE has passed without work: wake-ups without any (a waiter nudging
+                // the thread, a spurious one) must not end it, or it is respawned per batch.
+                let idle_end = Instant::now() + IDLE;
+                while st.queue.is_empty() && !self.copy_cv.wait_until(&mut st, idle_end).timed_out()
+                {
                 }
                 if st.queue.is_empty() {
                     st.copier = false;
@@ -287,6 +318,7 @@ impl WriteBack {
                 st.queued_bytes = st.queued_bytes.saturating_sub(taken);
                 batch
             };
+            let copy_start = Instant::now();
             let mut i = 0;
             while i < batch.len() {
                 // One origin device per run of the batch (there is normally just one).
@@ -301,6 +333,11 @@ impl WriteBack {
                 batch[i].pending = run;
                 i = j;
             }
+            tracing::trace!(
+                writes = batch.len(),
+                copy_ms = copy_start.elapsed().as_secs_f64() * 1e3,
+                "snapshot write-back: batch copied"
+            );
             let mut st = self.st.lock();
             st.copied.extend(batch);
             if !st.committer {
@@ -333,9 +370,8 @@ impl WriteBack {
         loop {
             let batch: Vec<Held> = {
                 let mut st = self.st.lock();
-                if st.copied.is_empty() {
-                    self.cv.wait_for(&mut st, IDLE);
-                }
+                let idle_end = Instant::now() + IDLE;
+                while st.copied.is_empty() && !self.cv.wait_until(&mut st, idle_end).timed_out() {}
                 if st.copied.is_empty() {
                     st.committer = false;
                     return;
@@ -351,23 +387,76 @@ impl WriteBack {
             .iter_mut()
             .flat_map(|h| std::mem::take(&mut h.pending))
             .collect();
+        let start = Instant::now();
         commit(pending, true);
-        // Applied in order; what is on the origin is released every APPLY_STEP writes, so
-        // readers, overlapping writers and writers at the memory bound go on as soon as their
-        // part is there.
-        for part in batch.chunks(APPLY_STEP) {
+        let committed = start.elapsed();
+        // Applied by up to `apply_threads()` threads, part by part: applying is what bounds
+        // the write-back's pace (a filesystem's buffered random writes cost about what the
+        // writers' own writes cost without a snapshot, and the writers ran on every core).
+        // Held writes are disjoint, so their order on the origin does not matter; `applied`
+        // only moves over parts applied without a gap.
+        let parts: Vec<&[Held]> = batch.chunks(APPLY_STEP).collect();
+        let progress = Mutex::new(ApplyProgress {
+            done: vec![false; parts.len()],
+            prefix: 0,
+        });
+        let next = AtomicUsize::new(0);
+        let work = || self.apply_parts(&parts, &next, &progress);
+        let helpers = apply_threads().min(parts.len()).saturating_sub(1);
+        if helpers == 0 {
+            work();
+        } else {
+            std::thread::scope(|sc| {
+                for _ in 0..helpers {
+                    let spawned = std::thread::Builder::new()
+                        .name("udm-snap-apply".into())
+                        .spawn_scoped(sc, || {
+                            io_flusher();
+                            work()
+                        });
+                    if spawned.is_err() {
+                        break;
+                    }
+                }
+                work();
+            });
+        }
+        tracing::trace!(
+            writes = batch.len(),
+            commit_ms = committed.as_secs_f64() * 1e3,
+            apply_ms = (start.elapsed() - committed).as_secs_f64() * 1e3,
+            "snapshot write-back: batch committed and applied"
+        );
+    }
+
+    /// Applies parts of a committed batch until none is left; after each, releases what it
+    /// held and moves `applied` over the parts applied so far without a gap.
+    fn apply_parts(&self, parts: &[&[Held]], next: &AtomicUsize, progress: &Mutex<ApplyProgress>) {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = parts.get(i) else {
+                return;
+            };
             let mut failed = None;
-            for h in part {
+            for h in *part {
                 if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
                     tracing::error!("snapshot write-back: writing the origin failed: {e}");
                     failed.get_or_insert(e);
                 }
             }
-            let mut st = self.st.lock();
-            if let Some(last) = part.last() {
-                st.applied = last.seq + 1;
+            let mut pr = progress.lock();
+            pr.done[i] = true;
+            let mut applied = None;
+            while pr.prefix < parts.len() && pr.done[pr.prefix] {
+                applied = parts[pr.prefix].last().map(|h| h.seq + 1);
+                pr.prefix += 1;
             }
-            for h in part {
+            let mut st = self.st.lock();
+            drop(pr);
+            if let Some(a) = applied {
+                st.applied = st.applied.max(a);
+            }
+            for h in *part {
                 st.ranges.remove(&h.sector);
                 st.bytes = st.bytes.saturating_sub(h.data.len());
             }
@@ -385,4 +474,16 @@ impl WriteBack {
             self.cv.notify_all();
         }
     }
+}
+
+/// Which parts of a batch are applied, and how many from the first without a gap.
+struct ApplyProgress {
+    done: Vec<bool>,
+    prefix: usize,
+}
+
+/// Threads that apply a batch: one per core, at most 4.
+fn apply_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
