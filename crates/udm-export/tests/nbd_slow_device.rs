@@ -1,5 +1,5 @@
 //! A device whose small writes each wait for a commit (as an era target's first writes wait for
-//! their writeset bits, and say so with `udm_io::thread::note_commit_wait`): the server must
+//! their writeset bits, and say so with `udm_io::thread::note_device_wait`): the server must
 //! give a pipelining client's small requests to several threads, or the device only ever sees
 //! one at a time and cannot batch (era's group commit), and the client gets one request per
 //! wait.
@@ -28,7 +28,7 @@ impl BlockDevice for Slow {
         2048
     }
     fn submit(&self, _bio: Bio<'_>) -> Result<(), IoError> {
-        udm_io::thread::note_commit_wait();
+        udm_io::thread::note_device_wait();
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(n, Ordering::SeqCst);
         std::thread::sleep(self.wait);

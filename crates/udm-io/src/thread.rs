@@ -18,32 +18,33 @@ pub fn mark_io_flusher() -> std::io::Result<()> {
 }
 
 thread_local! {
-    static WAITED_FOR_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WAITED_FOR_DEVICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Called by a device while it executes a request that waits for a metadata commit (an era
-/// target's first write to a block): such waits batch when requests arrive together, so the
-/// issuer should give it several requests at once rather than one at a time.
-pub fn note_commit_wait() {
-    WAITED_FOR_COMMIT.with(|w| w.set(true));
+/// Called by a device while it executes a request that waits: for a metadata commit (an era
+/// target's first write to a block) or for its own I/O (a file read that missed the page
+/// cache). Such waits overlap when requests arrive together, so the issuer should give the
+/// device several requests at once rather than one at a time.
+pub fn note_device_wait() {
+    WAITED_FOR_DEVICE.with(|w| w.set(true));
 }
 
-/// Whether a request executed on this thread since the last call waited for a commit (and
+/// Whether a request executed on this thread since the last call waited for the device (and
 /// forgets it).
-pub fn took_commit_wait() -> bool {
-    WAITED_FOR_COMMIT.with(|w| w.replace(false))
+pub fn took_device_wait() -> bool {
+    WAITED_FOR_DEVICE.with(|w| w.replace(false))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn commit_waits_are_per_thread_and_taken_once() {
-        assert!(!super::took_commit_wait());
-        super::note_commit_wait();
-        std::thread::spawn(|| assert!(!super::took_commit_wait()))
+    fn device_waits_are_per_thread_and_taken_once() {
+        assert!(!super::took_device_wait());
+        super::note_device_wait();
+        std::thread::spawn(|| assert!(!super::took_device_wait()))
             .join()
             .expect("thread");
-        assert!(super::took_commit_wait());
-        assert!(!super::took_commit_wait());
+        assert!(super::took_device_wait());
+        assert!(!super::took_device_wait());
     }
 }

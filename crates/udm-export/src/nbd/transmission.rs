@@ -7,7 +7,7 @@
 //! requests sent to it. A thread that finishes and finds someone else reading exits.
 
 use super::connection::{
-    Conn, Job, Next, Wr, CHUNK, COMMIT_WAIT_SPAN, HEAVY_BYTES, IDLE_TRIM_TICKS, MAX_SKIP_PAYLOAD,
+    Conn, Job, Next, Wr, CHUNK, DEVICE_WAIT_SPAN, HEAVY_BYTES, IDLE_TRIM_TICKS, MAX_SKIP_PAYLOAD,
     MAX_WORKERS, STALL_NS, STANDBY_IDLE,
 };
 use super::ctl::ConnCtl;
@@ -87,22 +87,22 @@ impl Conn {
             self.released_at.store(self.clock.now(), Ordering::SeqCst);
             drop(rg);
             let light = job.req.length < HEAVY_BYTES && job.req.cmd != CMD_FLUSH;
-            // Light requests run on this thread, unless the device recently made one wait for
-            // a commit (udm_io::thread::note_commit_wait): then they are handed off too, so the
-            // device gets the client's queue depth and can batch its commits.
-            let inline = light && self.commit_waits.load(Ordering::Relaxed) == 0;
+            // Light requests run on this thread, unless the device recently made one wait (a
+            // commit, a page-cache miss: udm_io::thread::note_device_wait): then they are handed
+            // off too, so the device gets the client's queue depth.
+            let inline = light && self.device_waits.load(Ordering::Relaxed) == 0;
             if !inline {
                 self.add_reader();
             }
             self.execute(job, more && inline);
             // Taken after every request, so a heavy one's wait does not linger for a later one.
-            let waited = udm_io::thread::took_commit_wait();
+            let waited = udm_io::thread::took_device_wait();
             if light {
                 if waited {
-                    self.commit_waits.store(COMMIT_WAIT_SPAN, Ordering::Relaxed);
+                    self.device_waits.store(DEVICE_WAIT_SPAN, Ordering::Relaxed);
                 } else {
                     let _ =
-                        self.commit_waits
+                        self.device_waits
                             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                                 n.checked_sub(1)
                             });

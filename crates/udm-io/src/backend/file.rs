@@ -83,6 +83,30 @@ pub(crate) fn pread_full(file: &File, buf: &mut [u8], off: u64) -> io::Result<()
     Ok(())
 }
 
+/// `preadv2(fd, buf, off, RWF_NOWAIT)` once: what the page cache holds, without waiting for
+/// I/O (EAGAIN when nothing of it is cached); returns bytes read.
+fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov describes `buf`, which stays mutably borrowed for the call; the kernel writes
+    // at most iov_len bytes into it.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            off as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// `pwritev2(fd, buf, off, RWF_DSYNC)` once; returns bytes written.
 fn pwrite_dsync(file: &File, buf: &[u8], off: u64) -> io::Result<usize> {
     let iov = libc::iovec {
@@ -180,6 +204,8 @@ pub(crate) struct RawDisk {
     pub(crate) regular: bool,
     /// pwritev2(RWF_DSYNC) works here (cleared on the first EOPNOTSUPP/EINVAL).
     rwf_dsync: AtomicBool,
+    /// preadv2(RWF_NOWAIT) works here (cleared on the first EOPNOTSUPP/EINVAL).
+    nowait_ok: AtomicBool,
 }
 
 impl RawDisk {
@@ -208,6 +234,7 @@ impl RawDisk {
             pbs: 4096,
             regular: false,
             rwf_dsync: AtomicBool::new(true),
+            nowait_ok: AtomicBool::new(true),
         })
     }
 
@@ -232,7 +259,7 @@ impl RawDisk {
             return Ok(());
         }
         if !self.direct || !self.offset_ok(off, buf.len()) {
-            return pread_full(self.buffered(), buf, off);
+            return self.read_cached(buf, off);
         }
         if self.mem_ok(buf.as_ptr()) {
             return self.read_direct(buf, off);
@@ -241,6 +268,34 @@ impl RawDisk {
         self.read_direct(&mut bounce, off)?;
         buf.copy_from_slice(&bounce[..buf.len()]);
         Ok(())
+    }
+
+    /// A buffered read, tried first without waiting (`RWF_NOWAIT`): what the page cache does
+    /// not hold is then read normally and the wait is noted for the caller
+    /// ([`crate::thread::note_device_wait`]), which may then issue requests in parallel.
+    fn read_cached(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let file = self.buffered();
+        let done = if self.nowait_ok.load(Ordering::Relaxed) {
+            match pread_nowait(file, buf, off) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => 0,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    self.nowait_ok.store(false, Ordering::Relaxed);
+                    0
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            }
+        } else {
+            0
+        };
+        if done == buf.len() {
+            return Ok(());
+        }
+        if self.nowait_ok.load(Ordering::Relaxed) {
+            crate::thread::note_device_wait();
+        }
+        pread_full(file, &mut buf[done..], off + done as u64)
     }
 
     /// O_DIRECT read of an aligned request; a short read (end of file) is finished through the

@@ -140,7 +140,7 @@ impl Shared {
     /// batch being gathered; whoever finds no commit running commits every queued range at
     /// once while later ranges gather for the next batch.
     fn mark(&self, first: u64, last: u64) -> Result<(), OpError> {
-        udm_io::thread::note_commit_wait();
+        udm_io::thread::note_device_wait();
         let mut q = self.marks.lock();
         q.pending.push((first, last));
         let mine = q.gathering;
