@@ -86,47 +86,45 @@ pub(crate) fn pread_full(file: &File, buf: &mut [u8], off: u64) -> io::Result<()
 /// `preadv2(fd, buf, off, RWF_NOWAIT)` once: what the page cache holds, without waiting for
 /// I/O (EAGAIN when nothing of it is cached); returns bytes read.
 fn pread_nowait(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
     // SAFETY: iov describes `buf`, which stays mutably borrowed for the call; the kernel writes
     // at most iov_len bytes into it.
     let n = unsafe {
         libc::preadv2(
             file.as_raw_fd(),
-            &iov,
+            &iovec(buf.as_mut_ptr(), buf.len()),
             1,
             off as libc::off_t,
             libc::RWF_NOWAIT,
         )
     };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    byte_count(n)
 }
 
 /// `pwritev2(fd, buf, off, RWF_DSYNC)` once; returns bytes written.
 fn pwrite_dsync(file: &File, buf: &[u8], off: u64) -> io::Result<usize> {
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
     // SAFETY: iov describes `buf`, which stays borrowed for the call; the kernel only reads it.
     let n = unsafe {
         libc::pwritev2(
             file.as_raw_fd(),
-            &iov,
+            &iovec(buf.as_ptr().cast_mut(), buf.len()),
             1,
             off as libc::off_t,
             libc::RWF_DSYNC,
         )
     };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
+    byte_count(n)
+}
+
+fn iovec(base: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
     }
-    Ok(n as usize)
+}
+
+/// A byte count from a system call, or its errno.
+fn byte_count(n: isize) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// `fallocate(2)` on a file or block device.
