@@ -3,7 +3,7 @@
 //! that let an interrupted copy continue.
 
 use super::chain::{err, io_err, sync_dir, Kind, Partial, Run, Sums, ZeroCrc};
-use super::nbd::{NbdDev, IO_MAX};
+use super::nbd::{NbdDev, ReadAhead, IO_MAX};
 use super::Progress;
 use crate::error::CliError;
 use std::path::Path;
@@ -13,6 +13,8 @@ use udm_types::Errno;
 
 /// Block status asked per request.
 const STATUS_STEP: u64 = 1 << 30;
+/// Reads of up to IO_MAX in flight at once (the server serves them in parallel).
+const READ_AHEAD: usize = 4;
 /// How often progress is made durable (and reported).
 const CHECKPOINT: Duration = Duration::from_secs(2);
 
@@ -147,9 +149,10 @@ pub fn copy(
     let mut buf = vec![0u8; IO_MAX as usize];
     let per_io = (IO_MAX / cs).max(1);
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
-    let mut k = 0u64; // data clusters seen in plan order
+    // The data clusters in plan order as reads of up to IO_MAX: (first cluster, count, bytes).
+    let mut reads: Vec<(u64, u64, u64)> = Vec::new();
     let zero = ZeroCrc::new(cs);
-    for r in p.plan.clone() {
+    for r in &p.plan {
         if r.zero {
             for c in r.start..r.start + r.count {
                 sums.crcs[c as usize] = zero.of(sums.len_of(c));
@@ -162,42 +165,53 @@ pub fn copy(
             let n = (r.start + r.count - c).min(per_io);
             let bytes: u64 = (c..c + n).map(|x| sums.len_of(x)).sum();
             data_bytes += bytes;
-            if k + n <= p.done {
-                // Written before the interruption (its sums were saved with `done`).
-                k += n;
-                c += n;
+            reads.push((c, n, bytes));
+            c += n;
+        }
+    }
+    // Reads wholly written before an interruption (their sums were saved with `done`).
+    let mut k = 0u64; // data clusters seen in plan order
+    let mut first = 0;
+    while first < reads.len() && k + reads[first].1 <= p.done {
+        k += reads[first].1;
+        first += 1;
+    }
+    let mut ra = ReadAhead::new(READ_AHEAD);
+    let mut sent = first;
+    for &(c, n, bytes) in &reads[first..] {
+        while sent < reads.len() && ra.has_room() {
+            let (sc, _, sb) = reads[sent];
+            nbd.read_ahead(&mut ra, sc * cs, sb as u32)?;
+            sent += 1;
+        }
+        let b = &mut buf[..bytes as usize];
+        nbd.read_next(&mut ra, b)?;
+        for (i, chunk) in b.chunks(cs as usize).enumerate() {
+            let idx = c + i as u64;
+            if k + (i as u64) < p.done {
                 continue;
             }
-            let b = &mut buf[..bytes as usize];
-            nbd.read(c * cs, b)?;
-            for (i, chunk) in b.chunks(cs as usize).enumerate() {
-                let idx = c + i as u64;
-                if k + (i as u64) < p.done {
-                    continue;
-                }
-                w.write_next(chunk)
-                    .map_err(|e| qcow_err("cannot write", &part, e))?;
-                sums.crcs[idx as usize] = crc32c::crc32c(chunk);
-            }
-            k += n;
-            c += n;
-            if last.elapsed() >= CHECKPOINT || abort_after.is_some_and(|a| k >= a) {
-                w.sync().map_err(|e| qcow_err("cannot sync", &part, e))?;
-                p.done = w.done();
-                p.point.seconds = earlier + started.elapsed().as_secs_f64();
-                sums.save(&dir.join(".partial.sums"))?;
-                p.save(dir)?;
-                last = Instant::now();
-                if abort_after.is_some_and(|a| k >= a) {
-                    // Test hook: an interruption right after a progress record.
-                    std::process::exit(75);
-                }
-            }
-            progress(Progress::Copied {
-                done: k.min(total) * cs,
-                total: total * cs,
-            });
+            w.write_next(chunk)
+                .map_err(|e| qcow_err("cannot write", &part, e))?;
+            sums.crcs[idx as usize] = crc32c::crc32c(chunk);
         }
+        k += n;
+        if last.elapsed() >= CHECKPOINT || abort_after.is_some_and(|a| k >= a) {
+            w.sync().map_err(|e| qcow_err("cannot sync", &part, e))?;
+            p.done = w.done();
+            p.point.seconds = earlier + started.elapsed().as_secs_f64();
+            sums.save(&dir.join(".partial.sums"))?;
+            p.save(dir)?;
+            last = Instant::now();
+            if abort_after.is_some_and(|a| k >= a) {
+                // Test hook: an interruption right after a progress record.
+                std::process::exit(75);
+            }
+        }
+        progress(Progress::Copied {
+            done: k.min(total) * cs,
+            total: total * cs,
+        });
     }
     let image_bytes = w
         .finish()

@@ -6,10 +6,11 @@ use super::chain::err;
 use crate::error::CliError;
 use crate::session::Session;
 use crate::udm::snapshot::done;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use udm_nbd::client::{Client, Reply};
-use udm_nbd::proto::{CMD_FLUSH, CMD_WRITE_ZEROES, META_BASE_ALLOCATION, STATE_ZERO};
+use udm_nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE_ZEROES, META_BASE_ALLOCATION, STATE_ZERO};
 use udm_proto::{BitmapSpec, ExportKind, Request, Response};
 use udm_types::Errno;
 
@@ -25,6 +26,50 @@ pub struct NbdDev {
     pub size: u64,
     bitmap_id: Option<u32>,
     base_id: Option<u32>,
+}
+
+/// Reads sent ahead of their use: up to `depth` on the connection at once, so the server
+/// reads them in parallel (it may answer out of order); they are taken back in the order
+/// they were sent.
+pub struct ReadAhead {
+    depth: usize,
+    /// Sent and not taken back: (handle, offset, length), oldest first.
+    inflight: VecDeque<(u64, u64, u32)>,
+    /// Replies that arrived before older ones were taken back.
+    early: HashMap<u64, Reply>,
+}
+
+impl ReadAhead {
+    pub fn new(depth: usize) -> ReadAhead {
+        ReadAhead {
+            depth: depth.max(1),
+            inflight: VecDeque::new(),
+            early: HashMap::new(),
+        }
+    }
+
+    /// Whether another read may be sent.
+    pub fn has_room(&self) -> bool {
+        self.inflight.len() < self.depth
+    }
+}
+
+/// The data of a read reply into `buf`, or the error naming the read.
+fn fill(r: Reply, offset: u64, buf: &mut [u8]) -> Result<(), CliError> {
+    match r {
+        Reply::Ok(d) if d.len() == buf.len() => {
+            buf.copy_from_slice(&d);
+            Ok(())
+        }
+        Reply::Err(code) => Err(err(
+            Errno::EIO,
+            format!(
+                "reading {} bytes at {offset} failed: NBD error {code}",
+                buf.len()
+            ),
+        )),
+        _ => Err(err(Errno::EPROTO, format!("short read at {offset}"))),
+    }
 }
 
 fn nbd_err(what: &str, dev: &str, e: impl std::fmt::Display) -> CliError {
@@ -110,23 +155,54 @@ impl NbdDev {
         })
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), CliError> {
-        match self.client.read(offset, buf.len() as u32) {
-            Ok(Reply::Ok(d)) if d.len() == buf.len() => {
-                buf.copy_from_slice(&d);
-                Ok(())
+    /// Sends a read of `len` bytes at `offset` without waiting for it (see [`ReadAhead`]).
+    pub fn read_ahead(
+        &mut self,
+        ra: &mut ReadAhead,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), CliError> {
+        let h = self
+            .client
+            .send(CMD_READ, 0, offset, len, &[])
+            .map_err(|e| nbd_err("reading", &self.export_id, e))?;
+        ra.inflight.push_back((h, offset, len));
+        Ok(())
+    }
+
+    /// The data of the oldest read sent with [`NbdDev::read_ahead`], into `buf` (its length);
+    /// replies to later reads that arrive first are kept for their turn.
+    pub fn read_next(&mut self, ra: &mut ReadAhead, buf: &mut [u8]) -> Result<(), CliError> {
+        let Some((h, offset, len)) = ra.inflight.pop_front() else {
+            return Err(err(Errno::EPROTO, "no read in flight".into()));
+        };
+        let reply = loop {
+            if let Some(r) = ra.early.remove(&h) {
+                break r;
             }
-            Ok(Reply::Err(code)) => Err(err(
-                Errno::EIO,
-                format!(
-                    "reading {} bytes at {offset} failed: NBD error {code}",
-                    buf.len()
-                ),
-            )),
-            Ok(_) => Err(err(Errno::EPROTO, format!("short read at {offset}"))),
-            Err(e) => Err(nbd_err("reading", &self.export_id, e)),
-        }
+            let inflight = &ra.inflight;
+            let len_of = |x: u64| {
+                if x == h {
+                    return Some(len);
+                }
+                inflight.iter().find(|r| r.0 == x).map(|r| r.2)
+            };
+            let (rh, r) = self
+                .client
+                .recv(len_of)
+                .map_err(|e| nbd_err("reading", &self.export_id, e))?;
+            if rh == h {
+                break r;
+            }
+            if !ra.inflight.iter().any(|r| r.0 == rh) {
+                return Err(err(
+                    Errno::EPROTO,
+                    format!("a reply for handle {rh}, which was not asked"),
+                ));
+            }
+            ra.early.insert(rh, r);
+        };
+        fill(reply, offset, buf)
     }
 
     /// Writes `data` at `offset` (zeros by WRITE_ZEROES when `data` is all zero).
