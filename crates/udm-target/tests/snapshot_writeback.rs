@@ -227,14 +227,12 @@ fn a_write_over_the_bound_is_held_alone() {
     assert_eq!(dev_read(r.origin_dev(), 0, over as u64), data);
 }
 
-/// Hundreds of writes held together reach the origin in parts applied by several threads: a
-/// flush returns only once every one of them is there, and reports (once) the one the origin
-/// refused, whichever part it was in.
+/// Writes held together reach the origin in parts: a flush returns only once every one of
+/// them is there, and reports (once) the one the origin refused, in whichever part it was.
 #[test]
 fn a_batch_of_held_writes_is_applied_whole_and_a_failure_is_reported() {
     // The first write's commit waits at the gate with that write alone; the other 73 are
-    // committed together after it: a part of 64 writes and one of 9, applied at once by two
-    // threads, so the short last part is done while the first is still being written.
+    // committed together after it: a part of 64 writes and one of 9.
     let n = 74u64;
     let (r, o) = rig_with_origin(n * 8 + 256, 8);
     let bad = 70 * 8;

@@ -6,10 +6,10 @@
 //! a full store behave the same) and is acknowledged once its data is held in memory. Two
 //! threads per origin then, for what is held, in batches of at most `GATHER_BYTES`, copy the
 //! chunks (the origin still has the old data: nothing reaches it before the commit), commit
-//! them in one metadata write, and only then write the held data to the origin (one thread
-//! per core, in parts of `APPLY_STEP` writes, each part released when applied); copying one
-//! batch overlaps the commit (mostly the COW's cache flush) of the last. Small batches keep
-//! the wait of a writer at the memory bound short. The origin therefore never receives a write
+//! them in one metadata write, and only then write the held data to the origin (in parts of
+//! `APPLY_STEP` writes, each part released when applied); copying one batch overlaps the
+//! commit (mostly the COW's cache flush) of the last. Small batches keep the wait of a writer
+//! at the memory bound short. The origin therefore never receives a write
 //! before the copy of its old data is durable (the kernel's ordering, so the snapshot survives
 //! a crash or power loss as with the kernel), while writers no longer wait for a commit each.
 //!
@@ -390,73 +390,23 @@ impl WriteBack {
         let start = Instant::now();
         commit(pending, true);
         let committed = start.elapsed();
-        // Applied by up to `apply_threads()` threads, part by part: applying is what bounds
-        // the write-back's pace (a filesystem's buffered random writes cost about what the
-        // writers' own writes cost without a snapshot, and the writers ran on every core).
-        // Held writes are disjoint, so their order on the origin does not matter; `applied`
-        // only moves over parts applied without a gap.
-        let parts: Vec<&[Held]> = batch.chunks(APPLY_STEP).collect();
-        let progress = Mutex::new(ApplyProgress {
-            done: vec![false; parts.len()],
-            prefix: 0,
-        });
-        let next = AtomicUsize::new(0);
-        let work = || self.apply_parts(&parts, &next, &progress);
-        let helpers = apply_threads().min(parts.len()).saturating_sub(1);
-        if helpers == 0 {
-            work();
-        } else {
-            std::thread::scope(|sc| {
-                for _ in 0..helpers {
-                    let spawned = std::thread::Builder::new()
-                        .name("udm-snap-apply".into())
-                        .spawn_scoped(sc, || {
-                            io_flusher();
-                            work()
-                        });
-                    if spawned.is_err() {
-                        break;
-                    }
-                }
-                work();
-            });
-        }
-        tracing::trace!(
-            writes = batch.len(),
-            commit_ms = committed.as_secs_f64() * 1e3,
-            apply_ms = (start.elapsed() - committed).as_secs_f64() * 1e3,
-            "snapshot write-back: batch committed and applied"
-        );
-    }
-
-    /// Applies parts of a committed batch until none is left; after each, releases what it
-    /// held and moves `applied` over the parts applied so far without a gap.
-    fn apply_parts(&self, parts: &[&[Held]], next: &AtomicUsize, progress: &Mutex<ApplyProgress>) {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(part) = parts.get(i) else {
-                return;
-            };
+        // Applied in order by this one thread: a second one measured slower (buffered writes
+        // to one file take its inode lock in turn); what is on the origin is released every
+        // APPLY_STEP writes, so readers, overlapping writers and writers at the memory bound
+        // go on as soon as their part is there.
+        for part in batch.chunks(APPLY_STEP) {
             let mut failed = None;
-            for h in *part {
+            for h in part {
                 if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
                     tracing::error!("snapshot write-back: writing the origin failed: {e}");
                     failed.get_or_insert(e);
                 }
             }
-            let mut pr = progress.lock();
-            pr.done[i] = true;
-            let mut applied = None;
-            while pr.prefix < parts.len() && pr.done[pr.prefix] {
-                applied = parts[pr.prefix].last().map(|h| h.seq + 1);
-                pr.prefix += 1;
-            }
             let mut st = self.st.lock();
-            drop(pr);
-            if let Some(a) = applied {
-                st.applied = st.applied.max(a);
+            if let Some(last) = part.last() {
+                st.applied = last.seq + 1;
             }
-            for h in *part {
+            for h in part {
                 st.ranges.remove(&h.sector);
                 st.bytes = st.bytes.saturating_sub(h.data.len());
             }
@@ -473,17 +423,11 @@ impl WriteBack {
             drop(st);
             self.cv.notify_all();
         }
+        tracing::trace!(
+            writes = batch.len(),
+            commit_ms = committed.as_secs_f64() * 1e3,
+            apply_ms = (start.elapsed() - committed).as_secs_f64() * 1e3,
+            "snapshot write-back: batch committed and applied"
+        );
     }
-}
-
-/// Which parts of a batch are applied, and how many from the first without a gap.
-struct ApplyProgress {
-    done: Vec<bool>,
-    prefix: usize,
-}
-
-/// Threads that apply a batch: one per core, at most 4.
-fn apply_threads() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
