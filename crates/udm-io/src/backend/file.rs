@@ -115,6 +115,7 @@ fn pwrite_dsync(file: &File, buf: &[u8], off: u64) -> io::Result<usize> {
     byte_count(n)
 }
 
+/// The iovec of one buffer.
 fn iovec(base: *mut u8, len: usize) -> libc::iovec {
     libc::iovec {
         iov_base: base.cast(),

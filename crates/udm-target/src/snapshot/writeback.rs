@@ -9,9 +9,9 @@
 //! them in one metadata write, and only then write the held data to the origin (in parts of
 //! `APPLY_STEP` writes, each part released when applied); copying one batch overlaps the
 //! commit (mostly the COW's cache flush) of the last. Small batches keep the wait of a writer
-//! at the memory bound short. The origin therefore never receives a write
-//! before the copy of its old data is durable (the kernel's ordering, so the snapshot survives
-//! a crash or power loss as with the kernel), while writers no longer wait for a commit each.
+//! at the memory bound short. The origin therefore never receives a write before the copy of
+//! its old data is durable (the kernel's ordering, so the snapshot survives a crash or power
+//! loss as with the kernel), while writers no longer wait for a commit each.
 //!
 //! This is a volatile write cache in front of the origin, as the block layer allows: a flush,
 //! or a write with PREFLUSH or FUA, waits until every write acknowledged before it is on the
