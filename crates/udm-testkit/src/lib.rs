@@ -284,13 +284,7 @@ impl Udmd {
 
     /// Runs `udm ARGS`, asserting failure; returns stderr.
     pub fn udm_fails(&self, args: &[&str]) -> String {
-        let o = self.udm(args);
-        assert!(
-            !o.status.success(),
-            "udm {args:?} unexpectedly succeeded: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stderr).into_owned()
+        failure("udm", args, self.udm(args))
     }
 
     /// `udm snapshot take DEVICE --cow PATH/COW --size 32M EXTRA...` (the COW file in this test's
@@ -323,13 +317,7 @@ impl Udmd {
 
     /// Runs `udmsetup ARGS`, asserting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
-        let o = self.udmsetup(args);
-        assert!(
-            !o.status.success(),
-            "udmsetup {args:?} unexpectedly succeeded: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stderr).into_owned()
+        failure("udmsetup", args, self.udmsetup(args))
     }
 
     /// A client of the control protocol.
@@ -459,4 +447,14 @@ pub fn read_whole<S: Read + Write>(
         }
     }
     v
+}
+
+/// The stderr of `TOOL ARGS`, which must have failed.
+fn failure(tool: &str, args: &[&str], o: Output) -> String {
+    assert!(
+        !o.status.success(),
+        "{tool} {args:?} unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
