@@ -108,6 +108,12 @@ struct Held {
 }
 
 impl State {
+    /// Whether holding `len` more bytes would exceed the memory bound `limit` (a write larger
+    /// than the bound is held alone).
+    fn over_bound(&self, len: usize, limit: usize) -> bool {
+        self.bytes > 0 && self.bytes + len > limit
+    }
+
     /// Whether `[start, end)` overlaps a held write.
     fn overlaps(&self, start: u64, end: u64) -> bool {
         // Ranges are disjoint, so the one starting last before `end` ends last among them.
@@ -180,7 +186,7 @@ impl WriteBack {
     pub fn wait_room(&self, len: usize) {
         let mut st = self.st.lock();
         let limit = held_limit();
-        while st.bytes > 0 && st.bytes + len > limit {
+        while st.over_bound(len, limit) {
             self.wait_urgent(&mut st);
         }
     }
@@ -204,11 +210,13 @@ impl WriteBack {
         let limit = held_limit();
         let t0 = Instant::now();
         let mut why = "";
-        while st.overlaps(sector, end) || (st.bytes > 0 && st.bytes + data.len() > limit) {
+        loop {
             why = if st.overlaps(sector, end) {
                 "overlap"
-            } else {
+            } else if st.over_bound(data.len(), limit) {
                 "bound"
+            } else {
+                break;
             };
             self.wait_urgent(&mut st);
         }
