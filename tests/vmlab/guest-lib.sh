@@ -1,13 +1,38 @@
 # Sourced into the guest scripts of the kernel export tests (kernel-ublk.sh, kernel-nbd.sh):
 # the helpers and the phases every export goes through.
 #
-# fail MSG: prints a FAIL line, the tails of udmd's log and the kernel log, and exits 1.
+# fail MSG: prints a FAIL line, the tails of udmd's log and the kernel log and where requests may
+# be stuck (hang_state), and exits 1.
 # run CMD...: runs CMD with a 120 s bound; fails naming it when it fails.
 # start_udmd [ARGS...]: starts udmd (log appended to /tmp/udmd.log, pid in UDMD) and waits for
 # its control socket.
 fail() {
-  echo "FAIL $*"; echo "--- udmd log"; tail -30 /tmp/udmd.log; echo "--- dmesg"; dmesg | tail -40
+  echo "FAIL $*"; echo "--- udmd log"; tail -30 /tmp/udmd.log
+  # Repeated hung-request lines would push everything else out of the tail.
+  echo "--- dmesg"; dmesg | grep -v 'Possible stuck request' | tail -40
+  echo "--- dmesg (stuck requests: $(dmesg | grep -c 'Possible stuck request'))"
+  dmesg | grep 'Possible stuck request' | tail -5
+  hang_state
   exit 1
+}
+# hang_state: where a stalled request may sit. udmd's threads (name, state, kernel stack), the
+# TCP queues (tx/rx bytes not yet taken by the peer) and the kernel tasks in nbd or ublk code.
+hang_state() {
+  if [ -n "${UDMD:-}" ] && [ -d /proc/$UDMD ]; then
+    echo "--- udmd threads"; grep -E 'VmRSS|Threads' /proc/$UDMD/status
+    for t in /proc/$UDMD/task/*; do
+      echo "$(cat $t/comm) $(awk '/^State/ {print $2}' $t/status) $(cat $t/wchan)"
+      head -6 $t/stack 2>/dev/null | sed 's/^/    /'
+    done
+  else
+    echo "--- udmd not running"
+  fi
+  echo "--- tcp"; cat /proc/net/tcp
+  echo "--- kernel tasks in nbd or ublk code"
+  for t in /proc/[0-9]*/task/*; do
+    s=$(cat $t/stack 2>/dev/null)
+    case "$s" in *nbd*|*ublk*) echo "$(cat $t/comm) $(awk '/^State/ {print $2}' $t/status)"; echo "$s" | head -8;; esac
+  done
 }
 run() { timeout 120 "$@" || fail "$* (exit $?)"; }
 export UDM_RUNTIME_DIR=/run/udm UDM_STATE_DIR=/tmp/udm-state
