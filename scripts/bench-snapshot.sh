@@ -15,8 +15,9 @@
 # are printed, as the machine's noise between runs is larger than some of the differences.
 # Environment: RUNTIME (s per read run, default 5), SIZE (default 1G), IO (default 512M),
 # CHUNK (sectors, default 8), ROUNDS (default 3), SNAPS (snapshot counts, default "0 1 2";
-# the first is the base of the ratios), ONLY (one job: randwrite-4k or write-64k), NOREAD
-# (skip the read comparison), VERBOSE (print every run), WORKDIR.
+# the first is the base of the ratios), ONLY (one job: randwrite-4k, write-64k, or "reads" for
+# the read comparison alone), NOREAD (skip the read comparison), VERBOSE (print every run),
+# WORKDIR.
 # Wrong data cannot score: a failed fio stops the script; in the first round every job and
 # snapshot count also runs a crc32c-verified write pass on the origin, and each snapshot must
 # read back exactly the origin's content from before it was taken (a write-back that skipped
@@ -116,12 +117,26 @@ for job in "${JOBS[@]}"; do
   done
 done
 [[ -n ${NOREAD:-} ]] && exit 0
-# Reads: origin vs a snapshot that has taken a round of writes (half its chunks copied).
+# Reads (64k sequential, time based, medians of ROUNDS, origin and snapshot interleaved): the
+# origin; a fresh snapshot, whose chunks are all unchanged (read through to the origin: the
+# snapshot's own cost); the same snapshot after a round of origin writes copied part of its
+# chunks to the COW store (a mix of COW and origin reads).
 take 1
+declare -A READ
+for round in $(seq "$ROUNDS"); do
+  run read-origin "$(uri vol)" read 64k 4; READ[origin]+="${RESULT%% *} "
+  run read-snap "$(uri s1)" read 64k 4; READ[fresh]+="${RESULT%% *} "
+done
 run warm "$(uri vol)" randwrite 64k 4
-run read-origin "$(uri vol)" read 64k 4
-read -r _ o _ <<<"$RESULT"
-run read-snap "$(uri s1)" read 64k 4
-read -r _ s _ <<<"$RESULT"
-printf '%-22s %10s %9.1f\n%-22s %10s %9.1f %7.2fx\n' "read-64k origin" - "$o" "read-64k snapshot" - "$s" "$(echo "$s / $o" | bc -l)"
+for round in $(seq "$ROUNDS"); do
+  run read-origin "$(uri vol)" read 64k 4; READ[origin2]+="${RESULT%% *} "
+  run read-snap "$(uri s1)" read 64k 4; READ[copied]+="${RESULT%% *} "
+done
 drop
+med() { tr ' ' '\n' <<<"${READ[$1]}" | grep . | median; }
+o=$(med origin) f=$(med fresh) o2=$(med origin2) c=$(med copied)
+printf '%-40s %10s %7s\n' "read-64k (median of $ROUNDS)" IOPS ratio
+printf '%-40s %10.0f\n' "origin" "$o"
+printf '%-40s %10.0f %6.2fx\n' "snapshot, unchanged chunks" "$f" "$(echo "$f / $o" | bc -l)"
+printf '%-40s %10.0f\n' "origin (after a write round)" "$o2"
+printf '%-40s %10.0f %6.2fx\n' "snapshot, part of its chunks copied" "$c" "$(echo "$c / $o2" | bc -l)"
