@@ -7,8 +7,9 @@
 #     are printed, not compared: udm-pdata allocates lowest-free where the kernel's metadata
 #     space map allocates from a rolling cursor, and the kernel's digest changes the used count
 #     in the background without a commit, so its count depends on when status is asked;
-#   - era_check passes on both metadata images, and era_dump --logical and era_invalidate
-#     --written-since N (N = 1..last era) print the same for both;
+#   - era_check passes on both metadata images; the eras of all blocks (era_dump, writesets
+#     folded in: see eras() below) and era_invalidate --written-since N (N = 1..last era) are
+#     the same for both;
 #   - the kernel loads the metadata udm wrote (status: udm's last era + 1, as after any resume)
 #     and udm loads the kernel's (the same), and neither load changes what was written when.
 # ERA_BS, ERA_ORIGIN (a truncate size) and ERA_HISTORY change the block size, the origin and
@@ -46,7 +47,29 @@ done
 for img in mk mu0; do
   era_check "$W/$img.img" >/dev/null 2>&1 && echo "OK   era_check $img" || { echo "FAIL era_check $img"; fail=1; }
 done
-check "era_dump --logical" "$(era_dump --logical "$W/mu0.img" | md5sum)" "$(era_dump --logical "$W/mk.img" | md5sum)"
+# eras IMG: "block era" for every block, from era_dump with every writeset still in the metadata
+# folded into the era array in ascending era order (a later era wins), which is what either
+# side's digest leaves once it has run. How far each digest got when its device was removed
+# depends on timing (under load udm's tool had exited with six writesets undigested), so the
+# raw dumps are not compared. era_dump --logical is not the comparison either: with several
+# undigested writesets marking one block, thin-provisioning-tools 0.9.0 prints the block's
+# earliest era among them (block 3, written in eras 1, 2 and 4, shows as 1), so its output
+# depends on the digest too; it is printed for information.
+eras() {
+  era_dump "$1" | awk '
+    function num(key,   m) { if (match($0, key "=\"[0-9]+\"")) return substr($0, RSTART + length(key) + 2, RLENGTH - length(key) - 3) + 0; return -1 }
+    /<writeset / { ws = num("era"); next }
+    /<\/writeset>/ { ws = -1; next }
+    /<bit / && ws >= 0 && /value="true"/ { b = num("block"); if (!(b in w) || ws > w[b]) w[b] = ws; next }
+    /<era / { a[num("block")] = num("era") }
+    END { for (b in a) { e = a[b]; if ((b in w) && w[b] > e) e = w[b]; print b, e } }' | sort -n
+}
+check "eras, writesets folded in" "$(eras "$W/mu0.img" | md5sum)" "$(eras "$W/mk.img" | md5sum)"
+if [ "$(era_dump --logical "$W/mu0.img")" = "$(era_dump --logical "$W/mk.img")" ]; then
+  echo "INFO era_dump --logical: equal"
+else
+  echo "INFO era_dump --logical: differs (writesets left undigested: udm $(era_dump "$W/mu0.img" | grep -c '<writeset'), kernel $(era_dump "$W/mk.img" | grep -c '<writeset'))"
+fi
 last=$(era_dump "$W/mk.img" | sed -n 's/.*current_era="\([0-9]*\)".*/\1/p')
 for s in $(seq 1 "$last"); do
   check "era_invalidate --written-since $s" \
@@ -57,13 +80,12 @@ done
 uera=$(sed -n '$p' <<<"$ustat" | cut -d' ' -f3)
 check "kernel loads udm metadata: era" "$((uera + 1))" "$(sed -n 's/^LOADED //p' <<<"$out" | cut -d' ' -f3)"
 era_check "$W/mu.img" >/dev/null 2>&1 && echo "OK   era_check udm metadata after the kernel" || { echo "FAIL era_check mu after kernel"; fail=1; }
-arr() { era_dump --logical "$1" | grep '<era '; }
-check "udm metadata after the kernel's load: same eras" "$(arr "$W/mu0.img" | md5sum)" "$(arr "$W/mu.img" | md5sum)"
+check "udm metadata after the kernel's load: same eras" "$(eras "$W/mu0.img" | md5sum)" "$(eras "$W/mu.img" | md5sum)"
 cp "$W/mk.img" "$W/mk2.img"
 kload=$("$TOOL" "$W/mk2.img" "$W/ou.img" $BS "")
 kera=$(sed -n '$p' <<<"$kstat" | cut -d' ' -f3)
 check "udm loads kernel metadata: era" "$((kera + 1))" "$(sed -n 's/^STATUS //p' <<<"$kload" | cut -d' ' -f3)"
 era_check "$W/mk2.img" >/dev/null 2>&1 && echo "OK   era_check kernel metadata after udm" || { echo "FAIL era_check mk after udm"; fail=1; }
-check "kernel metadata after udm's load: same eras" "$(arr "$W/mk.img" | md5sum)" "$(arr "$W/mk2.img" | md5sum)"
+check "kernel metadata after udm's load: same eras" "$(eras "$W/mk.img" | md5sum)" "$(eras "$W/mk2.img" | md5sum)"
 if [ $fail -ne 0 ]; then echo "era-crosscheck: MISMATCH"; exit 1; fi
 echo "era-crosscheck: all match"
