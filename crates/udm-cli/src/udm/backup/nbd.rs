@@ -331,3 +331,89 @@ fn remove_export(s: &mut Session, id: &str) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::{Read, Write};
+    use udm_nbd::proto::{
+        simple_reply, Request as NbdRequest, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+        INFO_EXPORT, NBD_MAGIC, OPT_GO, REPLY_OPT_MAGIC, REP_ACK, REP_INFO, REQUEST_LEN,
+    };
+
+    /// A fake server for one connection: the newstyle handshake for `NBD_OPT_GO`, then `n`
+    /// reads answered newest first (simple replies), each filled with the low byte of its
+    /// offset / 4096.
+    fn reversing_server(mut s: UnixStream, n: usize) {
+        let mut greeting = NBD_MAGIC.to_be_bytes().to_vec();
+        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&greeting).unwrap();
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).unwrap();
+        let mut hdr = [0u8; 16];
+        s.read_exact(&mut hdr).unwrap();
+        assert_eq!(u32::from_be_bytes(hdr[8..12].try_into().unwrap()), OPT_GO);
+        let mut data = vec![0u8; u32::from_be_bytes(hdr[12..16].try_into().unwrap()) as usize];
+        s.read_exact(&mut data).unwrap();
+        let rep = |typ: u32, d: &[u8]| {
+            let mut r = REPLY_OPT_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&OPT_GO.to_be_bytes());
+            r.extend_from_slice(&typ.to_be_bytes());
+            r.extend_from_slice(&(d.len() as u32).to_be_bytes());
+            r.extend_from_slice(d);
+            r
+        };
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        info.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&rep(REP_INFO, &info)).unwrap();
+        s.write_all(&rep(REP_ACK, &[])).unwrap();
+        let mut reqs = Vec::new();
+        for _ in 0..n {
+            let mut b = [0u8; REQUEST_LEN];
+            s.read_exact(&mut b).unwrap();
+            reqs.push(NbdRequest::decode(&b).unwrap());
+        }
+        for r in reqs.iter().rev() {
+            s.write_all(&simple_reply(0, r.handle)).unwrap();
+            s.write_all(&vec![(r.offset / 4096) as u8; r.length as usize])
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn read_ahead_hands_back_replies_in_send_order_when_they_arrive_reversed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || reversing_server(b, 4));
+        let mut dev = NbdDev {
+            client: Client::connect(a, "x", false).unwrap(),
+            export_id: "nbd:x".into(),
+            size: 1 << 20,
+            bitmap_id: None,
+            base_id: None,
+        };
+        let mut ra = ReadAhead::new(4);
+        for i in 0..4u64 {
+            assert!(ra.has_room());
+            dev.read_ahead(&mut ra, i * 4096, 512 * (i as u32 + 1))
+                .unwrap();
+        }
+        assert!(!ra.has_room());
+        for i in 0..4u64 {
+            let mut buf = vec![0xffu8; 512 * (i as usize + 1)];
+            dev.read_next(&mut ra, &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|&x| u64::from(x) == i),
+                "read {i} got another's data"
+            );
+        }
+        assert!(ra.early.is_empty() && ra.inflight.is_empty());
+        assert!(
+            dev.read_next(&mut ra, &mut [0u8; 1]).is_err(),
+            "no read in flight"
+        );
+        server.join().unwrap();
+    }
+}
