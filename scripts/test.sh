@@ -33,5 +33,11 @@ cargo clippy --workspace --all-targets --features "$features" -- -D warnings
 # The integration tests run the udmd, udmsetup and udm binaries: build them all first.
 cargo build --workspace --features "$features"
 # --show-output: passing tests' SKIPPED notices reach the log (and the summary below).
-cargo test --workspace --no-fail-fast --features "$features" -- --test-threads=2 --show-output 2>&1 | tee target/test.log
+status=0
+cargo test --workspace --no-fail-fast --features "$features" -- --test-threads=2 --show-output 2>&1 | tee target/test.log || status=$?
 echo "skipped tests:"; grep -h "SKIPPED" target/test.log | sort -u || echo "  none"
+# A CI log may be cut: end with what each failed test printed, so the tail says why.
+if [ "$status" != 0 ]; then
+  scripts/failed-tests.sh target/test.log
+  exit "$status"
+fi
