@@ -338,42 +338,28 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use udm_nbd::proto::{
-        simple_reply, Request as NbdRequest, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
-        INFO_EXPORT, NBD_MAGIC, OPT_GO, REPLY_OPT_MAGIC, REP_ACK, REP_INFO, REQUEST_LEN,
+        be32, option_reply, read_array, simple_reply, write_greeting, Request as NbdRequest,
+        INFO_EXPORT, OPT_GO, REP_ACK, REP_INFO, REQUEST_LEN,
     };
 
     /// A fake server for one connection: the newstyle handshake for `NBD_OPT_GO`, then `n`
     /// reads answered newest first (simple replies), each filled with the low byte of its
     /// offset / 4096.
     fn reversing_server(mut s: UnixStream, n: usize) {
-        let mut greeting = NBD_MAGIC.to_be_bytes().to_vec();
-        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        s.write_all(&greeting).unwrap();
-        let mut flags = [0u8; 4];
-        s.read_exact(&mut flags).unwrap();
-        let mut hdr = [0u8; 16];
-        s.read_exact(&mut hdr).unwrap();
-        assert_eq!(u32::from_be_bytes(hdr[8..12].try_into().unwrap()), OPT_GO);
-        let mut data = vec![0u8; u32::from_be_bytes(hdr[12..16].try_into().unwrap()) as usize];
+        write_greeting(&mut s).unwrap();
+        read_array::<4>(&mut s).unwrap(); // client flags
+        let hdr = read_array::<16>(&mut s).unwrap();
+        assert_eq!(be32(&hdr[8..12]), OPT_GO);
+        let mut data = vec![0u8; be32(&hdr[12..16]) as usize];
         s.read_exact(&mut data).unwrap();
-        let rep = |typ: u32, d: &[u8]| {
-            let mut r = REPLY_OPT_MAGIC.to_be_bytes().to_vec();
-            r.extend_from_slice(&OPT_GO.to_be_bytes());
-            r.extend_from_slice(&typ.to_be_bytes());
-            r.extend_from_slice(&(d.len() as u32).to_be_bytes());
-            r.extend_from_slice(d);
-            r
-        };
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&(1u64 << 20).to_be_bytes());
         info.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&rep(REP_INFO, &info)).unwrap();
-        s.write_all(&rep(REP_ACK, &[])).unwrap();
+        s.write_all(&option_reply(OPT_GO, REP_INFO, &info)).unwrap();
+        s.write_all(&option_reply(OPT_GO, REP_ACK, &[])).unwrap();
         let mut reqs = Vec::new();
         for _ in 0..n {
-            let mut b = [0u8; REQUEST_LEN];
-            s.read_exact(&mut b).unwrap();
+            let b = read_array::<REQUEST_LEN>(&mut s).unwrap();
             reqs.push(NbdRequest::decode(&b).unwrap());
         }
         for r in reqs.iter().rev() {
