@@ -121,17 +121,17 @@ done
 # origin; a fresh snapshot, whose chunks are all unchanged (read through to the origin: the
 # snapshot's own cost); the same snapshot after a round of origin writes copied part of its
 # chunks to the COW store (a mix of COW and origin reads).
-take 1
 declare -A READ
-for round in $(seq "$ROUNDS"); do
-  run read-origin "$(uri vol)" read 64k 4; READ[origin]+="${RESULT%% *} "
-  run read-snap "$(uri s1)" read 64k 4; READ[fresh]+="${RESULT%% *} "
-done
+reads() { # origin-key snapshot-key: ROUNDS interleaved reads of vol and s1 -> READ[key] IOPS
+  for _ in $(seq "$ROUNDS"); do
+    run read-origin "$(uri vol)" read 64k 4; READ[$1]+="${RESULT%% *} "
+    run read-snap "$(uri s1)" read 64k 4; READ[$2]+="${RESULT%% *} "
+  done
+}
+take 1
+reads origin fresh
 run warm "$(uri vol)" randwrite 64k 4
-for round in $(seq "$ROUNDS"); do
-  run read-origin "$(uri vol)" read 64k 4; READ[origin2]+="${RESULT%% *} "
-  run read-snap "$(uri s1)" read 64k 4; READ[copied]+="${RESULT%% *} "
-done
+reads origin2 copied
 drop
 med() { tr ' ' '\n' <<<"${READ[$1]}" | grep . | median; }
 o=$(med origin) f=$(med fresh) o2=$(med origin2) c=$(med copied)

@@ -57,7 +57,7 @@ done
 # depends on the digest too; it is printed for information.
 eras() {
   era_dump "$1" | awk '
-    function num(key,   m) { if (match($0, key "=\"[0-9]+\"")) return substr($0, RSTART + length(key) + 2, RLENGTH - length(key) - 3) + 0; return -1 }
+    function num(key) { if (match($0, key "=\"[0-9]+\"")) return substr($0, RSTART + length(key) + 2, RLENGTH - length(key) - 3) + 0; return -1 }
     /<writeset / { ws = num("era"); next }
     /<\/writeset>/ { ws = -1; next }
     /<bit / && ws >= 0 && /value="true"/ { b = num("block"); if (!(b in w) || ws > w[b]) w[b] = ws; next }
