@@ -171,29 +171,28 @@ pub fn commit(pending: Vec<Pending>, force: bool) {
 const FINISH_SLICE: usize = 256;
 
 /// Waits for the commits of `group` (one store) and installs them; releases the chunk locks.
-fn finish_all(mut group: Vec<Pending>, force: bool) {
+fn finish_all(group: Vec<Pending>, force: bool) {
     let Some(first) = group.first() else {
         return;
     };
     let store = first.l.store.clone();
     let tickets: Vec<Ticket> = group.iter().map(|p| p.ticket).collect();
     let valid = store.wait_many(&tickets, force);
-    // Per snapshot (normally the store's one), under one lock each.
-    group.sort_by_key(|p| Arc::as_ptr(&p.l.s) as usize);
+    // Per snapshot (normally the store's one), under one lock each; each pending exception
+    // keeps its validity through the sort (`valid` follows `tickets`, so `group`'s order).
+    debug_assert_eq!(valid.len(), group.len());
+    let mut group: Vec<(Pending, bool)> = group.into_iter().zip(valid).collect();
+    group.sort_by_key(|(p, _)| Arc::as_ptr(&p.l.s) as usize);
     let mut i = 0;
     while i < group.len() {
         let j = (i..group.len())
-            .find(|&j| !Arc::ptr_eq(&group[j].l.s, &group[i].l.s))
+            .find(|&j| !Arc::ptr_eq(&group[j].0.l.s, &group[i].0.l.s))
             .unwrap_or(group.len());
         let done: Vec<(u64, u64, bool)> = group[i..j]
             .iter()
-            .map(|p| {
-                let k = tickets.iter().position(|t| t.seq == p.ticket.seq);
-                let v = k.is_some_and(|k| valid[k]);
-                (p.l.chunk, p.ticket.new_chunk, v)
-            })
+            .map(|(p, v)| (p.l.chunk, p.ticket.new_chunk, *v))
             .collect();
-        let s = group[i].l.s.clone();
+        let s = group[i].0.l.s.clone();
         // In slices, each installed before its chunks are unlocked: origin writers look up
         // exceptions under the state lock, so a batch of thousands installed under one write
         // lock would hold them all up for milliseconds.
@@ -202,9 +201,9 @@ fn finish_all(mut group: Vec<Pending>, force: bool) {
             .zip(group[i..j].chunks_mut(FINISH_SLICE))
         {
             s.finish_many(d);
-            let chunks: Vec<u64> = ps.iter().map(|p| p.l.chunk).collect();
+            let chunks: Vec<u64> = ps.iter().map(|(p, _)| p.l.chunk).collect();
             s.locks.unlock_many(&chunks);
-            for p in ps {
+            for (p, _) in ps {
                 p.l.held = false;
             }
         }

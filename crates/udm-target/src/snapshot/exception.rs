@@ -367,7 +367,14 @@ impl StoreCell {
         }
         slot.writing = true;
         let w = slot.store.take_write();
+        let t0 = std::time::Instant::now();
         let r = parking_lot::MutexGuard::unlocked(slot, || w.run());
+        tracing::trace!(
+            exceptions = covered.len(),
+            writes = w.len(),
+            write_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "snapshot store: metadata written"
+        );
         let valid = slot.store.finish_write(w, r);
         for s in covered {
             slot.done.insert(s, valid);
