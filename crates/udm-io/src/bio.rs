@@ -1,6 +1,7 @@
 //! The request model: one block request, with borrowed data buffers so that splitting a request
 //! at target boundaries never copies data.
 
+use crate::lent::{KeptBuf, LentBuf};
 use udm_types::{SECTOR_SHIFT, SECTOR_SIZE};
 
 bitflags::bitflags! {
@@ -85,6 +86,9 @@ pub struct Bio<'a> {
     pub op: BioOp<'a>,
     /// FUA / PREFLUSH / write-zeroes modifiers.
     pub flags: BioFlags,
+    /// The buffer a write's data lies in, when its owner lets a device keep it
+    /// ([`Bio::keep_data`]); `None` for most requests.
+    pub lent: Option<&'a LentBuf>,
 }
 
 impl<'a> Bio<'a> {
@@ -94,6 +98,7 @@ impl<'a> Bio<'a> {
             sector,
             op: BioOp::Read(buf),
             flags: BioFlags::empty(),
+            lent: None,
         }
     }
 
@@ -103,6 +108,7 @@ impl<'a> Bio<'a> {
             sector,
             op: BioOp::Write(buf),
             flags: BioFlags::empty(),
+            lent: None,
         }
     }
 
@@ -112,6 +118,7 @@ impl<'a> Bio<'a> {
             sector: 0,
             op: BioOp::Flush,
             flags: BioFlags::PREFLUSH,
+            lent: None,
         }
     }
 
@@ -121,6 +128,7 @@ impl<'a> Bio<'a> {
             sector,
             op: BioOp::Discard(sectors),
             flags: BioFlags::empty(),
+            lent: None,
         }
     }
 
@@ -130,6 +138,7 @@ impl<'a> Bio<'a> {
             sector,
             op: BioOp::WriteZeroes(sectors),
             flags: BioFlags::empty(),
+            lent: None,
         }
     }
 
@@ -137,6 +146,28 @@ impl<'a> Bio<'a> {
     pub fn with_flags(mut self, flags: BioFlags) -> Self {
         self.flags |= flags;
         self
+    }
+
+    /// Lets devices keep this write's data (which lies in `buf`) after the request completes
+    /// instead of copying it; the caller reuses `buf` only if nobody kept it
+    /// (`Arc::try_unwrap`).
+    pub fn lend(mut self, buf: &'a LentBuf) -> Self {
+        self.lent = Some(buf);
+        self
+    }
+
+    /// A write's data to keep beyond the request: shared with the lent buffer when there is
+    /// one and the data lies in it (see [`KeptBuf::within`]), else copied. `None` for
+    /// requests without data to write.
+    pub fn keep_data(&self) -> Option<KeptBuf> {
+        let BioOp::Write(data) = &self.op else {
+            return None;
+        };
+        Some(
+            self.lent
+                .and_then(|b| KeptBuf::within(b, data))
+                .unwrap_or_else(|| KeptBuf::copy(data)),
+        )
     }
 
     /// The operation kind.
@@ -185,6 +216,7 @@ impl<'a> Bio<'a> {
             sector: self.sector,
             op,
             flags: self.flags,
+            lent: self.lent,
         }
     }
 
@@ -216,11 +248,13 @@ impl<'a> Bio<'a> {
                 sector: self.sector,
                 op: h,
                 flags: self.flags,
+                lent: self.lent,
             },
             Some(Bio {
                 sector: tail_sector,
                 op: t,
                 flags: tail_flags,
+                lent: self.lent,
             }),
         )
     }

@@ -158,6 +158,7 @@ impl Target for Flakey {
                 sector,
                 op: BioOp::Read(&mut *buf),
                 flags,
+                lent: None,
             })?;
             if let Some(c) = f.corrupt {
                 if c.dir == Direction::Read && self.flags_match(&c, opf) {
@@ -197,6 +198,7 @@ impl Target for Flakey {
                     sector: self.start + bio.sector,
                     op: BioOp::Write(&copy),
                     flags: bio.flags,
+                    lent: None,
                 });
             }
         }

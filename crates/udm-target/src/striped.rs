@@ -151,6 +151,7 @@ impl Striped {
                 sector,
                 op: piece,
                 flags: bio.flags,
+                lent: None,
             };
             if let Err(e) = self.submit_to(s, b) {
                 first_err.get_or_insert(e);

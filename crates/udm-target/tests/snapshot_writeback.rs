@@ -257,3 +257,42 @@ fn a_batch_of_held_writes_is_applied_whole_and_a_failure_is_reported() {
     flush(&*r.org).expect("the failure is reported once");
     o.set_latency(Duration::ZERO);
 }
+
+/// A write whose buffer is lent (as the NBD export lends its payloads) is held without a copy:
+/// the write-back keeps the buffer itself until the write is on the origin, then lets it go,
+/// and what reaches the origin is the buffer's data. A small part of a larger lent buffer is
+/// copied instead (it would pin the whole buffer).
+#[test]
+fn held_writes_keep_a_lent_buffer_instead_of_copying_it() {
+    let r = rig(256, 8);
+    r.cow.set_closed(true);
+    let lent: udm_io::LentBuf = Arc::new(pattern(3, 40, 8));
+    r.org
+        .map(udm_io::Bio::write(40, &lent).lend(&lent))
+        .unwrap();
+    assert_eq!(
+        Arc::strong_count(&lent),
+        3,
+        "kept by the queue and the held ranges"
+    );
+    assert_eq!(
+        read(&*r.org, 40, 8).unwrap(),
+        *lent,
+        "reads see the held data"
+    );
+    // Another chunk's write from the first sector of a 4-sector lent buffer: copied.
+    let big: udm_io::LentBuf = Arc::new(pattern(4, 80, 4));
+    r.org
+        .map(udm_io::Bio::write(80, &big[..512]).lend(&big))
+        .unwrap();
+    assert_eq!(
+        Arc::strong_count(&big),
+        1,
+        "a quarter of the buffer is copied"
+    );
+    r.cow.set_closed(false);
+    flush(&*r.org).unwrap();
+    assert_eq!(Arc::strong_count(&lent), 1, "released once on the origin");
+    assert_eq!(dev_read(r.origin_dev(), 40, 8), *lent);
+    assert_eq!(dev_read(r.origin_dev(), 80, 1), big[..512]);
+}

@@ -9,7 +9,9 @@
 use super::connection::{Conn, CHUNK};
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+use udm_io::LentBuf;
 
 /// Buffers kept for reuse per connection.
 const POOL_MAX: usize = 16;
@@ -60,6 +62,19 @@ impl Conn {
             p.bufs.push(b);
             p.bytes += cap;
             self.ctl.pooled.store(p.bytes as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns a write payload that was lent to the device ([`udm_io::Bio::lend`]): to the
+    /// pool when nobody kept it, else it is the keeper's (and no longer this connection's).
+    pub(super) fn put_lent(&self, b: LentBuf) {
+        match Arc::try_unwrap(b) {
+            Ok(b) => self.put_buf(b),
+            Err(kept) => {
+                self.ctl
+                    .buffered
+                    .fetch_sub(kept.len() as u64, Ordering::Relaxed);
+            }
         }
     }
 

@@ -5,7 +5,8 @@ use super::meta;
 use super::proto::*;
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::Ordering;
-use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, IoError};
+use std::sync::Arc;
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, IoError, LentBuf};
 use udm_types::errno::HasErrno;
 use udm_types::{Errno, SECTOR_SIZE};
 
@@ -49,8 +50,11 @@ impl Conn {
                 self.put_buf(buf);
             }
             CMD_WRITE => {
-                let r = self.rw(dev, sector, RwBuf::Write(&payload), fua);
-                self.put_buf(payload);
+                // Lent, so a device that holds the write (a snapshot origin's write-back)
+                // keeps this buffer rather than a copy of it.
+                let payload: LentBuf = Arc::new(payload);
+                let r = self.rw(dev, sector, RwBuf::Write(&payload, Some(&payload)), fua);
+                self.put_lent(payload);
                 match r {
                     Ok(()) => {
                         c.bytes_written
@@ -139,7 +143,7 @@ impl Conn {
             });
         }
         udm_io::write_zeroes_fallback(sector, sectors, |at, zeroes| {
-            self.rw(dev, at, RwBuf::Write(zeroes), fua)
+            self.rw(dev, at, RwBuf::Write(zeroes, None), fua)
         })
     }
 
@@ -160,11 +164,13 @@ impl Conn {
                     sec += n;
                 }
             }
-            RwBuf::Write(b) => {
+            RwBuf::Write(b, lent) => {
                 let mut sec = sector;
                 for ch in b.chunks(max) {
                     let n = ch.len() as u64 / SECTOR_SIZE;
-                    dev.submit(Bio::write(sec, ch).with_flags(flags))?;
+                    let mut bio = Bio::write(sec, ch).with_flags(flags);
+                    bio.lent = lent;
+                    dev.submit(bio)?;
                     sec += n;
                 }
             }
@@ -453,7 +459,8 @@ impl Conn {
 
 enum RwBuf<'a> {
     Read(&'a mut [u8]),
-    Write(&'a [u8]),
+    /// The data, and the buffer it lies in if devices may keep it ([`Bio::lend`]).
+    Write(&'a [u8], Option<&'a LentBuf>),
 }
 
 /// Writes all of `parts` with as few calls as possible, each at most `WRITE_SLICE` bytes;

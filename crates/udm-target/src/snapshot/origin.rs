@@ -96,7 +96,7 @@ impl Target for OriginTarget {
                     wb.wait_clear(abs, end);
                     return self.dev.dev.submit(bio.at(abs));
                 }
-                let BioOp::Write(data) = bio.op else {
+                let Some(data) = bio.keep_data() else {
                     return Err(IoError::Unsupported {
                         op: bio.kind(),
                         device: "snapshot-origin".into(),

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError, KeptBuf};
 use udm_types::errno::HasErrno;
 use udm_types::SECTOR_SHIFT;
 
@@ -86,7 +86,7 @@ struct State {
     /// Copied, waiting for their commit, in acknowledgement order.
     copied: VecDeque<Held>,
     /// Every held write not yet applied, by first sector: its end and data. Disjoint.
-    ranges: BTreeMap<u64, (u64, Arc<Vec<u8>>)>,
+    ranges: BTreeMap<u64, (u64, KeptBuf)>,
     bytes: usize,
     next_seq: u64,
     /// Every write with a smaller sequence number is on the origin.
@@ -102,7 +102,7 @@ struct State {
 struct Held {
     seq: u64,
     sector: u64,
-    data: Arc<Vec<u8>>,
+    data: KeptBuf,
     origin: Arc<dyn BlockDevice>,
     pending: Vec<Pending>,
 }
@@ -159,7 +159,7 @@ impl WriteBack {
         let end = sector.saturating_add((buf.len() as u64) >> SECTOR_SHIFT);
         // Taken before the origin read: a held write applied meanwhile puts the same data on
         // the origin, and a write started after this read began is concurrent with it.
-        let over: Vec<(u64, Arc<Vec<u8>>)> = {
+        let over: Vec<(u64, KeptBuf)> = {
             let st = self.st.lock();
             st.ranges
                 .range(..end)
@@ -192,8 +192,9 @@ impl WriteBack {
     }
 
     /// Acknowledges a write that needs the copies of the chunks `locked` (locked, nothing
-    /// allocated): allocates their exceptions, keeps a copy of `data` until those copies are
-    /// committed, then writes it to `origin` at `sector`. Waits first while the memory bound
+    /// allocated): allocates their exceptions, keeps `data` (the request's buffer where it
+    /// was lent, else a copy) until those copies are committed, then writes it to `origin`
+    /// at `sector`. Waits first while the memory bound
     /// is reached or an overlapping write is still held (safe with chunks locked: the commit
     /// thread never waits for a chunk lock). Allocation and queueing are one step, so the
     /// queue holds every exception allocated here in allocation order. If no copy thread
@@ -202,7 +203,7 @@ impl WriteBack {
         self: &Arc<Self>,
         origin: &Arc<dyn BlockDevice>,
         sector: u64,
-        data: &[u8],
+        data: KeptBuf,
         locked: Vec<Locked>,
     ) -> Result<(), IoError> {
         let end = sector.saturating_add((data.len() as u64) >> SECTOR_SHIFT);
@@ -237,21 +238,21 @@ impl WriteBack {
                 drop(st);
                 tracing::warn!("snapshot write-back: no copy thread ({e}); committing inline");
                 copy_and_commit(&**origin, locked);
-                return origin.submit(Bio::write(sector, data));
+                return origin.submit(Bio::write(sector, &data));
             }
             st.copier = true;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let held = Arc::new(data.to_vec());
-        st.ranges.insert(sector, (end, held.clone()));
-        st.bytes += data.len();
-        let wake = st.queue.is_empty() || st.queued_bytes + data.len() >= GATHER_BYTES;
-        st.queued_bytes += data.len();
+        let len = data.len();
+        st.ranges.insert(sector, (end, data.clone()));
+        st.bytes += len;
+        let wake = st.queue.is_empty() || st.queued_bytes + len >= GATHER_BYTES;
+        st.queued_bytes += len;
         st.queue.push_back(Held {
             seq,
             sector,
-            data: held,
+            data,
             origin: origin.clone(),
             pending: allocate(locked),
         });
