@@ -57,7 +57,9 @@ pub struct TakeArgs {
     /// COW store: a file or block device holding the snapshot's exceptions.
     #[arg(long, value_name = "PATH")]
     pub cow: PathBuf,
-    /// Create the COW file with this size (e.g. 1G) when it does not exist.
+    /// Create the COW file with this size (e.g. 1G) when it does not exist. An existing file
+    /// or device is reused as a new, empty store (its first 4 KiB are zeroed, as lvcreate
+    /// does).
     #[arg(long, value_name = "SIZE")]
     pub size: Option<String>,
     /// Chunk size in sectors (power of two).
@@ -421,6 +423,32 @@ fn preallocate(path: &Path, bytes: u64) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Bytes zeroed at the start of a reused COW (lvcreate zeroes as much of a new snapshot's COW).
+const WIPE_BYTES: u64 = 4096;
+
+/// Discards the store an existing COW file or device may hold by zeroing its header (the first
+/// 4 KiB, as lvcreate does for a new snapshot): `take` makes a new point in time, and a
+/// persistent store left by an earlier snapshot would otherwise be loaded with its
+/// exceptions, which hold the origin's data of that earlier point.
+fn wipe_store_header(path: &Path) -> Result<(), CliError> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let err = |e: std::io::Error| {
+        CliError::Usage(format!(
+            "cannot wipe the old store header of {}: {e}",
+            path.display()
+        ))
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    let len = f.seek(SeekFrom::End(0)).map_err(err)?.min(WIPE_BYTES);
+    f.write_all_at(&[0u8; WIPE_BYTES as usize][..len as usize], 0)
+        .map_err(err)?;
+    f.sync_data().map_err(err)
+}
+
 /// `take`: returns the snapshot's name and, when exported, where to reach it.
 pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), CliError> {
     let dev = &a.device;
@@ -446,7 +474,8 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
     }
     let cow_disk = format!("{name}-cow");
     let cow = std::path::absolute(&a.cow).unwrap_or_else(|_| a.cow.clone());
-    if !cow.exists() {
+    let reused = cow.exists();
+    if !reused {
         let sz = a.size.as_deref().ok_or_else(|| {
             CliError::Usage(format!(
                 "{} does not exist: give --size to create it",
@@ -466,7 +495,7 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
         &cow_disk,
         Request::DiskAdd {
             name: cow_disk.clone(),
-            path: cow,
+            path: cow.clone(),
             create: None,
             read_only: false,
             direct: false,
@@ -481,6 +510,14 @@ pub fn take(s: &mut Session, a: &TakeArgs) -> Result<(String, Option<String>), C
             },
         );
     };
+    // Only now, once udmd has accepted the path (it refuses one it serves already, such as
+    // another snapshot's live COW).
+    if reused {
+        if let Err(e) = wipe_store_header(&cow) {
+            cleanup_cow(s);
+            return Err(e);
+        }
+    }
     // The origin interposer: reuse one already on this device.
     let origin = format!("{dev}-origin");
     let have_origin = lines(s, Some(origin.clone()), false)
