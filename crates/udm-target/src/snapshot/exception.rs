@@ -141,11 +141,20 @@ impl ChunkLocks {
     /// others of the same snapshot. Release with [`ChunkLocks::unlock_many`].
     pub fn lock_many(&self, chunks: &[u64]) {
         let mut held = self.held.lock();
+        let mut since = None;
         while chunks
             .iter()
             .any(|c| held.get(c).is_some_and(|e| e.0 > 0 || e.1))
         {
+            since.get_or_insert_with(std::time::Instant::now);
             self.cv.wait(&mut held);
+        }
+        if let Some(t) = since {
+            tracing::trace!(
+                chunks = chunks.len(),
+                wait_ms = t.elapsed().as_secs_f64() * 1e3,
+                "chunk lock waited"
+            );
         }
         for &c in chunks {
             held.insert(c, (0, true));
