@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use udm_io::{Bio, BioKind, Extent, IoError};
+use udm_io::{Bio, BioKind, IoError};
 
 use crate::args::{self, DelayParams, DelayStatus, FromArgs};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
@@ -177,8 +177,7 @@ impl Target for Delay {
         self.classes.iter().map(|c| c.dev.clone()).collect()
     }
 
-    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
-        let c = &self.classes[0];
-        c.dev.dev.block_status(c.start + sector, sectors)
-    }
+    // Block status: the trait's default, everything data. An NBD client reads ranges reported
+    // as zeroes from the block status alone (hole replies), which would skip this target's
+    // read delay.
 }

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use rand::Rng;
-use udm_io::{Bio, BioFlags, BioKind, BioOp, Extent, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BioOp, IoError};
 use udm_types::Errno;
 
 use crate::args::{self, FlakeyParams, FromArgs};
@@ -228,7 +228,7 @@ impl Target for Flakey {
         vec![self.dev.clone()]
     }
 
-    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
-        self.dev.dev.block_status(self.start + sector, sectors)
-    }
+    // Block status: the trait's default, everything data. An NBD client reads ranges reported
+    // as zeroes from the block status alone (hole replies), which would skip this target's
+    // read errors and corruption.
 }

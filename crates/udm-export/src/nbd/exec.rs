@@ -36,6 +36,7 @@ impl Conn {
         };
         let c = &s.export.counters;
         match req.cmd {
+            CMD_READ if self.sparse_read(&req) => self.read_sparse(dev, &req, sector, defer),
             CMD_READ if req.length as usize > CHUNK => self.read_streamed(dev, &req, sector, defer),
             CMD_READ => {
                 let mut buf = self.take_buf(req.length as usize);
@@ -147,7 +148,7 @@ impl Conn {
         })
     }
 
-    fn rw(
+    pub(super) fn rw(
         &self,
         dev: &dyn BlockDevice,
         sector: u64,
@@ -280,7 +281,7 @@ impl Conn {
         Ok(out)
     }
 
-    fn reply_read(&self, req: &Request, data: &[u8], defer: bool) {
+    pub(super) fn reply_read(&self, req: &Request, data: &[u8], defer: bool) {
         if self.sess.structured {
             if data.is_empty() {
                 let hdr = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.handle, 0);
@@ -300,93 +301,11 @@ impl Conn {
         }
     }
 
-    /// A READ larger than `CHUNK`, read and sent one chunk at a time, so a client that asks for
-    /// many 32 MiB reads and never takes the replies makes the server hold one chunk per
-    /// request, not the whole payload. With structured replies every chunk is its own
-    /// `OFFSET_DATA` (the last one `DONE`), the writer is taken per chunk (other replies may
-    /// interleave, as the protocol allows) and a failure after the first chunk is an error
-    /// chunk. A simple reply is one header and contiguous data, so the writer is held until the
-    /// end, and a failure after the header can only be reported by disconnecting (as the
-    /// protocol prescribes). A failure of the first chunk is an ordinary error reply.
-    fn read_streamed(&self, dev: &dyn BlockDevice, req: &Request, sector: u64, defer: bool) {
-        let total = req.length as usize;
-        let mut buf = self.take_buf(CHUNK);
-        let mut done = 0usize;
-        let read_chunk = |buf: &mut [u8], done: usize| {
-            self.rw(
-                dev,
-                sector + (done as u64) / SECTOR_SIZE,
-                RwBuf::Read(buf),
-                BioFlags::empty(),
-            )
-        };
-        let n = total.min(CHUNK);
-        if let Err(e) = read_chunk(&mut buf[..n], 0) {
-            self.reply_io_err(req, &e, defer);
-            self.put_buf(buf);
-            return;
-        }
-        let counters = &self.sess.export.counters;
-        if self.sess.structured {
-            loop {
-                let n = (total - done).min(CHUNK);
-                let last = done + n == total;
-                let flags = if last { REPLY_FLAG_DONE } else { 0 };
-                let hdr =
-                    structured_header(flags, REPLY_TYPE_OFFSET_DATA, req.handle, n as u32 + 8);
-                let off = (req.offset + done as u64).to_be_bytes();
-                self.send(&[&hdr, &off, &buf[..n]], defer && last);
-                done += n;
-                if last || self.broken.load(Ordering::Relaxed) {
-                    break;
-                }
-                let n = (total - done).min(CHUNK);
-                if let Err(e) = read_chunk(&mut buf[..n], done) {
-                    self.reply_io_err(req, &e, defer);
-                    break;
-                }
-            }
-        } else {
-            let mut w = self.writer.lock();
-            if !self.broken.load(Ordering::Relaxed) {
-                let pend = std::mem::take(&mut w.pending);
-                let hdr = simple_reply(0, req.handle);
-                self.write_out(&mut w, &[&pend, &hdr, &buf[..n]]);
-                w.pending = pend;
-                w.pending.clear();
-                done = n;
-                while done < total && !self.broken.load(Ordering::Relaxed) {
-                    let n = (total - done).min(CHUNK);
-                    if let Err(e) = read_chunk(&mut buf[..n], done) {
-                        // The header promised the data: the only way to fail is to disconnect.
-                        tracing::warn!(error = %e, "NBD read failed after its simple reply was started; disconnecting the client");
-                        self.sess
-                            .export
-                            .counters
-                            .errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.broken.store(true, Ordering::SeqCst);
-                        self.ctl.stream.close();
-                        break;
-                    }
-                    self.write_out(&mut w, &[&buf[..n]]);
-                    done += n;
-                }
-            }
-        }
-        if done == total {
-            counters
-                .bytes_read
-                .fetch_add(total as u64, Ordering::Relaxed);
-        }
-        self.put_buf(buf);
-    }
-
     fn reply_ok(&self, req: &Request, defer: bool) {
         self.send(&[&simple_reply(0, req.handle)], defer);
     }
 
-    fn reply_io_err(&self, req: &Request, e: &IoError, defer: bool) {
+    pub(super) fn reply_io_err(&self, req: &Request, e: &IoError, defer: bool) {
         let mut code = e.errno().to_nbd();
         let fast_zero = req.cmd == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO != 0;
         if (code == NBD_ENOTSUP && !fast_zero) || code == NBD_EOVERFLOW {
@@ -411,7 +330,7 @@ impl Conn {
 
     /// Writes one whole reply (header and payload with one writev where possible); with `defer`
     /// small replies are batched until the reader runs out of buffered requests.
-    fn send(&self, parts: &[&[u8]], defer: bool) {
+    pub(super) fn send(&self, parts: &[&[u8]], defer: bool) {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
@@ -457,7 +376,7 @@ impl Conn {
     }
 }
 
-enum RwBuf<'a> {
+pub(super) enum RwBuf<'a> {
     Read(&'a mut [u8]),
     /// The data, and the buffer it lies in if devices may keep it ([`Bio::lend`]).
     Write(&'a [u8], Option<&'a LentBuf>),

@@ -28,7 +28,8 @@
 //!
 //! Modules, top down (none imports one above it): `handle` (one export as a
 //! [`crate::Export`]); `listen` (listeners, connection start-up);
-//! `conn` (handshake); `transmission` (reader, threads), `exec` (requests, replies) and
+//! `conn` (handshake); `transmission` (reader, threads), `exec` (requests, replies), `read` (chunked and
+//! sparse READ replies) and
 //! `buffers` (payload memory), all on `connection` (a connection's shared state); `server`
 //! (export table); `session`, `export`, `ctl` (a connection's control block), `tls`; the
 //! leaves `watchdog`, `limits`, `meta`, and `proto` (in udm-nbd). Traits and options they share are in this file.
@@ -43,6 +44,7 @@ mod handle;
 mod limits;
 mod listen;
 mod meta;
+mod read;
 mod server;
 mod session;
 pub mod tls;
