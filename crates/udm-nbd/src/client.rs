@@ -49,9 +49,31 @@ pub struct Client<S: Read + Write> {
 /// The chunks of one structured reply received so far.
 #[derive(Default)]
 struct Partial {
-    data: Vec<u8>,
+    /// Read chunks by offset: data, or `None` for a hole of that length (zeroes).
+    pieces: Vec<(u64, u32, Option<Vec<u8>>)>,
     extents: Vec<(u32, Vec<(u32, u32)>)>,
     error: Option<u32>,
+}
+
+/// A read's data from its chunks, which may arrive in any order: laid out by offset from the
+/// first, holes as zeroes; a gap or an overlap is a protocol error.
+fn assemble(mut pieces: Vec<(u64, u32, Option<Vec<u8>>)>) -> io::Result<Vec<u8>> {
+    pieces.sort_by_key(|p| p.0);
+    let mut out = Vec::new();
+    let mut next = pieces.first().map_or(0, |p| p.0);
+    for (off, len, data) in pieces {
+        if off != next {
+            return Err(proto_err(format!(
+                "read chunks not contiguous: chunk at {off}, expected {next}"
+            )));
+        }
+        match data {
+            Some(d) => out.extend_from_slice(&d),
+            None => out.resize(out.len() + len as usize, 0),
+        }
+        next = off + u64::from(len);
+    }
+    Ok(out)
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -247,12 +269,14 @@ impl<S: Read + Write> Client<S> {
                     self.s.read_exact(&mut p)?;
                     let part = self.partial.entry(handle).or_default();
                     match typ {
-                        REPLY_TYPE_OFFSET_DATA if p.len() >= 8 => {
-                            part.data.extend_from_slice(&p[8..])
+                        REPLY_TYPE_OFFSET_DATA if p.len() >= 8 => part.pieces.push((
+                            be64(&p[0..8]),
+                            (p.len() - 8) as u32,
+                            Some(p[8..].to_vec()),
+                        )),
+                        REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => {
+                            part.pieces.push((be64(&p[0..8]), be32(&p[8..12]), None))
                         }
-                        REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => part
-                            .data
-                            .resize(part.data.len() + be32(&p[8..12]) as usize, 0),
                         REPLY_TYPE_BLOCK_STATUS if p.len() >= 12 => part.extents.push((
                             be32(&p[0..4]),
                             p[4..]
@@ -269,7 +293,7 @@ impl<S: Read + Write> Client<S> {
                         let mut x = part.extents;
                         let r = match (part.error, x.len()) {
                             (Some(e), _) => Reply::Err(e),
-                            (None, 0) => Reply::Ok(part.data),
+                            (None, 0) => Reply::Ok(assemble(part.pieces)?),
                             (None, 1) => Reply::Extents(x.remove(0).1),
                             (None, _) => Reply::Contexts(x),
                         };
@@ -337,5 +361,33 @@ impl<S: Read + Write> Client<S> {
     /// The underlying stream, for raw (malformed) traffic.
     pub fn stream(&mut self) -> &mut S {
         &mut self.s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_chunks_are_laid_out_by_offset() {
+        let got = assemble(vec![
+            (1024, 4, Some(vec![3; 4])),
+            (1000, 16, None),
+            (1016, 8, Some(vec![2; 8])),
+        ])
+        .expect("contiguous");
+        let mut want = vec![0u8; 16];
+        want.extend_from_slice(&[2; 8]);
+        want.extend_from_slice(&[3; 4]);
+        assert_eq!(got, want);
+        assert!(
+            assemble(vec![(0, 8, None), (16, 8, None)]).is_err(),
+            "a gap"
+        );
+        assert!(
+            assemble(vec![(0, 8, None), (4, 8, None)]).is_err(),
+            "an overlap"
+        );
+        assert_eq!(assemble(Vec::new()).expect("nothing"), Vec::<u8>::new());
     }
 }
