@@ -34,9 +34,50 @@ pub struct Plan {
     pub cluster_bits: u32,
     /// Backing file name as written in the header (relative to the image's directory).
     pub backing: Option<String>,
-    /// Guest cluster indices, strictly increasing; the others are unallocated (they fall
-    /// through to the backing file, or read as zeros without one).
-    pub clusters: Vec<(u64, Planned)>,
+    /// Runs of guest clusters, ascending and not overlapping; the clusters of no run are
+    /// unallocated (they fall through to the backing file, or read as zeros without one).
+    /// Runs, not clusters, so a plan's memory follows the number of changed regions, not the
+    /// device size (a full backup of 1 TiB in 64 KiB clusters is a handful of runs, not 16 M
+    /// entries).
+    pub runs: Vec<Run>,
+}
+
+/// `count` consecutive guest clusters from `start`, all planned the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First guest cluster index.
+    pub start: u64,
+    /// Number of clusters (at least 1).
+    pub count: u64,
+    /// What they hold.
+    pub planned: Planned,
+}
+
+impl Run {
+    /// Runs of `clusters` (guest index and plan, ascending): neighbours planned alike merged.
+    pub fn from_clusters(clusters: &[(u64, Planned)]) -> Vec<Run> {
+        let mut out: Vec<Run> = Vec::new();
+        for &(index, planned) in clusters {
+            match out.last_mut() {
+                Some(r) if r.planned == planned && r.start + r.count == index => r.count += 1,
+                _ => out.push(Run {
+                    start: index,
+                    count: 1,
+                    planned,
+                }),
+            }
+        }
+        out
+    }
+}
+
+impl Plan {
+    /// Every planned cluster, ascending: (guest index, plan).
+    pub fn clusters(&self) -> impl Iterator<Item = (u64, Planned)> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|r| (r.start..r.start.saturating_add(r.count)).map(move |c| (c, r.planned)))
+    }
 }
 
 /// Offsets (in clusters) of every structure of the image a plan describes.
@@ -133,27 +174,34 @@ pub(crate) fn layout(file: &str, plan: &Plan) -> Result<Layout> {
     }
     let mut l2_tables: Vec<u64> = Vec::new();
     let mut data_count = 0u64;
-    let mut prev: Option<u64> = None;
-    for &(index, planned) in &plan.clusters {
-        if prev.is_some_and(|p| index <= p) {
+    let mut next = 0u64; // the first cluster a run may start at
+    for (k, r) in plan.runs.iter().enumerate() {
+        if r.count == 0 {
+            return Err(invalid(format!("run {k} (cluster {}) is empty", r.start)));
+        }
+        if k > 0 && r.start < next {
             return Err(invalid(format!(
-                "cluster {index} not after {}",
-                prev.unwrap_or(0)
+                "run {k}: cluster {} not after {}",
+                r.start,
+                next - 1
             )));
         }
-        if index >= nb_clusters {
+        let end = r.start.saturating_add(r.count);
+        if end > nb_clusters {
             return Err(invalid(format!(
-                "cluster {index} past the virtual size {} ({nb_clusters} clusters)",
+                "cluster {} past the virtual size {} ({nb_clusters} clusters)",
+                end - 1,
                 plan.size
             )));
         }
-        prev = Some(index);
-        let l1 = index / l2_entries;
-        if l2_tables.last() != Some(&l1) {
-            l2_tables.push(l1);
+        next = end;
+        for l1 in r.start / l2_entries..=(end - 1) / l2_entries {
+            if l2_tables.last() != Some(&l1) {
+                l2_tables.push(l1);
+            }
         }
-        if planned == Planned::Data {
-            data_count += 1;
+        if r.planned == Planned::Data {
+            data_count += r.count;
         }
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs);
@@ -209,8 +257,44 @@ mod tests {
             size,
             cluster_bits: bits,
             backing: None,
-            clusters,
+            runs: Run::from_clusters(&clusters),
         }
+    }
+
+    #[test]
+    fn runs_merge_neighbours_planned_alike_and_are_checked() {
+        use Planned::{Data, Zero};
+        let c = [
+            (0, Data),
+            (1, Data),
+            (2, Zero),
+            (3, Zero),
+            (5, Zero),
+            (6, Data),
+        ];
+        let runs = Run::from_clusters(&c);
+        assert_eq!(runs.len(), 4);
+        let p = Plan {
+            size: 8 << 12,
+            cluster_bits: 12,
+            backing: None,
+            runs,
+        };
+        assert_eq!(p.clusters().collect::<Vec<_>>(), c.to_vec());
+        let l = layout("t", &p).expect("layout");
+        assert_eq!(l.data_count, 3);
+        let bad = |runs: Vec<Run>| {
+            let p = Plan { runs, ..p.clone() };
+            layout("t", &p).expect_err("refused").to_string()
+        };
+        let r = |start, count| Run {
+            start,
+            count,
+            planned: Data,
+        };
+        assert!(bad(vec![r(0, 2), r(1, 1)]).contains("not after 1"));
+        assert!(bad(vec![r(3, 0)]).contains("empty"));
+        assert!(bad(vec![r(6, 3)]).contains("past the virtual size"));
     }
 
     #[test]

@@ -20,6 +20,6 @@ pub mod writer;
 
 pub use chain::Chain;
 pub use error::{Error, Result};
-pub use layout::{Plan, Planned};
+pub use layout::{Plan, Planned, Run};
 pub use reader::{Cluster, Image, ReadAt};
 pub use writer::Writer;

@@ -19,9 +19,24 @@ pub struct Writer {
     name: String,
     plan: Plan,
     layout: Layout,
-    /// Guest cluster index of each Data cluster, in plan order.
-    data: Vec<u64>,
+    /// Where the next Data cluster is: (index into the plan's runs, clusters into that run).
+    cursor: (usize, u64),
     done: u64,
+}
+
+/// The position of the `n`-th Data cluster of `plan` (from 0), as [`Writer`]'s cursor; past
+/// the end of the runs when there is none.
+fn data_cursor(plan: &Plan, mut n: u64) -> (usize, u64) {
+    for (k, r) in plan.runs.iter().enumerate() {
+        if r.planned != Planned::Data {
+            continue;
+        }
+        if n < r.count {
+            return (k, n);
+        }
+        n -= r.count;
+    }
+    (plan.runs.len(), 0)
 }
 
 fn io_err<'a>(
@@ -103,18 +118,12 @@ impl Writer {
     }
 
     fn new(file: File, name: String, plan: &Plan, layout: Layout, done: u64) -> Writer {
-        let data = plan
-            .clusters
-            .iter()
-            .filter(|(_, p)| *p == Planned::Data)
-            .map(|(i, _)| *i)
-            .collect();
         Writer {
             file,
             name,
             plan: plan.clone(),
             layout,
-            data,
+            cursor: data_cursor(plan, done),
             done,
         }
     }
@@ -130,7 +139,8 @@ impl Writer {
     /// image's last, partial cluster exactly the bytes up to the virtual size (zero-padded).
     pub fn write_next(&mut self, data: &[u8]) -> Result<()> {
         let cs = self.layout.cluster_size();
-        let Some(&index) = self.data.get(self.done as usize) else {
+        let (k, into) = self.cursor;
+        let Some(index) = self.plan.runs.get(k).map(|r| r.start + into) else {
             return Err(self.invalid(format!(
                 "write_next: all {} data clusters are written",
                 self.layout.data_count
@@ -156,6 +166,15 @@ impl Writer {
         }
         .map_err(io_err(&self.name, "data cluster", offset))?;
         self.done += 1;
+        self.cursor = if self.plan.runs.get(k).is_some_and(|r| into + 1 < r.count) {
+            (k, into + 1)
+        } else {
+            let next = self.plan.runs[k + 1..]
+                .iter()
+                .position(|r| r.planned == Planned::Data)
+                .map_or(self.plan.runs.len(), |p| k + 1 + p);
+            (next, 0)
+        };
         Ok(())
     }
 
@@ -213,11 +232,11 @@ impl Writer {
         let l2_entries = cs / 8;
         let mut l1 = vec![0u8; (l.l1_clusters * cs) as usize];
         let mut data_n = 0u64;
-        let mut clusters = self.plan.clusters.iter().peekable();
+        let mut clusters = self.plan.clusters().peekable();
         for (t, &l1_index) in l.l2_tables.iter().enumerate() {
             let l2_cluster = l.l2_start + t as u64;
             let mut l2 = vec![0u8; cs as usize];
-            while let Some(&&(index, planned)) = clusters.peek() {
+            while let Some(&(index, planned)) = clusters.peek() {
                 if index / l2_entries != l1_index {
                     break;
                 }

@@ -8,7 +8,7 @@
 mod common;
 
 use proptest::prelude::*;
-use udm_qcow2::{Chain, Cluster, Image, Plan, Planned};
+use udm_qcow2::{Chain, Cluster, Image, Plan, Planned, Run};
 
 use common::{assert_bytes, model, point_name, write};
 
@@ -56,7 +56,7 @@ proptest! {
                 size: *size,
                 cluster_bits: bits,
                 backing: (i > 0).then(|| point_name(i - 1)),
-                clusters,
+                runs: Run::from_clusters(&clusters),
             };
             let s = seed.wrapping_add(i as u64);
             write(&dir.path().join(point_name(i)), &plan, s);
@@ -92,7 +92,7 @@ proptest! {
                 .into_iter()
                 .map(|(c, s)| (c, if matches!(s, Cluster::Data { .. }) { Planned::Data } else { Planned::Zero }))
                 .collect();
-            prop_assert_eq!(&got, &plan.clusters);
+            prop_assert_eq!(got, plan.clusters().collect::<Vec<_>>());
             prop_assert_eq!(img.backing(), plan.backing.as_deref());
             prop_assert_eq!(img.size(), plan.size);
             // resolve agrees with the top-down walk of the plans.
@@ -106,7 +106,7 @@ proptest! {
                 if c >= p.size.div_ceil(1 << bits) {
                     return Some(None);
                 }
-                p.clusters.iter().find(|(x, _)| *x == c).map(|(_, s)| Some((plans.len() - 1 - i, *s)))
+                p.clusters().find(|(x, _)| *x == c).map(|(_, s)| Some((plans.len() - 1 - i, s)))
             }).flatten();
             let got = chain.resolve(c).unwrap().map(|(i, s)| {
                 (i, if matches!(s, Cluster::Data { .. }) { Planned::Data } else { Planned::Zero })

@@ -36,10 +36,9 @@ fn resumed_image_is_byte_identical() {
     let want = std::fs::read(&whole).unwrap();
     assert_eq!(want.len() as u64, size);
     let data: Vec<u64> = p
-        .clusters
-        .iter()
+        .clusters()
         .filter(|(_, s)| *s == Planned::Data)
-        .map(|(c, _)| *c)
+        .map(|(c, _)| c)
         .collect();
     for k in 0..=data.len() {
         let path = dir.path().join(format!("resumed-{k}.qcow2"));

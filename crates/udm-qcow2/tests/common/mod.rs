@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use udm_qcow2::{Plan, Planned, Writer};
+use udm_qcow2::{Plan, Planned, Run, Writer};
 
 /// Deterministic bytes for guest cluster `index` of a point written with `seed`.
 pub fn cluster_data(seed: u64, index: u64, len: usize) -> Vec<u8> {
@@ -33,7 +33,7 @@ pub fn payload(plan: &Plan, seed: u64, index: u64) -> Vec<u8> {
 /// Writes `plan` to `path` in one go; returns the file size.
 pub fn write(path: &Path, plan: &Plan, seed: u64) -> u64 {
     let mut w = Writer::create(path, plan).expect("create");
-    for &(index, p) in &plan.clusters {
+    for (index, p) in plan.clusters() {
         if p == Planned::Data {
             w.write_next(&payload(plan, seed, index))
                 .expect("write_next");
@@ -51,7 +51,7 @@ pub fn model(plan: &Plan, seed: u64, below: Option<&[u8]>) -> Vec<u8> {
         let n = b.len().min(out.len());
         out[..n].copy_from_slice(&b[..n]);
     }
-    for &(index, p) in &plan.clusters {
+    for (index, p) in plan.clusters() {
         let start = (index * cs) as usize;
         let end = ((index + 1) * cs).min(plan.size) as usize;
         match p {
@@ -73,7 +73,7 @@ pub fn plan(
         size,
         cluster_bits,
         backing: backing.map(str::to_string),
-        clusters: clusters.to_vec(),
+        runs: Run::from_clusters(clusters),
     }
 }
 

@@ -123,13 +123,13 @@ pub fn copy(
         size: sums.size,
         cluster_bits,
         backing,
-        clusters: p
+        runs: p
             .plan
             .iter()
-            .flat_map(|r| {
-                let zero = r.zero;
-                (r.start..r.start + r.count)
-                    .map(move |c| (c, if zero { Planned::Zero } else { Planned::Data }))
+            .map(|r| udm_qcow2::Run {
+                start: r.start,
+                count: r.count,
+                planned: if r.zero { Planned::Zero } else { Planned::Data },
             })
             .collect(),
     };
