@@ -27,15 +27,16 @@ impl KeptBuf {
         }
     }
 
-    /// `data` kept without copying if it lies within `buf` and is at least half of it (so a
-    /// small part of a large payload does not pin the whole payload beyond what is counted);
-    /// `None` otherwise.
+    /// `data` kept without copying if it lies within `buf` and is at least half of its
+    /// allocation (capacity, not length: a reused buffer may be much larger than its payload),
+    /// so a small write does not pin a large allocation beyond what a keeper counts; `None`
+    /// otherwise.
     pub fn within(buf: &LentBuf, data: &[u8]) -> Option<Self> {
         let base = buf.as_ptr() as usize;
         let at = data.as_ptr() as usize;
         let start = at.checked_sub(base)?;
         let end = start.checked_add(data.len())?;
-        if end > buf.len() || data.len() < buf.len().div_ceil(2) {
+        if end > buf.len() || data.len() < buf.capacity().div_ceil(2) {
             return None;
         }
         Some(KeptBuf {
@@ -68,6 +69,13 @@ mod tests {
         let other = vec![7u8; 4096];
         assert!(KeptBuf::within(&buf, &other).is_none(), "another buffer");
         assert!(KeptBuf::within(&buf, &other[..]).is_none());
+        let mut roomy = Vec::with_capacity(1 << 20);
+        roomy.extend_from_slice(&other);
+        let roomy: LentBuf = Arc::new(roomy);
+        assert!(
+            KeptBuf::within(&roomy, &roomy[..]).is_none(),
+            "4 KiB of a 1 MiB allocation"
+        );
         let c = KeptBuf::copy(&other[..512]);
         assert_eq!(&*c, &other[..512]);
     }
