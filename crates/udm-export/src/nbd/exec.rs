@@ -37,19 +37,7 @@ impl Conn {
         let c = &s.export.counters;
         match req.cmd {
             CMD_READ if self.sparse_read(&req) => self.read_sparse(dev, &req, sector, defer),
-            CMD_READ if req.length as usize > CHUNK => self.read_streamed(dev, &req, sector, defer),
-            CMD_READ => {
-                let mut buf = self.take_buf(req.length as usize);
-                match self.rw(dev, sector, RwBuf::Read(&mut buf), BioFlags::empty()) {
-                    Ok(()) => {
-                        c.bytes_read
-                            .fetch_add(u64::from(req.length), Ordering::Relaxed);
-                        self.reply_read(&req, &buf, defer);
-                    }
-                    Err(e) => self.reply_io_err(&req, &e, defer),
-                }
-                self.put_buf(buf);
-            }
+            CMD_READ => self.read_data(dev, &req, sector, defer),
             CMD_WRITE => {
                 // Lent, so a device that holds the write (a snapshot origin's write-back)
                 // keeps this buffer rather than a copy of it.

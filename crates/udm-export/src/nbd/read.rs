@@ -45,23 +45,7 @@ impl Conn {
             }
         };
         if !runs.iter().any(|&(_, hole)| hole) {
-            return if req.length as usize > CHUNK {
-                self.read_streamed(dev, req, sector, defer)
-            } else {
-                let mut buf = self.take_buf(req.length as usize);
-                match self.rw(dev, sector, RwBuf::Read(&mut buf), BioFlags::empty()) {
-                    Ok(()) => {
-                        self.sess
-                            .export
-                            .counters
-                            .bytes_read
-                            .fetch_add(u64::from(req.length), Ordering::Relaxed);
-                        self.reply_read(req, &buf, defer);
-                    }
-                    Err(e) => self.reply_io_err(req, &e, defer),
-                }
-                self.put_buf(buf);
-            };
+            return self.read_data(dev, req, sector, defer);
         }
         let longest = runs.iter().filter(|r| !r.1).map(|r| r.0).max().unwrap_or(0);
         let mut buf = self.take_buf(((longest * SECTOR_SIZE) as usize).min(CHUNK));
@@ -114,6 +98,26 @@ impl Conn {
         self.put_buf(buf);
     }
 
+    /// A READ answered with its data: one buffer, or [`Conn::read_streamed`] beyond `CHUNK`.
+    pub(super) fn read_data(&self, dev: &dyn BlockDevice, req: &Request, sector: u64, defer: bool) {
+        if req.length as usize > CHUNK {
+            return self.read_streamed(dev, req, sector, defer);
+        }
+        let mut buf = self.take_buf(req.length as usize);
+        match self.rw(dev, sector, RwBuf::Read(&mut buf), BioFlags::empty()) {
+            Ok(()) => {
+                self.sess
+                    .export
+                    .counters
+                    .bytes_read
+                    .fetch_add(u64::from(req.length), Ordering::Relaxed);
+                self.reply_read(req, &buf, defer);
+            }
+            Err(e) => self.reply_io_err(req, &e, defer),
+        }
+        self.put_buf(buf);
+    }
+
     /// A READ larger than `CHUNK`, read and sent one chunk at a time, so a client that asks for
     /// many 32 MiB reads and never takes the replies makes the server hold one chunk per
     /// request, not the whole payload. With structured replies every chunk is its own
@@ -124,13 +128,7 @@ impl Conn {
     /// protocol prescribes). A failure of the first chunk is an ordinary error reply. A
     /// structured read with `DF` (do not fragment) gets one `OFFSET_DATA` chunk streamed the
     /// same way as a simple reply.
-    pub(super) fn read_streamed(
-        &self,
-        dev: &dyn BlockDevice,
-        req: &Request,
-        sector: u64,
-        defer: bool,
-    ) {
+    fn read_streamed(&self, dev: &dyn BlockDevice, req: &Request, sector: u64, defer: bool) {
         let total = req.length as usize;
         let mut buf = self.take_buf(CHUNK);
         let mut done = 0usize;
