@@ -693,7 +693,14 @@ impl Drop for SnapshotTarget {
         // no longer copy into this snapshot, then wait for the copies still pending (origin
         // writes held meanwhile, which reach the origin once those are committed). Settling
         // first had writers keep adding copies to wait for.
+        let t0 = std::time::Instant::now();
         unregister(s);
+        let t1 = std::time::Instant::now();
         s.entry.writeback.settle();
+        tracing::debug!(
+            unregister_ms = (t1 - t0).as_secs_f64() * 1e3,
+            settle_ms = t1.elapsed().as_secs_f64() * 1e3,
+            "snapshot destroyed"
+        );
     }
 }

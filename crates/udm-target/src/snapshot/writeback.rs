@@ -186,8 +186,17 @@ impl WriteBack {
     pub fn wait_room(&self, len: usize) {
         let mut st = self.st.lock();
         let limit = held_limit();
+        let mut since = None;
         while st.over_bound(len, limit) {
+            since.get_or_insert_with(Instant::now);
             self.wait_urgent(&mut st);
+        }
+        if let Some(t) = since {
+            tracing::trace!(
+                wait_ms = t.elapsed().as_secs_f64() * 1e3,
+                bytes = st.bytes,
+                "room waited"
+            );
         }
     }
 
