@@ -1,6 +1,7 @@
 //! NBD server memory under attack: pipelined huge reads and write headers without payload
-//! hold at most the per-connection cap, idle connections free their buffer pools, and the
-//! server's RSS (in a child process) stays small.
+//! hold at most the per-connection cap, idle connections free their buffer pools, the
+//! server's RSS (in a child process) stays small, and write payloads a device keeps (lent)
+//! leave the connection's count.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
@@ -205,4 +206,59 @@ fn rss_stays_small_under_memory_attacks() {
     drop(writers);
     drop(child);
     join_flooder(flooder);
+}
+
+/// Keeps every write's data as a device that holds writes would (`Bio::keep_data`), and
+/// counts how many it got without a copy.
+struct KeepingDevice {
+    kept: std::sync::Mutex<Vec<(u64, udm_io::KeptBuf)>>,
+}
+
+impl udm_io::BlockDevice for KeepingDevice {
+    fn size(&self) -> u64 {
+        1 << 15
+    }
+
+    fn submit(&self, bio: udm_io::Bio<'_>) -> Result<(), udm_io::IoError> {
+        if let Some(k) = bio.keep_data() {
+            let lent = bio.lent.is_some_and(|b| {
+                let p = b.as_ptr() as usize;
+                (p..p + b.len()).contains(&(k.as_ptr() as usize))
+            });
+            assert!(lent, "the NBD export lends its write payloads");
+            self.kept.lock().unwrap().push((bio.sector, k));
+        }
+        Ok(())
+    }
+}
+
+/// A write payload kept by the device (lent, not copied) is no longer the connection's: its
+/// bytes leave the connection's count and it does not go back to the buffer pool, and what
+/// the device kept is exactly what the client wrote, however many writes follow.
+#[test]
+fn write_payloads_kept_by_the_device_leave_the_connection() {
+    let dev = Arc::new(KeepingDevice {
+        kept: std::sync::Mutex::new(Vec::new()),
+    });
+    let e = env(NbdLimits::default(), &[("keep", dev.clone() as _)]);
+    let mut c = Client::connect(stream(&e.sock), "keep", true).unwrap();
+    for i in 0..64u64 {
+        let data = vec![i as u8 ^ 0x3c; 64 << 10];
+        assert_eq!(
+            c.write(i * (64 << 10), &data).unwrap(),
+            Reply::Ok(Vec::new())
+        );
+    }
+    let m = e.server.memory();
+    assert_eq!(m.buffered_bytes, 0, "{m:?}");
+    assert_eq!(m.pooled_bytes, 0, "kept payloads are not pooled: {m:?}");
+    let kept = dev.kept.lock().unwrap();
+    assert_eq!(kept.len(), 64);
+    for (i, (sector, k)) in kept.iter().enumerate() {
+        assert_eq!(*sector, i as u64 * 128);
+        assert!(
+            k.iter().all(|&b| b == i as u8 ^ 0x3c),
+            "write {i} kept intact"
+        );
+    }
 }
