@@ -8,7 +8,7 @@ use super::nbd::{NbdDev, IO_MAX};
 use super::Progress;
 use crate::error::CliError;
 use crate::session::Session;
-use crate::udm::snapshot::devices;
+use crate::udm::track::dev_id;
 use clap::Args;
 use serde::Serialize;
 use std::fs::File;
@@ -200,9 +200,9 @@ pub fn restore(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ReadReport, CliError> {
     let (_, n, sums, chain) = open_point(&a.dir, a.point)?;
-    // A bare name that udmd knows is a device (write `./NAME` for a file of that name).
-    let is_dev = !a.to.contains('/')
-        && (devices(s).is_ok_and(|d| d.iter().any(|x| x.name == a.to)) || disk_named(s, &a.to));
+    // A bare name that udmd knows (a mapped device, a disk or a partition) is a device; write
+    // `./NAME` for a file of that name. Without udmd it is a file.
+    let is_dev = !a.to.contains('/') && matches!(dev_id(s, &a.to), Ok(Some(_)));
     let mut sink = if is_dev {
         if !a.force {
             return Err(err(
@@ -245,13 +245,6 @@ pub fn restore(
         data_bytes,
         digest: sums.digest(),
     })
-}
-
-fn disk_named(s: &mut Session, name: &str) -> bool {
-    matches!(
-        s.call("disk list", "", udm_proto::Request::DiskList),
-        Ok(udm_proto::Response::Disks(d)) if d.iter().any(|x| x.name == name)
-    )
 }
 
 fn open_file(path: &Path, size: u64, force: bool) -> Result<Sink, CliError> {
