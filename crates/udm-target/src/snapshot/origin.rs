@@ -82,20 +82,32 @@ impl Target for OriginTarget {
                     let snaps = self.entry.snaps.read();
                     return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
                 }
-                wb.wait_room(((end - abs) << SECTOR_SHIFT) as usize);
-                let snaps = self.entry.snaps.read();
-                if snaps.iter().any(|s| s.merge) {
-                    // A merge moves data into the origin: keep its writes synchronous.
-                    wb.wait_clear(abs, end);
-                    return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
-                }
-                let locked = lock_chunks(&snaps, abs, end);
-                if locked.is_empty() {
-                    // Nothing to copy: straight to the origin, after any overlapping held
-                    // write (`hold` makes the same wait for the others).
-                    wb.wait_clear(abs, end);
-                    return self.dev.dev.submit(bio.at(abs));
-                }
+                let len = ((end - abs) << SECTOR_SHIFT) as usize;
+                let (snaps, locked) = loop {
+                    let snaps = self.entry.snaps.read();
+                    if snaps.iter().any(|s| s.merge) {
+                        // A merge moves data into the origin: keep its writes synchronous.
+                        wb.wait_clear(abs, end);
+                        return origin_write(&snaps, &*self.dev.dev, bio.at(abs));
+                    }
+                    let locked = lock_chunks(&snaps, abs, end);
+                    if locked.is_empty() {
+                        // Nothing to copy (nothing to hold, so no wait for room): straight to
+                        // the origin, after any overlapping held write (`hold` makes the
+                        // same wait for the others).
+                        wb.wait_clear(abs, end);
+                        return self.dev.dev.submit(bio.at(abs));
+                    }
+                    if wb.has_room(len) {
+                        break (snaps, locked);
+                    }
+                    // At the memory bound: wait for room without the snapshot list or chunk
+                    // locks (nothing is allocated yet), so that a snapshot being removed, and
+                    // every writer behind it, does not wait for this one; then look again.
+                    drop(locked);
+                    drop(snaps);
+                    wb.wait_room(len);
+                };
                 let Some(data) = bio.keep_data() else {
                     return Err(IoError::Unsupported {
                         op: bio.kind(),

@@ -179,10 +179,15 @@ impl WriteBack {
         Ok(())
     }
 
-    /// Waits while `len` more bytes would exceed the memory bound. Called before a writer
-    /// takes the origin's snapshot list and chunk locks, so that it rarely waits at the bound
-    /// while holding them (a snapshot being removed waits for the list's holders, and every
-    /// writer after it for that).
+    /// Whether `len` more bytes can be held now without exceeding the memory bound.
+    pub fn has_room(&self, len: usize) -> bool {
+        !self.st.lock().over_bound(len, held_limit())
+    }
+
+    /// Waits while `len` more bytes would exceed the memory bound. Called by a writer that
+    /// needs copies without the origin's snapshot list and chunk locks, so that it rarely waits
+    /// at the bound while holding them (a snapshot being removed waits for the list's holders,
+    /// and every writer after it for that); writes that need no copy never wait for room.
     pub fn wait_room(&self, len: usize) {
         let mut st = self.st.lock();
         let limit = held_limit();
