@@ -208,9 +208,8 @@ impl WriteBack {
     /// Acknowledges a write that needs the copies of the chunks `locked` (locked, nothing
     /// allocated): allocates their exceptions, keeps `data` (the request's buffer where it
     /// was lent, else a copy) until those copies are committed, then writes it to `origin`
-    /// at `sector`. Waits first while the memory bound
-    /// is reached or an overlapping write is still held (safe with chunks locked: the commit
-    /// thread never waits for a chunk lock). Allocation and queueing are one step, so the
+    /// at `sector`. Waits first while the memory bound is reached or an overlapping write is
+    /// still held (safe with chunks locked: the commit thread never waits for a chunk lock). Allocation and queueing are one step, so the
     /// queue holds every exception allocated here in allocation order. If no copy thread
     /// can be started, does it all before returning.
     pub fn hold(
