@@ -137,8 +137,14 @@ impl WriteBack {
     /// every overlapping write acknowledged before it.
     pub fn wait_clear(&self, start: u64, end: u64) {
         let mut st = self.st.lock();
+        let t0 = Instant::now();
+        let mut waited = false;
         while st.overlaps(start, end) {
+            waited = true;
             self.wait_urgent(&mut st);
+        }
+        if waited {
+            tracing::trace!(wait_ms = t0.elapsed().as_secs_f64() * 1e3, "clear waited");
         }
     }
 
