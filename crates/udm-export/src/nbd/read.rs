@@ -47,6 +47,23 @@ impl Conn {
         if !runs.iter().any(|&(_, hole)| hole) {
             return self.read_data(dev, req, sector, defer);
         }
+        self.send_chunks(dev, req, sector, &runs, defer);
+    }
+
+    /// A structured READ as a run of chunks, one per hole (`OFFSET_HOLE`) and one per `CHUNK`
+    /// of data (`OFFSET_DATA`), in order, the last one `DONE`; `runs` are `(sectors, hole)`
+    /// covering the read. The writer is taken per chunk (other replies may interleave, as the
+    /// protocol allows), so a client that asks for many 32 MiB reads and never takes the
+    /// replies makes the server hold one chunk per request, not the whole payload. A read
+    /// that fails is an error chunk, whether chunks went before it or not.
+    fn send_chunks(
+        &self,
+        dev: &dyn BlockDevice,
+        req: &Request,
+        sector: u64,
+        runs: &[(u64, bool)],
+        defer: bool,
+    ) {
         let longest = runs.iter().filter(|r| !r.1).map(|r| r.0).max().unwrap_or(0);
         let mut buf = self.take_buf(((longest * SECTOR_SIZE) as usize).min(CHUNK));
         let mut at = 0u64; // sectors from `sector`
@@ -81,6 +98,10 @@ impl Conn {
                     let off = (req.offset + at * SECTOR_SIZE).to_be_bytes();
                     self.send(&[&hdr, &off, &buf[..n]], defer && last);
                     at += (n as u64) / SECTOR_SIZE;
+                    if self.broken.load(Ordering::Relaxed) {
+                        ok = false;
+                        break 'runs;
+                    }
                 }
             }
             if self.broken.load(Ordering::Relaxed) {
@@ -118,17 +139,17 @@ impl Conn {
         self.put_buf(buf);
     }
 
-    /// A READ larger than `CHUNK`, read and sent one chunk at a time, so a client that asks for
-    /// many 32 MiB reads and never takes the replies makes the server hold one chunk per
-    /// request, not the whole payload. With structured replies every chunk is its own
-    /// `OFFSET_DATA` (the last one `DONE`), the writer is taken per chunk (other replies may
-    /// interleave, as the protocol allows) and a failure after the first chunk is an error
-    /// chunk. A simple reply is one header and contiguous data, so the writer is held until the
-    /// end, and a failure after the header can only be reported by disconnecting (as the
-    /// protocol prescribes). A failure of the first chunk is an ordinary error reply. A
-    /// structured read with `DF` (do not fragment) gets one `OFFSET_DATA` chunk streamed the
-    /// same way as a simple reply.
+    /// A READ larger than `CHUNK`, read and sent one chunk at a time (see
+    /// [`Conn::send_chunks`] for structured replies). A simple reply, or a structured one with
+    /// `DF` (do not fragment: one `OFFSET_DATA` chunk), is one header and contiguous data, so
+    /// the writer is held until the end, and a failure after the header can only be reported
+    /// by disconnecting (as the protocol prescribes). A failure of the first chunk is an
+    /// ordinary error reply.
     fn read_streamed(&self, dev: &dyn BlockDevice, req: &Request, sector: u64, defer: bool) {
+        if self.sess.structured && req.flags & CMD_FLAG_DF == 0 {
+            let sectors = u64::from(req.length) / SECTOR_SIZE;
+            return self.send_chunks(dev, req, sector, &[(sectors, false)], defer);
+        }
         let total = req.length as usize;
         let mut buf = self.take_buf(CHUNK);
         let mut done = 0usize;
@@ -147,65 +168,45 @@ impl Conn {
             return;
         }
         let counters = &self.sess.export.counters;
-        if self.sess.structured && req.flags & CMD_FLAG_DF == 0 {
-            loop {
-                let n = (total - done).min(CHUNK);
-                let last = done + n == total;
-                let flags = if last { REPLY_FLAG_DONE } else { 0 };
-                let hdr =
-                    structured_header(flags, REPLY_TYPE_OFFSET_DATA, req.handle, n as u32 + 8);
-                let off = (req.offset + done as u64).to_be_bytes();
-                self.send(&[&hdr, &off, &buf[..n]], defer && last);
-                done += n;
-                if last || self.broken.load(Ordering::Relaxed) {
-                    break;
-                }
+        let mut w = self.writer.lock();
+        if !self.broken.load(Ordering::Relaxed) {
+            let pend = std::mem::take(&mut w.pending);
+            let hdr = if self.sess.structured {
+                let mut h = structured_header(
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.handle,
+                    req.length.saturating_add(8),
+                )
+                .to_vec();
+                h.extend_from_slice(&req.offset.to_be_bytes());
+                h
+            } else {
+                simple_reply(0, req.handle).to_vec()
+            };
+            self.write_out(&mut w, &[&pend, &hdr, &buf[..n]]);
+            w.pending = pend;
+            w.pending.clear();
+            done = n;
+            while done < total && !self.broken.load(Ordering::Relaxed) {
                 let n = (total - done).min(CHUNK);
                 if let Err(e) = read_chunk(&mut buf[..n], done) {
-                    self.reply_io_err(req, &e, defer);
+                    // The header promised the data: the only way to fail is to disconnect.
+                    tracing::warn!(error = %e, "NBD read failed after its reply header was sent; disconnecting the client");
+                    self.sess
+                        .export
+                        .counters
+                        .errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.broken.store(true, Ordering::SeqCst);
+                    self.ctl.stream.close();
                     break;
                 }
-            }
-        } else {
-            let mut w = self.writer.lock();
-            if !self.broken.load(Ordering::Relaxed) {
-                let pend = std::mem::take(&mut w.pending);
-                let hdr = if self.sess.structured {
-                    let mut h = structured_header(
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_DATA,
-                        req.handle,
-                        req.length.saturating_add(8),
-                    )
-                    .to_vec();
-                    h.extend_from_slice(&req.offset.to_be_bytes());
-                    h
-                } else {
-                    simple_reply(0, req.handle).to_vec()
-                };
-                self.write_out(&mut w, &[&pend, &hdr, &buf[..n]]);
-                w.pending = pend;
-                w.pending.clear();
-                done = n;
-                while done < total && !self.broken.load(Ordering::Relaxed) {
-                    let n = (total - done).min(CHUNK);
-                    if let Err(e) = read_chunk(&mut buf[..n], done) {
-                        // The header promised the data: the only way to fail is to disconnect.
-                        tracing::warn!(error = %e, "NBD read failed after its simple reply was started; disconnecting the client");
-                        self.sess
-                            .export
-                            .counters
-                            .errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.broken.store(true, Ordering::SeqCst);
-                        self.ctl.stream.close();
-                        break;
-                    }
-                    self.write_out(&mut w, &[&buf[..n]]);
-                    done += n;
-                }
+                self.write_out(&mut w, &[&buf[..n]]);
+                done += n;
             }
         }
+        drop(w);
         if done == total {
             counters
                 .bytes_read
