@@ -179,7 +179,7 @@ pub(crate) fn layout(file: &str, plan: &Plan) -> Result<Layout> {
         if r.count == 0 {
             return Err(invalid(format!("run {k} (cluster {}) is empty", r.start)));
         }
-        if k > 0 && r.start < next {
+        if r.start < next {
             return Err(invalid(format!(
                 "run {k}: cluster {} not after {}",
                 r.start,

@@ -140,12 +140,13 @@ impl Writer {
     pub fn write_next(&mut self, data: &[u8]) -> Result<()> {
         let cs = self.layout.cluster_size();
         let (k, into) = self.cursor;
-        let Some(index) = self.plan.runs.get(k).map(|r| r.start + into) else {
+        let Some(run) = self.plan.runs.get(k).copied() else {
             return Err(self.invalid(format!(
                 "write_next: all {} data clusters are written",
                 self.layout.data_count
             )));
         };
+        let index = run.start + into;
         let tail = self.plan.size - (index << self.layout.cluster_bits);
         let len = data.len() as u64;
         if len != cs && !(tail < cs && len == tail) {
@@ -166,7 +167,7 @@ impl Writer {
         }
         .map_err(io_err(&self.name, "data cluster", offset))?;
         self.done += 1;
-        self.cursor = if self.plan.runs.get(k).is_some_and(|r| into + 1 < r.count) {
+        self.cursor = if into + 1 < run.count {
             (k, into + 1)
         } else {
             let next = self.plan.runs[k + 1..]

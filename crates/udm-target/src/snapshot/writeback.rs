@@ -137,14 +137,13 @@ impl WriteBack {
     /// every overlapping write acknowledged before it.
     pub fn wait_clear(&self, start: u64, end: u64) {
         let mut st = self.st.lock();
-        let t0 = Instant::now();
-        let mut waited = false;
+        let mut since = None;
         while st.overlaps(start, end) {
-            waited = true;
+            since.get_or_insert_with(Instant::now);
             self.wait_urgent(&mut st);
         }
-        if waited {
-            tracing::trace!(wait_ms = t0.elapsed().as_secs_f64() * 1e3, "clear waited");
+        if let Some(t) = since {
+            tracing::trace!(wait_ms = t.elapsed().as_secs_f64() * 1e3, "clear waited");
         }
     }
 
