@@ -419,23 +419,30 @@ impl WriteBack {
         let committed = start.elapsed();
         // Applied in order by this one thread: a second one measured slower (buffered writes
         // to one file take its inode lock in turn); what is on the origin is released every
-        // APPLY_STEP writes, so readers, overlapping writers and writers at the memory bound
-        // go on as soon as their part is there.
-        for part in batch.chunks(APPLY_STEP) {
+        // APPLY_STEP writes (its data dropped before that part counts as applied), so readers,
+        // overlapping writers and writers at the memory bound go on as soon as their part is
+        // there, and the memory counted as released is.
+        let writes = batch.len();
+        let mut rest = batch.into_iter();
+        loop {
+            let part: Vec<Held> = rest.by_ref().take(APPLY_STEP).collect();
+            let Some(last) = part.last().map(|h| h.seq) else {
+                break;
+            };
             let mut failed = None;
+            let mut done = Vec::with_capacity(part.len());
             for h in part {
                 if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
                     tracing::error!("snapshot write-back: writing the origin failed: {e}");
                     failed.get_or_insert(e);
                 }
+                done.push((h.sector, h.data.len()));
             }
             let mut st = self.st.lock();
-            if let Some(last) = part.last() {
-                st.applied = last.seq + 1;
-            }
-            for h in part {
-                st.ranges.remove(&h.sector);
-                st.bytes = st.bytes.saturating_sub(h.data.len());
+            st.applied = last + 1;
+            for (sector, len) in done {
+                st.ranges.remove(&sector);
+                st.bytes = st.bytes.saturating_sub(len);
             }
             if let Some(e) = failed {
                 if st.error.is_none() {
@@ -451,7 +458,7 @@ impl WriteBack {
             self.cv.notify_all();
         }
         tracing::trace!(
-            writes = batch.len(),
+            writes,
             commit_ms = committed.as_secs_f64() * 1e3,
             apply_ms = (start.elapsed() - committed).as_secs_f64() * 1e3,
             "snapshot write-back: batch committed and applied"
