@@ -5,7 +5,9 @@ for t in fio jq bc nbdcopy; do command -v $t >/dev/null || { echo "$(basename "$
 (cd "$ROOT" && cargo build --quiet --release -p udm-daemon -p udm-cli)
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 export UDM_RUNTIME_DIR=$WORKDIR/run UDM_STATE_DIR=$WORKDIR/state
-"$BIN/udmd" >"$WORKDIR/udmd.log" 2>&1 &
+# UDMD_ARGS: extra udmd options (unquoted, split on spaces), e.g. --snapshot-writeback-mib 64.
+# shellcheck disable=SC2086
+"$BIN/udmd" ${UDMD_ARGS:-} >"$WORKDIR/udmd.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; [[ -n ${KEEP:-} ]] || rm -rf "$WORKDIR"' EXIT
 for _ in $(seq 100); do "$BIN/udmsetup" version >/dev/null 2>&1 && break; sleep 0.1; done

@@ -92,7 +92,7 @@ struct Args {
     nbd_send_timeout: u64,
     /// MiB of acknowledged origin writes a snapshot origin may hold in memory while their
     /// chunks are copied (1..=4096): more smooths bursts of first writes, less bounds memory.
-    #[arg(long, default_value_t = udm_target::snapshot::writeback::MAX_HELD_BYTES as u64 >> 20, value_name = "MIB")]
+    #[arg(long, default_value_t = udm_target::writeback::MAX_HELD_BYTES as u64 >> 20, value_name = "MIB")]
     snapshot_writeback_mib: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `udm_core=debug`.
     #[arg(long, env = "UDM_LOG", default_value = "info")]
@@ -248,7 +248,7 @@ fn main() -> Result<()> {
             args.snapshot_writeback_mib
         );
     }
-    udm_target::snapshot::writeback::set_held_limit((args.snapshot_writeback_mib as usize) << 20);
+    udm_target::writeback::set_held_limit((args.snapshot_writeback_mib as usize) << 20);
     let nbd = NbdServer::with_limits(nbd_limits(&args)?);
     let daemon = Arc::new(Daemon {
         registry: registry.clone(),

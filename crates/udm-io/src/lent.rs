@@ -1,10 +1,49 @@
 //! Write buffers a device may keep after the request completes, instead of copying them: the
 //! snapshot origin's write-back holds acknowledged writes until their chunks are copied, and
 //! an export that receives a write into a buffer of its own (NBD) can lend that buffer rather
-//! than have it copied. The export gives the buffer up for reuse only when nobody kept it.
+//! than have it copied. The export gives the buffer up for reuse only when nobody kept it; a
+//! keeper done with a buffer hands it to a small process-wide spare list ([`release`]) that
+//! exports take from ([`take_spare`]), so a held write does not cost its export a fresh
+//! allocation (zeroing, page faults, and a munmap with its TLB shootdowns when freed).
 
 use std::ops::Deref;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// Most bytes of spare buffers kept (what stays allocated after a burst of held writes).
+const SPARE_BYTES: usize = 8 << 20;
+/// Most spare buffers kept.
+const SPARE_MAX: usize = 128;
+
+/// Buffers keepers are done with, for exports to reuse; bytes by capacity.
+static SPARE: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+
+/// Gives `k` back: when it held the last reference to its buffer, the buffer joins the spare
+/// list if that has room (else it is freed).
+pub fn release(k: KeptBuf) {
+    let Ok(v) = Arc::try_unwrap(k.buf) else {
+        return;
+    };
+    let cap = v.capacity();
+    let mut sp = SPARE.lock();
+    if cap > 0 && sp.0.len() < SPARE_MAX && sp.1 + cap <= SPARE_BYTES {
+        sp.0.push(v);
+        sp.1 += cap;
+    }
+}
+
+/// A spare buffer of at least `len` bytes' capacity and at most twice that (so that keeping
+/// a slice of it passes [`KeptBuf::within`]); its contents are unspecified.
+pub fn take_spare(len: usize) -> Option<Vec<u8>> {
+    let mut sp = SPARE.lock();
+    let i =
+        sp.0.iter()
+            .position(|b| b.capacity() >= len && b.capacity() / 2 <= len)?;
+    let v = sp.0.swap_remove(i);
+    sp.1 -= v.capacity();
+    Some(v)
+}
 
 /// A whole buffer an export lends with its writes ([`crate::Bio::lend`]).
 pub type LentBuf = Arc<Vec<u8>>;
@@ -60,6 +99,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn released_buffers_are_reused_only_by_their_last_keeper_and_at_a_fitting_size() {
+        let buf: LentBuf = Arc::new(vec![3u8; 3 << 20]);
+        let a = KeptBuf::within(&buf, &buf[..]).expect("whole");
+        let b = a.clone();
+        drop(buf);
+        release(a);
+        assert!(take_spare(3 << 20).is_none(), "b still keeps it");
+        release(b);
+        assert!(take_spare(7 << 20).is_none(), "too small");
+        assert!(take_spare(1 << 20).is_none(), "too large");
+        let v = take_spare(2 << 20).expect("the released buffer");
+        assert_eq!(v.capacity(), 3 << 20);
+        assert!(take_spare(2 << 20).is_none(), "taken once");
+    }
+
+    #[test]
     fn keeps_only_slices_of_the_lent_buffer() {
         let buf: LentBuf = Arc::new((0..=255u8).cycle().take(4096).collect());
         let k = KeptBuf::within(&buf, &buf[1024..4096]).expect("three quarters of it");
@@ -76,6 +131,7 @@ mod tests {
             KeptBuf::within(&roomy, &roomy[..]).is_none(),
             "4 KiB of a 1 MiB allocation"
         );
+        drop(k);
         let c = KeptBuf::copy(&other[..512]);
         assert_eq!(&*c, &other[..512]);
     }

@@ -19,5 +19,5 @@ pub mod zeroes;
 pub use bio::{Bio, BioFlags, BioKind, BioOp};
 pub use device::{BlockDevice, Extent, ExtentKind, Limits};
 pub use error::IoError;
-pub use lent::{KeptBuf, LentBuf};
+pub use lent::{release, take_spare, KeptBuf, LentBuf};
 pub use zeroes::write_zeroes_fallback;

@@ -18,6 +18,7 @@ pub mod striped;
 pub mod table;
 pub mod target;
 pub mod testing;
+pub mod writeback;
 pub mod zero;
 
 pub use target::{

@@ -57,9 +57,12 @@ impl Rig {
     }
 }
 
+/// A write and a flush: the write is acknowledged at once (held until its bit is committed),
+/// the flush returns once it is on the origin and so marked.
 fn write(t: &Table, block: u64) {
     t.submit(Bio::write(block * BS + 1, &[0xa5; 1024]))
         .expect("write");
+    t.submit(Bio::flush()).expect("flush");
 }
 
 fn status(t: &Table) -> String {
@@ -242,20 +245,27 @@ fn crash_loses_no_acknowledged_write() {
 }
 
 #[test]
-fn a_write_waits_for_its_metadata_commit() {
+fn a_write_reaches_the_origin_only_after_its_metadata_commit() {
     let mut r = rig();
     let t = r.table();
     write(&t, 3);
     r.meta
         .inject(Fault::range(0, u64::MAX, Errno::EIO).ops(&[BioKind::Write, BioKind::Flush]));
     let before = r.origin.count(BioKind::Write);
-    let e = t.submit(Bio::write(5 * BS, &[1; 512])).unwrap_err();
-    assert_eq!(udm_types::errno::HasErrno::errno(&e), Errno::EIO);
+    // Acknowledged and held; its commit fails, so it never reaches the origin (a block must
+    // not change unrecorded) and the next flush reports it, as a failed write-back.
+    t.submit(Bio::write(5 * BS, &[1; 512]))
+        .expect("held write acknowledged");
+    let e = t.submit(Bio::flush()).unwrap_err();
+    assert_eq!(udm_types::errno::HasErrno::errno(&e), Errno::EIO, "{e}");
     assert_eq!(
         r.origin.count(BioKind::Write),
         before,
         "not issued to the origin"
     );
+    let mut back = [0u8; 512];
+    t.submit(Bio::read(5 * BS, &mut back)).expect("read");
+    assert_eq!(back, [0; 512], "the dropped write is not shown either");
     write(&t, 3); // already marked: no metadata I/O needed
                   // The failed commit may have left the in-core state ahead of the disk: nothing more is
                   // written through this metadata, even once the device works again.

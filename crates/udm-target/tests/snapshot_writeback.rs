@@ -15,7 +15,7 @@ use snapshot_common::gate::{wait_for, GateDev};
 use snapshot_common::*;
 use udm_io::backend::mem::{Fault, MemDevice};
 use udm_io::{BioKind, BlockDevice};
-use udm_target::snapshot::writeback::{held_limit, set_held_limit, MAX_HELD_BYTES};
+use udm_target::writeback::{held_limit, set_held_limit, MAX_HELD_BYTES};
 use udm_target::Target;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;

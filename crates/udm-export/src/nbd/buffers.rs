@@ -39,8 +39,13 @@ impl Conn {
         let mut p = self.pool.lock();
         let i = match p.bufs.iter().position(|b| b.capacity() >= len) {
             Some(i) => i,
-            None if p.bufs.is_empty() => return Vec::new(),
-            None => p.bufs.len() - 1,
+            // Payloads kept by a device (held writes) leave the pool; their buffers come back
+            // through the spare list once applied.
+            None => match udm_io::take_spare(len) {
+                Some(b) => return b,
+                None if p.bufs.is_empty() => return Vec::new(),
+                None => p.bufs.len() - 1,
+            },
         };
         let b = p.bufs.swap_remove(i);
         p.bytes -= b.capacity();

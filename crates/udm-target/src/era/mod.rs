@@ -1,7 +1,12 @@
 //! `era <metadata dev> <origin dev> <block size>`: passes I/O to the origin and records, per
 //! era, which blocks were written, in metadata byte-compatible with Linux dm-era (K
-//! dm-era-target.c, v1.0.0). A write to a block not yet marked in the current era is issued
-//! only after its bit is committed to the metadata device.
+//! dm-era-target.c, v1.0.0). A write to a block not yet marked in the current era reaches the
+//! origin only after its bit is committed to the metadata device: the kernel holds the write
+//! until then; here it is held in memory and acknowledged at once ([`crate::writeback`], the
+//! snapshot origin's volatile write cache), so writers do not wait for a metadata commit each.
+//! A flush (or PREFLUSH/FUA write) waits until every held write is on the origin, and the
+//! messages and a suspend first let held writes reach it, so each is marked in the era it was
+//! acknowledged in, as with the kernel.
 //!
 //! The in-core metadata is one object per metadata device, shared by every table that names
 //! that device (a table reload reuses it instead of re-reading a superblock the old table is
@@ -15,15 +20,17 @@ pub use metadata::{Metadata, OpError, OpenError};
 pub use store::{DevStore, MAX_METADATA_BLOCKS};
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use udm_io::{Bio, BioKind, Extent, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BioOp, Extent, IoError};
 use udm_types::{DevId, Errno};
 
 use crate::args::{self, EraParams, EraStatus, FromArgs};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetEnv, TargetError, TargetType};
+use crate::writeback::{Jobs, WriteBack};
 
 /// Bits digested per lock hold, so writes are not stalled behind a large writeset.
 const DIGEST_STEP_BITS: u64 = 4096;
@@ -79,6 +86,56 @@ pub struct Shared {
     marks_cv: Condvar,
     /// The metadata's in-core writeset bits, checked by writes without the state lock.
     marked: metadata::Marks,
+    /// The metadata has failed (`State::failed`), readable without the state lock: writes to
+    /// unmarked blocks fail at once instead of being held for a commit that cannot happen.
+    broken: AtomicBool,
+}
+
+/// The writeset bits held writes need ([`crate::writeback::Jobs`]), committed in one batch by
+/// the write-back's first thread (`prepare`), so that marking the next batch overlaps applying
+/// the last (the second thread only applies a batch, in order, once its bits are committed).
+#[derive(Default)]
+struct EraMarks {
+    shared: Option<Arc<Shared>>,
+    ranges: Vec<(u64, u64)>,
+    /// The commit's result, once `prepare` has run.
+    marked: Option<Result<(), String>>,
+}
+
+impl EraMarks {
+    /// Commits the ranges not yet committed, keeping the first failure.
+    fn mark_now(&mut self) {
+        let ranges = std::mem::take(&mut self.ranges);
+        if let (Some(s), false) = (&self.shared, ranges.is_empty()) {
+            let r = s.mark(ranges).map_err(|e| e.to_string());
+            self.merge(Some(r));
+        }
+    }
+
+    fn merge(&mut self, r: Option<Result<(), String>>) {
+        if !matches!(self.marked, Some(Err(_))) && r.is_some() {
+            self.marked = r;
+        }
+    }
+}
+
+impl Jobs for EraMarks {
+    fn append(&mut self, other: Self) {
+        if self.shared.is_none() {
+            self.shared = other.shared;
+        }
+        self.ranges.extend(other.ranges);
+        self.merge(other.marked);
+    }
+
+    fn prepare(&mut self, _origin: &dyn udm_io::BlockDevice) {
+        self.mark_now();
+    }
+
+    fn commit(mut self) -> Result<(), String> {
+        self.mark_now();
+        self.marked.unwrap_or(Ok(()))
+    }
 }
 
 /// The leader of one batch: ends it when dropped (recording its result and waking writers),
@@ -136,13 +193,13 @@ fn metadata_error(e: &OpError) -> TargetError {
 }
 
 impl Shared {
-    /// Marks `first..=last` and returns once the bits are committed: the range joins the
-    /// batch being gathered; whoever finds no commit running commits every queued range at
-    /// once while later ranges gather for the next batch.
-    fn mark(&self, first: u64, last: u64) -> Result<(), OpError> {
+    /// Marks the block ranges `ranges` (first, last) and returns once the bits are committed:
+    /// the ranges join the batch being gathered; whoever finds no commit running commits every
+    /// queued range at once while later ranges gather for the next batch.
+    fn mark(&self, ranges: Vec<(u64, u64)>) -> Result<(), OpError> {
         udm_io::thread::note_device_wait();
         let mut q = self.marks.lock();
-        q.pending.push((first, last));
+        q.pending.extend(ranges);
         let mine = q.gathering;
         while q.done < mine {
             if q.leader {
@@ -162,7 +219,7 @@ impl Shared {
                 result: Err("the writeset commit panicked".into()),
             };
             let started = std::time::Instant::now();
-            let r = self.state.lock().change(|md| md.mark_many(&batch));
+            let r = self.change(|md| md.mark_many(&batch));
             tracing::trace!(
                 ranges = batch.len(),
                 us = started.elapsed().as_micros() as u64,
@@ -182,6 +239,14 @@ impl Shared {
             }
             None => Ok(()),
         }
+    }
+
+    /// [`State::change`] under the state lock, keeping `broken` up to date.
+    fn change<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T, OpError>) -> Result<T, OpError> {
+        let mut st = self.state.lock();
+        let r = st.change(f);
+        self.broken.store(st.failed.is_some(), Ordering::Relaxed);
+        r
     }
 
     fn open(
@@ -217,6 +282,7 @@ impl Shared {
         let marked = md.marks();
         let s = Arc::new(Shared {
             marked,
+            broken: AtomicBool::new(false),
             state: Mutex::new(State {
                 md,
                 worker: false,
@@ -302,6 +368,7 @@ fn digest_worker(weak: &Weak<Shared>, gen: u64) {
         }
         if let Err(e) = st.change(|md| Ok(md.digest_step(DIGEST_STEP_BITS)?)) {
             tracing::error!("era: digest failed: {e}");
+            s.broken.store(st.failed.is_some(), Ordering::Relaxed);
         }
         drop(st);
         s.cv.notify_all();
@@ -315,6 +382,8 @@ pub struct Era {
     block_sectors: u32,
     len: u64,
     shared: Arc<Shared>,
+    /// Writes to unmarked blocks, acknowledged and held until their bits are committed.
+    wb: Arc<WriteBack<EraMarks>>,
     /// The worker generation this instance started (0 = none), stopped on drop.
     started: Mutex<u64>,
 }
@@ -344,6 +413,7 @@ impl TargetType for EraType {
             block_sectors: p.block_sectors,
             len: ctx.len(),
             shared,
+            wb: Arc::default(),
             started: Mutex::new(0),
         }))
     }
@@ -360,7 +430,7 @@ impl Era {
             .ok()
             .filter(|&n| u64::from(n) < MAX_NR_BLOCKS)
             .ok_or(OpError::TooManyBlocks(nr))?;
-        self.shared.state.lock().change(|md| {
+        self.shared.change(|md| {
             if md.nr_blocks() != nr {
                 md.resize(nr)?;
                 md.commit()?;
@@ -373,31 +443,58 @@ impl Era {
 
 impl Target for Era {
     fn map(&self, bio: Bio<'_>) -> Result<(), IoError> {
-        if matches!(
-            bio.kind(),
-            BioKind::Write | BioKind::Discard | BioKind::WriteZeroes
-        ) && bio.sectors() > 0
-        {
-            let bs = u64::from(self.block_sectors);
-            let (first, last) = (bio.sector / bs, (bio.end() - 1) / bs);
-            // Blocks already marked need no metadata I/O, even when the metadata has failed,
-            // and no lock: a commit of other blocks' bits does not hold them up. (A write
-            // that finds its block marked just as a checkpoint clears the bits belongs to the
-            // era that ends: it is in flight across the checkpoint.)
-            let marked = if metadata::all_set(&self.shared.marked.read(), first, last) {
-                Ok(())
-            } else {
-                self.shared.mark(first, last)
+        let wb = &self.wb;
+        let kind = bio.kind();
+        if kind == BioKind::Read {
+            let flags = bio.flags;
+            let BioOp::Read(buf) = bio.op else {
+                return Err(IoError::Unsupported {
+                    op: kind,
+                    device: "era".into(),
+                });
             };
-            if let Err(e) = marked {
-                return Err(IoError::errno(
-                    bio.kind(),
-                    bio.sector,
-                    Errno::EIO,
-                    format!("era: {e}"),
-                ));
-            }
+            return wb.read(&*self.origin.dev, bio.sector, buf, flags);
         }
+        // A flush (or PREFLUSH) covers every acknowledged write, and reports a held one that
+        // failed; a FUA write only needs to come after them.
+        if kind == BioKind::Flush || bio.flags.contains(BioFlags::PREFLUSH) {
+            wb.barrier()?;
+        } else if bio.flags.contains(BioFlags::FUA) {
+            wb.settle();
+        }
+        if kind == BioKind::Flush || bio.sectors() == 0 {
+            return self.origin.dev.submit(bio);
+        }
+        let bs = u64::from(self.block_sectors);
+        let (first, last) = (bio.sector / bs, (bio.end() - 1) / bs);
+        // Blocks already marked need no metadata I/O, even when the metadata has failed, and
+        // no lock: a commit of other blocks' bits does not hold them up. (A write that finds
+        // its block marked just as a checkpoint clears the bits belongs to the era that ends:
+        // it is in flight across the checkpoint.) It still comes after any overlapping held
+        // write (whose bits are set at its commit, before it is applied).
+        if metadata::all_set(&self.shared.marked.read(), first, last) {
+            wb.wait_clear(bio.sector, bio.end());
+            return self.origin.dev.submit(bio);
+        }
+        let failed =
+            |why: String| IoError::errno(kind, bio.sector, Errno::EIO, format!("era: {why}"));
+        if self.shared.broken.load(Ordering::Relaxed) {
+            return Err(failed("the metadata has failed".into()));
+        }
+        let plain = kind == BioKind::Write && !bio.flags.contains(BioFlags::FUA);
+        if let Some(data) = bio.keep_data().filter(|_| plain) {
+            let shared = self.shared.clone();
+            return wb.hold(&self.origin.dev, bio.sector, data, move || EraMarks {
+                shared: Some(shared),
+                ranges: vec![(first, last)],
+                marked: None,
+            });
+        }
+        // Discards and FUA writes: marked, then issued, as the kernel does.
+        wb.wait_clear(bio.sector, bio.end());
+        self.shared
+            .mark(vec![(first, last)])
+            .map_err(|e| failed(e.to_string()))?;
         self.origin.dev.submit(bio)
     }
 
@@ -432,19 +529,22 @@ impl Target for Era {
                 "incorrect number of message arguments",
             ));
         };
-        let mut st = self.shared.state.lock();
-        let r = if word.eq_ignore_ascii_case("checkpoint") {
-            st.change(Metadata::checkpoint)
-        } else if word.eq_ignore_ascii_case("take_metadata_snap") {
-            st.change(|md| md.take_snap().map(|_| ()))
-        } else if word.eq_ignore_ascii_case("drop_metadata_snap") {
-            st.change(Metadata::drop_snap)
-        } else {
-            return Err(TargetError::invalid(format!(
-                "unsupported message '{word}'"
-            )));
-        };
-        drop(st);
+        let op: fn(&mut Metadata) -> Result<(), OpError> =
+            if word.eq_ignore_ascii_case("checkpoint") {
+                Metadata::checkpoint
+            } else if word.eq_ignore_ascii_case("take_metadata_snap") {
+                |md| md.take_snap().map(|_| ())
+            } else if word.eq_ignore_ascii_case("drop_metadata_snap") {
+                Metadata::drop_snap
+            } else {
+                return Err(TargetError::invalid(format!(
+                    "unsupported message '{word}'"
+                )));
+            };
+        // Held writes first, so each is marked in the era it was acknowledged in and a
+        // metadata snapshot shows every write acknowledged before it.
+        self.wb.settle();
+        let r = self.shared.change(op);
         self.shared.cv.notify_all();
         r.map(|()| None).map_err(|e| metadata_error(&e))
     }
@@ -461,13 +561,18 @@ impl Target for Era {
         }
     }
 
+    /// Lets held writes reach the origin while I/O still flows, so the suspend itself has
+    /// only what arrived meanwhile.
+    fn presuspend(&self) {
+        self.wb.settle();
+    }
+
     fn postsuspend(&self) {
-        let mut st = self.shared.state.lock();
-        let r = st.change(|md| {
+        self.wb.settle();
+        let r = self.shared.change(|md| {
             md.archive()?;
             Ok(md.commit()?)
         });
-        drop(st);
         self.shared.stop_worker();
         if let Err(e) = r {
             tracing::error!("era {}: archive at suspend failed: {e}", self.meta.name);
@@ -485,13 +590,19 @@ impl Target for Era {
         vec![self.meta.clone(), self.origin.clone()]
     }
 
+    fn drain_writeback(&self) {
+        self.wb.settle();
+    }
+
     fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
-        self.origin.dev.block_status(sector, sectors)
+        self.wb.block_status(&*self.origin.dev, sector, sectors)
     }
 }
 
 impl Drop for Era {
+    /// A table being destroyed still owes its acknowledged writes to the origin.
     fn drop(&mut self) {
+        self.wb.settle();
         let gen = *self.started.lock();
         let mut st = self.shared.state.lock();
         st.users = st.users.saturating_sub(1);

@@ -11,6 +11,7 @@ use udm_types::SECTOR_SIZE;
 
 use super::exception::{StoreCell, Ticket};
 use super::state::Snap;
+use crate::writeback::Jobs;
 
 /// Writes `bio` (absolute origin sectors) to `origin` once every snapshot of `snaps` lacking
 /// one of its chunks has copied it (the kernel splits the bio at the smallest chunk size and
@@ -44,6 +45,34 @@ pub fn copy_and_commit(origin: &dyn BlockDevice, locked: Vec<Locked>) {
     let pending = allocate(locked);
     copy_runs(origin, &pending);
     commit(pending, false);
+}
+
+/// The copies of held origin writes, for the write-back ([`crate::writeback`]): prepared by
+/// copying their chunks, committed without the store's "nothing pending" rule (the exceptions
+/// pending meanwhile are those queued after the batch, which only the write-back completes).
+#[derive(Default)]
+pub struct Copies(pub Vec<Pending>);
+
+impl Jobs for Copies {
+    fn append(&mut self, other: Self) {
+        self.0.extend(other.0);
+    }
+
+    fn prepare(&mut self, origin: &dyn BlockDevice) {
+        copy_runs(origin, &self.0);
+    }
+
+    /// Failures invalidate the snapshot concerned; the origin write proceeds, as in the kernel.
+    fn commit(self) -> Result<(), String> {
+        commit(self.0, true);
+        Ok(())
+    }
+
+    fn run_inline(self, origin: &dyn BlockDevice) -> Result<(), String> {
+        copy_runs(origin, &self.0);
+        commit(self.0, false);
+        Ok(())
+    }
 }
 
 /// The first step of [`ensure_copied`]: locks the chunks of `[start, end)` that some active,

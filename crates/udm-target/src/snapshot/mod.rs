@@ -7,11 +7,11 @@
 //! [`crate::TargetEnv`] keyed by the origin's device number (the kernel's `_origins` hash).
 //! The data path is synchronous: where the kernel queues a bio behind a pending exception, the
 //! writing thread here copies the chunk itself, or waits on a per-chunk lock held by the thread
-//! that does. The commit of an origin write's copies is the exception: see [`writeback`].
+//! that does. The commit of an origin write's copies is the exception: see [`crate::writeback`].
 //!
 //! Modules, each importing only those listed before it: [`store`] (the exception stores),
 //! [`exception`] (chunk locks, the store's commit slot), [`state`] (one snapshot's shared
-//! state), [`cow`] (the copy engine of origin writes), [`writeback`], [`merge`] (the merge
+//! state), [`cow`] (the copy engine of origin writes, and its jobs for the write-back), [`merge`] (the merge
 //! worker), then the targets [`origin`] (`snapshot-origin`) and [`snap`] (`snapshot`,
 //! `snapshot-merge`).
 
@@ -22,13 +22,14 @@ pub mod origin;
 pub mod snap;
 pub mod state;
 pub mod store;
-pub mod writeback;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use udm_types::DevId;
+
+use crate::writeback::WriteBack;
 
 pub use state::Snap;
 
@@ -57,7 +58,7 @@ pub struct OriginEntry {
     /// Origin writes acknowledged before their copies were committed. Registration changes
     /// settle it under the write side of `snaps`, so a snapshot never becomes active (or
     /// changes hands) while the origin holds writes copied for the old set of snapshots.
-    pub writeback: Arc<writeback::WriteBack>,
+    pub writeback: Arc<WriteBack<cow::Copies>>,
 }
 
 /// Smallest non-zero chunk size among `snaps` (the origin's split boundary), `None` if none.

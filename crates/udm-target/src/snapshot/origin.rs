@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, Extent, ExtentKind, IoError};
+use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, Extent, IoError};
 use udm_types::SECTOR_SHIFT;
 
-use super::cow::{lock_chunks, origin_write};
+use super::cow::{allocate, lock_chunks, origin_write, Copies};
 use super::{OriginEntry, Origins};
 use crate::args::{get_device_as, FromArgs, OriginParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
@@ -116,7 +116,7 @@ impl Target for OriginTarget {
                 };
                 // Still under the read side of `snaps`: no snapshot becomes active before this
                 // write is held (and so settled by the activation).
-                let r = wb.hold(&self.dev.dev, abs, data, locked);
+                let r = wb.hold(&self.dev.dev, abs, data, || Copies(allocate(locked)));
                 drop(snaps);
                 r
             }
@@ -165,18 +165,9 @@ impl Target for OriginTarget {
     /// (held while its copies are made) is data. Checked before and after asking the origin,
     /// so a held write applied meanwhile is seen one way or the other.
     fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
-        let abs = self.begin + sector;
-        let end = abs.saturating_add(sectors);
-        let wb = &self.entry.writeback;
-        let held = wb.holds(abs, end);
-        let ext = self.dev.dev.block_status(abs, sectors)?;
-        if held || wb.holds(abs, end) {
-            return Ok(vec![Extent {
-                sectors,
-                kind: ExtentKind::Data,
-            }]);
-        }
-        Ok(ext)
+        self.entry
+            .writeback
+            .block_status(&*self.dev.dev, self.begin + sector, sectors)
     }
 }
 

@@ -1,26 +1,26 @@
-//! Write-back for origin writes that copy chunks.
+//! Write-back of held writes: a volatile write cache in front of a device, for targets whose
+//! writes must wait for some metadata to be durable before they may reach the device below
+//! (`snapshot-origin`: the copies of the chunks they overwrite; `era`: the writeset bits of
+//! their blocks). The kernel holds each such write until its commit and only then completes
+//! it; here the write is acknowledged once its data is held in memory, and two threads per
+//! device then, for what is held, in batches of at most `GATHER_BYTES`, prepare the batch
+//! ([`Jobs::prepare`]: the snapshot copies its chunks, reading the old data the device still
+//! has, since nothing reaches it before the commit; era commits its bits there already),
+//! commit it ([`Jobs::commit`], one metadata write) and only then write the held data to the
+//! device (in parts of `APPLY_STEP` writes,
+//! each part released when applied); preparing one batch overlaps the commit (mostly a cache
+//! flush) of the last. The device below therefore never receives a write before what it
+//! depends on is durable (the kernel's ordering, so a crash or power loss leaves the same
+//! states as with the kernel), while writers no longer wait for a commit each.
 //!
-//! The kernel holds such a write until every copy it triggered is committed (two cache
-//! flushes of the COW per metadata write), and only then completes it. Here the write locks
-//! the chunks to copy, allocates their exceptions (at once, as the kernel does, so status and
-//! a full store behave the same) and is acknowledged once its data is held in memory. Two
-//! threads per origin then, for what is held, in batches of at most `GATHER_BYTES`, copy the
-//! chunks (the origin still has the old data: nothing reaches it before the commit), commit
-//! them in one metadata write, and only then write the held data to the origin (in parts of
-//! `APPLY_STEP` writes, each part released when applied); copying one batch overlaps the
-//! commit (mostly the COW's cache flush) of the last. Small batches keep the wait of a writer
-//! at the memory bound short. The origin therefore never receives a write before the copy of
-//! its old data is durable (the kernel's ordering, so the snapshot survives a crash or power
-//! loss as with the kernel), while writers no longer wait for a commit each.
-//!
-//! This is a volatile write cache in front of the origin, as the block layer allows: a flush,
-//! or a write with PREFLUSH or FUA, waits until every write acknowledged before it is on the
-//! origin; a read sees the held writes it overlaps (laid over the origin's data), and a write
-//! that overlaps a held write waits until it is applied, so held writes are never reordered
-//! with later writes; a suspend, a detach or a snapshot activation waits until
-//! nothing is held. A held write that then fails on the origin is reported by the next flush,
-//! as the page cache reports a failed write-back at fsync. The memory held is bounded
-//! ([`MAX_HELD_BYTES`]).
+//! As the block layer allows of a volatile cache: a flush, or a write with PREFLUSH or FUA,
+//! waits until every write acknowledged before it is on the device; a read sees the held
+//! writes it overlaps (laid over the device's data), and a write that overlaps a held write
+//! waits until it is applied, so held writes are never reordered with later writes; a
+//! suspend, a detach or a snapshot activation waits until nothing is held. A held write that
+//! fails on the device, or whose commit fails (it is then never written: era must not let a
+//! block change unrecorded), is reported by the next flush, as the page cache reports a failed
+//! write-back at fsync. The memory held is bounded ([`MAX_HELD_BYTES`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,20 +28,37 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use udm_io::{Bio, BioFlags, BioKind, BlockDevice, IoError, KeptBuf};
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, Extent, ExtentKind, IoError, KeptBuf};
 use udm_types::errno::HasErrno;
-use udm_types::SECTOR_SHIFT;
+use udm_types::{Errno, SECTOR_SHIFT};
 
-use super::cow::{allocate, commit, copy_and_commit, copy_runs, Locked, Pending};
+/// What a held write needs before its data may reach the device; a batch's is one value.
+pub trait Jobs: Default + Send + 'static {
+    /// Adds another write's work to this batch's.
+    fn append(&mut self, other: Self);
+    /// Work before the commit, off the writers' path (the snapshot copies chunks from
+    /// `dev`); it overlaps the commit of the previous batch.
+    fn prepare(&mut self, dev: &dyn BlockDevice);
+    /// Makes the batch's metadata durable. On an error the batch's writes are not applied
+    /// (the error is reported by the next flush).
+    fn commit(self) -> Result<(), String>;
+    /// Prepares and commits one write on the writer's thread, when no write-back thread can
+    /// be started.
+    fn run_inline(mut self, dev: &dyn BlockDevice) -> Result<(), String> {
+        self.prepare(dev);
+        self.commit()
+    }
+}
 
-/// Default of the most data held at once per origin; a writer that would exceed the bound
-/// waits for the commit in progress. udmd sets the bound with `--snapshot-writeback-mib`.
+/// Default of the most data held at once per device; a writer that would exceed the bound
+/// waits for the commit in progress. udmd sets the bound with `--snapshot-writeback-mib` (it
+/// bounds every write-back: snapshot origins and era targets).
 pub const MAX_HELD_BYTES: usize = 32 << 20;
 
 /// The bound in force (see [`set_held_limit`]).
 static HELD_LIMIT: AtomicUsize = AtomicUsize::new(MAX_HELD_BYTES);
 
-/// Sets the most data held at once per origin, for origins of every snapshot (at least one
+/// Sets the most data held at once per device, for every write-back (at least one
 /// byte: a bound of 0 is taken as 1, which holds one write at a time).
 pub fn set_held_limit(bytes: usize) {
     HELD_LIMIT.store(bytes.max(1), Ordering::Relaxed);
@@ -66,25 +83,23 @@ const GATHER_BYTES: usize = 4 << 20;
 /// Held writes applied to the origin between two releases of what they held.
 const APPLY_STEP: usize = 64;
 
-/// Held origin writes of one origin device (see the module documentation).
-#[derive(Default)]
-pub struct WriteBack {
-    st: Mutex<State>,
+/// Held writes of one device (see the module documentation).
+pub struct WriteBack<J: Jobs> {
+    st: Mutex<State<J>>,
     cv: Condvar,
     /// Wakes the copy thread (only: writers do not wake it for every write).
     copy_cv: Condvar,
 }
 
-#[derive(Default)]
-struct State {
+struct State<J> {
     /// Waiting for their copies, in acknowledgement order.
-    queue: VecDeque<Held>,
+    queue: VecDeque<Held<J>>,
     /// Bytes of data in `queue`.
     queued_bytes: usize,
     /// Threads waiting for held writes (flush, overlapping I/O, memory bound): no gathering.
     urgent: usize,
     /// Copied, waiting for their commit, in acknowledgement order.
-    copied: VecDeque<Held>,
+    copied: VecDeque<Held<J>>,
     /// Every held write not yet applied, by first sector: its end and data. Disjoint.
     ranges: BTreeMap<u64, (u64, KeptBuf)>,
     bytes: usize,
@@ -99,15 +114,37 @@ struct State {
     error: Option<IoError>,
 }
 
-struct Held {
+struct Held<J> {
     seq: u64,
     sector: u64,
     data: KeptBuf,
     origin: Arc<dyn BlockDevice>,
-    pending: Vec<Pending>,
+    jobs: J,
 }
 
-impl State {
+impl<J: Jobs> Default for WriteBack<J> {
+    fn default() -> Self {
+        WriteBack {
+            st: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                urgent: 0,
+                copied: VecDeque::new(),
+                ranges: BTreeMap::new(),
+                bytes: 0,
+                next_seq: 0,
+                applied: 0,
+                copier: false,
+                committer: false,
+                error: None,
+            }),
+            cv: Condvar::new(),
+            copy_cv: Condvar::new(),
+        }
+    }
+}
+
+impl<J> State<J> {
     /// Whether holding `len` more bytes would exceed the memory bound `limit` (a write larger
     /// than the bound is held alone).
     fn over_bound(&self, len: usize, limit: usize) -> bool {
@@ -128,11 +165,11 @@ impl State {
 /// a FUSE export of this very device): they must not recurse into that I/O for reclaim.
 fn io_flusher() {
     if let Err(e) = udm_io::thread::mark_io_flusher() {
-        tracing::debug!("snapshot write-back: PR_SET_IO_FLUSHER refused: {e}");
+        tracing::debug!("write-back: PR_SET_IO_FLUSHER refused: {e}");
     }
 }
 
-impl WriteBack {
+impl<J: Jobs> WriteBack<J> {
     /// Waits until no held write overlaps `[start, end)`: a write must reach the origin after
     /// every overlapping write acknowledged before it.
     pub fn wait_clear(&self, start: u64, end: u64) {
@@ -184,15 +221,36 @@ impl WriteBack {
         Ok(())
     }
 
+    /// `dev`'s block status of `sectors` at `sector`, except that a range with a held write
+    /// (acknowledged, not yet applied) is data. Checked before and after asking `dev`, so a
+    /// held write applied meanwhile is seen one way or the other.
+    pub fn block_status(
+        &self,
+        dev: &dyn BlockDevice,
+        sector: u64,
+        sectors: u64,
+    ) -> Result<Vec<Extent>, IoError> {
+        let end = sector.saturating_add(sectors);
+        let held = self.holds(sector, end);
+        let ext = dev.block_status(sector, sectors)?;
+        if held || self.holds(sector, end) {
+            return Ok(vec![Extent {
+                sectors,
+                kind: ExtentKind::Data,
+            }]);
+        }
+        Ok(ext)
+    }
+
     /// Whether `len` more bytes can be held now without exceeding the memory bound.
     pub fn has_room(&self, len: usize) -> bool {
         !self.st.lock().over_bound(len, held_limit())
     }
 
-    /// Waits while `len` more bytes would exceed the memory bound. Called by a writer that
-    /// needs copies without the origin's snapshot list and chunk locks, so that it rarely waits
-    /// at the bound while holding them (a snapshot being removed waits for the list's holders,
-    /// and every writer after it for that); writes that need no copy never wait for room.
+    /// Waits while `len` more bytes would exceed the memory bound. A snapshot origin's writer
+    /// that needs copies calls it without the snapshot list and chunk locks, so that it rarely
+    /// waits at the bound while holding them (a snapshot being removed waits for the list's
+    /// holders, and every writer after it for that); writes that need no copy never wait.
     pub fn wait_room(&self, len: usize) {
         let mut st = self.st.lock();
         let limit = held_limit();
@@ -210,19 +268,20 @@ impl WriteBack {
         }
     }
 
-    /// Acknowledges a write that needs the copies of the chunks `locked` (locked, nothing
-    /// allocated): allocates their exceptions, keeps `data` (the request's buffer where it
-    /// was lent, else a copy) until those copies are committed, then writes it to `origin`
-    /// at `sector`. Waits first while the memory bound is reached or an overlapping write is
-    /// still held (safe with chunks locked: the commit thread never waits for a chunk lock). Allocation and queueing are one step, so the
-    /// queue holds every exception allocated here in allocation order. If no copy thread
-    /// can be started, does it all before returning.
+    /// Acknowledges a write that needs `jobs` done before it reaches `origin`: keeps `data`
+    /// (the request's buffer where it was lent, else a copy) until the batch it joins is
+    /// committed, then writes it at `sector`. Waits first while the memory bound is reached or
+    /// an overlapping write is still held (the write-back threads never wait for a writer's
+    /// locks, so a caller may hold some, as the snapshot holds chunk locks). `jobs` is called
+    /// under the write-back's lock, so the queue is in the order of what it does (the
+    /// snapshot's exception allocation). If no write-back thread can be started, prepares,
+    /// commits and writes before returning.
     pub fn hold(
         self: &Arc<Self>,
         origin: &Arc<dyn BlockDevice>,
         sector: u64,
         data: KeptBuf,
-        locked: Vec<Locked>,
+        jobs: impl FnOnce() -> J,
     ) -> Result<(), IoError> {
         let end = sector.saturating_add((data.len() as u64) >> SECTOR_SHIFT);
         let mut st = self.st.lock();
@@ -250,12 +309,14 @@ impl WriteBack {
         if !st.copier {
             let me = self.clone();
             let spawned = std::thread::Builder::new()
-                .name("udm-snap-copy".into())
+                .name("udm-wb-prep".into())
                 .spawn(move || me.run_copy());
             if let Err(e) = spawned {
                 drop(st);
-                tracing::warn!("snapshot write-back: no copy thread ({e}); committing inline");
-                copy_and_commit(&**origin, locked);
+                tracing::warn!("write-back: no thread ({e}); committing inline");
+                if let Err(why) = jobs().run_inline(&**origin) {
+                    return Err(IoError::errno(BioKind::Write, sector, Errno::EIO, why));
+                }
                 return origin.submit(Bio::write(sector, &data));
             }
             st.copier = true;
@@ -272,7 +333,7 @@ impl WriteBack {
             sector,
             data,
             origin: origin.clone(),
-            pending: allocate(locked),
+            jobs: jobs(),
         });
         drop(st);
         if wake {
@@ -283,7 +344,7 @@ impl WriteBack {
 
     /// Waits on the condition variable as one that needs held writes to progress: the copy
     /// thread stops gathering.
-    fn wait_urgent(&self, st: &mut parking_lot::MutexGuard<'_, State>) {
+    fn wait_urgent(&self, st: &mut parking_lot::MutexGuard<'_, State<J>>) {
         st.urgent += 1;
         self.copy_cv.notify_one();
         self.cv.wait(st);
@@ -309,14 +370,14 @@ impl WriteBack {
         }
     }
 
-    /// The copy thread: copies the chunks of up to `GATHER_BYTES` queued in one go (long runs
-    /// of chunks with one read and one write each), hands the batch to the commit thread, and
-    /// repeats, so copying the next batch overlaps the commit of the last one; exits after
-    /// [`IDLE`] without work.
+    /// The copy thread: prepares up to `GATHER_BYTES` queued in one go (the snapshot copies
+    /// long runs of chunks with one read and one write each), hands the batch to the commit
+    /// thread, and repeats, so preparing the next batch overlaps the commit of the last one;
+    /// exits after [`IDLE`] without work.
     fn run_copy(self: Arc<Self>) {
         io_flusher();
         loop {
-            let mut batch: Vec<Held> = {
+            let mut batch: Vec<Held<J>> = {
                 let mut st = self.st.lock();
                 // Until IDLE has passed without work: wake-ups without any (a waiter nudging
                 // the thread, a spurious one) must not end it, or it is respawned per batch.
@@ -352,31 +413,31 @@ impl WriteBack {
                 let j = (i..batch.len())
                     .find(|&j| !Arc::ptr_eq(&batch[j].origin, &batch[i].origin))
                     .unwrap_or(batch.len());
-                let run: Vec<Pending> = batch[i..j]
-                    .iter_mut()
-                    .flat_map(|h| std::mem::take(&mut h.pending))
-                    .collect();
-                copy_runs(&*batch[i].origin, &run);
-                batch[i].pending = run;
+                let mut run = J::default();
+                for h in &mut batch[i..j] {
+                    run.append(std::mem::take(&mut h.jobs));
+                }
+                run.prepare(&*batch[i].origin);
+                batch[i].jobs = run;
                 i = j;
             }
             tracing::trace!(
                 writes = batch.len(),
                 copy_ms = copy_start.elapsed().as_secs_f64() * 1e3,
-                "snapshot write-back: batch copied"
+                "write-back: batch prepared"
             );
             let mut st = self.st.lock();
             st.copied.extend(batch);
             if !st.committer {
                 let me = self.clone();
                 match std::thread::Builder::new()
-                    .name("udm-snap-commit".into())
+                    .name("udm-wb-commit".into())
                     .spawn(move || me.run_commit())
                 {
                     Ok(_) => st.committer = true,
                     Err(e) => {
-                        tracing::warn!("snapshot write-back: no commit thread ({e}); inline");
-                        let batch: Vec<Held> = st.copied.drain(..).collect();
+                        tracing::warn!("write-back: no commit thread ({e}); inline");
+                        let batch: Vec<Held<J>> = st.copied.drain(..).collect();
                         drop(st);
                         self.commit_and_apply(batch);
                         continue;
@@ -395,7 +456,7 @@ impl WriteBack {
     fn run_commit(self: Arc<Self>) {
         io_flusher();
         loop {
-            let batch: Vec<Held> = {
+            let batch: Vec<Held<J>> = {
                 let mut st = self.st.lock();
                 let idle_end = Instant::now() + IDLE;
                 while st.copied.is_empty() && !self.cv.wait_until(&mut st, idle_end).timed_out() {}
@@ -409,40 +470,53 @@ impl WriteBack {
         }
     }
 
-    fn commit_and_apply(&self, mut batch: Vec<Held>) {
-        let pending: Vec<Pending> = batch
-            .iter_mut()
-            .flat_map(|h| std::mem::take(&mut h.pending))
-            .collect();
+    fn commit_and_apply(&self, mut batch: Vec<Held<J>>) {
+        let mut jobs = J::default();
+        for h in &mut batch {
+            jobs.append(std::mem::take(&mut h.jobs));
+        }
         let start = Instant::now();
-        commit(pending, true);
-        let committed = start.elapsed();
+        let committed = jobs.commit();
+        let commit_time = start.elapsed();
         // Applied in order by this one thread: a second one measured slower (buffered writes
         // to one file take its inode lock in turn); what is on the origin is released every
         // APPLY_STEP writes (its data dropped before that part counts as applied), so readers,
         // overlapping writers and writers at the memory bound go on as soon as their part is
         // there, and the memory counted as released is.
+        if let Err(why) = &committed {
+            tracing::error!(
+                "write-back: commit failed, {} held writes dropped: {why}",
+                batch.len()
+            );
+        }
         let writes = batch.len();
         let mut rest = batch.into_iter();
         loop {
-            let part: Vec<Held> = rest.by_ref().take(APPLY_STEP).collect();
+            let part: Vec<Held<J>> = rest.by_ref().take(APPLY_STEP).collect();
             let Some(last) = part.last().map(|h| h.seq) else {
                 break;
             };
-            let mut failed = None;
+            let mut failed = committed.as_ref().err().map(|why| {
+                let sector = part.first().map_or(0, |h| h.sector);
+                IoError::errno(BioKind::Write, sector, Errno::EIO, why.clone())
+            });
             let mut done = Vec::with_capacity(part.len());
             for h in part {
-                if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
-                    tracing::error!("snapshot write-back: writing the origin failed: {e}");
-                    failed.get_or_insert(e);
+                if committed.is_ok() {
+                    if let Err(e) = h.origin.submit(Bio::write(h.sector, &h.data)) {
+                        tracing::error!("write-back: writing the device failed: {e}");
+                        failed.get_or_insert(e);
+                    }
                 }
-                done.push((h.sector, h.data.len()));
+                done.push((h.sector, h.data));
             }
             let mut st = self.st.lock();
             st.applied = last + 1;
-            for (sector, len) in done {
+            for (sector, data) in done {
+                // The map's reference first, so the buffer can go back to exports.
                 st.ranges.remove(&sector);
-                st.bytes = st.bytes.saturating_sub(len);
+                st.bytes = st.bytes.saturating_sub(data.len());
+                udm_io::release(data);
             }
             if let Some(e) = failed {
                 if st.error.is_none() {
@@ -450,7 +524,7 @@ impl WriteBack {
                         BioKind::Flush,
                         0,
                         e.errno(),
-                        format!("an acknowledged origin write failed later: {e}"),
+                        format!("an acknowledged write failed later: {e}"),
                     ));
                 }
             }
@@ -459,9 +533,9 @@ impl WriteBack {
         }
         tracing::trace!(
             writes,
-            commit_ms = committed.as_secs_f64() * 1e3,
-            apply_ms = (start.elapsed() - committed).as_secs_f64() * 1e3,
-            "snapshot write-back: batch committed and applied"
+            commit_ms = commit_time.as_secs_f64() * 1e3,
+            apply_ms = (start.elapsed() - commit_time).as_secs_f64() * 1e3,
+            "write-back: batch committed and applied"
         );
     }
 }
