@@ -8,13 +8,16 @@
 #      4k randwrite iodepth 16
 #        first:   one 4k write at a random 4k offset inside every 64K block, blocks in random
 #                 order (a fio replay log, SIZE/64K writes), right after `udm track checkpoint`:
-#                 every write is the first to its era block in the era, so each costs a mark
-#                 and a metadata commit before it is acknowledged
+#                 every write is the first to its era block in the era, so each needs a mark
+#                 and a metadata commit before it reaches the device (the write is held in
+#                 memory meanwhile). First passes end with a flush (fio end_fsync=1, in both
+#                 modes), so the figure counts the time until every write is durable, not only
+#                 acknowledged
 #        rewrite: then RUNTIME s (after 1 s ramp) of ordinary 4k random writes over the whole
 #                 device: every era block is marked already, no metadata I/O
 #      64k write (sequential) iodepth 8
 #        first:   one sequential pass over the device (SIZE/64K writes, each the first to its
-#                 era block) right after a checkpoint
+#                 era block) right after a checkpoint, ending with a flush
 #        rewrite: then RUNTIME s (after 1 s ramp) of sequential writes: all rewrites
 #    The untracked runs are the same passes on the same device without the era target. Printed:
 #    medians of IOPS, MiB/s, p99, p99.9 and max completion latency, and tracked/untracked ratios
@@ -91,12 +94,12 @@ run_jobs() {
   local mode=$1 round=$2
   [[ $mode == tracked ]] && udm track checkpoint vol >/dev/null
   run "$mode" randwrite-4k first "$round" --read_iolog="$WORKDIR/first-4k.iolog" --replay_no_stall=1 \
-    --rw=randwrite --bs=4k --iodepth=16
+    --rw=randwrite --bs=4k --iodepth=16 --end_fsync=1
   run "$mode" randwrite-4k rewrite "$round" --rw=randwrite --bs=4k --iodepth=16 --size="$BYTES" \
     --time_based --runtime="$RUNTIME" --ramp_time=1
   [[ $mode == tracked && $round == 1 ]] && fio_verify "$URI" randwrite 4k 16
   [[ $mode == tracked ]] && udm track checkpoint vol >/dev/null
-  run "$mode" write-64k first "$round" --rw=write --bs=64k --iodepth=8 --size="$BYTES"
+  run "$mode" write-64k first "$round" --rw=write --bs=64k --iodepth=8 --size="$BYTES" --end_fsync=1
   run "$mode" write-64k rewrite "$round" --rw=write --bs=64k --iodepth=8 --size="$BYTES" \
     --time_based --runtime="$RUNTIME" --ramp_time=1
   [[ $mode == tracked && $round == 1 ]] && fio_verify "$URI" write 64k 8
@@ -159,7 +162,7 @@ rm -f "$WORKDIR/restore.img"
 track_stop
 
 echo "== tracking overhead: udm track (era, 64K blocks) on a $SIZE NBD export, median of $ROUNDS rounds"
-echo "   first = each write is the first to its 64K era block since a checkpoint (SIZE/64K writes);"
+echo "   first = each write is the first to its 64K era block since a checkpoint (SIZE/64K writes, then a flush);"
 echo "   rewrite = ${RUNTIME}s of writes to blocks already marked in the era. Latencies in ms."
 python3 - "$RESULTS" <<'PY'
 import sys, collections
