@@ -15,8 +15,9 @@
 //!
 //! As the block layer allows of a volatile cache: a flush, or a write with PREFLUSH or FUA,
 //! waits until every write acknowledged before it is on the device; a read sees the held
-//! writes it overlaps (laid over the device's data), and a write that overlaps a held write
-//! waits until it is applied, so held writes are never reordered with later writes; a
+//! writes it overlaps (laid over the device's data, in order), and a write that overlaps a
+//! held write is held behind it (or, on the synchronous paths, waits until it is applied), so
+//! held writes are never reordered with later writes; a
 //! suspend, a detach or a snapshot activation waits until nothing is held. A held write that
 //! fails on the device, or whose commit fails (it is then never written: era must not let a
 //! block change unrecorded), is reported by the next flush, as the page cache reports a failed
@@ -100,8 +101,12 @@ struct State<J> {
     urgent: usize,
     /// Copied, waiting for their commit, in acknowledgement order.
     copied: VecDeque<Held<J>>,
-    /// Every held write not yet applied, by first sector: its end and data. Disjoint.
-    ranges: BTreeMap<u64, (u64, KeptBuf)>,
+    /// Every held write not yet applied, by first sector and sequence number: its end and
+    /// data. They may overlap (applied in sequence order, laid over reads in that order).
+    ranges: BTreeMap<(u64, u64), (u64, KeptBuf)>,
+    /// The longest held write's sectors since `ranges` was last empty: how far before a
+    /// range an overlapping one can start.
+    longest: u64,
     bytes: usize,
     next_seq: u64,
     /// Every write with a smaller sequence number is on the origin.
@@ -131,6 +136,7 @@ impl<J: Jobs> Default for WriteBack<J> {
                 urgent: 0,
                 copied: VecDeque::new(),
                 ranges: BTreeMap::new(),
+                longest: 0,
                 bytes: 0,
                 next_seq: 0,
                 applied: 0,
@@ -151,13 +157,22 @@ impl<J> State<J> {
         self.bytes > 0 && self.bytes + len > limit
     }
 
+    /// The held writes overlapping `[start, end)`: (first sector, sequence number) → (end,
+    /// data). Only those starting less than `longest` before `start` are looked at.
+    fn overlapping(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> impl Iterator<Item = (&(u64, u64), &(u64, KeptBuf))> {
+        let from = start.saturating_sub(self.longest);
+        self.ranges
+            .range((from, 0)..(end, 0))
+            .filter(move |(_, (e, _))| *e > start)
+    }
+
     /// Whether `[start, end)` overlaps a held write.
     fn overlaps(&self, start: u64, end: u64) -> bool {
-        // Ranges are disjoint, so the one starting last before `end` ends last among them.
-        self.ranges
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, (e, _))| *e > start)
+        self.overlapping(start, end).next().is_some()
     }
 }
 
@@ -184,6 +199,33 @@ impl<J: Jobs> WriteBack<J> {
         }
     }
 
+    /// A write that needs nothing before it reaches `origin`: issued at once, unless it is a
+    /// plain write overlapping a held write and there is room, when it is held behind that
+    /// write instead of waiting for it (which would take a commit). FUA and PREFLUSH writes and
+    /// those that find no room wait until no held write overlaps them ([`WriteBack::wait_clear`]),
+    /// so it never waits for room.
+    pub fn write_through(
+        self: &Arc<Self>,
+        origin: &Arc<dyn BlockDevice>,
+        bio: Bio<'_>,
+    ) -> Result<(), IoError> {
+        let (start, end) = (bio.sector, bio.end());
+        let plain = bio.kind() == BioKind::Write
+            && !bio.flags.intersects(BioFlags::FUA | BioFlags::PREFLUSH);
+        if plain {
+            let hold = {
+                let st = self.st.lock();
+                st.overlaps(start, end)
+                    && !st.over_bound(((end - start) << SECTOR_SHIFT) as usize, held_limit())
+            };
+            if let Some(data) = bio.keep_data().filter(|_| hold) {
+                return self.hold(origin, start, data, J::default);
+            }
+        }
+        self.wait_clear(start, end);
+        origin.submit(bio)
+    }
+
     /// Whether `[start, end)` overlaps a write acknowledged but not yet on the origin.
     pub fn holds(&self, start: u64, end: u64) -> bool {
         self.st.lock().overlaps(start, end)
@@ -201,17 +243,16 @@ impl<J: Jobs> WriteBack<J> {
         let end = sector.saturating_add((buf.len() as u64) >> SECTOR_SHIFT);
         // Taken before the origin read: a held write applied meanwhile puts the same data on
         // the origin, and a write started after this read began is concurrent with it.
-        let over: Vec<(u64, KeptBuf)> = {
+        let mut over: Vec<(u64, u64, KeptBuf)> = {
             let st = self.st.lock();
-            st.ranges
-                .range(..end)
-                .rev()
-                .take_while(|(_, (e, _))| *e > sector)
-                .map(|(&s, (_, d))| (s, d.clone()))
+            st.overlapping(sector, end)
+                .map(|(&(s, seq), (_, d))| (seq, s, d.clone()))
                 .collect()
         };
+        // Oldest first, so a later write's data lies over an earlier one's.
+        over.sort_unstable_by_key(|o| o.0);
         origin.submit(Bio::read(sector, buf).with_flags(flags))?;
-        for (s, d) in over {
+        for (_, s, d) in over {
             let from = s.max(sector);
             let to = (s + ((d.len() as u64) >> SECTOR_SHIFT)).min(end);
             let src = ((from - s) << SECTOR_SHIFT) as usize..((to - s) << SECTOR_SHIFT) as usize;
@@ -270,9 +311,10 @@ impl<J: Jobs> WriteBack<J> {
 
     /// Acknowledges a write that needs `jobs` done before it reaches `origin`: keeps `data`
     /// (the request's buffer where it was lent, else a copy) until the batch it joins is
-    /// committed, then writes it at `sector`. Waits first while the memory bound is reached or
-    /// an overlapping write is still held (the write-back threads never wait for a writer's
-    /// locks, so a caller may hold some, as the snapshot holds chunk locks). `jobs` is called
+    /// committed, then writes it at `sector`, after every write held before it (it may overlap
+    /// them: held writes are applied in order). Waits first while the memory bound is reached
+    /// (the write-back threads never wait for a writer's locks, so a caller may hold some, as
+    /// the snapshot holds chunk locks). `jobs` is called
     /// under the write-back's lock, so the queue is in the order of what it does (the
     /// snapshot's exception allocation). If no write-back thread can be started, prepares,
     /// commits and writes before returning.
@@ -288,14 +330,8 @@ impl<J: Jobs> WriteBack<J> {
         let limit = held_limit();
         let t0 = Instant::now();
         let mut why = "";
-        loop {
-            why = if st.overlaps(sector, end) {
-                "overlap"
-            } else if st.over_bound(data.len(), limit) {
-                "bound"
-            } else {
-                break;
-            };
+        while st.over_bound(data.len(), limit) {
+            why = "bound";
             self.wait_urgent(&mut st);
         }
         if !why.is_empty() {
@@ -314,6 +350,7 @@ impl<J: Jobs> WriteBack<J> {
             if let Err(e) = spawned {
                 drop(st);
                 tracing::warn!("write-back: no thread ({e}); committing inline");
+                self.wait_clear(sector, end);
                 if let Err(why) = jobs().run_inline(&**origin) {
                     return Err(IoError::errno(BioKind::Write, sector, Errno::EIO, why));
                 }
@@ -324,7 +361,8 @@ impl<J: Jobs> WriteBack<J> {
         let seq = st.next_seq;
         st.next_seq += 1;
         let len = data.len();
-        st.ranges.insert(sector, (end, data.clone()));
+        st.ranges.insert((sector, seq), (end, data.clone()));
+        st.longest = st.longest.max(end - sector);
         st.bytes += len;
         let wake = st.queue.is_empty() || st.queued_bytes + len >= GATHER_BYTES;
         st.queued_bytes += len;
@@ -508,13 +546,13 @@ impl<J: Jobs> WriteBack<J> {
                         failed.get_or_insert(e);
                     }
                 }
-                done.push((h.sector, h.data));
+                done.push((h.sector, h.seq, h.data));
             }
             let mut st = self.st.lock();
             st.applied = last + 1;
-            for (sector, data) in done {
+            for (sector, seq, data) in done {
                 // The map's reference first, so the buffer can go back to exports.
-                st.ranges.remove(&sector);
+                st.ranges.remove(&(sector, seq));
                 st.bytes = st.bytes.saturating_sub(data.len());
                 udm_io::release(data);
             }
@@ -527,6 +565,9 @@ impl<J: Jobs> WriteBack<J> {
                         format!("an acknowledged write failed later: {e}"),
                     ));
                 }
+            }
+            if st.ranges.is_empty() {
+                st.longest = 0;
             }
             drop(st);
             self.cv.notify_all();

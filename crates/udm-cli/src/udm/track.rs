@@ -2,8 +2,9 @@
 //!
 //! `start` interposes an `era` target on the device (`era META [interpose]DEV BS`), so every
 //! write of the device's clients is recorded in the era metadata (a file added as a udm disk)
-//! before it is acknowledged; udmd restores the table after a crash and the kernel's format
-//! keeps every acknowledged write recorded (DESIGN.md, era). `status` reads the metadata through
+//! before it reaches the device; udmd restores the table after a crash and the kernel's format
+//! keeps every block that changed, and every write acknowledged and flushed, recorded
+//! (DESIGN.md, era). `status` reads the metadata through
 //! a metadata snapshot (`take_metadata_snap`, read at the held root, `drop_metadata_snap`), as
 //! `era_invalidate --metadata-snapshot` does; `checkpoint` starts a new era (a backup point).
 

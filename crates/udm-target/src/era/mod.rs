@@ -471,10 +471,9 @@ impl Target for Era {
         // no lock: a commit of other blocks' bits does not hold them up. (A write that finds
         // its block marked just as a checkpoint clears the bits belongs to the era that ends:
         // it is in flight across the checkpoint.) It still comes after any overlapping held
-        // write (whose bits are set at its commit, before it is applied).
+        // write (whose bits are set at its commit, before it is applied): held behind it.
         if metadata::all_set(&self.shared.marked.read(), first, last) {
-            wb.wait_clear(bio.sector, bio.end());
-            return self.origin.dev.submit(bio);
+            return wb.write_through(&self.origin.dev, bio);
         }
         let failed =
             |why: String| IoError::errno(kind, bio.sector, Errno::EIO, format!("era: {why}"));

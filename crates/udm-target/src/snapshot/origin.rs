@@ -92,11 +92,9 @@ impl Target for OriginTarget {
                     }
                     let locked = lock_chunks(&snaps, abs, end);
                     if locked.is_empty() {
-                        // Nothing to copy (nothing to hold, so no wait for room): straight to
-                        // the origin, after any overlapping held write (`hold` makes the
-                        // same wait for the others).
-                        wb.wait_clear(abs, end);
-                        return self.dev.dev.submit(bio.at(abs));
+                        // Nothing to copy: straight to the origin, or held behind an
+                        // overlapping held write (never waiting for room).
+                        return wb.write_through(&self.dev.dev, bio.at(abs));
                     }
                     if wb.has_room(len) {
                         break (snaps, locked);
