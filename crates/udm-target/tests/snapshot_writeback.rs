@@ -1,8 +1,9 @@
 //! The origin's write-back (held writes) as clients see it, while the COW's commit is held at a
 //! gate so the held writes cannot reach the origin: reads lay held data over the origin's,
 //! a write overlapping a held write waits for it and lands after it, a disjoint or adjacent
-//! write does not wait, a flush waits for every held write, and the memory held is bounded.
-//! Written for the mutation-testing pass (scripts/mutants.sh) of `snapshot/writeback.rs`.
+//! write does not wait, a flush waits for every held write, the memory held is bounded, and a
+//! transient snapshot being destroyed is not filled with the copies still queued for it.
+//! Written for the mutation-testing pass (scripts/mutants.sh) of `writeback.rs`.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns unwrap too
 
 mod snapshot_common;
@@ -15,7 +16,7 @@ use snapshot_common::gate::{wait_for, GateDev};
 use snapshot_common::*;
 use udm_io::backend::mem::{Fault, MemDevice};
 use udm_io::{BioKind, BlockDevice};
-use udm_target::writeback::{held_limit, set_held_limit, MAX_HELD_BYTES};
+use udm_target::writeback::{held_limit, set_held_limit, MAX_HELD_BYTES, MAX_HELD_WRITES};
 use udm_target::Target;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
@@ -223,6 +224,41 @@ fn held_memory_is_bounded() {
     );
 }
 
+/// At most [`MAX_HELD_WRITES`] writes are held, however small: one more waits for the commit.
+#[test]
+fn held_writes_are_bounded_in_number() {
+    let n = MAX_HELD_WRITES as u64;
+    let r = rig((n + 2) * 8, 8);
+    r.cow.set_closed(true);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (org, done) = (&*r.org, &done);
+        s.spawn(move || {
+            for i in 0..n {
+                write(org, i * 8, &pattern(3, i * 8, 1)).unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        wait_for("the bound's worth of writes acknowledged", || {
+            done.load(Ordering::SeqCst)
+        });
+    });
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (org, done) = (&*r.org, &done);
+        s.spawn(move || {
+            write(org, n * 8, &pattern(4, n * 8, 1)).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let waited = still_waits(done);
+        r.cow.set_closed(false);
+        assert!(waited, "more writes than the bound were held");
+    });
+    flush(&*r.org).unwrap();
+    assert_eq!(dev_read(r.origin_dev(), 5 * 8, 1), pattern(3, 5 * 8, 1));
+    assert_eq!(dev_read(r.origin_dev(), n * 8, 1), pattern(4, n * 8, 1));
+}
+
 /// A single write larger than [`MAX_HELD_BYTES`] is held alone instead of waiting forever.
 #[test]
 fn a_write_over_the_bound_is_held_alone() {
@@ -303,4 +339,40 @@ fn held_writes_keep_a_lent_buffer_instead_of_copying_it() {
     assert_eq!(Arc::strong_count(&lent), 1, "released once on the origin");
     assert_eq!(dev_read(r.origin_dev(), 40, 8), *lent);
     assert_eq!(dev_read(r.origin_dev(), 80, 1), big[..512]);
+}
+
+/// A transient snapshot destroyed while origin writes wait for their copies into it: the
+/// copies not yet made are skipped (nobody can read it any more), the writes still reach the
+/// origin, and the destructor does not wait for a queue of copies.
+#[test]
+fn a_dropped_transient_snapshot_is_not_filled_with_queued_copies() {
+    const OS: u64 = 1024;
+    let mut c = Ctx::new();
+    let o = c.mem("o", OS);
+    let cow = Arc::new(GateDev::new(OS * 2));
+    c.add("c", cow.clone());
+    let org = c.origin(OS, "o").unwrap();
+    let snap = c.snapshot(OS, "o c N 8").unwrap();
+    activate(&*snap);
+    // Every origin read (the copies) and write (applying) takes 40 ms.
+    o.set_latency(Duration::from_millis(40));
+    let chunks: Vec<u64> = (0..20).map(|i| i * 32).collect();
+    let t0 = Instant::now();
+    for &s in &chunks {
+        write(&*org, s, &pattern(7, s, 8)).unwrap();
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "held, not copied inline"
+    );
+    drop(snap);
+    let copies = cow.data_writes.load(Ordering::SeqCst);
+    assert!(
+        copies <= 3,
+        "{copies} of 20 copies made after the destructor began"
+    );
+    o.set_latency(Duration::ZERO);
+    for &s in &chunks {
+        assert_eq!(dev_read(&*o, s, 8), pattern(7, s, 8), "held write at {s}");
+    }
 }

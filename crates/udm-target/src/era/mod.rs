@@ -568,11 +568,13 @@ impl Target for Era {
 
     fn postsuspend(&self) {
         self.wb.settle();
+        // The worker stops first, so the writeset archived now waits for the resume to be
+        // digested, as in the kernel (whose worker is stopped right after the archive).
+        self.shared.stop_worker();
         let r = self.shared.change(|md| {
             md.archive()?;
             Ok(md.commit()?)
         });
-        self.shared.stop_worker();
         if let Err(e) = r {
             tracing::error!("era {}: archive at suspend failed: {e}", self.meta.name);
         }

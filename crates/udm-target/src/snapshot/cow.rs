@@ -3,6 +3,7 @@
 //! COW and commits. Used by `snapshot-origin`, by `snapshot-merge` writes to unmerged chunks,
 //! by the merge worker and by the write-back of acknowledged origin writes.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -11,6 +12,7 @@ use udm_types::SECTOR_SIZE;
 
 use super::exception::{StoreCell, Ticket};
 use super::state::Snap;
+use super::store::StoreKind;
 use crate::writeback::Jobs;
 
 /// Writes `bio` (absolute origin sectors) to `origin` once every snapshot of `snaps` lacking
@@ -300,7 +302,11 @@ pub fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending]) {
             j += 1;
         }
         let (src, stop) = (start(first), end(order[j - 1]));
-        let ok = stop <= src || {
+        // A transient snapshot being destroyed needs its exceptions completed, not filled
+        // (its destructor waits for them; under load that was a queue of copies to make).
+        let unread = first.l.s.dropping.load(Ordering::SeqCst)
+            && first.l.store.with(|x| x.kind()) == StoreKind::Transient;
+        let ok = stop <= src || unread || {
             buf.resize(((stop - src) * SECTOR_SIZE) as usize, 0);
             match origin.submit(Bio::read(src, &mut buf)) {
                 Err(e) => {

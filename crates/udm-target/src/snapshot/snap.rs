@@ -415,6 +415,7 @@ impl TargetType for SnapshotType {
             }),
             locks: ChunkLocks::default(),
             suspended: AtomicBool::new(false),
+            dropping: AtomicBool::new(false),
             entry,
             merge_ctl: Mutex::new(MergeCtl::default()),
         });
@@ -694,6 +695,7 @@ impl Drop for SnapshotTarget {
         // writes held meanwhile, which reach the origin once those are committed). Settling
         // first had writers keep adding copies to wait for.
         let t0 = std::time::Instant::now();
+        s.dropping.store(true, Ordering::SeqCst);
         unregister(s);
         let t1 = std::time::Instant::now();
         s.entry.writeback.settle();

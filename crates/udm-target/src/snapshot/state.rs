@@ -56,6 +56,10 @@ pub struct Snap {
     pub locks: ChunkLocks,
     /// The target is suspended (handover source check).
     pub suspended: AtomicBool,
+    /// The target is being destroyed: off the origin's list, its pending copies still
+    /// completing. A transient (`N`) store's are then completed without copying: nobody can
+    /// read the snapshot any more, and nothing of it outlives the table.
+    pub dropping: AtomicBool,
     /// The origin's registry entry.
     pub entry: Arc<OriginEntry>,
     /// The merge worker (`snapshot-merge` only).
