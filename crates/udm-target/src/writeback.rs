@@ -80,9 +80,12 @@ pub const MAX_HELD_WRITES: usize = 1024;
 /// How long a write-back thread waits for more work before it exits.
 const IDLE: Duration = Duration::from_millis(100);
 
-/// The copy thread gathers writes for up to this long, or until `GATHER_BYTES` are queued
-/// or somebody waits for held writes, so it copies runs and wakes once per batch, not once per
-/// write.
+/// The copy thread gathers writes until the oldest queued one has waited this long, or until
+/// `GATHER_BYTES` are queued or somebody waits for held writes, so it copies runs and wakes
+/// once per batch, not once per write. Measured from the oldest write, not from when the
+/// thread looks: under steady load the next batch has gathered while the last one was being
+/// prepared (era's commit there), and waiting a whole period more after it halved the
+/// throughput of era's first writes.
 const GATHER: Duration = Duration::from_micros(1500);
 
 /// See [`GATHER`]; also the most one copy batch takes.
@@ -132,6 +135,8 @@ struct Held<J> {
     data: KeptBuf,
     origin: Arc<dyn BlockDevice>,
     jobs: J,
+    /// When it was held (see [`GATHER`]).
+    at: Instant,
 }
 
 impl<J: Jobs> Default for WriteBack<J> {
@@ -379,6 +384,7 @@ impl<J: Jobs> WriteBack<J> {
             data,
             origin: origin.clone(),
             jobs: jobs(),
+            at: Instant::now(),
         });
         drop(st);
         if wake {
@@ -434,8 +440,9 @@ impl<J: Jobs> WriteBack<J> {
                     st.copier = false;
                     return;
                 }
+                let gathered = st.queue.front().map_or_else(Instant::now, |h| h.at) + GATHER;
                 if st.urgent == 0 && st.queued_bytes < GATHER_BYTES {
-                    self.copy_cv.wait_for(&mut st, GATHER);
+                    self.copy_cv.wait_until(&mut st, gathered);
                 }
                 // At most GATHER_BYTES per batch: memory is freed batch by batch, so a writer
                 // waiting at the bound waits for one small batch, not for everything held.
