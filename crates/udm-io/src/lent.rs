@@ -6,6 +6,7 @@
 //! exports take from ([`take_spare`]), so a held write does not cost its export a fresh
 //! allocation (zeroing, page faults, and a munmap with its TLB shootdowns when freed).
 
+use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -16,21 +17,33 @@ const SPARE_BYTES: usize = 8 << 20;
 /// Most spare buffers kept.
 const SPARE_MAX: usize = 128;
 
-/// Buffers keepers are done with, for exports to reuse; bytes by capacity.
-static SPARE: Mutex<(Vec<Vec<u8>>, usize)> = Mutex::new((Vec::new(), 0));
+/// Buffers keepers are done with, oldest first, for exports to reuse; bytes by capacity.
+static SPARE: Mutex<(VecDeque<Vec<u8>>, usize)> = Mutex::new((VecDeque::new(), 0));
 
 /// Gives `k` back: when it held the last reference to its buffer, the buffer joins the spare
-/// list if that has room (else it is freed).
+/// list, whose oldest buffers are freed to make room (so buffers of an earlier workload, say
+/// 4 KiB writes, do not fill it while 64 KiB ones are freed); one over the bound is freed.
 pub fn release(k: KeptBuf) {
     let Ok(v) = Arc::try_unwrap(k.buf) else {
         return;
     };
     let cap = v.capacity();
-    let mut sp = SPARE.lock();
-    if cap > 0 && sp.0.len() < SPARE_MAX && sp.1 + cap <= SPARE_BYTES {
-        sp.0.push(v);
-        sp.1 += cap;
+    if cap == 0 || cap > SPARE_BYTES {
+        return;
     }
+    let old = {
+        let mut sp = SPARE.lock();
+        let mut old = Vec::new();
+        while sp.0.len() >= SPARE_MAX || sp.1 + cap > SPARE_BYTES {
+            let Some(o) = sp.0.pop_front() else { break };
+            sp.1 -= o.capacity();
+            old.push(o);
+        }
+        sp.0.push_back(v);
+        sp.1 += cap;
+        old
+    };
+    drop(old);
 }
 
 /// A spare buffer of at least `len` bytes' capacity and at most twice that (so that keeping
@@ -40,7 +53,7 @@ pub fn take_spare(len: usize) -> Option<Vec<u8>> {
     let i =
         sp.0.iter()
             .position(|b| b.capacity() >= len && b.capacity() / 2 <= len)?;
-    let v = sp.0.swap_remove(i);
+    let v = sp.0.swap_remove_back(i)?;
     sp.1 -= v.capacity();
     Some(v)
 }
@@ -99,7 +112,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn released_buffers_are_reused_only_by_their_last_keeper_and_at_a_fitting_size() {
+    fn released_buffers_are_reused_by_size_and_the_oldest_make_room() {
         let buf: LentBuf = Arc::new(vec![3u8; 3 << 20]);
         let a = KeptBuf::within(&buf, &buf[..]).expect("whole");
         let b = a.clone();
@@ -112,6 +125,19 @@ mod tests {
         let v = take_spare(2 << 20).expect("the released buffer");
         assert_eq!(v.capacity(), 3 << 20);
         assert!(take_spare(2 << 20).is_none(), "taken once");
+        // The oldest make room for new ones: a list full of small buffers takes a big one.
+        // (One test, since the list is process-wide.)
+        for _ in 0..SPARE_MAX {
+            release(KeptBuf::copy(&[1u8; 100]));
+        }
+        let buf: LentBuf = Arc::new(vec![0u8; 5 << 20]);
+        let k = KeptBuf::within(&buf, &buf[..]).expect("whole");
+        drop(buf);
+        release(k);
+        assert!(
+            take_spare(5 << 20).is_some(),
+            "a full list took the new buffer"
+        );
     }
 
     #[test]
