@@ -143,6 +143,11 @@ pub struct SpaceMap {
     hint: u64,
     /// Nothing committed yet: the bitmaps have no old blocks to release.
     fresh: bool,
+    /// Blocks in use at the last commit, and blocks handed out by [`SpaceMap::alloc`] since:
+    /// what the kernel's metadata space map counts as used (its `get_nr_free` takes frees
+    /// into account only once committed).
+    committed_allocated: u64,
+    allocated_since: u64,
 }
 
 impl SpaceMap {
@@ -164,6 +169,8 @@ impl SpaceMap {
             refcount_dirty: true,
             hint: 0,
             fresh: true,
+            committed_allocated: 0,
+            allocated_since: 0,
         }
     }
 
@@ -246,6 +253,13 @@ impl SpaceMap {
         self.nr_blocks - self.nr_allocated
     }
 
+    /// Used blocks as the kernel's metadata space map reports them (`nr_blocks - get_nr_free`
+    /// of dm-space-map-metadata.c): those in use at the last commit plus those allocated since,
+    /// so a block freed in this transaction still counts until the commit.
+    pub fn used_as_kernel(&self) -> u64 {
+        (self.committed_allocated + self.allocated_since).min(self.nr_blocks)
+    }
+
     fn check(&self, b: u64) -> Result<usize> {
         if b >= self.nr_blocks {
             return Err(Error::OutOfRange {
@@ -314,6 +328,8 @@ impl SpaceMap {
     }
 
     fn mark_committed(&mut self) {
+        self.committed_allocated = self.nr_allocated;
+        self.allocated_since = 0;
         self.committed.fill(0);
         for (b, &c) in self.counts.iter().enumerate() {
             if c > 0 {
@@ -330,6 +346,7 @@ impl SpaceMap {
             if self.counts[b as usize] == 0 && !self.committed_used(b) {
                 self.set(b, 1)?;
                 self.hint = b + 1;
+                self.allocated_since += 1;
                 return Ok(b);
             }
         }
@@ -486,5 +503,25 @@ mod tests {
             "a block free only since the commit is not reused before the next"
         );
         assert!(sm.dec(63).is_err(), "decrement of a free block");
+    }
+
+    #[test]
+    fn used_as_the_kernel_counts_frees_only_once_committed() {
+        let mut store = MemStore::new(64);
+        let mut sm = SpaceMap::new(64);
+        let a = sm.alloc().expect("space");
+        sm.commit(&mut store).expect("commit");
+        let committed = sm.nr_allocated();
+        assert_eq!(sm.used_as_kernel(), committed);
+        sm.dec(a).expect("dec");
+        sm.alloc().expect("space");
+        assert_eq!(sm.nr_allocated(), committed, "one freed, one allocated");
+        assert_eq!(
+            sm.used_as_kernel(),
+            committed + 1,
+            "the free counts after the commit"
+        );
+        sm.commit(&mut store).expect("commit");
+        assert_eq!(sm.used_as_kernel(), sm.nr_allocated());
     }
 }

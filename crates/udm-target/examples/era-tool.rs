@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let bs: u64 = bs.parse()?;
     let mut ctx = TestContext::new();
+    let env = Arc::new(udm_target::TargetEnv::default());
+    ctx.set_env(env.clone());
     ctx.add_device("meta", Arc::new(FileDevice::open(meta.as_ref(), false)?));
     let origin = Arc::new(FileDevice::open(origin.as_ref(), false)?);
     let size = origin.size();
@@ -28,7 +30,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = ctx.build(&format!("0 {size} era meta origin {bs}"))?;
     t.preresume()?;
     t.resume();
-    let status = || println!("STATUS {}", t.status_lines()[0].params);
+    let meta_id = ctx.device("meta").ok_or("no meta device")?.id;
+    // The digest a step kicked off has finished before the next status, as the kernel's
+    // worker has between two dmsetup commands.
+    let status = || {
+        if let Some(s) = udm_target::era::shared_metadata(&env, meta_id) {
+            s.wait_digested(std::time::Duration::from_secs(5));
+        }
+        println!("STATUS {}", t.status_lines()[0].params)
+    };
     status();
     let msg = |m: &str| t.message(0, &[m.to_string()]).map(|_| ());
     for step in history.split_whitespace() {

@@ -111,6 +111,9 @@ pub struct Metadata {
     marked: Marks,
     /// The writeset tree may hold eras not yet digested.
     archived: bool,
+    /// A digest may run: set by [`Metadata::kick`] when something is archived, cleared when
+    /// the tree has nothing left to digest (the kernel's `kick_off_digest`).
+    kicked: bool,
     digest: Option<Digest>,
 }
 
@@ -143,6 +146,7 @@ impl Metadata {
             sb,
             marked,
             archived: true,
+            kicked: false,
             digest: None,
         })
     }
@@ -172,6 +176,7 @@ impl Metadata {
             sb,
             marked: Marks::default(),
             archived: false,
+            kicked: false,
             digest: None,
         };
         md.commit()?;
@@ -206,7 +211,7 @@ impl Metadata {
     /// (used, total) metadata blocks for the status line.
     pub fn usage(&self) -> (u64, u64) {
         let sm = self.tm.space_map();
-        (sm.nr_blocks() - sm.nr_free(), sm.nr_blocks())
+        (sm.used_as_kernel(), sm.nr_blocks())
     }
 
     /// Whether blocks `first..=last` are marked (committed) in the current era already.
@@ -368,22 +373,34 @@ impl Metadata {
         Ok(())
     }
 
-    /// Whether the digest has work: an archived writeset not yet folded into the era array.
+    /// Whether the digest has work: a kicked-off archived writeset not yet folded into the
+    /// era array.
     pub fn digest_pending(&self) -> bool {
-        self.archived || self.digest.is_some()
+        (self.archived && self.kicked) || self.digest.is_some()
+    }
+
+    /// Lets the digest start if a writeset was archived. The kernel's worker does this at the
+    /// start of each run (a batch of writes to unmarked blocks, a message, a status, a
+    /// suspend or resume), so a writeset archived by one of them waits for the next; the digest
+    /// then goes on in the background until the tree is empty.
+    pub fn kick(&mut self) {
+        if self.archived {
+            self.kicked = true;
+        }
     }
 
     /// One step of the background digest (K `metadata_digest_*`): up to `max_bits` bits of the
-    /// lowest archived era go into the era array; a finished writeset leaves the tree and the
-    /// result is committed. Returns whether anything was done.
+    /// lowest archived era go into the era array; a finished writeset leaves the tree (the
+    /// next commit writes both). Returns whether anything was done.
     pub fn digest_step(&mut self, max_bits: u64) -> Result<bool> {
         if self.digest.is_none() {
-            if !self.archived {
+            if !self.archived || !self.kicked {
                 return Ok(false);
             }
             let entries = btree::entries(&self.tm, self.sb.writeset_tree_root, &WRITESET_TREE)?;
             let Some((key, v)) = entries.first() else {
                 self.archived = false;
+                self.kicked = false;
                 return Ok(false);
             };
             let era = u32::try_from(*key).map_err(|_| Error::Corrupt {
@@ -421,8 +438,9 @@ impl Metadata {
                 u64::from(era),
                 &WRITESET_TREE,
             )?;
+            // Not committed here: the next commit takes it (the kernel's digest commits
+            // nothing either; a crash before it leaves the writeset to digest again).
             self.sb.writeset_tree_root = root;
-            self.commit()?;
         }
         Ok(true)
     }

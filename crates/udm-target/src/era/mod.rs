@@ -219,7 +219,11 @@ impl Shared {
                 result: Err("the writeset commit panicked".into()),
             };
             let started = std::time::Instant::now();
-            let r = self.change(|md| md.mark_many(&batch));
+            let r = self.change(|md| {
+                md.kick();
+                md.mark_many(&batch)
+            });
+            self.cv.notify_all();
             tracing::trace!(
                 ranges = batch.len(),
                 us = started.elapsed().as_micros() as u64,
@@ -431,6 +435,7 @@ impl Era {
             .filter(|&n| u64::from(n) < MAX_NR_BLOCKS)
             .ok_or(OpError::TooManyBlocks(nr))?;
         self.shared.change(|md| {
+            md.kick();
             if md.nr_blocks() != nr {
                 md.resize(nr)?;
                 md.commit()?;
@@ -506,20 +511,25 @@ impl Target for Era {
         .to_string()
     }
 
+    /// As the kernel's, a call to the metadata's worker: it kicks off the digest of what was
+    /// archived, reads the figures, and commits.
     fn status(&self) -> String {
-        let st = self.shared.state.lock();
-        if st.failed.is_some() {
-            return "Error".to_string();
-        }
-        let (used, total) = st.md.usage();
-        EraStatus {
-            metadata_block_sectors: udm_pdata::era::METADATA_BLOCK_SECTORS,
-            used,
-            total,
-            current_era: st.md.current_era(),
-            held_root: st.md.metadata_snap(),
-        }
-        .to_string()
+        let r = self.shared.change(|md| {
+            md.kick();
+            let (used, total) = md.usage();
+            let line = EraStatus {
+                metadata_block_sectors: udm_pdata::era::METADATA_BLOCK_SECTORS,
+                used,
+                total,
+                current_era: md.current_era(),
+                held_root: md.metadata_snap(),
+            }
+            .to_string();
+            md.commit()?;
+            Ok(line)
+        });
+        self.shared.cv.notify_all();
+        r.unwrap_or_else(|_| "Error".to_string())
     }
 
     fn message(&self, argv: &[String]) -> Result<Option<String>, TargetError> {
@@ -543,7 +553,10 @@ impl Target for Era {
         // Held writes first, so each is marked in the era it was acknowledged in and a
         // metadata snapshot shows every write acknowledged before it.
         self.wb.settle();
-        let r = self.shared.change(op);
+        let r = self.shared.change(|md| {
+            md.kick();
+            op(md)
+        });
         self.shared.cv.notify_all();
         r.map(|()| None).map_err(|e| metadata_error(&e))
     }
@@ -572,6 +585,7 @@ impl Target for Era {
         // digested, as in the kernel (whose worker is stopped right after the archive).
         self.shared.stop_worker();
         let r = self.shared.change(|md| {
+            md.kick();
             md.archive()?;
             Ok(md.commit()?)
         });
