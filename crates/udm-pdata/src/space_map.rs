@@ -490,12 +490,18 @@ mod tests {
         assert_eq!(again.counts(), sm.counts());
     }
 
-    #[test]
-    fn allocation_avoids_committed_blocks() {
+    /// A map with one block allocated and committed: (store, map, that block).
+    fn one_committed() -> (MemStore, SpaceMap, u64) {
         let mut store = MemStore::new(64);
         let mut sm = SpaceMap::new(64);
         let a = sm.alloc().expect("space");
         sm.commit(&mut store).expect("commit");
+        (store, sm, a)
+    }
+
+    #[test]
+    fn allocation_avoids_committed_blocks() {
+        let (_, mut sm, a) = one_committed();
         sm.dec(a).expect("dec");
         let b = sm.alloc().expect("space");
         assert_ne!(
@@ -507,10 +513,7 @@ mod tests {
 
     #[test]
     fn used_as_the_kernel_counts_frees_only_once_committed() {
-        let mut store = MemStore::new(64);
-        let mut sm = SpaceMap::new(64);
-        let a = sm.alloc().expect("space");
-        sm.commit(&mut store).expect("commit");
+        let (mut store, mut sm, a) = one_committed();
         let committed = sm.nr_allocated();
         assert_eq!(sm.used_as_kernel(), committed);
         sm.dec(a).expect("dec");
