@@ -140,7 +140,12 @@ pub struct SpaceMap {
     refcount_nodes: Vec<u64>,
     refcount_root: Option<u64>,
     refcount_dirty: bool,
-    hint: u64,
+    /// Where the next search for a free block starts (`smm->begin` of dm-space-map-metadata.c):
+    /// just past the last block handed out, wrapping to the start when the end is reached. Not
+    /// reset by a commit (the kernel stopped doing that in 5.19), 0 when a map is opened. The
+    /// kernel's block numbers follow from it: a metadata snapshot taken after a few commits
+    /// lands where the cursor is, not in the lowest free block.
+    begin: u64,
     /// Nothing committed yet: the bitmaps have no old blocks to release.
     fresh: bool,
     /// Blocks in use at the last commit, and blocks handed out by [`SpaceMap::alloc`] since:
@@ -167,7 +172,7 @@ impl SpaceMap {
             refcount_nodes: Vec::new(),
             refcount_root: None,
             refcount_dirty: true,
-            hint: 0,
+            begin: 0,
             fresh: true,
             committed_allocated: 0,
             allocated_since: 0,
@@ -290,16 +295,17 @@ impl SpaceMap {
         }
         match (old, c) {
             (0, _) => self.nr_allocated += 1,
-            (_, 0) => {
-                self.nr_allocated -= 1;
-                if !self.committed_used(b) {
-                    self.hint = self.hint.min(b);
-                }
-            }
+            (_, 0) => self.nr_allocated -= 1,
             _ => {}
         }
         self.counts[i] = c;
-        self.dirty[(b / ENTRIES_PER_BITMAP) as usize] = true;
+        let bitmap = (b / ENTRIES_PER_BITMAP) as usize;
+        self.dirty[bitmap] = true;
+        // The kernel moves a bitmap to a new block at its first change in a transaction
+        // (`sm_ll_inc`/`sm_ll_dec` shadow it), so that block comes next from the cursor.
+        if !self.fresh && !self.shadowed[bitmap] {
+            self.shadow_bitmap(bitmap)?;
+        }
         Ok(())
     }
 
@@ -336,24 +342,25 @@ impl SpaceMap {
                 self.committed[b / 64] |= 1 << (b % 64);
             }
         }
-        self.hint = 0;
     }
 
-    /// A block free now and in the last committed map, with count 1.
+    /// A block free now and in the last committed map, with count 1: the first at or after the
+    /// cursor, else the first before it (`sm_metadata_new_block_`).
     pub fn alloc(&mut self) -> Result<u64> {
-        let start = self.hint;
-        for b in start..self.nr_blocks {
-            if self.counts[b as usize] == 0 && !self.committed_used(b) {
-                self.set(b, 1)?;
-                self.hint = b + 1;
-                self.allocated_since += 1;
-                return Ok(b);
-            }
-        }
-        self.hint = self.nr_blocks;
-        Err(Error::NoSpace {
-            nr_blocks: self.nr_blocks,
-        })
+        let begin = self.begin.min(self.nr_blocks);
+        let free = |b: &u64| self.counts[*b as usize] == 0 && !self.committed_used(*b);
+        let found = (begin..self.nr_blocks)
+            .find(free)
+            .or_else(|| (0..begin).find(free));
+        let Some(b) = found else {
+            return Err(Error::NoSpace {
+                nr_blocks: self.nr_blocks,
+            });
+        };
+        self.begin = b + 1;
+        self.allocated_since += 1;
+        self.set(b, 1)?;
+        Ok(b)
     }
 
     /// Writes what changed (bitmaps, refcount tree, index) to new blocks and returns the root the
@@ -432,12 +439,17 @@ impl SpaceMap {
     /// Moves each changed bitmap to a new block once per commit; moving one can change another.
     fn shadow_dirty_bitmaps(&mut self) -> Result<()> {
         while let Some(i) = (0..self.bitmaps.len()).find(|&i| self.dirty[i] && !self.shadowed[i]) {
-            self.shadowed[i] = true;
-            let new = self.alloc()?;
-            let old = std::mem::replace(&mut self.bitmaps[i], new);
-            if !self.fresh {
-                self.dec(old)?;
-            }
+            self.shadow_bitmap(i)?;
+        }
+        Ok(())
+    }
+
+    fn shadow_bitmap(&mut self, i: usize) -> Result<()> {
+        self.shadowed[i] = true;
+        let new = self.alloc()?;
+        let old = std::mem::replace(&mut self.bitmaps[i], new);
+        if !self.fresh {
+            self.dec(old)?;
         }
         Ok(())
     }
@@ -518,13 +530,53 @@ mod tests {
         assert_eq!(sm.used_as_kernel(), committed);
         sm.dec(a).expect("dec");
         sm.alloc().expect("space");
-        assert_eq!(sm.nr_allocated(), committed, "one freed, one allocated");
+        assert_eq!(
+            sm.nr_allocated(),
+            committed,
+            "one freed, one allocated, the bitmap moved"
+        );
         assert_eq!(
             sm.used_as_kernel(),
-            committed + 1,
-            "the free counts after the commit"
+            committed + 2,
+            "the frees count after the commit"
         );
         sm.commit(&mut store).expect("commit");
         assert_eq!(sm.used_as_kernel(), sm.nr_allocated());
+    }
+
+    #[test]
+    fn allocation_follows_the_kernels_cursor() {
+        let (mut store, mut sm, a) = one_committed();
+        // Fresh: block 0, then the bitmap, refcount leaf and index at the commit.
+        assert_eq!((a, sm.nr_allocated()), (0, 4));
+        // The first change after a commit moves the bitmap to the block after the new one.
+        let b = sm.alloc().expect("space");
+        assert_eq!(b, 4, "the cursor is not reset by the commit");
+        assert_eq!(sm.bitmaps[0], 5, "bitmap shadowed at its first change");
+        assert_eq!(sm.count(1).expect("count"), 0, "the old bitmap is released");
+        sm.dec(b).expect("dec");
+        assert_eq!(
+            sm.alloc().expect("space"),
+            6,
+            "freed blocks wait for the cursor"
+        );
+        sm.commit(&mut store).expect("commit");
+        // Past the end, the search wraps to the lowest block free before and after the commit.
+        sm.begin = 63;
+        assert_eq!(sm.alloc().expect("space"), 63);
+        assert_eq!(sm.bitmaps[0], 1, "wrapped to the old bitmap's block");
+        assert_eq!(
+            sm.alloc().expect("space"),
+            3,
+            "block 2 holds the refcount leaf"
+        );
+        // A reopened map starts from block 0, as the kernel's.
+        let root = sm.commit(&mut store).expect("commit");
+        let mut again = SpaceMap::open(&store, &root).expect("reopen");
+        assert_eq!(
+            again.alloc().expect("space"),
+            5,
+            "the lowest free block (4 is the index)"
+        );
     }
 }

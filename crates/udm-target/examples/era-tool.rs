@@ -4,9 +4,11 @@
 //!
 //!   era-tool META ORIGIN BLOCK_SECTORS 'w3 w5 c w5 t d r w1'
 //!
-//! `wN` writes 4 KiB at the start of era block N, `c` checkpoint, `t` take_metadata_snap, `d`
-//! drop_metadata_snap, `r` suspend and resume. Every step but a write prints `STATUS <line>`;
-//! the device is suspended at the end (as `dmsetup remove` does), which commits.
+//! `wN` writes 4 KiB at the start of era block N and flushes (as the guest's `dd conv=fsync`:
+//! each write's mark is committed on its own, as in the kernel), `c` checkpoint, `t`
+//! take_metadata_snap, `d` drop_metadata_snap, `r` suspend and resume. Every step but a write
+//! prints `STATUS <line>`; the device is suspended at the end (as `dmsetup remove` does), which
+//! commits.
 
 use std::sync::Arc;
 
@@ -31,15 +33,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     t.preresume()?;
     t.resume();
     let meta_id = ctx.device("meta").ok_or("no meta device")?.id;
-    // The digest a step kicked off has finished before the next status, as the kernel's
-    // worker has between two dmsetup commands.
-    let status = || {
+    // The digest a step (or a status) kicked off has finished before the next step, as the
+    // kernel's worker has between two commands of the guest's shell.
+    let settle = || {
         if let Some(s) = udm_target::era::shared_metadata(&env, meta_id) {
             s.wait_digested(std::time::Duration::from_secs(5));
         }
-        println!("STATUS {}", t.status_lines()[0].params)
     };
-    status();
+    // ERA_TOOL_DUMP=FILE appends the metadata's first 160 blocks to FILE after each status,
+    // to compare block by block with the kernel's (the guest can dd its metadata the same way).
+    let dump = std::env::var_os("ERA_TOOL_DUMP");
+    let status = || -> Result<(), Box<dyn std::error::Error>> {
+        settle();
+        println!("STATUS {}", t.status_lines()[0].params);
+        if let Some(d) = &dump {
+            use std::io::Write;
+            let data = std::fs::read(meta)?;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(d)?;
+            f.write_all(&data[..data.len().min(160 * 4096)])?;
+        }
+        settle();
+        Ok(())
+    };
+    status()?;
     let msg = |m: &str| t.message(0, &[m.to_string()]).map(|_| ());
     for step in history.split_whitespace() {
         match step {
@@ -57,11 +76,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .strip_prefix('w')
                     .and_then(|n| n.parse().ok())
                     .ok_or_else(|| format!("bad step {w:?}"))?;
+                // As the guest's `dd conv=fsync`: the write, then a flush.
                 t.submit(Bio::write(block * bs, &[0x5a; 4096]))?;
+                t.submit(Bio::flush())?;
+                settle();
                 continue;
             }
         }
-        status();
+        status()?;
     }
     t.presuspend();
     t.postsuspend();
