@@ -11,6 +11,7 @@
 #   scripts/mutants.sh                        every scope, every mutant
 #   MUTANTS_SCOPE="snapshot nbd" scripts/mutants.sh     some scopes (core, snapshot, nbd)
 #   MUTANTS_FILE='crates/udm-export/src/nbd/exec.rs'    only files matching this glob
+#   MUTANTS_EXCLUDE='crates/udm-core/src/node.rs'       not the files matching this glob
 #   MUTANTS_RE='Conn::validate'               only mutants whose name (see --list) matches
 #   MUTANTS_SHARD=2/8                         one shard of the mutants (0-based, as cargo-mutants)
 #   MUTANTS_BUDGET=3600                       stop each scope after that many seconds
@@ -56,6 +57,7 @@ for scope in $scopes; do
   scope_args "$scope"
   args=(-p "$pkg" -f "${MUTANTS_FILE:-$glob}")
   [ -n "${MUTANTS_RE:-}" ] && args+=(--re "$MUTANTS_RE")
+  [ -n "${MUTANTS_EXCLUDE:-}" ] && args+=(-e "$MUTANTS_EXCLUDE")
   if [ "${MUTANTS_LIST:-0}" = 1 ]; then
     list=$(cargo mutants --list "${args[@]}")
     echo "== $scope: $(grep -c . <<<"$list" || true) mutants"
