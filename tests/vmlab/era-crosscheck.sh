@@ -16,7 +16,8 @@
 #   - the kernel loads the metadata udm wrote (status: udm's last era + 1, as after any resume)
 #     and udm loads the kernel's (the same), and neither load changes what was written when.
 # ERA_BS, ERA_ORIGIN (a truncate size) and ERA_HISTORY change the block size, the origin and
-# the history (tests/vmlab/era-kernel.sh lists the steps).
+# the history (tests/vmlab/era-kernel.sh lists the steps); the argument `long` (below) runs a
+# long generated history.
 # Needs root and what ../shared/vmlab/run.sh needs, plus era_check/era_dump/era_invalidate.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,6 +26,20 @@ vmlab_init era-crosscheck era_check era_dump era_invalidate
 trap 'rm -rf "$W"' EXIT
 (cd "$ROOT" && cargo build -q -p udm-target --example era-tool)
 TOOL=${CARGO_TARGET_DIR:-$ROOT/target}/debug/examples/era-tool
+# `era-crosscheck.sh long`: 330 steps (320 writes to random blocks, checkpoints, suspends, two
+# metadata snapshots) on an 80 MiB origin (1280 blocks: two era-array blocks), enough metadata
+# allocations to wrap the space map's cursor; on Linux 6.12 unless VMLAB_KERNEL says otherwise.
+if [ "${1:-}" = long ]; then
+  export VMLAB_KERNEL=${VMLAB_KERNEL:-6.12}
+  ERA_ORIGIN=${ERA_ORIGIN:-80M}
+  ops=(c t r d c r t c d) x=7 h=()
+  for i in $(seq 0 319); do
+    x=$(((x * 1103515245 + 12345) % 2147483648))
+    h+=("w$((x % 1280))")
+    if ((i % 36 == 35)); then h+=("${ops[i / 36 % 9]}"); fi
+  done
+  ERA_HISTORY="${h[*]} c"
+fi
 BS=${ERA_BS:-128}
 HISTORY=${ERA_HISTORY:-'w1 w3 w31 c w3 w5 t w7 w8 r w2 w3 d c w9 w0 c r w4'}
 fail=0
@@ -36,7 +51,7 @@ truncate -s "${ERA_ORIGIN:-2M}" "$W/o.img" "$W/ou.img"
 ustat=$("$TOOL" "$W/mu.img" "$W/ou.img" $BS "$HISTORY" | sed -n 's/^STATUS //p')
 cp "$W/mu.img" "$W/mu0.img"
 { echo "BS=$BS HISTORY='$HISTORY'"; cat "$HERE/era-kernel.sh"; } > "$W/g.sh"
-out=$("$RUN" "$W/g.sh" "$W/mk.img" "$W/o.img" "$W/mu.img") || { echo "FAIL vmlab: $out"; exit 1; }
+out=$(VMLAB_TIMEOUT=${VMLAB_TIMEOUT:-300} "$RUN" "$W/g.sh" "$W/mk.img" "$W/o.img" "$W/mu.img") || { echo "FAIL vmlab: $out"; exit 1; }
 if grep -q '^ERROR' <<<"$out"; then echo "FAIL guest: $(grep '^ERROR' <<<"$out")"; fail=1; fi
 kstat=$(sed -n 's/^STATUS //p' <<<"$out")
 n=$(wc -l <<<"$ustat")

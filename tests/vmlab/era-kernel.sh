@@ -2,10 +2,14 @@
 # /dev/vda = metadata for the kernel's own history, /dev/vdb = origin, /dev/vdc = metadata
 # udm wrote (loaded by the kernel in phase 2).
 SZ=$(cat /sys/block/vdb/size)
-st() { echo "STATUS $(dmsetup status "$1" | cut -d' ' -f4-)"; }
+st() { sleep 0.05; echo "STATUS $(dmsetup status "$1" | cut -d' ' -f4-)"; }
 dmc create erak --table "0 $SZ era /dev/vda /dev/vdb $BS" || { echo "ERROR create"; exit 1; }
 st erak
 for s in $HISTORY; do
+  # The digest a step or status kicked off finishes before the next step, as udm's era-tool
+  # waits for its own: a write in the middle of a digest would commit part of it, and the
+  # blocks each side allocates (the status line's used count) would depend on timing.
+  sleep 0.05
   case $s in
     c) dmsetup message erak 0 checkpoint ;;
     t) dmsetup message erak 0 take_metadata_snap ;;
