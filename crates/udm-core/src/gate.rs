@@ -94,11 +94,6 @@ impl IoGate {
         self.cv.notify_all();
     }
 
-    /// True while closed.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-
     /// Requests in flight of a flow.
     pub fn inflight(&self, flow: Flow) -> u64 {
         self.inflight[flow as usize].load(Ordering::SeqCst)
@@ -137,7 +132,10 @@ mod tests {
     #[test]
     fn close_drain_open() {
         let gate = Arc::new(IoGate::new());
+        assert_eq!(gate.held(), 0);
         let g = gate.enter(Flow::Direct);
+        assert_eq!(gate.inflight(Flow::Direct), 1);
+        assert_eq!(gate.inflight(Flow::Redirected), 0);
         gate.close();
         let g2 = gate.clone();
         let t = std::thread::spawn(move || {
@@ -157,6 +155,52 @@ mod tests {
         let entered = t.join().unwrap();
         assert!(entered >= opened);
         assert_eq!(gate.inflight(Flow::Direct), 0);
+        assert_eq!(gate.held(), 0);
+    }
+
+    #[test]
+    fn reclassify_moves_a_request_between_flows() {
+        let gate = IoGate::new();
+        let mut g = gate.enter(Flow::Redirected);
+        g.reclassify(Flow::Redirected);
+        assert_eq!(gate.inflight(Flow::Redirected), 1, "same flow: unchanged");
+        g.reclassify(Flow::Direct);
+        assert_eq!(gate.inflight(Flow::Direct), 1);
+        assert_eq!(gate.inflight(Flow::Redirected), 0);
+        gate.close();
+        gate.drain(&[Flow::Redirected]);
+        drop(g);
+        assert_eq!(gate.inflight(Flow::Direct), 0);
+        gate.open();
+    }
+
+    /// The last request out wakes a drainer itself; the drainer's 50 ms timed wait is only a
+    /// safety net (the best of a few tries, so a slow wake-up on a busy machine does not count).
+    #[test]
+    fn the_last_exit_wakes_a_drainer_at_once() {
+        let best = (0..5)
+            .map(|_| {
+                let gate = Arc::new(IoGate::new());
+                let g = gate.enter(Flow::Direct);
+                gate.close();
+                let gg = gate.clone();
+                let drainer = std::thread::spawn(move || {
+                    gg.drain(&[Flow::Direct]);
+                    Instant::now()
+                });
+                std::thread::sleep(Duration::from_millis(5));
+                let released = Instant::now();
+                drop(g);
+                let woke = drainer.join().unwrap();
+                gate.open();
+                woke.saturating_duration_since(released)
+            })
+            .min()
+            .unwrap();
+        assert!(
+            best < Duration::from_millis(25),
+            "drain woke {best:?} after the last exit"
+        );
     }
 
     #[test]

@@ -110,11 +110,6 @@ impl MappedDevice {
         self.redirected.load(Ordering::Relaxed)
     }
 
-    /// Requests currently held by the suspend.
-    pub fn held(&self) -> u64 {
-        self.gate.held()
-    }
-
     /// Holds new I/O and waits for in-flight I/O (after the targets' presuspend hooks), then
     /// runs postsuspend. A no-op on a suspended device.
     pub(crate) fn suspend(&self) {
