@@ -193,15 +193,7 @@ fn suspend_and_resume_run_the_live_tables_hooks() {
         .unwrap();
     reg.add_disk_device("meta", Arc::new(MemDevice::new(8 * 64)))
         .unwrap();
-    let spec = TableSpec::parse("0 2048 era meta d 128").unwrap();
-    reg.create(
-        "e",
-        None,
-        None,
-        Some((&spec, LoadFlags::default())),
-        &ResumeOptions::default(),
-    )
-    .unwrap();
+    udm_testkit::core::create(&reg, "e", "0 2048 era meta d 128", LoadFlags::default()).unwrap();
     let era = |reg: &Registry| {
         let p = reg.status("e", false).unwrap()[0].params.clone();
         p.split_whitespace().nth(2).unwrap().parse::<u32>().unwrap()
