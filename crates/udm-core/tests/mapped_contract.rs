@@ -207,3 +207,32 @@ fn suspend_and_resume_run_the_live_tables_hooks() {
         "a resume without a new table runs preresume"
     );
 }
+
+#[test]
+fn targets_lists_every_target_type_with_its_version() {
+    let reg = Registry::new();
+    let targets = reg.targets();
+    for name in [
+        "linear",
+        "striped",
+        "snapshot",
+        "snapshot-origin",
+        "era",
+        "delay",
+        "flakey",
+    ] {
+        let (_, v) = targets
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} missing from {targets:?}"));
+        assert!(v[0] >= 1, "{name} version {v:?}");
+    }
+    let mut names: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        targets.len(),
+        "a target listed twice: {targets:?}"
+    );
+}
