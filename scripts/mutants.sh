@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (cargo-mutants) of udm's data path and control operations: udm-core, the
-# snapshot target (crates/udm-target/src/snapshot) and the NBD server (crates/udm-export/src/nbd).
+# snapshot target (crates/udm-target/src/snapshot, and the write-back it shares with era,
+# crates/udm-target/src/writeback.rs) and the NBD server (crates/udm-export/src/nbd).
 # Each mutant is built and tested in a copy of the tree (never in place), with the mutated
 # crate's own tests only: udm-core's unit and integration tests, udm-target's unit and
 # snapshot_* tests, udm-export's unit and nbd_* tests (not udm-testkit's, which drive these
@@ -40,7 +41,7 @@ scope_args() {
   case $1 in
     core) pkg=udm-core glob='crates/udm-core/src/**' tests=(--lib --tests) limit=30 ;;
     snapshot)
-      pkg=udm-target glob='crates/udm-target/src/snapshot/**' limit=30
+      pkg=udm-target glob='crates/udm-target/src/{snapshot/**,writeback.rs}' limit=30
       tests=(--lib)
       for t in crates/udm-target/tests/snapshot_*.rs; do tests+=(--test "$(basename "$t" .rs)"); done
       ;;
