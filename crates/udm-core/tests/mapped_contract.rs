@@ -236,3 +236,25 @@ fn targets_lists_every_target_type_with_its_version() {
         "a target listed twice: {targets:?}"
     );
 }
+
+#[test]
+fn an_interposed_table_holds_its_device_until_removed() {
+    let reg = Registry::new();
+    reg.add_disk_device("d", Arc::new(MemDevice::new(2048)))
+        .unwrap();
+    udm_testkit::core::create(
+        &reg,
+        "ip",
+        "0 2048 linear [interpose]d 0",
+        LoadFlags::default(),
+    )
+    .unwrap();
+    let e = reg.remove_disk("d").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("1 shared open(s) by interposed tables"),
+        "{e}"
+    );
+    reg.remove("ip", false, false).unwrap();
+    reg.remove_disk("d").unwrap();
+}
