@@ -258,3 +258,21 @@ fn an_interposed_table_holds_its_device_until_removed() {
     reg.remove("ip", false, false).unwrap();
     reg.remove_disk("d").unwrap();
 }
+
+#[test]
+fn disks_report_read_only_and_are_held_by_their_tables() {
+    let reg = Registry::new();
+    let ro = reg
+        .add_disk_device("r", Arc::new(MemDevice::new(2048).read_only()))
+        .unwrap();
+    assert!(ro.read_only, "a read-only device added as a disk: {ro:?}");
+    let rw = reg
+        .add_disk_device("w", Arc::new(MemDevice::new(2048)))
+        .unwrap();
+    assert!(!rw.read_only);
+    udm_testkit::core::create(&reg, "t", "0 2048 linear w 0", LoadFlags::default()).unwrap();
+    let e = reg.remove_disk("w").unwrap_err();
+    assert!(e.to_string().contains("in use by mapped device t"), "{e}");
+    reg.remove("t", false, false).unwrap();
+    reg.remove_disk("w").unwrap();
+}
