@@ -275,4 +275,6 @@ fn disks_report_read_only_and_are_held_by_their_tables() {
     assert!(e.to_string().contains("in use by mapped device t"), "{e}");
     reg.remove("t", false, false).unwrap();
     reg.remove_disk("w").unwrap();
+    let left: Vec<String> = reg.disks().into_iter().map(|d| d.name).collect();
+    assert_eq!(left, ["r"], "the other disk is still listed");
 }
