@@ -18,6 +18,9 @@
 #   MUTANTS_BUDGET=3600                       stop each scope after that many seconds
 #   MUTANTS_LIST=1                            just count the mutants per scope and file
 #   MUTANTS_BASELINE=skip                     skip the unmutated test run
+#   MUTANTS_ITERATE=1                         test again only the mutants the last run of the
+#                                             scope did not catch (after new tests; cargo-mutants
+#                                             --iterate)
 #
 # Size (cargo-mutants 27.1, `MUTANTS_LIST=1`): udm-core 506 mutants, snapshot 688, nbd 1017.
 # Measured on 2 cores shared with other work, -j 1, per mutant (incremental build, tests, and
@@ -66,6 +69,7 @@ for scope in $scopes; do
     continue
   fi
   [ -n "${MUTANTS_SHARD:-}" ] && args+=(--shard "$MUTANTS_SHARD")
+  [ "${MUTANTS_ITERATE:-0}" = 1 ] && args+=(--iterate)
   out=$out_root/$scope
   # One build directory per scope: scopes may run at once, and cargo locks a build directory.
   export CARGO_TARGET_DIR=$build_root/$scope
