@@ -15,6 +15,8 @@ use udm_core::Registry;
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioKind, BlockDevice, ExtentKind};
 use udm_target::table::TableSpec;
+use udm_types::errno::HasErrno;
+use udm_types::Errno;
 
 /// A registry with disk `d` (4096 sectors, data only in its first 8) and mapped device `m`
 /// (`linear d 0` over all of it, loaded with `flags`).
@@ -277,4 +279,31 @@ fn disks_report_read_only_and_are_held_by_their_tables() {
     reg.remove_disk("w").unwrap();
     let left: Vec<String> = reg.disks().into_iter().map(|d| d.name).collect();
     assert_eq!(left, ["r"], "the other disk is still listed");
+}
+
+#[test]
+fn core_messages_cancel_a_deferred_removal_and_refuse_the_rest() {
+    let (reg, _) = setup(LoadFlags::default());
+    let msg = |argv: &[&str]| {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        reg.message("m", 0, &argv)
+    };
+    let e = msg(&["@cancel_deferred_remove"]).unwrap_err();
+    assert_eq!(e.errno(), Errno::ENXIO, "not scheduled: {e}");
+    let _open = reg.open_export("m", "nbd:m").unwrap();
+    reg.remove("m", false, true).unwrap();
+    assert!(
+        reg.info("m").unwrap().deferred_remove,
+        "open: removal deferred"
+    );
+    msg(&["@cancel_deferred_remove"]).unwrap();
+    assert!(!reg.info("m").unwrap().deferred_remove, "cancelled");
+    let e = msg(&["@other"]).unwrap_err();
+    assert_eq!(e.errno(), Errno::EINVAL, "{e}");
+    assert!(
+        e.to_string().contains("unsupported core message @other"),
+        "{e}"
+    );
+    let e = msg(&[]).unwrap_err();
+    assert!(e.to_string().contains("empty message"), "{e}");
 }
