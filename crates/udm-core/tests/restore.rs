@@ -326,3 +326,48 @@ fn deferred_removal_waits_for_the_exports_of_a_device_coming_back() {
     reg2.close_export(export.id(), "nbd:dr");
     assert!(reg2.info("dr").is_err());
 }
+
+#[test]
+fn a_missing_disk_answers_enxio_and_dependents_come_back_in_any_recorded_order() {
+    let mut r = rig();
+    // Dependents recorded before what they depend on (top before lin): the rebuild needs a
+    // second pass, which it takes while each pass makes progress.
+    r.cfg.mapped.reverse();
+    let (d0, away) = r.move_d0_away();
+    let reg = Registry::new();
+    reg.restore(&r.cfg);
+    assert!(reg.has_unavailable());
+    // Nothing reaches it: not even a lookup of its node (the stand-in device behind it,
+    // which answers ENXIO, is a second guard).
+    let Err(e) = reg.node("d0") else {
+        panic!("the node of a missing disk")
+    };
+    assert_eq!(e.errno(), Errno::ENODEV, "{e}");
+    assert!(e.to_string().contains(d0.to_str().unwrap()), "{e}");
+    std::fs::rename(&away, &d0).unwrap();
+    reg.retry_unavailable(None).unwrap();
+    assert!(
+        !reg.has_unavailable(),
+        "{:?}",
+        reg.info("top").unwrap().unavailable
+    );
+    assert_eq!(read(&reg, "top", 1), expect(4097, 1));
+}
+
+#[test]
+fn a_read_only_disk_is_opened_read_only_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.img");
+    image(&p, 64, 1);
+    let reg = Registry::new();
+    let opts = DiskOptions {
+        read_only: true,
+        ..DiskOptions::default()
+    };
+    reg.add_disk("r", &p, &opts).unwrap();
+    let again = Registry::new();
+    assert!(again.restore(&reg.config()).is_empty());
+    let node = again.node("r").unwrap();
+    assert!(node.read_only(), "restored read-write");
+    assert!(node.submit(Bio::write(0, &[0u8; 512])).is_err());
+}
