@@ -371,3 +371,18 @@ fn a_read_only_disk_is_opened_read_only_again() {
     assert!(node.read_only(), "restored read-write");
     assert!(node.submit(Bio::write(0, &[0u8; 512])).is_err());
 }
+
+#[test]
+fn a_named_retry_fails_only_for_that_device() {
+    let r = rig();
+    let (d0, _away) = r.move_d0_away();
+    let reg = Registry::new();
+    reg.restore(&r.cfg);
+    let e = reg.retry_unavailable(Some("d0")).unwrap_err();
+    assert_eq!(e.errno(), Errno::ENODEV, "{e}");
+    assert!(e.to_string().contains(d0.to_str().unwrap()), "{e}");
+    // Another device's retry is not failed by d0 still missing.
+    reg.retry_unavailable(Some("e0")).unwrap();
+    reg.retry_unavailable(None).unwrap();
+    assert!(reg.has_unavailable());
+}
