@@ -307,3 +307,16 @@ fn core_messages_cancel_a_deferred_removal_and_refuse_the_rest() {
     let e = msg(&[]).unwrap_err();
     assert!(e.to_string().contains("empty message"), "{e}");
 }
+
+#[test]
+fn an_interposed_table_marking_two_ranges_is_refused_not_cut_to_one() {
+    // One interposer per table: two [interpose] lines over two halves of d would be two, and
+    // are refused whole (a table that silently interposed one half would leave the other
+    // half's writes untracked).
+    let reg = Registry::new();
+    reg.add_disk_device("d", Arc::new(MemDevice::new(2048)))
+        .unwrap();
+    let table = "0 1024 linear [interpose]d 0\n1024 1024 linear [interpose]d 1024";
+    let e = udm_testkit::core::create(&reg, "ip", table, LoadFlags::default()).unwrap_err();
+    assert!(e.to_string().contains("would attach 2"), "{e}");
+}

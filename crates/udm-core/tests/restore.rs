@@ -386,3 +386,24 @@ fn a_named_retry_fails_only_for_that_device() {
     reg.retry_unavailable(None).unwrap();
     assert!(reg.has_unavailable());
 }
+
+#[test]
+fn a_recorded_minor_already_taken_gives_the_disk_a_free_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    image(&a, 64, 1);
+    image(&b, 64, 2);
+    let reg = Registry::new();
+    reg.add_disk("a", &a, &DiskOptions::default()).unwrap();
+    reg.add_disk("b", &b, &DiskOptions::default()).unwrap();
+    let mut cfg = reg.config();
+    // A hand-edited (or damaged) state: both disks recorded with a's number.
+    cfg.disks[1].minor = cfg.disks[0].minor;
+    let again = Registry::new();
+    again.restore(&cfg);
+    let disks = again.disks();
+    assert_eq!(disks.len(), 2, "{disks:?}");
+    assert_ne!(disks[0].dev, disks[1].dev, "{disks:?}");
+    assert_eq!(read(&again, "a", 3), expect(3, 1));
+    assert_eq!(read(&again, "b", 3), expect(3, 2));
+}
