@@ -22,10 +22,11 @@
 #                                             scope did not catch (after new tests; cargo-mutants
 #                                             --iterate)
 #
-# Size (cargo-mutants 27.1, `MUTANTS_LIST=1`): udm-core 506 mutants, snapshot 688, nbd 1017.
-# Measured on 2 cores shared with other work, -j 1, per mutant (incremental build, tests, and
-# the 30 s or 120 s timeouts of mutants that hang): udm-core 13 s, snapshot 23 s, nbd 60 s (its
-# tests alone take 35 s). A full pass is then about 2 h + 4.5 h + 17 h, roughly a day;
+# Size (cargo-mutants 27.1, `MUTANTS_LIST=1`, 2026-12-02): udm-core 523 mutants, snapshot 809
+# (the write-back included), nbd 972. Measured on 2 cores shared with other work, -j 1, per
+# mutant (incremental build, tests, and the 30 s or 120 s timeouts of mutants that hang):
+# udm-core 9-13 s (386 of its mutants took 56 min), snapshot 23 s, nbd 60 s (its tests alone
+# take 35 s). A full pass is then about 1.5 h + 5 h + 16 h, roughly a day;
 # `MUTANTS_SHARD` splits it across machines. Outputs: target/mutants/SCOPE/
 # mutants.out (caught.txt, missed.txt, timeout.txt, unviable.txt, logs/). Builds go to
 # target/mutants-build/SCOPE, kept between runs, so dependencies are built once.
