@@ -445,8 +445,10 @@ impl SpaceMap {
     }
 
     fn shadow_bitmap(&mut self, i: usize) -> Result<()> {
+        // Marked first: the new block's own count change is in this bitmap. Unmarked again if
+        // there is no block, so a commit never writes the bitmap over its committed block.
         self.shadowed[i] = true;
-        let new = self.alloc()?;
+        let new = self.alloc().inspect_err(|_| self.shadowed[i] = false)?;
         let old = std::mem::replace(&mut self.bitmaps[i], new);
         if !self.fresh {
             self.dec(old)?;
