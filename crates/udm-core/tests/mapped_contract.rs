@@ -320,3 +320,61 @@ fn an_interposed_table_marking_two_ranges_is_refused_not_cut_to_one() {
     let e = udm_testkit::core::create(&reg, "ip", table, LoadFlags::default()).unwrap_err();
     assert!(e.to_string().contains("would attach 2"), "{e}");
 }
+
+/// A DOS table: one extended partition at 2048 holding a chain of `n` logical partitions of 100
+/// sectors (numbered 5, 6, ...).
+fn dos_with_logicals(n: u32) -> MemDevice {
+    let mem = MemDevice::new(16384);
+    let entry = |s: &mut [u8], slot: usize, ptype: u8, start: u32, len: u32| {
+        let e = &mut s[0x1be + 16 * slot..0x1be + 16 * (slot + 1)];
+        e[4] = ptype;
+        e[8..12].copy_from_slice(&start.to_le_bytes());
+        e[12..16].copy_from_slice(&len.to_le_bytes());
+        s[510] = 0x55;
+        s[511] = 0xaa;
+    };
+    let mut mbr = [0u8; 512];
+    entry(&mut mbr, 0, 0x05, 2048, 200 * n);
+    mem.submit(Bio::write(0, &mbr)).unwrap();
+    for k in 0..n {
+        let mut ebr = [0u8; 512];
+        entry(&mut ebr, 0, 0x83, 2, 100);
+        if k + 1 < n {
+            entry(&mut ebr, 1, 0x05, 200 * (k + 1), 200);
+        }
+        mem.submit(Bio::write(u64::from(2048 + 200 * k), &ebr))
+            .unwrap();
+    }
+    mem
+}
+
+#[test]
+fn partitions_from_16_on_get_extended_numbers() {
+    let reg = Registry::new();
+    let d = reg
+        .add_disk_device("p", Arc::new(dos_with_logicals(13)))
+        .unwrap();
+    let by_number = |n: u32| {
+        let p = d.partitions.iter().find(|p| p.number == n);
+        p.unwrap_or_else(|| panic!("no partition {n}: {:?}", d.partitions))
+    };
+    let disk_minor: u32 = d.dev.split(':').nth(1).unwrap().parse().unwrap();
+    for n in [5, 15] {
+        assert_eq!(
+            by_number(n).dev,
+            format!("8:{}", disk_minor + n),
+            "partition {n}"
+        );
+    }
+    for n in [16, 17] {
+        assert!(
+            by_number(n).dev.starts_with("259:"),
+            "partition {n}: {}",
+            by_number(n).dev
+        );
+    }
+    let mut devs: Vec<&str> = d.partitions.iter().map(|p| p.dev.as_str()).collect();
+    devs.sort_unstable();
+    devs.dedup();
+    assert_eq!(devs.len(), d.partitions.len(), "{:?}", d.partitions);
+}
