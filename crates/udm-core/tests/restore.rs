@@ -298,6 +298,42 @@ fn missing_implicit_disk_keeps_its_table() {
 }
 
 #[test]
+fn an_implicit_disk_a_pending_table_names_is_kept_and_others_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, a, b) = (
+        dir.path().join("d0.img"),
+        dir.path().join("a.img"),
+        dir.path().join("b.img"),
+    );
+    image(&d0, 4096, 1);
+    image(&a, 4096, 7);
+    image(&b, 4096, 8);
+    let reg = Registry::new();
+    reg.add_disk("d0", &d0, &DiskOptions::default()).unwrap();
+    // v needs d0 (to go missing) and the implicit a.img; w only the implicit b.img.
+    create(
+        &reg,
+        "v",
+        &format!("0 1024 linear d0 0\n1024 1024 linear {} 0", a.display()),
+    );
+    create(&reg, "w", &format!("0 1024 linear {} 0", b.display()));
+    let cfg = reg.config();
+    std::fs::rename(&d0, dir.path().join("d0.away")).unwrap();
+    let reg2 = Registry::new();
+    reg2.restore(&cfg);
+    // a.img is held by no live table (v is pending) but v's recorded table names it.
+    assert_eq!(
+        reg2.config(),
+        cfg,
+        "the pending table's implicit disk was dropped"
+    );
+    // b.img goes with w, the pending table naming only d0 and a.img notwithstanding.
+    reg2.remove("w", false, false).unwrap();
+    let names: Vec<String> = reg2.disks().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, ["d0", "auto-a.img"], "{names:?}");
+}
+
+#[test]
 fn deferred_removal_waits_for_the_exports_of_a_device_coming_back() {
     let dir = tempfile::tempdir().unwrap();
     let d0 = dir.path().join("d0.img");
