@@ -102,11 +102,7 @@ fn a_table_names_a_device_every_way_dmsetup_does() {
         "/dev/udm/mem".to_string(),
         path.to_string_lossy().into_owned(),
         // Not as recorded, but the same file once canonical.
-        dir.path()
-            .join(".")
-            .join("d.img")
-            .to_string_lossy()
-            .into_owned(),
+        link.to_string_lossy().into_owned(),
         d.dev.clone(),
     ];
     for (i, n) in names.iter().enumerate() {
