@@ -219,11 +219,7 @@ impl Shared {
                 result: Err("the writeset commit panicked".into()),
             };
             let started = std::time::Instant::now();
-            let r = self.change(|md| {
-                md.kick();
-                md.mark_many(&batch)
-            });
-            self.cv.notify_all();
+            let r = self.change(|md| md.mark_many(&batch));
             tracing::trace!(
                 ranges = batch.len(),
                 us = started.elapsed().as_micros() as u64,
@@ -245,11 +241,18 @@ impl Shared {
         }
     }
 
-    /// [`State::change`] under the state lock, keeping `broken` up to date.
+    /// [`State::change`] under the state lock as a call to the kernel's worker: it first kicks
+    /// off the digest of what an earlier call archived ([`Metadata::kick`]), and the digest
+    /// worker is woken after it; `broken` is kept up to date.
     fn change<T>(&self, f: impl FnOnce(&mut Metadata) -> Result<T, OpError>) -> Result<T, OpError> {
         let mut st = self.state.lock();
-        let r = st.change(f);
+        let r = st.change(|md| {
+            md.kick();
+            f(md)
+        });
         self.broken.store(st.failed.is_some(), Ordering::Relaxed);
+        drop(st);
+        self.cv.notify_all();
         r
     }
 
@@ -435,7 +438,6 @@ impl Era {
             .filter(|&n| u64::from(n) < MAX_NR_BLOCKS)
             .ok_or(OpError::TooManyBlocks(nr))?;
         self.shared.change(|md| {
-            md.kick();
             if md.nr_blocks() != nr {
                 md.resize(nr)?;
                 md.commit()?;
@@ -515,7 +517,6 @@ impl Target for Era {
     /// archived, reads the figures, and commits.
     fn status(&self) -> String {
         let r = self.shared.change(|md| {
-            md.kick();
             let (used, total) = md.usage();
             let line = EraStatus {
                 metadata_block_sectors: udm_pdata::era::METADATA_BLOCK_SECTORS,
@@ -528,7 +529,6 @@ impl Target for Era {
             md.commit()?;
             Ok(line)
         });
-        self.shared.cv.notify_all();
         r.unwrap_or_else(|_| "Error".to_string())
     }
 
@@ -553,12 +553,10 @@ impl Target for Era {
         // Held writes first, so each is marked in the era it was acknowledged in and a
         // metadata snapshot shows every write acknowledged before it.
         self.wb.settle();
-        let r = self.shared.change(|md| {
-            md.kick();
-            op(md)
-        });
-        self.shared.cv.notify_all();
-        r.map(|()| None).map_err(|e| metadata_error(&e))
+        self.shared
+            .change(op)
+            .map(|()| None)
+            .map_err(|e| metadata_error(&e))
     }
 
     fn max_io_len(&self) -> u64 {
@@ -585,7 +583,6 @@ impl Target for Era {
         // digested, as in the kernel (whose worker is stopped right after the archive).
         self.shared.stop_worker();
         let r = self.shared.change(|md| {
-            md.kick();
             md.archive()?;
             Ok(md.commit()?)
         });
