@@ -37,6 +37,14 @@ fn setup(flags: LoadFlags) -> (Registry, Arc<MemDevice>) {
     (reg, mem)
 }
 
+/// A registry with one memory disk `d` of 2048 sectors.
+fn with_disk_d() -> Registry {
+    let reg = Registry::new();
+    reg.add_disk_device("d", Arc::new(MemDevice::new(2048)))
+        .unwrap();
+    reg
+}
+
 fn mapped(reg: &Registry, name: &str) -> Arc<dyn BlockDevice> {
     reg.node(name).unwrap().backend().clone()
 }
@@ -190,9 +198,7 @@ fn no_block_device_until_a_table_is_loaded_and_after() {
 #[test]
 fn suspend_and_resume_run_the_live_tables_hooks() {
     // era's hooks show: postsuspend archives the era, preresume starts the next one.
-    let reg = Registry::new();
-    reg.add_disk_device("d", Arc::new(MemDevice::new(2048)))
-        .unwrap();
+    let reg = with_disk_d();
     reg.add_disk_device("meta", Arc::new(MemDevice::new(8 * 64)))
         .unwrap();
     udm_testkit::core::create(&reg, "e", "0 2048 era meta d 128", LoadFlags::default()).unwrap();
@@ -241,9 +247,7 @@ fn targets_lists_every_target_type_with_its_version() {
 
 #[test]
 fn an_interposed_table_holds_its_device_until_removed() {
-    let reg = Registry::new();
-    reg.add_disk_device("d", Arc::new(MemDevice::new(2048)))
-        .unwrap();
+    let reg = with_disk_d();
     udm_testkit::core::create(
         &reg,
         "ip",
@@ -313,9 +317,7 @@ fn an_interposed_table_marking_two_ranges_is_refused_not_cut_to_one() {
     // One interposer per table: two [interpose] lines over two halves of d would be two, and
     // are refused whole (a table that silently interposed one half would leave the other
     // half's writes untracked).
-    let reg = Registry::new();
-    reg.add_disk_device("d", Arc::new(MemDevice::new(2048)))
-        .unwrap();
+    let reg = with_disk_d();
     let table = "0 1024 linear [interpose]d 0\n1024 1024 linear [interpose]d 1024";
     let e = udm_testkit::core::create(&reg, "ip", table, LoadFlags::default()).unwrap_err();
     assert!(e.to_string().contains("would attach 2"), "{e}");
