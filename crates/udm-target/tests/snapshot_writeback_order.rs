@@ -7,50 +7,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioFlags, BlockDevice, ExtentKind, KeptBuf};
-use udm_target::writeback::{Jobs, WriteBack};
+use udm_target::writeback::WriteBack;
 
-/// Opens when the test says so; commits wait for it.
-#[derive(Default)]
-struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn wait(&self) {
-        let mut o = self.open.lock().unwrap();
-        while !*o {
-            o = self.cv.wait(o).unwrap();
-        }
-    }
-}
-
-#[derive(Default)]
-struct Held(Option<Arc<Gate>>);
-
-impl Jobs for Held {
-    fn append(&mut self, other: Self) {
-        if self.0.is_none() {
-            self.0 = other.0;
-        }
-    }
-    fn prepare(&mut self, _dev: &dyn BlockDevice) {}
-    fn commit(self) -> Result<(), String> {
-        if let Some(g) = self.0 {
-            g.wait();
-        }
-        Ok(())
-    }
-}
+mod writeback_common;
+use writeback_common::{Gate, Held};
 
 /// The write-back, the memory device below it (as itself and as a block device), the gate.
 type Rig = (
