@@ -471,6 +471,9 @@ fn merge_preserves_other_snapshots_and_reports_failure() {
     a.postsuspend();
     let m = c.merge(O, "o c P 8").unwrap();
     activate(&*m);
+    // I/O to the merging device is split at the smallest chunk among the origin's snapshots
+    // (the kernel's get_origin_minimum_chunksize): here its own 8 sectors, not b's 16.
+    assert_eq!(m.max_io_len(), 8);
     assert_eq!(wait_merged(&*m), "16/4096 16");
     assert_eq!(dev_read(&*o, 0, O), img_a);
     // The merge wrote the origin: b copied those chunks first.
