@@ -274,12 +274,23 @@ fn commands_simple_and_structured() {
     for structured in [false, true] {
         let mut c = connect(&e, "disk", structured);
         let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+        let fua = e.dev.fua_count();
         assert_eq!(c.write(0, &data).unwrap(), Reply::Ok(vec![]));
         assert_eq!(c.read(0, 65536).unwrap(), Reply::Ok(data.clone()));
+        assert_eq!(
+            e.dev.fua_count(),
+            fua,
+            "a plain write reached the device with FUA"
+        );
         assert_eq!(
             c.call(CMD_WRITE, CMD_FLAG_FUA, 65536, 512, &[9u8; 512])
                 .unwrap(),
             Reply::Ok(vec![])
+        );
+        assert_eq!(
+            e.dev.fua_count(),
+            fua + 1,
+            "NBD_CMD_FLAG_FUA not passed to the device"
         );
         assert_eq!(c.flush().unwrap(), Reply::Ok(vec![]));
         assert_eq!(

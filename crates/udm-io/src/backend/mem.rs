@@ -1,7 +1,7 @@
 //! A memory device with fault injection, for tests: EIO (or any errno) on chosen ranges and
 //! operations, ENOSPC, added latency, and a count of what it served.
 
-use crate::bio::{Bio, BioKind, BioOp};
+use crate::bio::{Bio, BioFlags, BioKind, BioOp};
 use crate::device::{check_range, BlockDevice, Extent, ExtentKind, Limits};
 use crate::error::IoError;
 use parking_lot::{Mutex, RwLock};
@@ -73,6 +73,9 @@ pub struct MemDevice {
     read_only: bool,
     /// Requests served, by kind (read, write, flush, discard, write-zeroes).
     counts: [AtomicU64; 5],
+    /// Requests served with FUA, and with PREFLUSH: whether callers pass those flags on.
+    fua: AtomicU64,
+    preflush: AtomicU64,
 }
 
 impl MemDevice {
@@ -91,6 +94,8 @@ impl MemDevice {
             limits,
             read_only: false,
             counts: Default::default(),
+            fua: AtomicU64::new(0),
+            preflush: AtomicU64::new(0),
         }
     }
 
@@ -123,6 +128,16 @@ impl MemDevice {
     /// Number of requests of `kind` served (including failed ones).
     pub fn count(&self, kind: BioKind) -> u64 {
         self.counts[kind_index(kind)].load(Ordering::Relaxed)
+    }
+
+    /// Number of requests served with FUA (including failed ones).
+    pub fn fua_count(&self) -> u64 {
+        self.fua.load(Ordering::Relaxed)
+    }
+
+    /// Number of requests served with PREFLUSH (including failed ones).
+    pub fn preflush_count(&self) -> u64 {
+        self.preflush.load(Ordering::Relaxed)
     }
 
     fn check_faults(&self, bio: &Bio<'_>) -> Result<(), IoError> {
@@ -169,6 +184,12 @@ impl BlockDevice for MemDevice {
 
     fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
         self.counts[kind_index(bio.kind())].fetch_add(1, Ordering::Relaxed);
+        if bio.flags.contains(BioFlags::FUA) {
+            self.fua.fetch_add(1, Ordering::Relaxed);
+        }
+        if bio.flags.contains(BioFlags::PREFLUSH) {
+            self.preflush.fetch_add(1, Ordering::Relaxed);
+        }
         let lat = *self.latency.lock();
         if !lat.is_zero() {
             std::thread::sleep(lat);
