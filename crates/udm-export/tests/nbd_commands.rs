@@ -1,9 +1,12 @@
-//! What TRIM and CACHE requests do to the device, not just their replies: a TRIM discards
-//! exactly its range (nothing when the device cannot discard), a device's EOPNOTSUPP is a
-//! success and any other error is the client's error; a CACHE reads its whole range, across
-//! the server's 1 MiB steps, and reports a read error. Written against mutants cargo-mutants
-//! found missed in `Conn::run_request` (a TRIM of no sectors, errors swallowed, a CACHE that
-//! read nothing or the wrong sectors all still answered success).
+//! What TRIM, CACHE, WRITE_ZEROES and split READs do to the device, not just their replies: a
+//! TRIM discards exactly its range (nothing when the device cannot discard), a device's
+//! EOPNOTSUPP is a success and any other error is the client's error; a CACHE reads its whole
+//! range, across the server's 1 MiB steps, and reports a read error; WRITE_ZEROES passes
+//! NO_HOLE, FAST_ZERO and FUA on, falls back to writing zeroes unless FAST_ZERO forbids it;
+//! a read longer than the device's largest request comes back whole and in order. Written
+//! against mutants cargo-mutants found missed in `Conn::run_request`, `Conn::write_zeroes` and
+//! `Conn::rw` (flags dropped, errors swallowed, requests of the wrong sectors all answered
+//! success).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
@@ -14,7 +17,7 @@ use udm_export::nbd::client::{Client, Reply};
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::backend::mem::{Fault, MemDevice};
-use udm_io::{Bio, BioKind, BlockDevice, ExtentKind, Limits};
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, Limits};
 use udm_types::Errno;
 
 const MIB: u64 = 1 << 20;
@@ -145,5 +148,78 @@ fn cache_reads_its_whole_range_and_reports_a_read_error() {
             .unwrap(),
         Reply::Ok(vec![])
     );
+    server.shutdown();
+}
+
+/// Sends WRITE_ZEROES of 8 KiB at `sector` with `flags`.
+fn zeroes(c: &mut Client<UnixStream>, flags: u16, sector: u64) -> Reply {
+    c.call(CMD_WRITE_ZEROES, flags, sector * 512, 8192, &[])
+        .unwrap()
+}
+
+#[test]
+fn write_zeroes_passes_its_flags_on_and_falls_back_unless_fast() {
+    let dev = Arc::new(MemDevice::new(4 * MIB / 512));
+    let (server, mut c, _dir) = serve(dev.clone());
+    let count = |f| dev.flag_count(f);
+    // Plain: a hole (the device may deallocate).
+    assert_eq!(zeroes(&mut c, 0, 128), Reply::Ok(vec![]));
+    assert_eq!(kinds(&dev, 128, 16), vec![(16, ExtentKind::HoleZero)]);
+    assert_eq!(count(BioFlags::NO_UNMAP), 0);
+    // NO_HOLE: allocated zeroes.
+    assert_eq!(zeroes(&mut c, CMD_FLAG_NO_HOLE, 256), Reply::Ok(vec![]));
+    assert_eq!(
+        kinds(&dev, 256, 16),
+        vec![(16, ExtentKind::Data)],
+        "NO_HOLE lost"
+    );
+    assert_eq!(count(BioFlags::NO_UNMAP), 1);
+    // FAST_ZERO and FUA reach the device.
+    assert_eq!(zeroes(&mut c, CMD_FLAG_FAST_ZERO, 384), Reply::Ok(vec![]));
+    assert_eq!(count(BioFlags::FAST_ZERO), 1, "FAST_ZERO lost");
+    let fua = count(BioFlags::FUA);
+    assert_eq!(
+        zeroes(&mut c, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, 512),
+        Reply::Ok(vec![])
+    );
+    assert_eq!(count(BioFlags::FUA), fua + 1, "FUA lost");
+    assert_eq!(count(BioFlags::NO_UNMAP), 2, "NO_HOLE lost beside FUA");
+    for at in [128u64, 256, 384, 512] {
+        assert_eq!(c.read(at * 512, 8192).unwrap(), Reply::Ok(vec![0; 8192]));
+    }
+    // A device that cannot zero this range natively: written with zero buffers, unless
+    // FAST_ZERO asks to fail instead (then nothing is written).
+    dev.inject(Fault::range(1024, 2048, Errno::EOPNOTSUPP).ops(&[BioKind::WriteZeroes]));
+    let writes = dev.count(BioKind::Write);
+    assert_eq!(zeroes(&mut c, 0, 1024), Reply::Ok(vec![]));
+    assert!(dev.count(BioKind::Write) > writes, "no fallback writes");
+    assert_eq!(c.read(1024 * 512, 8192).unwrap(), Reply::Ok(vec![0; 8192]));
+    assert_eq!(
+        zeroes(&mut c, CMD_FLAG_FAST_ZERO, 1536),
+        Reply::Err(NBD_ENOTSUP)
+    );
+    assert_eq!(
+        c.read(1536 * 512, 8192).unwrap(),
+        Reply::Ok(vec![0x5a; 8192])
+    );
+    // Any other failure is the client's.
+    dev.inject(Fault::range(3000, 3100, Errno::EIO).ops(&[BioKind::WriteZeroes]));
+    assert_eq!(zeroes(&mut c, 0, 3000), Reply::Err(NBD_EIO));
+    server.shutdown();
+}
+
+#[test]
+fn reads_longer_than_the_devices_largest_request_come_back_in_order() {
+    let limits = Limits {
+        max_io_sectors: 8,
+        ..Limits::default()
+    };
+    let dev = Arc::new(MemDevice::with_limits(MIB / 512, limits));
+    let (server, mut c, _dir) = serve(dev.clone());
+    let data: Vec<u8> = (0..65536u32).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+    dev.submit(Bio::write(64, &data)).unwrap();
+    let reads = dev.count(BioKind::Read);
+    assert_eq!(c.read(64 * 512, 65536).unwrap(), Reply::Ok(data));
+    assert_eq!(dev.count(BioKind::Read), reads + 16, "not split at 4 KiB");
     server.shutdown();
 }

@@ -274,11 +274,11 @@ fn commands_simple_and_structured() {
     for structured in [false, true] {
         let mut c = connect(&e, "disk", structured);
         let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
-        let fua = e.dev.fua_count();
+        let fua = e.dev.flag_count(udm_io::BioFlags::FUA);
         assert_eq!(c.write(0, &data).unwrap(), Reply::Ok(vec![]));
         assert_eq!(c.read(0, 65536).unwrap(), Reply::Ok(data.clone()));
         assert_eq!(
-            e.dev.fua_count(),
+            e.dev.flag_count(udm_io::BioFlags::FUA),
             fua,
             "a plain write reached the device with FUA"
         );
@@ -288,7 +288,7 @@ fn commands_simple_and_structured() {
             Reply::Ok(vec![])
         );
         assert_eq!(
-            e.dev.fua_count(),
+            e.dev.flag_count(udm_io::BioFlags::FUA),
             fua + 1,
             "NBD_CMD_FLAG_FUA not passed to the device"
         );

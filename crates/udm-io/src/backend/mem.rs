@@ -73,9 +73,8 @@ pub struct MemDevice {
     read_only: bool,
     /// Requests served, by kind (read, write, flush, discard, write-zeroes).
     counts: [AtomicU64; 5],
-    /// Requests served with FUA, and with PREFLUSH: whether callers pass those flags on.
-    fua: AtomicU64,
-    preflush: AtomicU64,
+    /// Requests served with each flag (bit i of `BioFlags`): whether callers pass flags on.
+    flagged: [AtomicU64; 4],
 }
 
 impl MemDevice {
@@ -94,8 +93,7 @@ impl MemDevice {
             limits,
             read_only: false,
             counts: Default::default(),
-            fua: AtomicU64::new(0),
-            preflush: AtomicU64::new(0),
+            flagged: Default::default(),
         }
     }
 
@@ -130,14 +128,13 @@ impl MemDevice {
         self.counts[kind_index(kind)].load(Ordering::Relaxed)
     }
 
-    /// Number of requests served with FUA (including failed ones).
-    pub fn fua_count(&self) -> u64 {
-        self.fua.load(Ordering::Relaxed)
-    }
-
-    /// Number of requests served with PREFLUSH (including failed ones).
-    pub fn preflush_count(&self) -> u64 {
-        self.preflush.load(Ordering::Relaxed)
+    /// Number of requests served with `flag` (one flag: FUA, PREFLUSH, NO_UNMAP or
+    /// FAST_ZERO), failed ones included.
+    pub fn flag_count(&self, flag: BioFlags) -> u64 {
+        let bit = flag.bits().trailing_zeros() as usize;
+        self.flagged
+            .get(bit)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     fn check_faults(&self, bio: &Bio<'_>) -> Result<(), IoError> {
@@ -184,11 +181,10 @@ impl BlockDevice for MemDevice {
 
     fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
         self.counts[kind_index(bio.kind())].fetch_add(1, Ordering::Relaxed);
-        if bio.flags.contains(BioFlags::FUA) {
-            self.fua.fetch_add(1, Ordering::Relaxed);
-        }
-        if bio.flags.contains(BioFlags::PREFLUSH) {
-            self.preflush.fetch_add(1, Ordering::Relaxed);
+        for (bit, c) in self.flagged.iter().enumerate() {
+            if bio.flags.bits() & (1 << bit) != 0 {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let lat = *self.latency.lock();
         if !lat.is_zero() {
