@@ -3,7 +3,7 @@
 //! EOPNOTSUPP is a success and any other error is the client's error; a CACHE reads its whole
 //! range, across the server's 1 MiB steps, and reports a read error; WRITE_ZEROES passes
 //! NO_HOLE, FAST_ZERO and FUA on, falls back to writing zeroes unless FAST_ZERO forbids it;
-//! a read longer than the device's largest request comes back whole and in order. Written
+//! a read or write longer than the device's largest request is split in order. Written
 //! against mutants cargo-mutants found missed in `Conn::run_request`, `Conn::write_zeroes` and
 //! `Conn::rw` (flags dropped, errors swallowed, requests of the wrong sectors all answered
 //! success).
@@ -209,7 +209,7 @@ fn write_zeroes_passes_its_flags_on_and_falls_back_unless_fast() {
 }
 
 #[test]
-fn reads_longer_than_the_devices_largest_request_come_back_in_order() {
+fn requests_longer_than_the_devices_largest_are_split_in_order() {
     let limits = Limits {
         max_io_sectors: 8,
         ..Limits::default()
@@ -219,7 +219,15 @@ fn reads_longer_than_the_devices_largest_request_come_back_in_order() {
     let data: Vec<u8> = (0..65536u32).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
     dev.submit(Bio::write(64, &data)).unwrap();
     let reads = dev.count(BioKind::Read);
-    assert_eq!(c.read(64 * 512, 65536).unwrap(), Reply::Ok(data));
+    assert_eq!(c.read(64 * 512, 65536).unwrap(), Reply::Ok(data.clone()));
     assert_eq!(dev.count(BioKind::Read), reads + 16, "not split at 4 KiB");
+    // Writes likewise: each piece at its own sectors.
+    let writes = dev.count(BioKind::Write);
+    let other: Vec<u8> = data.iter().map(|b| b.wrapping_add(1)).collect();
+    assert_eq!(c.write(256 * 512, &other).unwrap(), Reply::Ok(vec![]));
+    assert_eq!(dev.count(BioKind::Write), writes + 16, "not split at 4 KiB");
+    let mut back = vec![0u8; other.len()];
+    dev.submit(Bio::read(256, &mut back)).unwrap();
+    assert!(back == other, "split write landed at the wrong sectors");
     server.shutdown();
 }
