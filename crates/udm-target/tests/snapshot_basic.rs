@@ -220,8 +220,16 @@ fn cow_eio_invalidates_but_origin_works() {
     assert!(c.events() >= 1);
     assert_eq!(s2.status(), "32/4096 0");
     assert_eq!(read(&*s2, 0, O).unwrap(), before);
+    // The invalid snapshot gets no more copies (its COW is not written at all).
+    let cow_writes = w.count(BioKind::Write);
     write(&*org, 300, &pattern(12, 300, 3)).unwrap();
+    flush(&*org).unwrap();
     assert_eq!(read(&*s2, 0, O).unwrap(), before);
+    assert_eq!(
+        w.count(BioKind::Write),
+        cow_writes,
+        "copies for an invalid snapshot"
+    );
 }
 
 #[test]

@@ -376,3 +376,29 @@ fn a_dropped_transient_snapshot_is_not_filled_with_queued_copies() {
         assert_eq!(dev_read(&*o, s, 8), pattern(7, s, 8), "held write at {s}");
     }
 }
+
+/// A write over a run of fresh chunks copies them with one COW write (their exceptions are
+/// allocated in order), a run longer than the copy limit (8192 sectors) with one write per
+/// limit, and every chunk lands in its own exception. (Exceptions are contiguous within a
+/// metadata area: 256 of 8-sector chunks, 2048 of 64-sector ones.)
+#[test]
+fn runs_of_chunks_are_copied_with_one_write_each() {
+    for (chunk, at, len, writes) in [(8u64, 64u64, 128u64, 1u64), (64, 1024, 16384, 2)] {
+        let r = rig(20480, chunk);
+        let before = r.cow.data_writes.load(Ordering::SeqCst);
+        write(&*r.org, at, &pattern(9, at, len)).unwrap();
+        flush(&*r.org).unwrap();
+        assert_eq!(
+            r.cow.data_writes.load(Ordering::SeqCst) - before,
+            writes,
+            "{len} sectors of {chunk}-sector chunks in a row not copied with {writes} write(s)"
+        );
+        let mut img = vec![0u8; 20480 * 512];
+        fill(1, &mut img);
+        assert!(
+            read(&*r.snap, 0, 20480).unwrap() == img,
+            "the snapshot lost its data"
+        );
+        assert_eq!(dev_read(r.origin_dev(), at, len), pattern(9, at, len));
+    }
+}
