@@ -1,12 +1,12 @@
-//! What TRIM, CACHE, WRITE_ZEROES and split READs do to the device, not just their replies: a
-//! TRIM discards exactly its range (nothing when the device cannot discard), a device's
-//! EOPNOTSUPP is a success and any other error is the client's error; a CACHE reads its whole
-//! range, across the server's 1 MiB steps, and reports a read error; WRITE_ZEROES passes
-//! NO_HOLE, FAST_ZERO and FUA on, falls back to writing zeroes unless FAST_ZERO forbids it;
-//! a read or write longer than the device's largest request is split in order. Written
-//! against mutants cargo-mutants found missed in `Conn::run_request`, `Conn::write_zeroes` and
-//! `Conn::rw` (flags dropped, errors swallowed, requests of the wrong sectors all answered
-//! success).
+//! What TRIM, CACHE, WRITE_ZEROES, split reads and writes, and BLOCK_STATUS do, not just their
+//! replies: a TRIM discards exactly its range (nothing when the device cannot discard), a
+//! device's EOPNOTSUPP is a success and any other error is the client's; a CACHE reads its
+//! whole range, across the server's 1 MiB steps, and reports a read error; WRITE_ZEROES
+//! passes NO_HOLE, FAST_ZERO and FUA on and falls back to writing zeroes unless FAST_ZERO
+//! forbids it; a request longer than the device's largest is split in order; a uniform range
+//! has one block-status descriptor. Written against mutants cargo-mutants found missed in
+//! `Conn::run_request`, `write_zeroes`, `rw` and `block_status` (flags dropped, errors
+//! swallowed, requests of the wrong sectors all answered success).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
@@ -229,5 +229,17 @@ fn requests_longer_than_the_devices_largest_are_split_in_order() {
     let mut back = vec![0u8; other.len()];
     dev.submit(Bio::read(256, &mut back)).unwrap();
     assert!(back == other, "split write landed at the wrong sectors");
+    server.shutdown();
+}
+
+#[test]
+fn block_status_describes_a_uniform_range_with_one_descriptor() {
+    let dev = Arc::new(MemDevice::new(16 * MIB / 512));
+    let (server, mut c, _dir) = serve(dev);
+    // All data (serve wrote it): one descriptor for the whole 16 MiB, not pieces.
+    assert_eq!(
+        c.block_status(0, (16 * MIB) as u32, 0).unwrap(),
+        Reply::Extents(vec![((16 * MIB) as u32, 0)])
+    );
     server.shutdown();
 }
