@@ -17,7 +17,7 @@ use udm_export::nbd::client::{Client, Reply};
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::backend::mem::{Fault, MemDevice};
-use udm_io::{Bio, BioFlags, BioKind, BlockDevice, ExtentKind, Limits};
+use udm_io::{Bio, BioFlags, BioKind, BlockDevice, Extent, ExtentKind, IoError, Limits};
 use udm_types::Errno;
 
 const MIB: u64 = 1 << 20;
@@ -240,6 +240,71 @@ fn block_status_describes_a_uniform_range_with_one_descriptor() {
     assert_eq!(
         c.block_status(0, (16 * MIB) as u32, 0).unwrap(),
         Reply::Extents(vec![((16 * MIB) as u32, 0)])
+    );
+    server.shutdown();
+}
+
+/// A memory device with 4 KiB logical blocks whose block status comes in one-sector pieces
+/// and runs 64 sectors of data past the range asked for (a device may report either).
+struct Fragments(MemDevice);
+
+impl BlockDevice for Fragments {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn limits(&self) -> Limits {
+        Limits {
+            logical_block_size: 4096,
+            ..Limits::default()
+        }
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        self.0.submit(bio)
+    }
+    fn block_status(&self, sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        let mut out = Vec::new();
+        for e in self.0.block_status(sector, sectors)? {
+            out.extend((0..e.sectors).map(|_| Extent {
+                sectors: 1,
+                kind: e.kind,
+            }));
+        }
+        out.push(Extent {
+            sectors: 64,
+            kind: ExtentKind::Data,
+        });
+        Ok(out)
+    }
+}
+
+#[test]
+fn block_status_rounds_to_blocks_without_hiding_data() {
+    let inner = MemDevice::new(MIB / 512);
+    // 512 bytes of data inside the second 4 KiB block, the rest never written.
+    inner.submit(Bio::write(9, &[7u8; 512])).unwrap();
+    let dev = Arc::new(Fragments(inner));
+    let dir = tempfile::tempdir().unwrap();
+    let server = NbdServer::new();
+    server
+        .add_export("disk", dev, NbdExportOptions::default())
+        .unwrap();
+    let sock = dir.path().join("nbd.sock");
+    server.listen_unix(&sock).unwrap();
+    let mut c = Client::connect(UnixStream::connect(&sock).unwrap(), "disk", true).unwrap();
+    let hz = STATE_HOLE | STATE_ZERO;
+    // The block with data is data (a client skips holes when copying); pieces merge; nothing
+    // past the range is described.
+    assert_eq!(
+        c.block_status(0, MIB as u32, 0).unwrap(),
+        Reply::Extents(vec![(4096, hz), (4096, 0), ((MIB - 8192) as u32, hz)])
+    );
+    assert_eq!(
+        c.block_status(4096, 8192, 0).unwrap(),
+        Reply::Extents(vec![(4096, 0), (4096, hz)])
+    );
+    assert_eq!(
+        c.block_status(8192, 65536, CMD_FLAG_REQ_ONE).unwrap(),
+        Reply::Extents(vec![(65536, hz)])
     );
     server.shutdown();
 }

@@ -232,30 +232,9 @@ impl Conn {
             };
             let bytes = (e.sectors.saturating_mul(SECTOR_SIZE)).min(len - total);
             total += bytes;
-            match descs.last_mut() {
-                Some(last) if last.1 == flags => last.0 += bytes,
-                _ => descs.push((bytes, flags)),
-            }
+            descs.push((bytes, flags));
         }
-        // Round to the minimum block size (a sub-block extent takes the status of its block).
-        let mut out: Vec<(u32, u32)> = Vec::new();
-        let mut carry = 0u64;
-        for (bytes, flags) in descs {
-            let mut b = bytes + carry;
-            carry = b % min;
-            b -= carry;
-            while b > 0 {
-                let n = b.min(max_desc);
-                out.push((n as u32, flags));
-                b -= n;
-            }
-        }
-        if carry > 0 {
-            match out.last_mut() {
-                Some(l) if u64::from(l.0) + min <= max_desc => l.0 += min as u32,
-                _ => out.push((min as u32, 0)),
-            }
-        }
+        let mut out = meta::round_descs(&descs, min, max_desc);
         if out.is_empty() {
             out.push((min.min(len.max(min)) as u32, 0));
         }

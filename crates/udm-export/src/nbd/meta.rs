@@ -107,6 +107,54 @@ pub(super) fn bitmap_descs(
     out
 }
 
+/// `base:allocation` descriptors `(bytes, flags)` rounded to the minimum block size `min`,
+/// each at most `max_desc` bytes (a multiple of `min`), neighbours of equal flags merged. A
+/// block whose parts differ gets only the flags all its parts have: a block holding any data
+/// is data, a hole or zero only when wholly one (a client may skip copying it). A last block
+/// that the descriptors only begin is counted whole.
+pub(super) fn round_descs(descs: &[(u64, u32)], min: u64, max_desc: u64) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut emit = |mut bytes: u64, flags: u32| {
+        while bytes > 0 {
+            match out.last_mut() {
+                Some(l) if l.1 == flags && u64::from(l.0) < max_desc => {
+                    let n = bytes.min(max_desc - u64::from(l.0));
+                    l.0 += n as u32;
+                    bytes -= n;
+                }
+                _ => {
+                    let n = bytes.min(max_desc);
+                    out.push((n as u32, flags));
+                    bytes -= n;
+                }
+            }
+        }
+    };
+    // The block being assembled: bytes of it seen, flags all of them have.
+    let mut partial: Option<(u64, u32)> = None;
+    for &(mut bytes, flags) in descs {
+        if let Some((have, f)) = partial {
+            let take = (min - have).min(bytes);
+            bytes -= take;
+            if have + take < min {
+                partial = Some((have + take, f & flags));
+                continue;
+            }
+            emit(min, f & flags);
+            partial = None;
+        }
+        let whole = bytes / min * min;
+        emit(whole, flags);
+        if bytes > whole {
+            partial = Some((bytes - whole, flags));
+        }
+    }
+    if let Some((_, f)) = partial {
+        emit(min, f);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +246,26 @@ mod tests {
             ),
             [(5 * k, 0), (5 * k, 0), (2 * k, 0)]
         );
+    }
+    #[test]
+    fn rounding_keeps_a_block_with_data_data() {
+        const HZ: u32 = 3;
+        // 512 bytes of data inside the second 4 KiB block: that block is data, not a hole.
+        let d = [(4608, HZ), (512, 0), ((1 << 20) - 5120, HZ)];
+        let total: u64 = d.iter().map(|x| x.0).sum();
+        let r = round_descs(&d, 4096, 1 << 30);
+        assert_eq!(r, vec![(4096, HZ), (4096, 0), ((total - 8192) as u32, HZ)]);
+        // A block of hole and zero parts has what they share (zero).
+        assert_eq!(
+            round_descs(&[(512, 2), (3584, 3), (4096, 3)], 4096, 1 << 30),
+            vec![(4096, 2), (4096, 3)]
+        );
+        // Aligned descriptors pass, neighbours merge, max_desc splits, a begun block counts.
+        assert_eq!(
+            round_descs(&[(8192, 0), (4096, 0), (8192, 1), (512, 1)], 4096, 8192),
+            vec![(8192, 0), (4096, 0), (8192, 1), (4096, 1)]
+        );
+        assert_eq!(round_descs(&[(1024, 3)], 512, 1 << 30), vec![(1024, 3)]);
+        assert_eq!(round_descs(&[], 512, 1 << 30), vec![]);
     }
 }
