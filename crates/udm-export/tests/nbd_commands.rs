@@ -27,6 +27,11 @@ fn serve(dev: Arc<MemDevice>) -> (Arc<NbdServer>, Client<UnixStream>, tempfile::
     let size = dev.size();
     dev.submit(Bio::write(0, &vec![0x5a; (size * 512) as usize]))
         .unwrap();
+    export(dev)
+}
+
+/// `dev` exported as `disk`; a connected client.
+fn export(dev: Arc<dyn BlockDevice>) -> (Arc<NbdServer>, Client<UnixStream>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let server = NbdServer::new();
     server
@@ -245,7 +250,8 @@ fn block_status_describes_a_uniform_range_with_one_descriptor() {
 }
 
 /// A memory device with 4 KiB logical blocks whose block status comes in one-sector pieces
-/// and runs 64 sectors of data past the range asked for (a device may report either).
+/// and runs past the range asked for: the last piece 64 sectors longer, then 64 sectors of
+/// data (a device may report either).
 struct Fragments(MemDevice);
 
 impl BlockDevice for Fragments {
@@ -269,6 +275,9 @@ impl BlockDevice for Fragments {
                 kind: e.kind,
             }));
         }
+        if let Some(last) = out.last_mut() {
+            last.sectors += 64;
+        }
         out.push(Extent {
             sectors: 64,
             kind: ExtentKind::Data,
@@ -282,15 +291,7 @@ fn block_status_rounds_to_blocks_without_hiding_data() {
     let inner = MemDevice::new(MIB / 512);
     // 512 bytes of data inside the second 4 KiB block, the rest never written.
     inner.submit(Bio::write(9, &[7u8; 512])).unwrap();
-    let dev = Arc::new(Fragments(inner));
-    let dir = tempfile::tempdir().unwrap();
-    let server = NbdServer::new();
-    server
-        .add_export("disk", dev, NbdExportOptions::default())
-        .unwrap();
-    let sock = dir.path().join("nbd.sock");
-    server.listen_unix(&sock).unwrap();
-    let mut c = Client::connect(UnixStream::connect(&sock).unwrap(), "disk", true).unwrap();
+    let (server, mut c, _dir) = export(Arc::new(Fragments(inner)));
     let hz = STATE_HOLE | STATE_ZERO;
     // The block with data is data (a client skips holes when copying); pieces merge; nothing
     // past the range is described.
