@@ -3,10 +3,10 @@
 # snapshot target (crates/udm-target/src/snapshot, and the write-back it shares with era,
 # crates/udm-target/src/writeback.rs) and the NBD server (crates/udm-export/src/nbd).
 # Each mutant is built and tested in a copy of the tree (never in place), with the mutated
-# crate's own tests only: udm-core's unit and integration tests, udm-target's unit and
-# snapshot_* tests, udm-export's unit and nbd_* tests (not udm-testkit's, which drive these
-# crates through the daemon binaries). udm-export's run under cargo-nextest when it is
-# installed (cargo install --locked cargo-nextest). Prints caught/missed/unviable/timeout
+# crate's own tests only: udm-core's and udm-target's unit and integration tests, udm-export's
+# unit and nbd_* tests (not udm-testkit's, which drive these crates through the daemon
+# binaries). udm-target's and udm-export's run under cargo-nextest when it is installed
+# (cargo install --locked cargo-nextest). Prints caught/missed/unviable/timeout
 # counts per scope and the missed mutants.
 # Not part of CI (see README): it is slow.
 #
@@ -49,8 +49,12 @@ scope_args() {
     core) pkg=udm-core glob='crates/udm-core/src/**' tests=(--lib --tests) limit=30 ;;
     snapshot)
       pkg=udm-target glob='crates/udm-target/src/{snapshot/**,writeback.rs}' limit=30
-      tests=(--lib)
-      for t in crates/udm-target/tests/snapshot_*.rs; do tests+=(--test "$(basename "$t" .rs)"); done
+      # All of udm-target's tests: the table, kernel-example and concise tests check the
+      # snapshot lines (table_params, version), era's tests drive the shared write-back.
+      tests=(--lib --tests)
+      if cargo nextest --version >/dev/null 2>&1; then
+        tool=(--test-tool nextest) tests+=(--test-threads 4) limit=60
+      fi
       ;;
     nbd)
       pkg=udm-export glob='crates/udm-export/src/nbd/**' limit=120
