@@ -307,5 +307,10 @@ fn block_status_rounds_to_blocks_without_hiding_data() {
         c.block_status(8192, 65536, CMD_FLAG_REQ_ONE).unwrap(),
         Reply::Extents(vec![(65536, hz)])
     );
+    // REQ_ONE: the one descriptor no longer than the request (rounded down to a block).
+    assert_eq!(
+        c.block_status(8192, 5000, CMD_FLAG_REQ_ONE).unwrap(),
+        Reply::Extents(vec![(4096, hz)])
+    );
     server.shutdown();
 }
