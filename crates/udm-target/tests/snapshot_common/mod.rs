@@ -21,6 +21,8 @@ pub struct Ctx {
     pub env: Arc<TargetEnv>,
     pub events: Arc<AtomicU64>,
     pub len: u64,
+    /// The next target's first sector in its table (0 unless a test sets it).
+    pub begin: u64,
     next_minor: u32,
 }
 
@@ -31,6 +33,7 @@ impl Ctx {
             env: Arc::new(TargetEnv::default()),
             events: Arc::new(AtomicU64::new(0)),
             len: 0,
+            begin: 0,
             next_minor: 0,
         }
     }
@@ -85,7 +88,7 @@ impl Ctx {
 
 impl CtorContext for Ctx {
     fn begin(&self) -> u64 {
-        0
+        self.begin
     }
     fn len(&self) -> u64 {
         self.len
