@@ -39,22 +39,27 @@ fn suspend_drain_and_destruction_wait_for_held_writes() {
             cow.blocked.load(Ordering::SeqCst) > before
         });
         assert_ne!(dev_read(&*o, 64, 8), pattern(5, 64, 8), "not held");
-        let t = std::thread::spawn(move || match hook {
-            "presuspend" => org.presuspend(),
-            "postsuspend" => org.postsuspend(),
-            "drain_writeback" => org.drain_writeback(),
-            _ => drop(org),
+        // The target comes back (but for "drop"): its destruction settles too.
+        let t = std::thread::spawn(move || {
+            match hook {
+                "presuspend" => org.presuspend(),
+                "postsuspend" => org.postsuspend(),
+                "drain_writeback" => org.drain_writeback(),
+                _ => return None,
+            }
+            Some(org)
         });
         std::thread::sleep(Duration::from_millis(150));
         let waited = !t.is_finished();
         cow.set_closed(false);
-        t.join().unwrap();
+        let org = t.join().unwrap();
         assert!(waited, "{hook} did not wait for the held write");
         assert_eq!(
             dev_read(&*o, 64, 8),
             pattern(5, 64, 8),
             "{hook} returned before the held write reached the origin"
         );
+        drop(org);
         drop(snap);
     }
 }
