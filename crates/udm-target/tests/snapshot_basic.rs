@@ -648,3 +648,75 @@ fn block_status_follows_origin_and_exceptions() {
         "the snapshot still reads the old data"
     );
 }
+
+/// Merges `img`'s snapshot `c` (chunk `chunk`) back into origin `o` of `len` sectors after
+/// `org` rewrote it: the lvconvert --merge table swap, then the merge target, activated.
+fn start_merge_of(
+    c: &mut Ctx,
+    org: Box<dyn udm_target::Target>,
+    s: &dyn udm_target::Target,
+    len: u64,
+    chunk: u64,
+) -> Box<dyn udm_target::Target> {
+    org.presuspend();
+    org.postsuspend();
+    s.presuspend();
+    s.postsuspend();
+    drop(org);
+    let m = c.merge(len, &format!("o c P {chunk}")).unwrap();
+    activate(&*m);
+    m
+}
+
+#[test]
+fn a_long_run_of_chunks_merges_in_pieces() {
+    // 16 MiB rewritten in order: 512 consecutive 32 KiB exceptions, merged in one step whose
+    // copy goes in 2 MiB pieces.
+    const LEN: u64 = 32768;
+    let mut c = Ctx::new();
+    let o = c.mem("o", LEN);
+    c.mem("c", LEN + 4096);
+    dev_write(&*o, 0, &pattern(1, 0, LEN));
+    let org = c.origin(LEN, "o").unwrap();
+    let s = c.snapshot(LEN, "o c P 64").unwrap();
+    activate(&*s);
+    write(&*org, 0, &pattern(2, 0, LEN)).unwrap();
+    let m = start_merge_of(&mut c, org, &*s, LEN, 64);
+    wait_merged(&*m);
+    assert!(
+        dev_read(&*o, 0, LEN) == pattern(1, 0, LEN),
+        "merged data differs"
+    );
+}
+
+#[test]
+fn a_suspended_merge_stops_and_a_resumed_one_goes_on() {
+    let (mut c, o, _w) = setup(4096);
+    let img = dev_read(&*o, 0, O);
+    let org = c.origin(O, "o").unwrap();
+    let s = c.snapshot(O, "o c P 8").unwrap();
+    activate(&*s);
+    // Chunks rewritten last to first: no two exceptions consecutive, one chunk per step.
+    for chunk in (0..O / 8).rev() {
+        write(&*org, chunk * 8, &pattern(3, chunk * 8, 8)).unwrap();
+    }
+    // Each step writes and flushes the origin: 4 ms each.
+    o.set_latency(std::time::Duration::from_millis(2));
+    let m = start_merge_of(&mut c, org, &*s, O, 8);
+    let first = m.status();
+    let t = std::time::Instant::now();
+    while m.status() == first && t.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    m.presuspend();
+    m.postsuspend();
+    let stopped = m.status();
+    assert_ne!(stopped, first, "the merge made no progress");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(m.status(), stopped, "the merge went on while suspended");
+    o.set_latency(std::time::Duration::ZERO);
+    m.preresume().unwrap();
+    m.resume();
+    assert_eq!(wait_merged(&*m), "16/4096 16");
+    assert!(dev_read(&*o, 0, O) == img, "merged data differs");
+}
