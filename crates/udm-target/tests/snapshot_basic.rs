@@ -647,6 +647,17 @@ fn block_status_follows_origin_and_exceptions() {
         pattern(1, 0, 8),
         "the snapshot still reads the old data"
     );
+    // The copied chunk at sector 512 becomes a hole on the origin too: still data in the
+    // snapshot (its exception), the chunks around it the origin's holes.
+    o.submit(Bio::discard(512, 8)).unwrap();
+    assert_eq!(
+        s.block_status(256, 512).unwrap(),
+        vec![
+            ext(256, ExtentKind::HoleZero),
+            ext(8, ExtentKind::Data),
+            ext(248, ExtentKind::HoleZero),
+        ]
+    );
 }
 
 /// Merges `img`'s snapshot `c` (chunk `chunk`) back into origin `o` of `len` sectors after
