@@ -34,6 +34,14 @@ fn fresh_status_and_table() {
     assert_eq!(s.status(), "16/4096 16");
     assert_eq!(s.table_params(), format!("{} {} P 8", c.id("o"), c.id("c")));
     assert_eq!(s.max_io_len(), 8);
+    let devs: Vec<_> = s.devices().iter().map(|d| d.id).collect();
+    assert_eq!(devs, vec![c.id("o"), c.id("c")]);
+    use udm_target::TargetType;
+    let ty = |merge| udm_target::snapshot::snap::SnapshotType { merge };
+    assert_eq!(
+        (ty(false).version(), ty(true).version()),
+        ([1, 16, 0], [1, 5, 0])
+    );
     let s2 = c
         .snapshot(O, "o c2 po 16 2 discard_zeroes_cow discard_passdown_origin")
         .err();
@@ -260,6 +268,16 @@ fn discard_zeroes_cow() {
     write(&*s, 16, &pattern(30, 16, 8)).unwrap();
     s.map(Bio::discard(16, 8)).unwrap();
     assert_eq!(read(&*s, 16, 8).unwrap(), vec![0u8; 4096]);
+    // Part of a remapped chunk: that part only.
+    write(&*s, 24, &pattern(31, 24, 8)).unwrap();
+    s.map(Bio::discard(26, 2)).unwrap();
+    let mut want = pattern(31, 24, 8);
+    want[1024..2048].fill(0);
+    assert_eq!(
+        read(&*s, 24, 8).unwrap(),
+        want,
+        "a partial discard zeroed more"
+    );
     // Discard of an unremapped chunk is a no-op.
     s.map(Bio::discard(40, 8)).unwrap();
     assert_eq!(read(&*s, 40, 8).unwrap(), dev_read(&*o, 40, 8));
