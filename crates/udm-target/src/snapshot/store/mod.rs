@@ -245,3 +245,57 @@ pub(crate) fn chunk_io(
         dev.submit(Bio::read(sector, buf).with_flags(flags))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use udm_io::backend::mem::MemDevice;
+    use udm_io::Limits;
+
+    #[test]
+    fn chunk_size_rules_are_the_kernels() {
+        assert_eq!(check_chunk_size(8, 1, 1), Ok(()));
+        assert_eq!(
+            check_chunk_size(12, 1, 1),
+            Err("Chunk size is not a power of 2")
+        );
+        let blocksize = Err("Chunk size is not a multiple of device blocksize");
+        assert_eq!(
+            check_chunk_size(4, 8, 1),
+            blocksize,
+            "below the COW's block"
+        );
+        assert_eq!(
+            check_chunk_size(4, 1, 8),
+            blocksize,
+            "below the origin's block"
+        );
+        assert_eq!(check_chunk_size(8, 8, 8), Ok(()));
+        // INT_MAX >> 9 = 4194303 sectors: 2^21 is allowed, 2^22 not.
+        assert_eq!(check_chunk_size(1 << 21, 1, 1), Ok(()));
+        assert_eq!(
+            check_chunk_size(1 << 22, 1, 1),
+            Err("Chunk size is too high")
+        );
+    }
+
+    #[test]
+    fn logical_block_sizes_in_sectors() {
+        let with = |lbs| {
+            MemDevice::with_limits(
+                64,
+                Limits {
+                    logical_block_size: lbs,
+                    ..Limits::default()
+                },
+            )
+        };
+        assert_eq!(lbs_sectors(&with(4096)), 8);
+        assert_eq!(lbs_sectors(&with(512)), 1);
+        assert_eq!(
+            lbs_sectors(&with(0)),
+            1,
+            "an unknown size counts as one sector"
+        );
+    }
+}
