@@ -396,3 +396,62 @@ fn write_all_vectored(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes at most `most` bytes a call, fails the first call with EINTR, records call sizes.
+    struct Trickle {
+        out: Vec<u8>,
+        calls: Vec<usize>,
+        most: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let offered: usize = bufs.iter().map(|b| b.len()).sum();
+            self.calls.push(offered);
+            if self.calls.len() == 1 {
+                return Err(io::Error::from(io::ErrorKind::Interrupted));
+            }
+            let mut left = self.most;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.out.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            Ok(self.most - left)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn replies_go_out_whole_in_order_and_in_bounded_calls() {
+        let head = [1u8; 16];
+        let body: Vec<u8> = (0..(9 << 20) as u32).map(|i| (i % 251) as u8).collect();
+        let tail = [2u8; 5];
+        let mut w = Trickle {
+            out: Vec::new(),
+            calls: Vec::new(),
+            most: 3 << 20,
+        };
+        let mut befores = 0;
+        write_all_vectored(&mut w, &[&head, &[], &body, &tail], &mut || befores += 1).unwrap();
+        let mut want = head.to_vec();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(&tail);
+        assert!(w.out == want, "bytes lost, repeated or out of order");
+        assert!(w.calls.iter().all(|&c| c <= WRITE_SLICE), "{:?}", w.calls);
+        assert_eq!(
+            w.calls[0], WRITE_SLICE,
+            "the first call offers a whole slice"
+        );
+        assert_eq!(befores, w.calls.len(), "before() runs before every call");
+    }
+}
