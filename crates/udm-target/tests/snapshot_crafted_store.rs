@@ -240,3 +240,25 @@ fn ordinary_stores_still_load() {
         "area 0 again"
     );
 }
+
+/// A new store on a COW device used before: the stale exceptions left in area 0 are zeroed
+/// when the store is created (`zero_disk_area(0)`), so reopening it finds none of them.
+#[test]
+fn a_new_store_forgets_what_an_old_one_left_in_area_0() {
+    let mut img = image(64, &[(3, 2), (5, 3)], &[]);
+    img[..512].fill(0); // no header: a new snapshot
+    let d = mem_with(&img);
+    let mut p = Persistent::new(d.clone(), CS, false);
+    assert!(matches!(
+        p.read_metadata(&mut |_, _| panic!("a new store has no exceptions")),
+        Ok(LoadState::Valid)
+    ));
+    drop(p);
+    let mut p = Persistent::new(d, 0, false);
+    let mut got = Vec::new();
+    assert!(matches!(
+        p.read_metadata(&mut |o, n| got.push((o, n))),
+        Ok(LoadState::Valid)
+    ));
+    assert_eq!(got, vec![], "stale exceptions came back");
+}
