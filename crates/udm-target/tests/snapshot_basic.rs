@@ -69,6 +69,20 @@ fn fresh_status_and_table() {
     c.mem("c4", 4096);
     let d = c.snapshot(O, "o c4 P 0").unwrap();
     assert_eq!(d.status(), "64/4096 64", "default chunk 32");
+    // Only a persistent store merges: a merge taking over a live transient snapshot is
+    // refused when constructed, as by the kernel's __validate_exception_handover.
+    c.mem("c5", 4096);
+    let live = c.snapshot(O, "o c5 N 8").unwrap();
+    activate(&*live);
+    let e = c
+        .merge(O, "o c5 N 8")
+        .err()
+        .expect("a transient store merged");
+    assert!(
+        e.msg.contains("does not support snapshot-merge"),
+        "{}",
+        e.msg
+    );
 }
 
 #[test]
