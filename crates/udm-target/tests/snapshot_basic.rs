@@ -119,6 +119,15 @@ fn ctor_errors() {
         .unwrap()
         .1
         .contains("Unrecognised feature"));
+    // A chunk larger than the COW device: refused before any I/O. One as large as it passes
+    // that check (and fails for want of room for the exception area).
+    c.mem("tiny", 8);
+    assert!(bad(&mut c, "o tiny P 16")
+        .unwrap()
+        .1
+        .contains("larger than the COW device"));
+    let same = bad(&mut c, "o tiny P 8").map(|e| e.1).unwrap_or_default();
+    assert!(!same.contains("larger than the COW device"), "{same}");
     // Nothing was written by the failed attempts.
     assert!(w.contents().iter().all(|&b| b == 0));
     // Corrupt header: ENXIO, nothing written.
