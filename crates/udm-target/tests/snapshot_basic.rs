@@ -251,6 +251,14 @@ fn cow_eio_invalidates_but_origin_works() {
     assert!(c.events() >= 1);
     assert_eq!(s2.status(), "32/4096 0");
     assert_eq!(read(&*s2, 0, O).unwrap(), before);
+    // A transient snapshot whose copy fails is invalid too.
+    c.mem("c3", 4096)
+        .inject(Fault::range(0, 4096, Errno::EIO).ops(&[BioKind::Write]));
+    let n = c.snapshot(O, "o c3 N 8").unwrap();
+    activate(&*n);
+    write(&*org, 200, &pattern(13, 200, 8)).unwrap();
+    flush(&*org).unwrap();
+    assert_eq!(n.status(), "Invalid");
     // The invalid snapshot gets no more copies (its COW is not written at all).
     let cow_writes = w.count(BioKind::Write);
     write(&*org, 300, &pattern(12, 300, 3)).unwrap();
@@ -727,17 +735,29 @@ fn a_long_run_of_chunks_merges_in_pieces() {
     const LEN: u64 = 31744;
     let mut c = Ctx::new();
     let o = c.mem("o", LEN);
-    c.mem("c", LEN + 4096);
+    let w = c.mem("c", LEN + 4096);
     dev_write(&*o, 0, &pattern(1, 0, LEN));
     let org = c.origin(LEN, "o").unwrap();
     let s = c.snapshot(LEN, "o c P 64").unwrap();
     activate(&*s);
     write(&*org, 0, &pattern(2, 0, LEN)).unwrap();
+    flush(&*org).unwrap();
+    let (writes, durable) = (o.count(BioKind::Write), w.flag_count(udm_io::BioFlags::FUA));
     let m = start_merge_of(&mut c, org, &*s, LEN, 64);
     wait_merged(&*m);
     assert!(
         dev_read(&*o, 0, LEN) == pattern(1, 0, LEN),
         "merged data differs"
+    );
+    // One step for the whole run (8 origin writes of at most 2 MiB), its commit durable.
+    assert_eq!(
+        o.count(BioKind::Write) - writes,
+        8,
+        "not merged in one step"
+    );
+    assert!(
+        w.flag_count(udm_io::BioFlags::FUA) > durable,
+        "the merge commit was not FUA"
     );
 }
 
