@@ -64,6 +64,10 @@ fn era_tools_read_what_the_target_wrote() {
             t.message(0, &["checkpoint".into()]).expect("checkpoint");
         }
     }
+    // The digest of the last archived era starts at the worker's next run (as the kernel's):
+    // the commit of the last writes, which the flush waits for. Without it, a loaded machine
+    // found no digest started yet and dumped the metadata before it.
+    t.submit(Bio::flush()).expect("flush");
     let id = ctx.device("meta").expect("meta").id;
     let shared = shared_metadata(&env, id).expect("shared");
     assert!(shared.wait_digested(Duration::from_secs(10)));
