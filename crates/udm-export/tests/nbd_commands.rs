@@ -314,3 +314,37 @@ fn block_status_rounds_to_blocks_without_hiding_data() {
     );
     server.shutdown();
 }
+
+/// An 8 GiB device that reads as zeroes and is one hole (nothing stored).
+struct Huge;
+
+impl BlockDevice for Huge {
+    fn size(&self) -> u64 {
+        16 << 20
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if let udm_io::BioOp::Read(buf) = bio.op {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+    fn block_status(&self, _sector: u64, sectors: u64) -> Result<Vec<Extent>, IoError> {
+        Ok(vec![Extent {
+            sectors,
+            kind: ExtentKind::HoleZero,
+        }])
+    }
+}
+
+#[test]
+fn block_status_of_4_gib_splits_descriptors_below_4_gib() {
+    let (server, mut c, _dir) = export(Arc::new(Huge));
+    let hz = STATE_HOLE | STATE_ZERO;
+    // The largest length a request can carry, rounded up to the 512-byte block: 4 GiB, more
+    // than one descriptor's 32 bits hold.
+    assert_eq!(
+        c.block_status(0, u32::MAX, 0).unwrap(),
+        Reply::Extents(vec![(u32::MAX / 512 * 512, hz), (512, hz)])
+    );
+    server.shutdown();
+}
