@@ -348,3 +348,16 @@ fn block_status_of_4_gib_splits_descriptors_below_4_gib() {
     );
     server.shutdown();
 }
+
+#[test]
+fn errors_without_an_nbd_meaning_reach_the_client_as_eio() {
+    let dev = Arc::new(MemDevice::new(MIB / 512));
+    let (server, mut c, _dir) = serve(dev.clone());
+    // ENOTSUP is the reply to a FAST_ZERO that cannot be fast, and only to that.
+    dev.inject(Fault::range(0, 8, Errno::EOPNOTSUPP).ops(&[BioKind::Write]));
+    assert_eq!(c.write(0, &[1u8; 4096]).unwrap(), Reply::Err(NBD_EIO));
+    // EOVERFLOW is for structured reads the client did not allow to be split.
+    dev.inject(Fault::range(64, 72, Errno::EOVERFLOW).ops(&[BioKind::Read]));
+    assert_eq!(c.read(64 * 512, 4096).unwrap(), Reply::Err(NBD_EIO));
+    server.shutdown();
+}
