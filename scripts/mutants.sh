@@ -25,12 +25,12 @@
 #                                             --iterate)
 #
 # Size (cargo-mutants 27.1, `MUTANTS_LIST=1`, 2026-12-02): udm-core 523 mutants, snapshot 809
-# (the write-back included), nbd 972. Measured on 2 cores shared with other work, -j 1, per
-# mutant (incremental build, tests, and the 30 s or 120 s timeouts of mutants that hang):
-# udm-core 9-13 s (386 of its mutants took 56 min), snapshot 23 s, nbd 60 s (its tests alone
-# take 35 s). A full pass is then about 1.5 h + 5 h + 16 h, roughly a day;
-# `MUTANTS_SHARD` splits it across machines. Outputs: target/mutants/SCOPE/
-# mutants.out (caught.txt, missed.txt, timeout.txt, unviable.txt, logs/). Builds go to
+# (the write-back included), nbd 972. Measured on 2 cores: udm-core 9-13 s a mutant at -j 1
+# (386 of its mutants took 56 min); the snapshot scope's 809 took 1 h 30 at -j 2 with mold, no
+# debug info (its timeouts, 30 s each, a good part of it); the nbd scope ran at about 4 a
+# minute at -j 1 beside other work, so about 3-4 h at -j 2. `MUTANTS_SHARD` splits a scope
+# across machines. Outputs: target/mutants/SCOPE/mutants.out (caught.txt, missed.txt,
+# timeout.txt, unviable.txt, outcomes.json, log/). With -j 1 builds go to
 # target/mutants-build/SCOPE, kept between runs, so dependencies are built once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,9 +107,9 @@ for scope in $scopes; do
   mkdir -p "$out"
   echo "== $scope: $pkg ${MUTANTS_FILE:-$glob} ${MUTANTS_RE:+re $MUTANTS_RE }(output $out/mutants.out)"
   # A mutant that makes the tests hang is a timeout after `limit` seconds (MUTANTS_TIMEOUT):
-  # about 5 times the unmutated tests (5 s for core and snapshot; nbd 30 s, 6 s under nextest,
-  # whose timings are looser under load). Warnings are
-  # capped so a mutant is unviable only when it does not compile.
+  # about 5 times the unmutated tests (5 s for core and snapshot; nbd 30 s), more under nextest,
+  # whose timings are looser under load. Warnings are capped so a mutant is unviable only when
+  # it does not compile.
   cmd=(nice -n 10 cargo mutants "${args[@]}" "${tool[@]}" -o "$out" -j "${MUTANTS_JOBS:-1}" --timeout "${MUTANTS_TIMEOUT:-$limit}"
     --build-timeout 900 --cap-lints true --baseline "${MUTANTS_BASELINE:-run}"
     -- "${tests[@]}")
