@@ -105,3 +105,44 @@ fn block_status_is_asked_at_the_targets_place() {
         ]
     );
 }
+
+/// An origin whose block status describes only the first half of what it is asked.
+struct ShortStatus(Arc<udm_io::backend::mem::MemDevice>);
+
+impl BlockDevice for ShortStatus {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn submit(&self, bio: udm_io::Bio<'_>) -> Result<(), udm_io::IoError> {
+        self.0.submit(bio)
+    }
+    fn block_status(
+        &self,
+        sector: u64,
+        sectors: u64,
+    ) -> Result<Vec<udm_io::Extent>, udm_io::IoError> {
+        self.0.block_status(sector, sectors / 2)
+    }
+}
+
+#[test]
+fn snapshot_block_status_counts_what_the_origin_left_out_as_data() {
+    let mut c = Ctx::new();
+    let o = Arc::new(udm_io::backend::mem::MemDevice::new(OS));
+    c.add("o", Arc::new(ShortStatus(o)));
+    c.mem("c", OS * 2);
+    let snap = c.snapshot(OS, "o c P 8").unwrap();
+    activate(&*snap);
+    // Sectors [100, 200) asked: the origin describes [100, 150) (a hole); the rest is
+    // unknown, so data (never a hole a backup would skip).
+    let kinds: Vec<(u64, ExtentKind)> = snap
+        .block_status(100, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.sectors, e.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(50, ExtentKind::HoleZero), (50, ExtentKind::Data)]
+    );
+}
