@@ -145,4 +145,11 @@ fn snapshot_block_status_counts_what_the_origin_left_out_as_data() {
         kinds,
         vec![(50, ExtentKind::HoleZero), (50, ExtentKind::Data)]
     );
+    let at0: Vec<(u64, ExtentKind)> = snap
+        .block_status(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.sectors, e.kind))
+        .collect();
+    assert_eq!(at0, kinds, "from sector 0 too");
 }
