@@ -1,7 +1,8 @@
 //! The snapshot-origin target's contract beyond its data path: a suspend (presuspend and
 //! postsuspend), a write-back drain and the table's destruction each return only once the
 //! writes acknowledged before them are on the origin; its table line, version, capabilities
-//! and devices are the kernel's; block status is asked at the target's place in the table.
+//! and devices are the kernel's; block status is asked at the target's place in the table, and
+//! a snapshot counts what the origin's block status left out as data.
 //! Written against mutants cargo-mutants found missed in snapshot/origin.rs (each hook
 //! emptied, the line and capabilities replaced, the table offset dropped).
 
