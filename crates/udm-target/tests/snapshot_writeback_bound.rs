@@ -12,33 +12,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use udm_io::backend::mem::MemDevice;
-use udm_io::{Bio, BlockDevice, KeptBuf};
-use udm_target::writeback::{held_limit, set_held_limit, Jobs, WriteBack};
+use udm_io::{Bio, BlockDevice};
+use udm_target::writeback::{held_limit, set_held_limit, Jobs};
 
 mod writeback_common;
-use writeback_common::{Gate, Held};
+use writeback_common::{first_byte, hold_gated, setup, Gate};
 
 /// The tests of this binary share the process-wide bound: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn first_byte(mem: &MemDevice, sector: u64) -> u8 {
-    mem.contents()[(sector * 512) as usize]
-}
 
 #[test]
 fn the_byte_bound_decides_what_is_held_and_a_write_past_it_waits() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_held_limit(64 << 10);
     assert_eq!(held_limit(), 64 << 10, "set_held_limit not in force");
-    let mem = Arc::new(MemDevice::new(2048));
-    let dev: Arc<dyn BlockDevice> = mem.clone();
-    let wb: Arc<WriteBack<Held>> = Arc::new(WriteBack::default());
-    let gate = Arc::new(Gate::default());
-    let g = gate.clone();
-    wb.hold(&dev, 0, KeptBuf::copy(&[1u8; 32 << 10]), move || {
-        Held(Some(g))
-    })
-    .unwrap();
+    let (wb, mem, dev, gate) = setup();
+    hold_gated(&wb, &dev, 0, &[1u8; 32 << 10], &gate).unwrap();
     assert!(wb.has_room(32 << 10), "32 KiB held of 64: room for 32 more");
     assert!(!wb.has_room((32 << 10) + 1), "room past the 64 KiB bound");
     // A plain 64 KiB write over the held one would exceed the bound: not held behind it but
@@ -75,11 +64,7 @@ fn the_byte_bound_decides_what_is_held_and_a_write_past_it_waits() {
     // Away from sector 0: a 16 KiB write over a held 32 KiB one fits the bound and is held
     // behind it (a length taken from the sector numbers themselves would not fit).
     let gate = Arc::new(Gate::default());
-    let g = gate.clone();
-    wb.hold(&dev, 1000, KeptBuf::copy(&[5u8; 32 << 10]), move || {
-        Held(Some(g))
-    })
-    .unwrap();
+    hold_gated(&wb, &dev, 1000, &[5u8; 32 << 10], &gate).unwrap();
     let (wb2, dev2) = (wb.clone(), dev.clone());
     let medium = std::thread::spawn(move || {
         let data = vec![6u8; 16 << 10];
@@ -104,21 +89,10 @@ fn the_byte_bound_decides_what_is_held_and_a_write_past_it_waits() {
 fn a_hold_past_the_bound_waits_for_the_commit_in_progress() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_held_limit(8 << 10);
-    let mem = Arc::new(MemDevice::new(2048));
-    let dev: Arc<dyn BlockDevice> = mem.clone();
-    let wb: Arc<WriteBack<Held>> = Arc::new(WriteBack::default());
-    let gate = Arc::new(Gate::default());
-    let g = gate.clone();
-    wb.hold(&dev, 0, KeptBuf::copy(&[1u8; 8 << 10]), move || {
-        Held(Some(g))
-    })
-    .unwrap();
+    let (wb, mem, dev, gate) = setup();
+    hold_gated(&wb, &dev, 0, &[1u8; 8 << 10], &gate).unwrap();
     let (wb2, dev2, g2) = (wb.clone(), dev.clone(), gate.clone());
-    let second = std::thread::spawn(move || {
-        wb2.hold(&dev2, 100, KeptBuf::copy(&[2u8; 4096]), move || {
-            Held(Some(g2))
-        })
-    });
+    let second = std::thread::spawn(move || hold_gated(&wb2, &dev2, 100, &[2u8; 4096], &g2));
     std::thread::sleep(Duration::from_millis(150));
     assert!(!second.is_finished(), "held 12 KiB under an 8 KiB bound");
     gate.open();
@@ -166,13 +140,8 @@ fn write_back_threads_are_io_flushers() {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mem = Arc::new(MemDevice::new(2048));
-    let dev: Arc<dyn BlockDevice> = mem.clone();
-    let wb: Arc<WriteBack<Held>> = Arc::new(WriteBack::default());
-    let gate = Arc::new(Gate::default());
-    let g = gate.clone();
-    wb.hold(&dev, 0, KeptBuf::copy(&[1u8; 4096]), move || Held(Some(g)))
-        .unwrap();
+    let (wb, _mem, dev, gate) = setup();
+    hold_gated(&wb, &dev, 0, &[1u8; 4096], &gate).unwrap();
     // Both threads run while the commit waits at the gate.
     let mut flags = Vec::new();
     for _ in 0..100 {

@@ -7,45 +7,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on setup failures
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use udm_io::backend::mem::MemDevice;
-use udm_io::{Bio, BioFlags, BlockDevice, ExtentKind, KeptBuf};
-use udm_target::writeback::WriteBack;
+use udm_io::{Bio, BioFlags, ExtentKind};
 
 mod writeback_common;
-use writeback_common::{Gate, Held};
-
-/// The write-back, the memory device below it (as itself and as a block device), the gate.
-type Rig = (
-    Arc<WriteBack<Held>>,
-    Arc<MemDevice>,
-    Arc<dyn BlockDevice>,
-    Arc<Gate>,
-);
-
-fn setup() -> Rig {
-    let mem = Arc::new(MemDevice::new(2048));
-    let dev: Arc<dyn BlockDevice> = mem.clone();
-    (
-        Arc::new(WriteBack::default()),
-        mem,
-        dev,
-        Arc::new(Gate::default()),
-    )
-}
-
-fn first_byte(mem: &MemDevice, sector: u64) -> u8 {
-    mem.contents()[(sector * 512) as usize]
-}
+use writeback_common::{first_byte, hold_gated, setup};
 
 #[test]
 fn a_fua_write_over_a_held_write_lands_after_it() {
     let (wb, mem, dev, gate) = setup();
-    let g = gate.clone();
-    wb.hold(&dev, 0, KeptBuf::copy(&[1u8; 4096]), move || Held(Some(g)))
-        .unwrap();
+    hold_gated(&wb, &dev, 0, &[1u8; 4096], &gate).unwrap();
     assert!(wb.holds(0, 8), "the held write is seen as held");
     // Reads and block status see the held data before it reaches the device.
     let mut buf = [0u8; 512];
@@ -83,9 +55,7 @@ fn a_fua_write_over_a_held_write_lands_after_it() {
 #[test]
 fn a_plain_write_over_a_held_write_is_held_behind_it() {
     let (wb, mem, dev, gate) = setup();
-    let g = gate.clone();
-    wb.hold(&dev, 8, KeptBuf::copy(&[1u8; 4096]), move || Held(Some(g)))
-        .unwrap();
+    hold_gated(&wb, &dev, 8, &[1u8; 4096], &gate).unwrap();
     // Overlapping the held write's end: held too (returns at once), applied after it.
     let data = [3u8; 1024];
     wb.write_through(&dev, Bio::write(14, &data)).unwrap();
@@ -117,11 +87,7 @@ fn room_runs_out_at_the_count_bound_and_comes_back_when_applied() {
     let (wb, mem, dev, gate) = setup();
     assert!(wb.has_room(512));
     for i in 0..udm_target::writeback::MAX_HELD_WRITES as u64 {
-        let g = gate.clone();
-        wb.hold(&dev, i % 2048, KeptBuf::copy(&[5u8; 512]), move || {
-            Held(Some(g))
-        })
-        .unwrap();
+        hold_gated(&wb, &dev, i % 2048, &[5u8; 512], &gate).unwrap();
     }
     assert!(!wb.has_room(512), "1024 writes held and still room");
     gate.open();

@@ -1,10 +1,12 @@
 //! Jobs for driving the write-back (udm-target/src/writeback.rs) directly: a batch's commit
 //! waits at a gate the test opens, so held writes stay held for as long as the test needs.
+#![allow(dead_code)] // each test binary uses part of it
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use udm_io::BlockDevice;
-use udm_target::writeback::Jobs;
+use udm_io::backend::mem::MemDevice;
+use udm_io::{BlockDevice, IoError, KeptBuf};
+use udm_target::writeback::{Jobs, WriteBack};
 
 /// Opens when the test says so; commits wait for it.
 #[derive(Default)]
@@ -43,4 +45,41 @@ impl Jobs for Held {
         }
         Ok(())
     }
+}
+
+/// The write-back, the memory device below it (as itself and as a block device), the gate.
+pub type Rig = (
+    Arc<WriteBack<Held>>,
+    Arc<MemDevice>,
+    Arc<dyn BlockDevice>,
+    Arc<Gate>,
+);
+
+/// A write-back over a 1 MiB memory device, and a closed gate.
+pub fn setup() -> Rig {
+    let mem = Arc::new(MemDevice::new(2048));
+    let dev: Arc<dyn BlockDevice> = mem.clone();
+    (
+        Arc::new(WriteBack::default()),
+        mem,
+        dev,
+        Arc::new(Gate::default()),
+    )
+}
+
+/// Holds a copy of `data` at `sector`; its commit waits until `gate` opens.
+pub fn hold_gated(
+    wb: &Arc<WriteBack<Held>>,
+    dev: &Arc<dyn BlockDevice>,
+    sector: u64,
+    data: &[u8],
+    gate: &Arc<Gate>,
+) -> Result<(), IoError> {
+    let g = gate.clone();
+    wb.hold(dev, sector, KeptBuf::copy(data), move || Held(Some(g)))
+}
+
+/// The first byte of `sector` on the device.
+pub fn first_byte(mem: &MemDevice, sector: u64) -> u8 {
+    mem.contents()[(sector * 512) as usize]
 }
