@@ -18,7 +18,7 @@ use snapshot_common::gate::{wait_for, GateDev};
 use snapshot_common::*;
 use udm_io::{BlockDevice, ExtentKind};
 use udm_target::snapshot::origin::OriginType;
-use udm_target::TargetType;
+use udm_target::{Target, TargetType};
 
 const OS: u64 = 1024;
 
@@ -82,6 +82,15 @@ fn line_version_caps_and_devices_are_the_kernels() {
     assert_eq!(devs, vec![c.id("o")]);
 }
 
+/// `t`'s block status of `sectors` at `sector` as (length, kind) pairs.
+fn kinds(t: &dyn Target, sector: u64, sectors: u64) -> Vec<(u64, ExtentKind)> {
+    t.block_status(sector, sectors)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.sectors, e.kind))
+        .collect()
+}
+
 #[test]
 fn block_status_is_asked_at_the_targets_place() {
     let mut c = Ctx::new();
@@ -91,14 +100,8 @@ fn block_status_is_asked_at_the_targets_place() {
     o.submit(udm_io::Bio::write(100, &[1u8; 4096])).unwrap();
     c.begin = 64;
     let org = c.origin(OS - 64, "o").unwrap();
-    let kinds: Vec<(u64, ExtentKind)> = org
-        .block_status(32, 16)
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.sectors, e.kind))
-        .collect();
     assert_eq!(
-        kinds,
+        kinds(&*org, 32, 16),
         vec![
             (4, ExtentKind::HoleZero),
             (8, ExtentKind::Data),
@@ -136,21 +139,7 @@ fn snapshot_block_status_counts_what_the_origin_left_out_as_data() {
     activate(&*snap);
     // Sectors [100, 200) asked: the origin describes [100, 150) (a hole); the rest is
     // unknown, so data (never a hole a backup would skip).
-    let kinds: Vec<(u64, ExtentKind)> = snap
-        .block_status(100, 100)
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.sectors, e.kind))
-        .collect();
-    assert_eq!(
-        kinds,
-        vec![(50, ExtentKind::HoleZero), (50, ExtentKind::Data)]
-    );
-    let at0: Vec<(u64, ExtentKind)> = snap
-        .block_status(0, 100)
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.sectors, e.kind))
-        .collect();
-    assert_eq!(at0, kinds, "from sector 0 too");
+    let want = vec![(50, ExtentKind::HoleZero), (50, ExtentKind::Data)];
+    assert_eq!(kinds(&*snap, 100, 100), want);
+    assert_eq!(kinds(&*snap, 0, 100), want, "from sector 0 too");
 }
