@@ -42,6 +42,10 @@ scopes=${MUTANTS_SCOPE:-core snapshot nbd}
 out_root=$PWD/target/mutants
 build_root=${MUTANTS_TARGET_DIR:-$PWD/target/mutants-build}
 
+# cargo-nextest runs udm-target's and udm-export's tests when it is installed.
+nextest=0
+if cargo nextest --version >/dev/null 2>&1; then nextest=1; fi
+
 # Per scope: the package, the files, and the test targets run for each mutant.
 scope_args() {
   tool=()
@@ -52,9 +56,7 @@ scope_args() {
       # All of udm-target's tests: the table, kernel-example and concise tests check the
       # snapshot lines (table_params, version), era's tests drive the shared write-back.
       tests=(--lib --tests)
-      if cargo nextest --version >/dev/null 2>&1; then
-        tool=(--test-tool nextest) tests+=(--test-threads 4) limit=60
-      fi
+      if [ "$nextest" = 1 ]; then tool=(--test-tool nextest) tests+=(--test-threads 4) limit=60; fi
       ;;
     nbd)
       pkg=udm-export glob='crates/udm-export/src/nbd/**' limit=120
@@ -67,9 +69,7 @@ scope_args() {
       done
       # Most of these tests wait (timeouts of hostile clients): run by nextest, many at once
       # and each in its own process (the RSS tests measure theirs), they take 6 s, not 35 s.
-      if cargo nextest --version >/dev/null 2>&1; then
-        tool=(--test-tool nextest) tests+=(--test-threads 16) limit=60
-      fi
+      if [ "$nextest" = 1 ]; then tool=(--test-tool nextest) tests+=(--test-threads 16) limit=60; fi
       ;;
     *) echo "unknown scope $1 (core, snapshot, nbd)" >&2; exit 1 ;;
   esac
