@@ -378,21 +378,6 @@ fn handover_moves_exceptions_at_resume() {
     assert_eq!(read(&*s2, 0, O).unwrap(), img);
 }
 
-fn wait_merged(t: &dyn udm_target::Target) -> String {
-    for _ in 0..2000 {
-        let st = t.status();
-        let mut it = st.split(['/', ' ']);
-        let a = it.next().unwrap_or("");
-        let _ = it.next();
-        let m = it.next().unwrap_or("x");
-        if a == m {
-            return st;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    t.status()
-}
-
 #[test]
 fn merge_restores_origin_and_survives_restart() {
     let (mut c, o, w) = setup(4096);
@@ -707,25 +692,6 @@ fn block_status_follows_origin_and_exceptions() {
             ext(248, ExtentKind::HoleZero),
         ]
     );
-}
-
-/// Merges `img`'s snapshot `c` (chunk `chunk`) back into origin `o` of `len` sectors after
-/// `org` rewrote it: the lvconvert --merge table swap, then the merge target, activated.
-fn start_merge_of(
-    c: &mut Ctx,
-    org: Box<dyn udm_target::Target>,
-    s: &dyn udm_target::Target,
-    len: u64,
-    chunk: u64,
-) -> Box<dyn udm_target::Target> {
-    org.presuspend();
-    org.postsuspend();
-    s.presuspend();
-    s.postsuspend();
-    drop(org);
-    let m = c.merge(len, &format!("o c P {chunk}")).unwrap();
-    activate(&*m);
-    m
 }
 
 #[test]

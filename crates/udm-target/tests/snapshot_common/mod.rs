@@ -156,6 +156,41 @@ pub fn activate(t: &dyn Target) {
     t.resume();
 }
 
+/// Waits (10 s at most) until a merge target reports every exception merged; its status.
+pub fn wait_merged(t: &dyn Target) -> String {
+    for _ in 0..2000 {
+        let st = t.status();
+        let mut it = st.split(['/', ' ']);
+        let a = it.next().unwrap_or("");
+        let _ = it.next();
+        let m = it.next().unwrap_or("x");
+        if a == m {
+            return st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    t.status()
+}
+
+/// Merges snapshot `s` (COW `c`, chunk `chunk`) back into origin `o` of `len` sectors after
+/// `org` rewrote it: the lvconvert --merge table swap, then the merge target, activated.
+pub fn start_merge_of(
+    c: &mut Ctx,
+    org: Box<dyn Target>,
+    s: &dyn Target,
+    len: u64,
+    chunk: u64,
+) -> Box<dyn Target> {
+    org.presuspend();
+    org.postsuspend();
+    s.presuspend();
+    s.postsuspend();
+    drop(org);
+    let m = c.merge(len, &format!("o c P {chunk}")).unwrap();
+    activate(&*m);
+    m
+}
+
 /// Fast deterministic fill (xorshift), for large buffers in debug builds.
 pub fn fill(seed: u64, buf: &mut [u8]) {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
