@@ -62,7 +62,7 @@ fn rig(rewritten: &[u64]) -> Rig {
 impl Rig {
     /// Closes the gate and starts merging the snapshot; returns the merge target once its
     /// first step waits at its commit.
-    fn merge_held(&mut self) -> Box<dyn Target> {
+    fn merge_held(&mut self) -> Merging {
         self.cow.set_closed(true);
         let before = self.cow.blocked.load(Ordering::SeqCst);
         let org = self.org.take().unwrap();
@@ -70,7 +70,30 @@ impl Rig {
         wait_for("the merge step's commit to reach the gate", || {
             self.cow.blocked.load(Ordering::SeqCst) > before
         });
-        m
+        Merging {
+            m,
+            cow: self.cow.clone(),
+        }
+    }
+}
+
+/// The merge target of [`Rig::merge_held`]. Dropping it opens the gate first: its merge
+/// worker, stopped on drop, may wait there (a failed assertion must fail, not hang).
+struct Merging {
+    m: Box<dyn Target>,
+    cow: Arc<GateDev>,
+}
+
+impl Drop for Merging {
+    fn drop(&mut self) {
+        self.cow.set_closed(false);
+    }
+}
+
+impl std::ops::Deref for Merging {
+    type Target = dyn Target;
+    fn deref(&self) -> &(dyn Target + 'static) {
+        &*self.m
     }
 }
 
