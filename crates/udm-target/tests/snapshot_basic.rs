@@ -231,6 +231,22 @@ fn full_cow_invalidates_p_and_overflows_po() {
     }
     assert!(write(&*q, 100, &pattern(10, 0, 1)).is_err());
     assert_eq!(q.status(), "Invalid");
+
+    // N: a transient COW of 20 sectors holds two 8-sector chunks; the third copy finds it
+    // full (invalid) and sends nothing past the COW's end.
+    let t = c.mem("c4", 20);
+    let n = c.snapshot(O, "o c4 N 8").unwrap();
+    activate(&*n);
+    for ch in 0..2 {
+        write(&*org, 200 + ch * 8, &pattern(11, 200 + ch * 8, 8)).unwrap();
+    }
+    flush(&*org).unwrap();
+    assert_eq!(n.status(), "16/20 0");
+    let writes = t.count(BioKind::Write);
+    write(&*org, 300, &pattern(11, 300, 8)).unwrap();
+    flush(&*org).unwrap();
+    assert_eq!(n.status(), "Invalid");
+    assert_eq!(t.count(BioKind::Write), writes, "a copy went to a full COW");
 }
 
 #[test]

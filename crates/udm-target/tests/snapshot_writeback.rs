@@ -402,3 +402,46 @@ fn runs_of_chunks_are_copied_with_one_write_each() {
         assert_eq!(dev_read(r.origin_dev(), at, len), pattern(9, at, len));
     }
 }
+
+/// A snapshot read of unchanged chunks is one origin read per run of them, split only at a
+/// chunk with an exception (read from the COW), from whatever sector it starts at.
+#[test]
+fn snapshot_reads_go_to_the_origin_in_runs() {
+    let (r, o) = rig_with_origin(1024, 8);
+    let mut img = vec![0u8; 1024 * 512];
+    fill(1, &mut img);
+    let sec = |s: u64, n: u64| img[(s * 512) as usize..((s + n) * 512) as usize].to_vec();
+    let reads = |at: u64, n: u64| {
+        let before = o.count(BioKind::Read);
+        assert_eq!(read(&*r.snap, at, n).unwrap(), sec(at, n), "read {at}+{n}");
+        o.count(BioKind::Read) - before
+    };
+    assert_eq!(reads(0, 128), 1, "16 unchanged chunks");
+    assert_eq!(reads(4, 120), 1, "15 chunks, starting inside one");
+    assert_eq!(reads(12, 3), 1, "inside one chunk");
+    // Chunk 5 copied: origin 0..5, COW 5, origin 6..16.
+    write(&*r.org, 40, &pattern(2, 40, 8)).unwrap();
+    flush(&*r.org).unwrap();
+    let cow = r.cow.inner.count(BioKind::Read);
+    assert_eq!(reads(0, 128), 2, "16 chunks around a copied one");
+    assert_eq!(r.cow.inner.count(BioKind::Read) - cow, 1);
+}
+
+/// A snapshot read waits only for the chunks it covers: the chunk after it, locked by an
+/// origin write whose copy is not committed, does not hold it up.
+#[test]
+fn a_snapshot_read_does_not_wait_for_the_chunk_after_it() {
+    let r = rig(1024, 8);
+    r.hold(2, 128, 8);
+    let done = AtomicBool::new(false);
+    let waited = std::thread::scope(|s| {
+        s.spawn(|| {
+            read(&*r.snap, 0, 128).unwrap();
+            done.store(true, Ordering::SeqCst);
+        });
+        let waited = still_waits(&done);
+        r.cow.set_closed(false);
+        waited
+    });
+    assert!(!waited, "a read of chunks 0-15 waited for chunk 16");
+}
