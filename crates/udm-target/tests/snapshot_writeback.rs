@@ -445,3 +445,48 @@ fn a_snapshot_read_does_not_wait_for_the_chunk_after_it() {
     });
     assert!(!waited, "a read of chunks 0-15 waited for chunk 16");
 }
+
+/// Several snapshots copying the same origin range for one write read it once; each still
+/// gets its own copy.
+#[test]
+fn snapshots_copying_one_range_read_the_origin_once() {
+    let mut c = Ctx::new();
+    let o = c.mem("o", 2048);
+    let mut img = vec![0u8; 2048 * 512];
+    fill(1, &mut img);
+    dev_write(&*o, 0, &img);
+    let org = c.origin(2048, "o").unwrap();
+    let mut snaps = Vec::new();
+    for (cow, chunk) in [("c1", 8), ("c2", 8), ("c3", 16)] {
+        c.mem(cow, 4096);
+        let s = c.snapshot(2048, &format!("o {cow} P {chunk}")).unwrap();
+        activate(&*s);
+        snaps.push(s);
+    }
+    let reads = |at: u64, n: u64| {
+        let before = o.count(BioKind::Read);
+        write(&*org, at, &pattern(2, at, n)).unwrap();
+        flush(&*org).unwrap();
+        o.count(BioKind::Read) - before
+    };
+    assert_eq!(reads(512, 256), 1, "three snapshots, one range");
+    assert_eq!(reads(520, 8), 0, "copied for all three already");
+    // 8-sector chunks for two, a 16-sector one for the third: the 16 sectors are read once.
+    assert_eq!(reads(1024, 4), 1, "8- and 16-sector chunks of one write");
+    for s in &snaps {
+        assert!(
+            read(&**s, 0, 2048).unwrap() == img,
+            "a snapshot lost its data"
+        );
+    }
+    assert_eq!(dev_read(&*o, 1024, 4), pattern(2, 1024, 4));
+    // A read failure is every snapshot's: each is invalidated, the origin write proceeds.
+    o.inject(Fault::range(1536, 1552, Errno::EIO).ops(&[BioKind::Read]));
+    write(&*org, 1536, &pattern(3, 1536, 8)).unwrap();
+    flush(&*org).unwrap();
+    o.clear_faults();
+    assert_eq!(dev_read(&*o, 1536, 8), pattern(3, 1536, 8));
+    for s in &snaps {
+        assert_eq!(s.status(), "Invalid");
+    }
+}

@@ -284,7 +284,19 @@ pub fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending]) {
     };
     let mut order: Vec<&Pending> = pending.iter().collect();
     order.sort_by_key(|p| (Arc::as_ptr(&p.l.s) as usize, p.l.chunk));
-    let mut buf = Vec::new();
+    let mut cache = OriginCache::default();
+    // Several snapshots copy the same range for one write (rounded to each one's chunk): read
+    // the range they all need once when it is short, instead of once per snapshot.
+    if let (Some(f), Some(l)) = (order.first(), order.last()) {
+        if !Arc::ptr_eq(&f.l.s, &l.l.s) {
+            let lo = order.iter().map(|p| start(p)).min().unwrap_or(0);
+            let hi = order.iter().map(|p| end(p)).max().unwrap_or(0);
+            if hi > lo && hi - lo <= MAX_RUN_SECTORS {
+                // A failure here is the runs' to report, each on its own read.
+                let _ = cache.read(origin, lo, hi);
+            }
+        }
+    }
     let mut i = 0;
     while i < order.len() {
         let first = order[i];
@@ -307,15 +319,14 @@ pub fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending]) {
         let unread = first.l.s.dropping.load(Ordering::SeqCst)
             && first.l.store.with(|x| x.kind()) == StoreKind::Transient;
         let ok = stop <= src || unread || {
-            buf.resize(((stop - src) * SECTOR_SIZE) as usize, 0);
-            match origin.submit(Bio::read(src, &mut buf)) {
+            match cache.read(origin, src, stop) {
                 Err(e) => {
                     tracing::error!("snapshot copy: reading origin failed: {e}");
                     false
                 }
-                Ok(()) => match first.l.s.cow.dev.submit(Bio::write(
+                Ok(data) => match first.l.s.cow.dev.submit(Bio::write(
                     first.ticket.new_chunk.saturating_mul(first.l.cs),
-                    &buf,
+                    data,
                 )) {
                     Ok(()) => true,
                     Err(e) => {
@@ -329,5 +340,27 @@ pub fn copy_runs(origin: &dyn BlockDevice, pending: &[Pending]) {
             order[i..j].iter().map(|p| (p.ticket, p.l.chunk)).collect();
         first.l.store.complete_many(&copies, ok);
         i = j;
+    }
+}
+
+/// The last origin range read for copies, kept for the next run that falls within it.
+#[derive(Default)]
+struct OriginCache {
+    buf: Vec<u8>,
+    /// The sectors `buf` holds (empty when it holds nothing valid).
+    have: (u64, u64),
+}
+
+impl OriginCache {
+    /// Origin sectors `[src, stop)`, read unless the last read covers them.
+    fn read(&mut self, origin: &dyn BlockDevice, src: u64, stop: u64) -> Result<&[u8], IoError> {
+        if !(self.have.0 <= src && stop <= self.have.1) {
+            self.have = (0, 0);
+            self.buf.resize(((stop - src) * SECTOR_SIZE) as usize, 0);
+            origin.submit(Bio::read(src, &mut self.buf))?;
+            self.have = (src, stop);
+        }
+        let at = |x: u64| ((x - self.have.0) * SECTOR_SIZE) as usize;
+        Ok(&self.buf[at(src)..at(stop)])
     }
 }
