@@ -69,7 +69,11 @@ scope_args() {
       done
       # Most of these tests wait (timeouts of hostile clients): run by nextest, many at once
       # and each in its own process (the RSS tests measure theirs), they take 6 s, not 35 s.
-      if [ "$nextest" = 1 ]; then tool=(--test-tool nextest) tests+=(--test-threads 16) limit=60; fi
+      # A hung test is ended after 20 s (.config/nextest.toml, profile mutants): a failure.
+      if [ "$nextest" = 1 ]; then
+        tool=(--test-tool nextest) tests+=(--test-threads 16) limit=60
+        export NEXTEST_PROFILE=mutants
+      fi
       ;;
     *) echo "unknown scope $1 (core, snapshot, nbd)" >&2; exit 1 ;;
   esac
