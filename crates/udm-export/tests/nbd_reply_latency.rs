@@ -13,9 +13,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use udm_export::nbd::client::{Client, Reply};
+use udm_export::nbd::proto::CMD_READ;
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::backend::mem::MemDevice;
-use udm_io::{Bio, BlockDevice};
+use udm_io::{Bio, BioKind, BlockDevice, IoError};
 
 const MIB: u64 = 1 << 20;
 /// Round trips per kind of request.
@@ -86,6 +87,16 @@ fn replies_to_a_client_at_queue_depth_one_are_not_held() {
                 }),
             ),
             (
+                // A hole, then data: the data chunk is the last.
+                "512 KiB read",
+                median(&mut c, |c| {
+                    match c.read(MIB + 256 * 1024, 512 * 1024).unwrap() {
+                        Reply::Ok(d) => assert_eq!(&d[256 * 1024..], &[0x33; 256 * 1024][..]),
+                        r => panic!("{r:?}"),
+                    }
+                }),
+            ),
+            (
                 // Beyond the 1 MiB chunk: sent a chunk at a time.
                 "1088 KiB read",
                 median(&mut c, |c| match c.read(2 * MIB, 1088 << 10).unwrap() {
@@ -119,5 +130,55 @@ fn replies_to_a_client_at_queue_depth_one_are_not_held() {
             );
         }
     }
+    server.shutdown();
+}
+
+/// Reads from 4 MiB on take 20 ms.
+struct SlowTail(MemDevice);
+
+impl BlockDevice for SlowTail {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if bio.kind() == BioKind::Read && bio.sector >= 4 * MIB / 512 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.0.submit(bio)
+    }
+}
+
+/// Two requests sent together, a small read and a slow large one: the small read's reply,
+/// batched because the large one was already read, leaves when the large one is handed to
+/// the device, not when it ends (nor at the watchdog's next look).
+#[test]
+fn a_batched_reply_is_not_held_by_a_slow_request_after_it() {
+    let dev = Arc::new(SlowTail(MemDevice::new(8 * MIB / 512)));
+    let dir = tempfile::tempdir().unwrap();
+    let server = NbdServer::new();
+    server
+        .add_export("disk", dev, NbdExportOptions::default())
+        .unwrap();
+    let sock = dir.path().join("nbd.sock");
+    server.listen_unix(&sock).unwrap();
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = Client::connect(s, "disk", false).unwrap();
+    let mut first = Vec::new();
+    for _ in 0..11 {
+        let t = Instant::now();
+        let small = c.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
+        let slow = c.send(CMD_READ, 0, 4 * MIB, 256 * 1024, &[]).unwrap();
+        let len = |h: u64| Some(if h == small { 4096 } else { 256 * 1024 });
+        let (h, r) = c.recv(len).unwrap();
+        first.push(t.elapsed());
+        assert_eq!(h, small, "the slow read was answered first");
+        assert!(matches!(r, Reply::Ok(_)));
+        let (h, _) = c.recv(len).unwrap();
+        assert_eq!(h, slow);
+    }
+    first.sort();
+    let m = first[first.len() / 2];
+    assert!(m < HELD, "the small read's reply took {m:?} (median)");
     server.shutdown();
 }
