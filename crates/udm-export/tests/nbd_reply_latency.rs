@@ -9,11 +9,12 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use udm_export::nbd::client::{Client, Reply};
-use udm_export::nbd::proto::CMD_READ;
+use udm_export::nbd::proto::{Request, CMD_READ};
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
@@ -87,11 +88,11 @@ fn replies_to_a_client_at_queue_depth_one_are_not_held() {
                 }),
             ),
             (
-                // A hole, then data: the data chunk is the last.
-                "512 KiB read",
+                // A hole, then 32 KiB of data: the last chunk is small enough to be batched.
+                "288 KiB read",
                 median(&mut c, |c| {
-                    match c.read(MIB + 256 * 1024, 512 * 1024).unwrap() {
-                        Reply::Ok(d) => assert_eq!(&d[256 * 1024..], &[0x33; 256 * 1024][..]),
+                    match c.read(MIB + 256 * 1024, 288 * 1024).unwrap() {
+                        Reply::Ok(d) => assert_eq!(&d[256 * 1024..], &[0x33; 32 * 1024][..]),
                         r => panic!("{r:?}"),
                     }
                 }),
@@ -166,9 +167,19 @@ fn a_batched_reply_is_not_held_by_a_slow_request_after_it() {
     let mut c = Client::connect(s, "disk", false).unwrap();
     let mut first = Vec::new();
     for _ in 0..11 {
+        // In one write, so the server finds the second buffered when it runs the first.
+        let req = |handle, offset, length| Request {
+            flags: 0,
+            cmd: CMD_READ,
+            handle,
+            offset,
+            length,
+        };
+        let (small, slow) = (1u64, 2u64);
+        let mut both = req(small, 0, 4096).encode().to_vec();
+        both.extend_from_slice(&req(slow, 4 * MIB, 256 * 1024).encode());
         let t = Instant::now();
-        let small = c.send(CMD_READ, 0, 0, 4096, &[]).unwrap();
-        let slow = c.send(CMD_READ, 0, 4 * MIB, 256 * 1024, &[]).unwrap();
+        c.stream().write_all(&both).unwrap();
         let len = |h: u64| Some(if h == small { 4096 } else { 256 * 1024 });
         let (h, r) = c.recv(len).unwrap();
         first.push(t.elapsed());
