@@ -1,0 +1,152 @@
+//! One connection's threads (transmission.rs): a large request gets a thread of its own while
+//! another reads on, so the requests sent behind a slow one are answered while it runs, round
+//! after round (threads parked on standby are counted and woken right); an idle connection's
+//! threads burn no CPU; a client that disconnects with a request still in the device does not
+//! end its connection before that request does (an export's removal waits for it). Written
+//! against mutants cargo-mutants found missed in `Conn::standby`, `Conn::add_reader` and
+//! `transmission`.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use udm_export::nbd::client::{Client, Reply};
+use udm_export::nbd::proto::{Request, CMD_DISC, CMD_READ, CMD_WRITE};
+use udm_export::nbd::{NbdExportOptions, NbdServer};
+use udm_io::backend::mem::MemDevice;
+use udm_io::{Bio, BioKind, BlockDevice, IoError};
+
+const MIB: u64 = 1 << 20;
+
+/// 8 MiB of memory; from 4 MiB on, reads take 20 ms and writes 300 ms.
+struct SlowTail(MemDevice);
+
+impl BlockDevice for SlowTail {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        if bio.sector >= 4 * MIB / 512 {
+            match bio.kind() {
+                BioKind::Read => std::thread::sleep(Duration::from_millis(20)),
+                BioKind::Write => std::thread::sleep(Duration::from_millis(300)),
+                _ => {}
+            }
+        }
+        self.0.submit(bio)
+    }
+}
+
+fn serve() -> (Arc<NbdServer>, Arc<SlowTail>, tempfile::TempDir) {
+    let dev = Arc::new(SlowTail(MemDevice::new(8 * MIB / 512)));
+    let dir = tempfile::tempdir().unwrap();
+    let server = NbdServer::new();
+    server
+        .add_export("disk", dev.clone(), NbdExportOptions::default())
+        .unwrap();
+    server.listen_unix(&dir.path().join("nbd.sock")).unwrap();
+    (server, dev, dir)
+}
+
+fn connect(dir: &tempfile::TempDir) -> Client<UnixStream> {
+    let s = UnixStream::connect(dir.path().join("nbd.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    Client::connect(s, "disk", false).unwrap()
+}
+
+fn request(cmd: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    Request {
+        flags: 0,
+        cmd,
+        handle,
+        offset,
+        length,
+    }
+    .encode()
+    .to_vec()
+}
+
+/// CPU time (user + system, in clock ticks) of this process's `nbd-conn` threads.
+fn conn_threads_cpu() -> u64 {
+    let mut ticks = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue; // the thread ended
+        };
+        // "pid (comm) state ...": utime and stime are fields 14 and 15.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with("(nbd-conn") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split(' ').collect();
+        ticks += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    ticks
+}
+
+#[test]
+fn requests_behind_a_slow_one_are_answered_while_it_runs() {
+    let (server, _dev, dir) = serve();
+    let mut c = connect(&dir);
+    for round in 0..30u64 {
+        // A slow 64 KiB read and a small one behind it, in one write.
+        let (slow, fast) = (2 * round + 1, 2 * round + 2);
+        let mut both = request(CMD_READ, slow, 4 * MIB, 65536);
+        both.extend_from_slice(&request(CMD_READ, fast, 0, 4096));
+        c.stream().write_all(&both).unwrap();
+        let len = |h: u64| Some(if h == slow { 65536 } else { 4096 });
+        let (h, r) = c.recv(len).unwrap();
+        assert_eq!(
+            h, fast,
+            "round {round}: the small read waited for the slow one"
+        );
+        assert_eq!(r, Reply::Ok(vec![0; 4096]));
+        assert_eq!(c.recv(len).unwrap().0, slow);
+        if round % 10 == 9 {
+            // Let the spare threads park on standby.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Idle now: parked threads wait, they do not spin.
+    std::thread::sleep(Duration::from_millis(50));
+    let before = conn_threads_cpu();
+    std::thread::sleep(Duration::from_millis(500));
+    let burnt = conn_threads_cpu() - before;
+    assert!(
+        burnt <= 5,
+        "idle connection threads used {burnt} clock ticks of CPU in 500 ms"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn a_request_left_in_the_device_by_a_departing_client_ends_before_its_connection() {
+    let (server, dev, dir) = serve();
+    let mut c = connect(&dir);
+    // A slow read first, so another thread takes over reading and the first parks on standby.
+    match c.read(4 * MIB, 65536).unwrap() {
+        Reply::Ok(d) => assert_eq!(d.len(), 65536),
+        r => panic!("{r:?}"),
+    }
+    // A slow write and the disconnect right behind it, in one go: one thread is still in the
+    // device with the write while another reads NBD_CMD_DISC.
+    let mut msg = request(CMD_WRITE, 7, 4 * MIB, 131072);
+    msg.extend_from_slice(&[0xab; 131072]);
+    msg.extend_from_slice(&request(CMD_DISC, 8, 0, 0));
+    c.stream().write_all(&msg).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    server.remove_export("disk").unwrap();
+    let took = t.elapsed();
+    let mut got = vec![0u8; 131072];
+    dev.0.submit(Bio::read(4 * MIB / 512, &mut got)).unwrap();
+    assert!(
+        got == vec![0xab; 131072],
+        "the export was removed ({took:?}) before the departed client's write reached the device"
+    );
+    server.shutdown();
+}
