@@ -20,6 +20,9 @@ use udm_io::{Bio, BioKind, BlockDevice, IoError};
 
 const MIB: u64 = 1 << 20;
 
+/// The tests here count the process's `nbd-conn` threads: one at a time.
+static ONE_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 /// 8 MiB of memory; from 4 MiB on, reads take 20 ms and writes 300 ms.
 struct SlowTail(MemDevice);
 
@@ -68,30 +71,40 @@ fn request(cmd: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
     .to_vec()
 }
 
-/// CPU time (user + system, in clock ticks) of this process's `nbd-conn` threads.
-fn conn_threads_cpu() -> u64 {
-    let mut ticks = 0;
+/// This process's `nbd-conn` threads: (thread id, CPU time in clock ticks, user + system).
+fn conn_threads() -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
     for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             continue; // the thread ended
         };
-        // "pid (comm) state ...": utime and stime are fields 14 and 15.
+        // "tid (comm) state ...": utime and stime are fields 14 and 15.
         let Some((head, rest)) = stat.rsplit_once(") ") else {
             continue;
         };
-        if !head.ends_with("(nbd-conn") {
+        let Some((tid, comm)) = head.split_once(" (") else {
+            continue;
+        };
+        if comm != "nbd-conn" {
             continue;
         }
         let f: Vec<&str> = rest.split(' ').collect();
-        ticks += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        out.push((tid.parse().unwrap(), ticks));
     }
-    ticks
+    out
+}
+
+fn conn_threads_cpu() -> u64 {
+    conn_threads().iter().map(|t| t.1).sum()
 }
 
 #[test]
 fn requests_behind_a_slow_one_are_answered_while_it_runs() {
+    let _one = ONE_AT_A_TIME.lock();
     let (server, _dev, dir) = serve();
     let mut c = connect(&dir);
+    let mut seen = std::collections::BTreeSet::new();
     for round in 0..30u64 {
         // A slow 64 KiB read and a small one behind it, in one write.
         let (slow, fast) = (2 * round + 1, 2 * round + 2);
@@ -106,11 +119,20 @@ fn requests_behind_a_slow_one_are_answered_while_it_runs() {
         );
         assert_eq!(r, Reply::Ok(vec![0; 4096]));
         assert_eq!(c.recv(len).unwrap().0, slow);
+        seen.extend(conn_threads().into_iter().map(|t| t.0));
         if round % 10 == 9 {
             // Let the spare threads park on standby.
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // The thread parked on standby is woken for the next slow request, not replaced by a new
+    // one each time (nor does it exit when it could park).
+    eprintln!("threads: {seen:?}");
+    assert!(
+        seen.len() <= 4,
+        "{} threads served one connection's 30 rounds",
+        seen.len()
+    );
     // Idle now: parked threads wait, they do not spin.
     std::thread::sleep(Duration::from_millis(50));
     let before = conn_threads_cpu();
@@ -125,6 +147,7 @@ fn requests_behind_a_slow_one_are_answered_while_it_runs() {
 
 #[test]
 fn a_request_left_in_the_device_by_a_departing_client_ends_before_its_connection() {
+    let _one = ONE_AT_A_TIME.lock();
     let (server, dev, dir) = serve();
     let mut c = connect(&dir);
     // A slow read first, so another thread takes over reading and the first parks on standby.
