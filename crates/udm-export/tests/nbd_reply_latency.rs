@@ -3,7 +3,8 @@
 //! none is waits until the watchdog notices it (at least 2 ms, `STALL_NS`, then its next
 //! 2 ms tick) and gets a thread to send it, which a client at queue depth 1 pays on every
 //! request. Written against mutants cargo-mutants found missed: the `defer` of the last chunk
-//! of a sparse read. Medians of many round trips, so a loaded machine does not fail it.
+//! of a sparse read; and the export's read counter, which must count each large read whole
+//! however it was sent. Medians of many round trips, so a loaded machine does not fail it.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
@@ -168,5 +169,20 @@ fn the_end_of_a_large_read_is_not_held() {
             "{what}: its end took {m:?} (median) after the device's read"
         );
     }
+    // Each of these reads is counted whole, however it was sent; so is one of simple replies
+    // (one header, then the data a chunk at a time).
+    let mut simple = connect(&dir, false);
+    assert!(matches!(
+        simple.read(2 * MIB, 1088 * 1024).unwrap(),
+        Reply::Ok(_)
+    ));
+    // (Counted once the last byte is sent: maybe just after the client has it.)
+    let total: u64 = kinds.iter().map(|k| u64::from(k.2)).sum::<u64>() * ROUNDS as u64;
+    let counted = || server.exports()[0].stats.bytes_read;
+    let t = Instant::now();
+    while counted() != total + 1088 * 1024 && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(counted(), total + 1088 * 1024, "bytes read");
     server.shutdown();
 }
