@@ -448,6 +448,44 @@ fn bad_requests_get_errors_and_connection_survives() {
     assert_works(&mut c);
 }
 
+/// Writes over the 32 MiB maximum block size are read and skipped (EINVAL, the connection goes
+/// on) up to 64 MiB; a longer one, or one whose payload stops coming, ends the connection and
+/// is not counted.
+#[test]
+fn oversized_writes_are_skipped_up_to_64_mib_then_dropped() {
+    let e = env();
+    let max_skip = 64u32 << 20;
+    let mut c = connect(&e, "disk", false);
+    assert_eq!(
+        c.call(CMD_WRITE, 0, 0, max_skip, &vec![7; max_skip as usize])
+            .unwrap(),
+        Reply::Err(NBD_EINVAL)
+    );
+    assert_works(&mut c);
+    let stats = || {
+        let st = e.server.exports();
+        let d = st.iter().find(|x| x.name == "disk").unwrap().stats.clone();
+        (d.writes, d.errors)
+    };
+    let before = stats();
+    let mut c = connect(&e, "disk", false);
+    c.send(CMD_WRITE, 0, 0, max_skip + 512, &[]).unwrap();
+    assert!(
+        is_closed(c.stream()),
+        "a write over 64 MiB kept the connection"
+    );
+    let mut c = connect(&e, "disk", false);
+    c.send(CMD_WRITE, 0, 0, 40 << 20, &vec![7; 1 << 20])
+        .unwrap();
+    c.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        is_closed(c.stream()),
+        "a write whose payload stopped kept the connection"
+    );
+    assert_eq!(stats(), before, "writes that never arrived were counted");
+    assert!(e.dev.contents()[..4096].iter().all(|&b| b != 7));
+}
+
 /// A device whose reads of sector 0 wait until released: a stand-in for a suspended device.
 struct GateDevice {
     inner: MemDevice,
