@@ -537,6 +537,30 @@ fn gate_env() -> (Env, Arc<GateDevice>) {
     (e, gate)
 }
 
+/// A CACHE (read in 1 MiB steps) holds a buffer while it runs: charged to the connection's
+/// in-flight budget like a read of that size, released with its reply.
+#[test]
+fn a_running_cache_request_is_charged_to_the_inflight_budget() {
+    let (e, gate) = gate_env();
+    let mut c = connect(&e, "gate", true);
+    let h = c
+        .send(CMD_CACHE, 0, 0, (SECTORS * 512) as u32, &[])
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !gate.waiting.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let held = e.server.memory().inflight_bytes;
+    gate.release();
+    assert_eq!(c.recv(|_| None).unwrap(), (h, Reply::Ok(vec![])));
+    assert_eq!(held, 1 << 20, "in-flight bytes while the CACHE ran");
+    let t = std::time::Instant::now();
+    while e.server.memory().inflight_bytes != 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(e.server.memory().inflight_bytes, 0);
+}
+
 #[test]
 fn pipelined_out_of_order_replies_while_device_blocks() {
     let (e, gate) = gate_env();
