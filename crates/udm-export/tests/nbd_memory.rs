@@ -53,6 +53,34 @@ fn pipelined_huge_reads_hold_at_most_the_cap() {
     join_flooder(flooder);
 }
 
+/// A client whose pipelined reads exceed the connection's in-flight budget (here 2 MiB) while
+/// it takes no reply: the server stops reading until replies drain, then answers every one; it
+/// does not end the connection.
+#[test]
+fn a_connection_over_its_inflight_budget_waits_instead_of_ending() {
+    let limits = NbdLimits {
+        max_inflight_bytes: 2 * MIB,
+        ..NbdLimits::default()
+    };
+    let e = env(
+        limits,
+        &[("big", Arc::new(ZeroDevice { sectors: 1 << 15 }) as _)],
+    );
+    let mut c = connect(&e.sock, "big");
+    let mut reqs = Vec::new();
+    for i in 0..16u64 {
+        reqs.extend_from_slice(&request(CMD_READ, i, 0, 1 << 20));
+    }
+    c.stream().write_all(&reqs).unwrap();
+    // Replies fill the socket; the reader reaches the budget and waits.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(e.server.memory().inflight_bytes <= 2 * MIB);
+    for _ in 0..16 {
+        let (_, r) = c.recv(|_| Some(1 << 20)).unwrap();
+        assert_eq!(r, Reply::Ok(vec![0; 1 << 20]));
+    }
+}
+
 #[test]
 fn write_headers_without_payload_commit_only_what_arrived() {
     let e = env(
