@@ -69,10 +69,11 @@ fn slow_small_writes_run_concurrently() {
     let took = t.elapsed();
     let most = dev.most.load(Ordering::SeqCst);
     server.shutdown();
-    // 128 writes of 400 us one at a time would take 51 ms.
+    // 128 writes of 400 us one at a time would take 51 ms: faster than that, whatever the
+    // machine's load (the mutation tests run this beside builds), they overlapped.
     assert!(most >= 4, "at most {most} small writes ran at once");
     assert!(
-        took < Duration::from_millis(40),
+        took < Duration::from_micros(128 * 400),
         "128 slow writes took {took:?}"
     );
 }
