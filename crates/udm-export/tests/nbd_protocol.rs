@@ -224,6 +224,12 @@ fn negotiation_list_info_go() {
     let mut p = vec![0u8; be32(&h[16..20]) as usize];
     s.read_exact(&mut p).unwrap();
     assert_eq!(be32(&p[0..4]), NBD_EINVAL);
+    // The error chunk's message says why (errno, length, text).
+    assert_eq!(
+        String::from_utf8_lossy(&p[6..]),
+        "no metadata context was negotiated"
+    );
+    assert_eq!(usize::from(be16(&p[4..6])), p.len() - 6);
 }
 
 #[test]
