@@ -79,3 +79,42 @@ fn fuzz_entry_points_handle_edge_cases() {
     v.extend(request(CMD_WRITE, 0, 0, 0xffff_ffff));
     fuzz_requests(&v);
 }
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The entry points really serve (an entry point that did nothing would let the fuzzer find
+/// nothing): the greeting, the fuzzed export's dirty bitmap among its contexts, and a read's
+/// reply in the mode the first byte picks (even: simple, odd: structured).
+#[test]
+fn fuzz_entry_points_serve() {
+    let out = fuzz_handshake(&[]);
+    assert_eq!(&out[..16], b"NBDMAGICIHAVEOPT", "no greeting");
+    let mut hs = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    hs.extend(option_request(OPT_STRUCTURED_REPLY, &[]));
+    hs.extend(option_request(
+        OPT_LIST_META_CONTEXT,
+        &meta_request_data("fuzz", &["qemu:dirty-bitmap:"]),
+    ));
+    let listed = fuzz_handshake(&hs);
+    assert!(
+        contains(&listed, b"qemu:dirty-bitmap:backup-fuzz"),
+        "the fuzzed export has no dirty bitmap"
+    );
+    let read = request(CMD_READ, 0, 0, 512);
+    for (mode, reply) in [(0u8, 16 + 512), (1, 20 + 8 + 512)] {
+        let before = fuzz_requests(&[mode]);
+        let out = fuzz_requests(&[&[mode][..], &read].concat());
+        assert_eq!(out.len() - before.len(), reply, "mode {mode}");
+        let magic = be32(&out[before.len()..]);
+        if mode == 0 {
+            assert_eq!(magic, SIMPLE_REPLY_MAGIC);
+        } else {
+            assert_eq!(magic, STRUCTURED_REPLY_MAGIC);
+            assert_eq!(be16(&out[before.len() + 6..]), REPLY_TYPE_OFFSET_DATA);
+        }
+    }
+}

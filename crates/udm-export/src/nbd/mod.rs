@@ -40,6 +40,7 @@ mod connection;
 mod ctl;
 mod exec;
 mod export;
+mod fuzz;
 mod handle;
 mod limits;
 mod listen;
@@ -56,6 +57,7 @@ mod validate;
 mod watchdog;
 
 pub use export::{NbdExportInfo, NbdStats};
+pub use fuzz::{fuzz_handshake, fuzz_requests, MemoryStream};
 pub use handle::{unix_uri, NbdExport};
 pub use limits::{NbdLimits, NbdMemory};
 pub use server::NbdServer;
@@ -250,36 +252,6 @@ impl NbdStream for TcpStream {
     }
 }
 
-/// An in-memory stream: the client's bytes are `input`, the server's replies are discarded.
-/// Drives the server deterministically for fuzzing and property tests.
-pub struct MemoryStream {
-    /// Everything the "client" sends.
-    pub input: Vec<u8>,
-}
-
-struct NoCtl;
-
-impl StreamControl for NoCtl {
-    fn stop_reading(&self) {}
-    fn close(&self) {}
-}
-
-impl NbdStream for MemoryStream {
-    fn split(
-        self,
-    ) -> io::Result<(
-        Box<dyn Read + Send>,
-        Box<dyn Write + Send>,
-        Box<dyn StreamControl>,
-    )> {
-        Ok((
-            Box::new(io::Cursor::new(self.input)),
-            Box::new(io::sink()),
-            Box::new(NoCtl),
-        ))
-    }
-}
-
 /// Where a listener is bound, for messages.
 #[derive(Clone, Debug)]
 pub enum ListenAddr {
@@ -287,85 +259,4 @@ pub enum ListenAddr {
     Unix(PathBuf),
     /// A TCP address.
     Tcp(std::net::SocketAddr),
-}
-
-/// One server for every fuzz input (its exports' contents carry over, which only widens what
-/// is explored): a fresh server per input spends most of the run starting and joining its
-/// threads.
-fn fuzz_server() -> std::sync::Arc<NbdServer> {
-    static SERVER: std::sync::OnceLock<std::sync::Arc<NbdServer>> = std::sync::OnceLock::new();
-    SERVER.get_or_init(new_fuzz_server).clone()
-}
-
-fn new_fuzz_server() -> std::sync::Arc<NbdServer> {
-    let server = NbdServer::new();
-    let dev = std::sync::Arc::new(udm_io::backend::mem::MemDevice::new(64));
-    let _ = server.add_export(
-        "fuzz",
-        dev,
-        NbdExportOptions {
-            read_only: false,
-            description: Some("fuzz target".into()),
-            insecure_tcp: false,
-            bitmaps: fuzz_bitmaps(),
-        },
-    );
-    let ro = std::sync::Arc::new(udm_io::backend::mem::MemDevice::new(16));
-    let _ = server.add_export(
-        "ro",
-        ro,
-        NbdExportOptions {
-            read_only: true,
-            description: None,
-            insecure_tcp: false,
-            bitmaps: Vec::new(),
-        },
-    );
-    server
-}
-
-/// A dirty bitmap on the fuzzed export, so `qemu:dirty-bitmap:` queries and replies are fuzzed.
-fn fuzz_bitmaps() -> Vec<NbdBitmap> {
-    let Ok(mut b) = udm_types::DirtyBitmap::new(64 * 512, 4096) else {
-        return Vec::new();
-    };
-    b.set(1);
-    b.set(5);
-    vec![NbdBitmap {
-        name: "backup-fuzz".into(),
-        bitmap: std::sync::Arc::new(b),
-    }]
-}
-
-/// Feeds arbitrary client bytes to a fresh server from the first byte of the handshake; the
-/// server must neither panic nor hang (it stops at the end of the input).
-pub fn fuzz_handshake(data: &[u8]) {
-    let server = fuzz_server();
-    server.serve_blocking(MemoryStream {
-        input: data.to_vec(),
-    });
-}
-
-/// Feeds arbitrary bytes as transmission-phase requests, after a valid handshake that
-/// negotiated structured replies and `base:allocation` (when `data[0]` is odd) or plain simple
-/// replies (when even).
-pub fn fuzz_requests(data: &[u8]) {
-    let server = fuzz_server();
-    let structured = data.first().is_some_and(|b| b & 1 == 1);
-    let mut input = Vec::new();
-    input
-        .extend_from_slice(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes());
-    if structured {
-        input.extend(proto::option_request(proto::OPT_STRUCTURED_REPLY, &[]));
-        input.extend(proto::option_request(
-            proto::OPT_SET_META_CONTEXT,
-            &proto::meta_request_data("fuzz", &[proto::META_BASE_ALLOCATION]),
-        ));
-    }
-    input.extend(proto::option_request(
-        proto::OPT_GO,
-        &proto::info_request_data("fuzz", &[proto::INFO_BLOCK_SIZE]),
-    ));
-    input.extend_from_slice(data.get(1..).unwrap_or(&[]));
-    server.serve_blocking(MemoryStream { input });
 }
