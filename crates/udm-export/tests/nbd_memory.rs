@@ -53,6 +53,37 @@ fn pipelined_huge_reads_hold_at_most_the_cap() {
     join_flooder(flooder);
 }
 
+/// The buffer pool keeps at most 16 MiB, in buffers of at most 4 MiB: after a burst of
+/// 64 pipelined 1 MiB writes running at once, and after one 8 MiB write (whose payload buffer
+/// goes back to the allocator).
+#[test]
+fn the_buffer_pool_keeps_what_it_promises() {
+    let dev = Arc::new(udm_io::backend::mem::MemDevice::new(1 << 17));
+    let e = env(NbdLimits::default(), &[("disk", dev.clone() as _)]);
+    let mut c = connect(&e.sock, "disk");
+    assert_eq!(c.write(0, &vec![1; 8 << 20]).unwrap(), Reply::Ok(vec![]));
+    let m = e.server.memory();
+    assert_eq!(m.pooled_bytes, 0, "an 8 MiB buffer was kept: {m:?}");
+    // Each write takes 20 ms: dozens run at once, each with its payload buffer.
+    dev.set_latency(Duration::from_millis(20));
+    let mut reqs = Vec::new();
+    for i in 0..64u64 {
+        reqs.extend_from_slice(&request(CMD_WRITE, i, i * MIB, 1 << 20));
+        reqs.extend_from_slice(&vec![2; 1 << 20]);
+    }
+    c.stream().write_all(&reqs).unwrap();
+    for _ in 0..64 {
+        assert_eq!(c.recv(|_| None).unwrap().1, Reply::Ok(vec![]));
+    }
+    let m = e.server.memory();
+    eprintln!("pool after 64 pipelined 1 MiB writes: {m:?}");
+    assert!(m.pooled_bytes <= 16 * MIB, "{m:?}");
+    assert!(
+        m.pooled_bytes >= 8 * MIB,
+        "the pool kept few buffers: {m:?}"
+    );
+}
+
 /// A client whose pipelined reads exceed the connection's in-flight budget (here 2 MiB) while
 /// it takes no reply: the server stops reading until replies drain, then answers every one; it
 /// does not end the connection.
