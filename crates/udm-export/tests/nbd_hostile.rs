@@ -482,3 +482,35 @@ fn idle_clients_are_dropped_only_when_configured_and_idle() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(c.write(0, &[2; 512]).unwrap(), Reply::Ok(vec![]));
 }
+
+/// An option of up to 64 KiB is read and answered; a longer one (a length meant to make the
+/// server allocate and wait for gigabytes) drops the client at once.
+#[test]
+fn options_longer_than_64_kib_drop_the_client() {
+    let e = env(
+        NbdLimits::default(),
+        &[("disk", Arc::new(MemDevice::new(64)) as _)],
+    );
+    let start = |s: &mut UnixStream| {
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .unwrap();
+    };
+    let mut s = stream(&e.sock);
+    start(&mut s);
+    s.write_all(&option_request(99, &vec![0; 64 << 10]))
+        .unwrap();
+    let (opt, rep, _) = udm_export::nbd::client::read_option_reply(&mut s).unwrap();
+    assert_eq!((opt, rep), (99, REP_ERR_UNSUP));
+    let mut s = stream(&e.sock);
+    start(&mut s);
+    let mut hdr = IHAVEOPT.to_be_bytes().to_vec();
+    hdr.extend_from_slice(&99u32.to_be_bytes());
+    hdr.extend_from_slice(&((64u32 << 10) + 1).to_be_bytes());
+    s.write_all(&hdr).unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)),
+        "a 64 KiB + 1 option kept the client"
+    );
+}
