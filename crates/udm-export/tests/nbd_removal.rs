@@ -1,8 +1,9 @@
 //! Removing an export ends its connections over Unix sockets and TCP alike: an idle client's
 //! blocked read is cut at once (the socket's read side is shut), not at the end of the drain
 //! time; a client that reads no reply has its socket closed once the drain time is over, so
-//! the thread stuck writing to it ends too. Written against mutants cargo-mutants found missed
-//! in the sockets' `StreamControl` (`stop_reading`, `close`).
+//! the thread stuck writing to it ends too. And the Unix socket itself: a stale one is replaced,
+//! a live one left alone. Written against mutants cargo-mutants found missed in the sockets'
+//! `StreamControl` (`stop_reading`, `close`) and `listen_unix`.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
@@ -126,4 +127,31 @@ fn removal_closes_tcp_clients_that_read_no_reply() {
     wait_until("the connection to end", Duration::from_secs(5), || {
         e.server.memory().connections == 0
     });
+}
+
+/// A stale socket file (left by a crashed daemon, nobody listening) is replaced; a socket
+/// another server listens on is not taken over.
+#[test]
+fn a_stale_unix_socket_is_replaced_a_live_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let a = udm_export::nbd::NbdServer::new();
+    a.add_export(
+        "disk",
+        Arc::new(MemDevice::new(64)),
+        NbdExportOptions::default(),
+    )
+    .unwrap();
+    a.listen_unix(&path).unwrap();
+    let b = udm_export::nbd::NbdServer::new();
+    assert!(b.listen_unix(&path).is_err(), "took over a live socket");
+    let mut c = Client::connect(stream(&path), "disk", false).unwrap();
+    assert_eq!(
+        c.read(0, 512).unwrap(),
+        udm_export::nbd::client::Reply::Ok(vec![0; 512])
+    );
+    a.shutdown();
+    b.shutdown();
 }
