@@ -22,16 +22,16 @@ use udm_io::backend::mem::MemDevice;
 
 const MIB: u64 = 1 << 20;
 
-/// A server with export `disk` (64 MiB) on a Unix socket and on TCP (localhost, no TLS).
-fn setup(limits: NbdLimits) -> (Env, u16) {
+/// A server with export `disk` (64 MiB of memory) on a Unix socket and on TCP (localhost, no
+/// TLS).
+fn setup(limits: NbdLimits) -> (Env, u16, Arc<MemDevice>) {
     let e = env(limits, &[]);
     let opts = NbdExportOptions {
         insecure_tcp: true,
         ..NbdExportOptions::default()
     };
-    e.server
-        .add_export("disk", Arc::new(MemDevice::new(64 * MIB / 512)), opts)
-        .unwrap();
+    let dev = Arc::new(MemDevice::new(64 * MIB / 512));
+    e.server.add_export("disk", dev.clone(), opts).unwrap();
     e.server
         .listen_tcp(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -50,7 +50,7 @@ fn setup(limits: NbdLimits) -> (Env, u16) {
             _ => None,
         })
         .unwrap();
-    (e, port)
+    (e, port, dev)
 }
 
 fn tcp(port: u16) -> TcpStream {
@@ -78,7 +78,7 @@ fn ends_within(mut s: impl Read + Send + 'static, within: Duration) -> bool {
 #[test]
 fn removal_cuts_idle_clients_at_once() {
     // A drain time far longer than the bound below: only shutting the read side ends them.
-    let (e, port) = setup(NbdLimits {
+    let (e, port, _) = setup(NbdLimits {
         drain_timeout: Duration::from_secs(60),
         ..NbdLimits::default()
     });
@@ -104,7 +104,7 @@ fn removal_cuts_idle_clients_at_once() {
 
 #[test]
 fn removal_closes_tcp_clients_that_read_no_reply() {
-    let (e, port) = setup(NbdLimits {
+    let (e, port, dev) = setup(NbdLimits {
         drain_timeout: Duration::from_millis(200),
         send_timeout: None,
         ..NbdLimits::default()
@@ -119,14 +119,17 @@ fn removal_closes_tcp_clients_that_read_no_reply() {
     s.write_all(&reqs).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(e.server.memory().connections, 1);
+    // From now on a read takes 400 ms: when the drain time is over and the socket closed, a
+    // read is still in the device; the connection ends when it does.
+    dev.set_latency(Duration::from_millis(400));
+    s.write_all(&request(CMD_READ, 99, 0, 4096)).unwrap();
     let server = e.server.clone();
     bounded("remove_export", Duration::from_secs(10), move || {
         server.remove_export("disk").unwrap()
     });
-    // Closed after the drain time: the stuck write fails and the connection ends.
-    wait_until("the connection to end", Duration::from_secs(5), || {
-        e.server.memory().connections == 0
-    });
+    // The stuck write fails at the close, the device's read ends, and so does the connection,
+    // before the removal returns (it waits a little for that).
+    assert_eq!(e.server.memory().connections, 0, "removal returned first");
 }
 
 /// A stale socket file (left by a crashed daemon, nobody listening) is replaced; a socket
