@@ -83,3 +83,20 @@ fn an_nbd_export_names_itself_and_counts_every_request() {
     server.shutdown();
     Box::new(ex2).stop().unwrap();
 }
+
+/// The server reports the limits it was given; export names up to 4096 bytes are accepted.
+#[test]
+fn limits_and_export_name_length() {
+    let limits = udm_export::nbd::NbdLimits {
+        max_connections: 3,
+        drain_timeout: Duration::from_millis(300),
+        ..udm_export::nbd::NbdLimits::default()
+    };
+    let server = NbdServer::with_limits(limits.clone());
+    assert_eq!(server.limits(), &limits);
+    let dev = || Arc::new(MemDevice::new(8));
+    let opts = NbdExportOptions::default;
+    server.add_export(&"n".repeat(4096), dev(), opts()).unwrap();
+    assert!(server.add_export(&"m".repeat(4097), dev(), opts()).is_err());
+    server.shutdown();
+}

@@ -399,6 +399,26 @@ fn connections_over_the_cap_are_refused_with_a_message() {
     assert_eq!(c.read(0, 4096).unwrap(), Reply::Ok(vec![5; 4096]));
 }
 
+/// A flood of connections over the cap: at most 16 refused clients are kept to be told why
+/// (each for up to 2 s); the others are closed at once, so the flood holds no more.
+#[test]
+fn a_flood_over_the_cap_keeps_at_most_16_refused_clients() {
+    let e = env(
+        NbdLimits {
+            max_connections: 1,
+            ..NbdLimits::default()
+        },
+        &[("disk", Arc::new(MemDevice::new(2048)) as _)],
+    );
+    let mut a = connect(&e.sock, "disk");
+    let flood: Vec<UnixStream> = (0..40).map(|_| stream(&e.sock)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let held = e.server.memory().connections;
+    assert!(held <= 1 + 16, "{held} connections held");
+    assert_eq!(a.read(0, 512).unwrap(), Reply::Ok(vec![0; 512]));
+    drop(flood);
+}
+
 #[test]
 fn silent_and_slow_handshakes_time_out() {
     let e = env(
