@@ -416,7 +416,16 @@ fn a_flood_over_the_cap_keeps_at_most_16_refused_clients() {
     let held = e.server.memory().connections;
     assert!(held <= 1 + 16, "{held} connections held");
     assert_eq!(a.read(0, 512).unwrap(), Reply::Ok(vec![0; 512]));
+    // The flood gone and the slot freed, the server accepts again.
     drop(flood);
+    a.disconnect().unwrap();
+    wait_until(
+        "the flood and the client to go",
+        Duration::from_secs(5),
+        || e.server.memory().connections == 0,
+    );
+    let mut c = connect(&e.sock, "disk");
+    assert_eq!(c.read(0, 512).unwrap(), Reply::Ok(vec![0; 512]));
 }
 
 #[test]
