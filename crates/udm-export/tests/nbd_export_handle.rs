@@ -100,3 +100,43 @@ fn limits_and_export_name_length() {
     assert!(server.add_export(&"m".repeat(4097), dev(), opts()).is_err());
     server.shutdown();
 }
+
+/// The empty export name selects the only export (as qemu-nbd's default); any other name must
+/// match, even when there is only one export to pick.
+#[test]
+fn the_empty_name_picks_the_only_export_and_no_other_name_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let server = NbdServer::new();
+    server.listen_unix(&sock).unwrap();
+    server
+        .add_export(
+            "disk",
+            Arc::new(MemDevice::new(8)),
+            NbdExportOptions::default(),
+        )
+        .unwrap();
+    let conn = |name: &str| {
+        let s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client::connect(s, name, false)
+    };
+    let mut c = conn("").unwrap();
+    assert_eq!(c.read(0, 512).unwrap(), Reply::Ok(vec![0; 512]));
+    assert!(
+        conn("nosuch").is_err(),
+        "an unknown name got the only export"
+    );
+    server
+        .add_export(
+            "other",
+            Arc::new(MemDevice::new(8)),
+            NbdExportOptions::default(),
+        )
+        .unwrap();
+    assert!(
+        conn("").is_err(),
+        "the empty name picked one of two exports"
+    );
+    server.shutdown();
+}
