@@ -102,6 +102,34 @@ fn removal_cuts_idle_clients_at_once() {
     );
 }
 
+/// Shutting the server down closes clients still negotiating at once (they have nothing in
+/// flight), whatever the drain and handshake times.
+#[test]
+fn shutdown_closes_negotiating_clients_at_once() {
+    let (e, port, _) = setup(NbdLimits {
+        drain_timeout: Duration::from_secs(60),
+        handshake_timeout: Duration::from_secs(60),
+        ..NbdLimits::default()
+    });
+    let mut unix = stream(&e.sock);
+    let mut tcp = tcp(port);
+    let mut greeting = [0u8; 18];
+    unix.read_exact(&mut greeting).unwrap();
+    tcp.read_exact(&mut greeting).unwrap();
+    let server = e.server.clone();
+    bounded("shutdown", Duration::from_secs(10), move || {
+        server.shutdown()
+    });
+    assert!(
+        ends_within(unix, Duration::from_secs(5)),
+        "Unix client not cut"
+    );
+    assert!(
+        ends_within(tcp, Duration::from_secs(5)),
+        "TCP client not cut"
+    );
+}
+
 #[test]
 fn removal_closes_tcp_clients_that_read_no_reply() {
     let (e, port, dev) = setup(NbdLimits {
