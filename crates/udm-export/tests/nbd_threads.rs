@@ -73,6 +73,11 @@ fn request(cmd: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
 
 /// This process's `nbd-conn` threads: (thread id, CPU time in clock ticks, user + system).
 fn conn_threads() -> Vec<(u64, u64)> {
+    threads("nbd-conn")
+}
+
+/// This process's threads named `name`: (thread id, CPU time in clock ticks).
+fn threads(name: &str) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
@@ -85,7 +90,7 @@ fn conn_threads() -> Vec<(u64, u64)> {
         let Some((tid, comm)) = head.split_once(" (") else {
             continue;
         };
-        if comm != "nbd-conn" {
+        if comm != name {
             continue;
         }
         let f: Vec<&str> = rest.split(' ').collect();
@@ -180,4 +185,21 @@ fn a_request_left_in_the_device_by_a_departing_client_ends_before_its_connection
         "the export was removed ({took:?}) before the departed client's write reached the device"
     );
     server.shutdown();
+    // Nothing of the server's keeps running: connections, listener, watchdog, reaper.
+    let t = Instant::now();
+    let names = ["nbd-conn", "nbd-accept", "nbd-watchdog", "nbd-reaper"];
+    let left = || -> Vec<&str> {
+        names
+            .into_iter()
+            .filter(|n| !threads(n).is_empty())
+            .collect()
+    };
+    while !left().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        left().is_empty(),
+        "threads left after shutdown: {:?}",
+        left()
+    );
 }
