@@ -109,6 +109,14 @@ fn requests_behind_a_slow_one_are_answered_while_it_runs() {
     let _one = ONE_AT_A_TIME.lock();
     let (server, _dev, dir) = serve();
     let mut c = connect(&dir);
+    // One reaper for the server, however many clients.
+    let more = [connect(&dir), connect(&dir)];
+    assert_eq!(threads("nbd-reaper").len(), 1, "reaper threads");
+    drop(more);
+    let t = Instant::now();
+    while conn_threads().len() > 1 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut seen = std::collections::BTreeSet::new();
     for round in 0..60u64 {
         // One to four slow 64 KiB reads and a small one behind them, in one write: each slow
