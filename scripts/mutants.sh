@@ -25,10 +25,11 @@
 #                                             --iterate)
 #
 # Size (cargo-mutants 27.1, `MUTANTS_LIST=1`, 2026-12-02): udm-core 523 mutants, snapshot 809
-# (the write-back included), nbd 972. Measured on 2 cores: udm-core 9-13 s a mutant at -j 1
+# (the write-back included), nbd 993. Measured on 2 cores: udm-core 9-13 s a mutant at -j 1
 # (386 of its mutants took 56 min); the snapshot scope's 809 took 1 h 30 at -j 2 with mold, no
-# debug info (its timeouts, 30 s each, a good part of it); the nbd scope ran at about 4 a
-# minute at -j 1 beside other work, so about 3-4 h at -j 2. `MUTANTS_SHARD` splits a scope
+# debug info (its timeouts, 30 s each, a good part of it); the nbd scope runs at 6-7 a minute
+# at -j 2 (its 769 mutants outside exec.rs and meta.rs took 2 h beside test writing).
+# `MUTANTS_SHARD` splits a scope
 # across machines. Outputs: target/mutants/SCOPE/mutants.out (caught.txt, missed.txt,
 # timeout.txt, unviable.txt, outcomes.json, log/). With -j 1 builds go to
 # target/mutants-build/SCOPE, kept between runs, so dependencies are built once.
