@@ -308,3 +308,27 @@ impl super::SetBlocking for TcpConn {
         super::SetBlocking::set_blocking(&self.sock)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A credentials file that cannot be read carries the OS's errno (the daemon's reply says
+    /// ENOENT, not EINVAL); a malformed one is EINVAL.
+    #[test]
+    fn credential_errors_carry_their_errno() {
+        let missing = |r: Result<TlsCreds, TlsError>| r.err().map(|e| e.errno());
+        let dir = std::env::temp_dir().join("udm-tls-test-no-such-dir");
+        assert_eq!(
+            missing(TlsCreds::x509_dir(&dir, false)),
+            Some(Errno::ENOENT)
+        );
+        assert_eq!(
+            missing(TlsCreds::psk_file(&dir.join("keys.psk"))),
+            Some(Errno::ENOENT)
+        );
+        let bad = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(bad.path(), "no colon here\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(missing(TlsCreds::psk_file(bad.path())), Some(Errno::EINVAL));
+    }
+}
