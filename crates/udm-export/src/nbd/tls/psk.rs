@@ -251,5 +251,9 @@ mod tests {
         }
         let e = parse_keys(p, "a:00\nb:xyz1\n").unwrap_err().to_string();
         assert!(e.contains("keys.psk:2"), "{e}");
+        // Keys of up to 256 bytes (512 hex digits), as psktool writes at most.
+        let k = parse_keys(p, &format!("c:{}", "ab".repeat(256))).unwrap();
+        assert_eq!(k["c"].len(), 256);
+        assert!(parse_keys(p, &format!("c:{}", "ab".repeat(257))).is_err());
     }
 }
