@@ -61,13 +61,18 @@ scope_args() {
       ;;
     nbd)
       pkg=udm-export glob='crates/udm-export/src/nbd/**' limit=120
-      # Every nbd_* test. nbd_interop and nbd_tls drive real clients (qemu-io, nbdinfo,
-      # nbdcopy, openssl) and skip what is not installed. The timed ones (nbd_slow_device,
-      # nbd_reply_latency, nbd_threads) compare medians or counts with margins a loaded
-      # machine keeps.
+      # Every nbd_* test but the two that time the server in milliseconds (nbd_slow_device,
+      # nbd_reply_latency): run by nextest 16 at a time beside two mutant builds on 2 cores,
+      # they failed under mutants that change nothing, so each catch of theirs was a false one
+      # (the mutants they are meant for were checked by hand, docs/mutation-testing.md).
+      # nbd_interop and nbd_tls drive real clients (qemu-io, nbdinfo, nbdcopy, openssl) and
+      # skip what is not installed.
       tests=(--lib)
       for t in crates/udm-export/tests/nbd_*.rs; do
-        tests+=(--test "$(basename "$t" .rs)")
+        case $(basename "$t") in
+          nbd_slow_device.rs | nbd_reply_latency.rs) ;;
+          *) tests+=(--test "$(basename "$t" .rs)") ;;
+        esac
       done
       # Most of these tests wait (timeouts of hostile clients): run by nextest, many at once
       # and each in its own process (the RSS tests measure theirs), they take 6 s, not 35 s.
