@@ -131,6 +131,10 @@ fn write_headers_without_payload_commit_only_what_arrived() {
         let m = e.server.memory();
         assert_eq!(m.connections, 20);
         assert!(m.buffered_bytes <= 20 * (MIB + (64 << 10)), "{m:?}");
+        assert!(
+            m.buffered_bytes >= 20 * 1024,
+            "what arrived is not counted: {m:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("20 half-sent 32 MiB writes: {:?}", e.server.memory());

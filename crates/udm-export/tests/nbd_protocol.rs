@@ -595,6 +595,25 @@ fn pipelined_out_of_order_replies_while_device_blocks() {
 }
 
 #[test]
+fn shutdown_answers_in_flight_requests() {
+    let (e, gate) = gate_env();
+    let mut c = connect(&e, "gate", false);
+    let slow = c.send(CMD_READ, 0, 0, 512, &[]).unwrap();
+    while !gate.waiting.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let server = e.server.clone();
+    let stopper = std::thread::spawn(move || server.shutdown());
+    std::thread::sleep(Duration::from_millis(100));
+    gate.release();
+    stopper.join().unwrap();
+    assert_eq!(
+        c.recv(|_| Some(512)).unwrap(),
+        (slow, Reply::Ok(vec![0; 512]))
+    );
+}
+
+#[test]
 fn remove_export_answers_in_flight_then_disconnects() {
     let (e, gate) = gate_env();
     let mut c = connect(&e, "gate", false);

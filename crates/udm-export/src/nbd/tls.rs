@@ -330,5 +330,12 @@ mod tests {
         let bad = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(bad.path(), "no colon here\n").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(missing(TlsCreds::psk_file(bad.path())), Some(Errno::EINVAL));
+        // What the daemon logs and shows of loaded credentials.
+        std::fs::write(bad.path(), "alice:00ff\n").unwrap_or_else(|e| panic!("{e}"));
+        let creds = TlsCreds::psk_file(bad.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            format!("{creds:?}"),
+            format!("PSK from {} (1 users)", bad.path().display())
+        );
     }
 }
