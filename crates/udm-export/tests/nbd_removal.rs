@@ -12,6 +12,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
@@ -75,6 +76,18 @@ fn ends_within(mut s: impl Read + Send + 'static, within: Duration) -> bool {
     rx.recv_timeout(within).is_ok()
 }
 
+/// Both clients see their connection end within 5 s.
+fn assert_both_cut(unix: UnixStream, tcp: TcpStream) {
+    assert!(
+        ends_within(unix, Duration::from_secs(5)),
+        "Unix client not cut"
+    );
+    assert!(
+        ends_within(tcp, Duration::from_secs(5)),
+        "TCP client not cut"
+    );
+}
+
 #[test]
 fn removal_cuts_idle_clients_at_once() {
     // A drain time far longer than the bound below: only shutting the read side ends them.
@@ -92,14 +105,7 @@ fn removal_cuts_idle_clients_at_once() {
         Duration::from_secs(10),
         move || server.remove_export("disk").unwrap(),
     );
-    assert!(
-        ends_within(unix, Duration::from_secs(5)),
-        "Unix client not cut"
-    );
-    assert!(
-        ends_within(tcp, Duration::from_secs(5)),
-        "TCP client not cut"
-    );
+    assert_both_cut(unix, tcp);
 }
 
 /// Shutting the server down closes clients still negotiating at once (they have nothing in
@@ -120,14 +126,7 @@ fn shutdown_closes_negotiating_clients_at_once() {
     bounded("shutdown", Duration::from_secs(10), move || {
         server.shutdown()
     });
-    assert!(
-        ends_within(unix, Duration::from_secs(5)),
-        "Unix client not cut"
-    );
-    assert!(
-        ends_within(tcp, Duration::from_secs(5)),
-        "TCP client not cut"
-    );
+    assert_both_cut(unix, tcp);
 }
 
 #[test]

@@ -8,12 +8,16 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
+#[path = "nbd_hostile/support.rs"]
+mod support;
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::request;
 use udm_export::nbd::client::{Client, Reply};
-use udm_export::nbd::proto::{Request, CMD_DISC, CMD_READ, CMD_WRITE};
+use udm_export::nbd::proto::{CMD_DISC, CMD_READ, CMD_WRITE};
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::backend::mem::MemDevice;
 use udm_io::{Bio, BioKind, BlockDevice, IoError};
@@ -57,18 +61,6 @@ fn connect(dir: &tempfile::TempDir) -> Client<UnixStream> {
     let s = UnixStream::connect(dir.path().join("nbd.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     Client::connect(s, "disk", false).unwrap()
-}
-
-fn request(cmd: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
-    Request {
-        flags: 0,
-        cmd,
-        handle,
-        offset,
-        length,
-    }
-    .encode()
-    .to_vec()
 }
 
 /// This process's `nbd-conn` threads: (thread id, CPU time in clock ticks, user + system).
@@ -178,7 +170,7 @@ fn a_request_left_in_the_device_by_a_departing_client_ends_before_its_connection
     }
     // A slow write and the disconnect right behind it, in one go: one thread is still in the
     // device with the write while another reads NBD_CMD_DISC.
-    let mut msg = request(CMD_WRITE, 7, 4 * MIB, 131072);
+    let mut msg = request(CMD_WRITE, 7, 4 * MIB, 131072).to_vec();
     msg.extend_from_slice(&[0xab; 131072]);
     msg.extend_from_slice(&request(CMD_DISC, 8, 0, 0));
     c.stream().write_all(&msg).unwrap();
