@@ -361,3 +361,45 @@ fn errors_without_an_nbd_meaning_reach_the_client_as_eio() {
     assert_eq!(c.read(64 * 512, 4096).unwrap(), Reply::Err(NBD_EIO));
     server.shutdown();
 }
+
+/// A memory device reporting a given logical block size.
+struct Lbs(MemDevice, u32);
+
+impl BlockDevice for Lbs {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn limits(&self) -> Limits {
+        Limits {
+            logical_block_size: self.1,
+            ..Limits::default()
+        }
+    }
+    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
+        self.0.submit(bio)
+    }
+}
+
+/// The smallest block advertised is the device's logical block size when NBD allows it (a
+/// power of two from 512 bytes to 64 KiB), else 512; the export's size is rounded down to it.
+#[test]
+fn the_minimum_block_is_the_devices_when_nbd_allows_it() {
+    // 17 sectors: 8704 bytes.
+    for (lbs, min, size) in [
+        (4096, 4096, 8192),
+        (65536, 65536, 0),
+        (3000, 512, 8704),
+        (131072, 512, 8704),
+        (256, 512, 8704),
+    ] {
+        let (server, c, _dir) = export(Arc::new(Lbs(MemDevice::new(17), lbs)));
+        assert_eq!(c.export.size, size, "logical block size {lbs}");
+        assert_eq!(
+            c.export.block_size.map(|b| b.0),
+            Some(min),
+            "logical block size {lbs}"
+        );
+        assert_eq!(server.exports()[0].size_bytes, size);
+        server.shutdown();
+    }
+}

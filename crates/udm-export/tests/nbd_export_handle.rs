@@ -66,6 +66,17 @@ fn an_nbd_export_names_itself_and_counts_every_request() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(ex.stats(), want);
+    // A client counts while connected, not after it has gone.
+    let s2 = UnixStream::connect(&sock).unwrap();
+    s2.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let c2 = Client::connect(s2, "vol1", true).unwrap();
+    assert_eq!(ex.stats().clients, 2);
+    c2.disconnect().unwrap();
+    let t = Instant::now();
+    while ex.stats().clients != 1 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(ex.stats().clients, 1, "a client that left is still counted");
 
     // Removed: gone from the server, its client cut.
     Box::new(ex).stop().unwrap();

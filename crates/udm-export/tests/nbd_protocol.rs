@@ -604,6 +604,11 @@ fn shutdown_answers_in_flight_requests() {
     }
     let server = e.server.clone();
     let stopper = std::thread::spawn(move || server.shutdown());
+    // Released only once the shutdown is past closing clients still negotiating (the exports
+    // are withdrawn just before), so a transmitting client closed with them would show.
+    while !e.server.exports().is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(Duration::from_millis(100));
     gate.release();
     stopper.join().unwrap();
