@@ -18,7 +18,7 @@ use std::time::Duration;
 use support::*;
 use udm_export::nbd::client::Client;
 use udm_export::nbd::proto::*;
-use udm_export::nbd::{ListenAddr, NbdExportOptions, NbdLimits, TcpSecurity};
+use udm_export::nbd::{NbdExportOptions, NbdLimits, TcpSecurity};
 use udm_io::backend::mem::MemDevice;
 
 const MIB: u64 = 1 << 20;
@@ -42,15 +42,7 @@ fn setup(limits: NbdLimits) -> (Env, u16, Arc<MemDevice>) {
             },
         )
         .unwrap();
-    let port = e
-        .server
-        .listen_addrs()
-        .iter()
-        .find_map(|a| match a {
-            ListenAddr::Tcp(a) => Some(a.port()),
-            _ => None,
-        })
-        .unwrap();
+    let port = udm_testkit::nbd_tcp_port(&e.server);
     (e, port, dev)
 }
 

@@ -7,20 +7,20 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
+#[path = "nbd_tls/support.rs"]
+mod support;
+use support::*;
+
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 use udm_export::nbd::client::{greet, read_option_reply};
 use udm_export::nbd::proto::*;
-use udm_export::nbd::{ListenAddr, NbdExportOptions, NbdServer, TcpSecurity, TlsCreds};
-use udm_io::backend::mem::MemDevice;
+use udm_export::nbd::{NbdServer, TcpSecurity, TlsCreds};
 use udm_testkit::pki;
-
-const SIZE_SECTORS: u64 = 32 << 11; // 32 MiB
-const KEY: &str = "9f3b6c1de2a4785f0c1b2a3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f50617";
 
 fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
@@ -66,66 +66,6 @@ fn fails(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-struct Srv {
-    server: Arc<NbdServer>,
-    port: u16,
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        self.server.shutdown();
-    }
-}
-
-/// A server with exports `vol` (TLS only) and `open` (also plain TCP where allowed).
-fn serve(security: TcpSecurity) -> Srv {
-    let server = NbdServer::new();
-    for (name, insecure_tcp) in [("vol", false), ("open", true)] {
-        server
-            .add_export(
-                name,
-                Arc::new(MemDevice::new(SIZE_SECTORS)),
-                NbdExportOptions {
-                    read_only: false,
-                    description: Some(format!("tls test {name}")),
-                    insecure_tcp,
-                    bitmaps: Vec::new(),
-                },
-            )
-            .unwrap();
-    }
-    server
-        .listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0)), security)
-        .unwrap();
-    let port = server
-        .listen_addrs()
-        .iter()
-        .find_map(|a| match a {
-            ListenAddr::Tcp(a) => Some(a.port()),
-            _ => None,
-        })
-        .unwrap();
-    Srv { server, port }
-}
-
-fn psk_dir(dir: &Path, user: &str, key: &str) -> PathBuf {
-    let d = dir.join(format!("psk-{user}-{}", &key[..4]));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("keys.psk"), format!("{user}:{key}\n")).unwrap();
-    d
-}
-
-/// A server with alice's PSK; `allow_insecure` serves exports marked insecure in plain text.
-fn psk_server(dir: &Path, allow_insecure: bool) -> Srv {
-    let keys = psk_dir(dir, "alice", KEY);
-    serve(TcpSecurity {
-        tls: Some(Arc::new(
-            TlsCreds::psk_file(&keys.join("keys.psk")).unwrap(),
-        )),
-        allow_insecure,
-    })
 }
 
 /// A 4 MiB pseudo-random file.
@@ -402,12 +342,6 @@ fn x509_untrusted_peer_fails() {
     )));
 }
 
-fn tcp(port: u16) -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
 #[test]
 fn plain_client_gets_tls_required_and_sees_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -547,78 +481,6 @@ fn unix_socket_stays_plain_and_refuses_starttls() {
     assert_eq!(names, ["open", "vol"]);
 }
 
-/// After `NBD_OPT_STARTTLS` the option haggling continues without a new greeting; this makes
-/// the test client (which starts with a greeting) fit: it reads a fake greeting and swallows
-/// its client flags.
-struct AfterStartTls<S> {
-    inner: S,
-    greeting: Vec<u8>,
-    swallow: usize,
-}
-
-impl<S: std::io::Read> std::io::Read for AfterStartTls<S> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if !self.greeting.is_empty() {
-            let n = buf.len().min(self.greeting.len());
-            buf[..n].copy_from_slice(&self.greeting[..n]);
-            self.greeting.drain(..n);
-            return Ok(n);
-        }
-        self.inner.read(buf)
-    }
-}
-
-impl<S: Write> Write for AfterStartTls<S> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.swallow > 0 {
-            let n = buf.len().min(self.swallow);
-            self.swallow -= n;
-            return Ok(n);
-        }
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-fn key_bytes() -> Vec<u8> {
-    (0..KEY.len() / 2)
-        .map(|i| u8::from_str_radix(&KEY[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
-/// TLS-PSK as user alice on a connection that already sent `NBD_OPT_STARTTLS` and got the ACK.
-fn psk_client(s: TcpStream) -> openssl::ssl::SslStream<TcpStream> {
-    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
-    b.set_verify(SslVerifyMode::NONE);
-    b.set_psk_client_callback(|_, _hint, id, key| {
-        id[..6].copy_from_slice(b"alice\0");
-        let k = key_bytes();
-        key[..k.len()].copy_from_slice(&k);
-        Ok(k.len())
-    });
-    let ssl = b
-        .build()
-        .configure()
-        .unwrap()
-        .verify_hostname(false)
-        .use_server_name_indication(false)
-        .into_ssl("localhost")
-        .unwrap();
-    let mut t = openssl::ssl::SslStream::new(ssl, s).unwrap();
-    t.connect().unwrap();
-    t
-}
-
-fn starttls(mut s: TcpStream) -> openssl::ssl::SslStream<TcpStream> {
-    s.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
-    let (o, typ, _) = read_option_reply(&mut s).unwrap();
-    assert_eq!((o, typ), (OPT_STARTTLS, REP_ACK));
-    psk_client(s)
-}
-
 #[test]
 fn starttls_forgets_plain_state_pipelines_and_is_cut_by_remove_export() {
     let dir = tempfile::tempdir().unwrap();
@@ -639,19 +501,7 @@ fn starttls_forgets_plain_state_pipelines_and_is_cut_by_remove_export() {
     // A second STARTTLS inside TLS is refused.
     t.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
     assert_eq!(read_option_reply(&mut t).unwrap().1, REP_ERR_INVALID);
-    let mut greeting = NBD_MAGIC.to_be_bytes().to_vec();
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    let mut cl = udm_export::nbd::client::Client::connect(
-        AfterStartTls {
-            inner: t,
-            greeting,
-            swallow: 4,
-        },
-        "vol",
-        true,
-    )
-    .unwrap();
+    let mut cl = client_after_starttls(t, "vol");
     // Pipelined writes and reads (the server's reader and writers run concurrently on the
     // one TLS session).
     let n = 128u64;
@@ -689,10 +539,7 @@ fn starttls_forgets_plain_state_pipelines_and_is_cut_by_remove_export() {
 fn shutdown_cuts_a_client_stalled_in_the_tls_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let s = psk_server(dir.path(), false);
-    let mut c = tcp(s.port);
-    greet(&mut c).unwrap();
-    c.write_all(&option_request(OPT_STARTTLS, &[])).unwrap();
-    assert_eq!(read_option_reply(&mut c).unwrap().1, REP_ACK);
+    let _c = starttls_agreed(s.port);
     // No ClientHello follows.
     let server = s.server.clone();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -458,3 +458,16 @@ fn failure(tool: &str, args: &[&str], o: Output) -> String {
     );
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The TCP port an in-process NBD server listens on (it was asked for port 0); panics when it
+/// has no TCP listener.
+pub fn nbd_tcp_port(server: &udm_export::nbd::NbdServer) -> u16 {
+    server
+        .listen_addrs()
+        .iter()
+        .find_map(|a| match a {
+            udm_export::nbd::ListenAddr::Tcp(a) => Some(a.port()),
+            _ => None,
+        })
+        .expect("the NBD server listens on TCP")
+}

@@ -162,7 +162,9 @@ impl Read for TlsReader {
                     let mut probe = Vec::new();
                     e.drain(&mut probe)?;
                     if !probe.is_empty() {
-                        // Rare (alerts, key updates): send outside the engine lock.
+                        // Output while reading is rare (an alert refusing a TLS 1.2
+                        // renegotiation; key updates go out with the next record written):
+                        // send it outside the engine lock.
                         drop(e);
                         let _s = self.shared.send.lock();
                         (&self.shared.sock).write_all(&probe)?;
