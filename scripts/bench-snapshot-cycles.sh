@@ -35,6 +35,10 @@ RESULTS=$WORKDIR/results.tsv
 # run_case NAME URI ACTION
 run_case() {
   local name=$1 uri=$2 action=$3 out=$WORKDIR/$1.json
+  # Every case starts with no dirty data of the earlier ones: the host's write-back of what
+  # they left (GiBs at these rates) would stall this one's writes (seen: a 369 ms max in the
+  # third case, and the peer at half its rate when it ran last).
+  sync
   fio_json "$out" --name="$name" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k \
     --iodepth=8 --time_based --runtime="$RUNTIME" --size="$SIZE" --randrepeat=0 &
   local fio_pid=$!
