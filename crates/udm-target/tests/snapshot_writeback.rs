@@ -341,9 +341,10 @@ fn held_writes_keep_a_lent_buffer_instead_of_copying_it() {
     assert_eq!(dev_read(r.origin_dev(), 80, 1), big[..512]);
 }
 
-/// A transient snapshot destroyed while origin writes wait for their copies into it: the
-/// copies not yet made are skipped (nobody can read it any more), the writes still reach the
-/// origin, and the destructor does not wait for a queue of copies.
+/// A transient snapshot destroyed while origin writes wait for their copies into it (held
+/// because a persistent snapshot needs copies too): the copies not yet made are skipped
+/// (nobody can read it any more), the writes still reach the origin, and the destructor does
+/// not wait for a queue of copies.
 #[test]
 fn a_dropped_transient_snapshot_is_not_filled_with_queued_copies() {
     const OS: u64 = 1024;
@@ -351,9 +352,12 @@ fn a_dropped_transient_snapshot_is_not_filled_with_queued_copies() {
     let o = c.mem("o", OS);
     let cow = Arc::new(GateDev::new(OS * 2));
     c.add("c", cow.clone());
+    c.mem("p", OS * 2);
     let org = c.origin(OS, "o").unwrap();
     let snap = c.snapshot(OS, "o c N 8").unwrap();
+    let keep = c.snapshot(OS, "o p P 8").unwrap();
     activate(&*snap);
+    activate(&*keep);
     // Every origin read (the copies) and write (applying) takes 40 ms.
     o.set_latency(Duration::from_millis(40));
     let chunks: Vec<u64> = (0..20).map(|i| i * 32).collect();
@@ -372,9 +376,44 @@ fn a_dropped_transient_snapshot_is_not_filled_with_queued_copies() {
         "{copies} of 20 copies made after the destructor began"
     );
     o.set_latency(Duration::ZERO);
+    flush(&*org).unwrap();
     for &s in &chunks {
         assert_eq!(dev_read(&*o, s, 8), pattern(7, s, 8), "held write at {s}");
     }
+    let zeros = vec![0u8; (OS * 512) as usize];
+    assert!(
+        read(&*keep, 0, OS).unwrap() == zeros,
+        "the persistent snapshot lost its data"
+    );
+}
+
+/// A write whose copies all go to transient stores is copied and written by its writer (a
+/// transient store has nothing to make durable, so nothing is held): when it returns, the
+/// COW holds the old chunk and the origin the new data, with no write-back in between.
+#[test]
+fn writes_copying_only_into_transient_stores_are_not_held() {
+    const OS: u64 = 1024;
+    let mut c = Ctx::new();
+    let o = c.mem("o", OS);
+    let cow = Arc::new(GateDev::new(OS * 2));
+    c.add("c", cow.clone());
+    let org = c.origin(OS, "o").unwrap();
+    let snap = c.snapshot(OS, "o c N 8").unwrap();
+    activate(&*snap);
+    for (i, s) in [0u64, 64, 512].into_iter().enumerate() {
+        write(&*org, s, &pattern(7, s, 8)).unwrap();
+        assert_eq!(
+            cow.data_writes.load(Ordering::SeqCst),
+            i as u64 + 1,
+            "copy of {s} made"
+        );
+        assert_eq!(
+            dev_read(&*o, s, 8),
+            pattern(7, s, 8),
+            "write at {s} on the origin"
+        );
+    }
+    assert!(read(&*snap, 0, OS).unwrap() == vec![0u8; (OS * 512) as usize]);
 }
 
 /// A write over a run of fresh chunks copies them with one COW write (their exceptions are

@@ -124,6 +124,20 @@ pub fn lock_chunks(snaps: &[Arc<Snap>], start: u64, end: u64) -> Vec<Locked> {
     locked
 }
 
+/// Whether every chunk of `locked` goes to a transient store: such a store makes nothing
+/// durable, so its exceptions need no metadata write to wait for and a writer may make the
+/// copies itself ([`copy_and_commit`]) rather than hold its write.
+pub fn all_transient(locked: &[Locked]) -> bool {
+    let mut last: Option<&Arc<StoreCell>> = None;
+    locked.iter().all(|l| {
+        if last.is_some_and(|s| Arc::ptr_eq(s, &l.store)) {
+            return true;
+        }
+        last = Some(&l.store);
+        l.store.with(|x| x.kind()) == StoreKind::Transient
+    })
+}
+
 /// The second step of [`ensure_copied`]: allocates the exceptions of `cand` (invalidating a
 /// snapshot whose store is full). Every result must go through [`copy_runs`] without waiting
 /// on anything in between: the store's commit rule waits for them.

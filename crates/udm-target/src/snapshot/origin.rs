@@ -1,15 +1,16 @@
 //! `snapshot-origin <dev>`: reads pass through; a write first makes every active snapshot that
 //! lacks the chunk copy it into its COW (the kernel's `do_origin` / `__origin_write`), and only
-//! then reaches the origin; the copies are [`super::cow`]'s. Plain writes are acknowledged
-//! once their copies are made and are written to the origin after the commit (see
-//! [`super::writeback`]).
+//! then reaches the origin; the copies are [`super::cow`]'s. Plain writes that need copies
+//! into persistent stores are acknowledged once held and written to the origin after the
+//! commit (see [`super::writeback`]); those whose copies all go to transient stores, which
+//! have nothing to make durable, are copied and written by their writer, as in the kernel.
 
 use std::sync::Arc;
 
 use udm_io::{Bio, BioFlags, BioKind, BioOp, BlockDevice, Extent, IoError};
 use udm_types::SECTOR_SHIFT;
 
-use super::cow::{allocate, lock_chunks, origin_write, Copies};
+use super::cow::{all_transient, allocate, copy_and_commit, lock_chunks, origin_write, Copies};
 use super::{OriginEntry, Origins};
 use crate::args::{get_device_as, FromArgs, OriginParams};
 use crate::target::{CtorContext, DevRef, Target, TargetCaps, TargetError, TargetType};
@@ -95,6 +96,19 @@ impl Target for OriginTarget {
                         // Nothing to copy: straight to the origin, or held behind an
                         // overlapping held write (never waiting for room).
                         return wb.write_through(&self.dev.dev, bio.at(abs));
+                    }
+                    if all_transient(&locked) {
+                        // Nothing to make durable: this writer copies (a read and a COW write)
+                        // and writes in its own thread, after any held write it overlaps, as
+                        // the kernel's origin writes do. Held, 4k random writes outran the
+                        // write-back's one applier and waited for room in steps of its
+                        // releases (bench-snapshot-cycles: a transient snapshot's take and
+                        // drop under load), and a drop waited for its backlog.
+                        wb.wait_clear(abs, end);
+                        copy_and_commit(&*self.dev.dev, locked);
+                        let r = self.dev.dev.submit(bio.at(abs));
+                        drop(snaps);
+                        return r;
                     }
                     if wb.has_room(len) {
                         break (snaps, locked);
