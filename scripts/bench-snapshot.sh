@@ -17,7 +17,8 @@
 # CHUNK (sectors, default 8), ROUNDS (default 3), SNAPS (snapshot counts, default "0 1 2";
 # the first is the base of the ratios), ONLY (one job: randwrite-4k, write-64k, or "reads" for
 # the read comparison alone), NOREAD (skip the read comparison), VERBOSE (print every run),
-# WORKDIR.
+# FLUSH_END (each write job ends with a flush and counts it: the plain device then pays for
+# making its data durable too, as a snapshot's COW always does), WORKDIR.
 # Wrong data cannot score: a failed fio stops the script; in the first round every job and
 # snapshot count also runs a crc32c-verified write pass on the origin, and each snapshot must
 # read back exactly the origin's content from before it was taken (a write-back that skipped
@@ -58,7 +59,7 @@ sample_rss() { # file
 }
 run() { # name uri rw bs depth -> RESULT="iops mibs max-rss-KiB"
   local out=$WORKDIR/$1.json dir=read amount=(--time_based --runtime="$RUNTIME")
-  [[ $3 == *write* ]] && { dir=write; amount=(--io_size="$IO"); }
+  [[ $3 == *write* ]] && { dir=write; amount=(--io_size="$IO"); [[ -n ${FLUSH_END:-} ]] && amount+=(--end_fsync=1); }
   # Start every run with no dirty data of earlier runs being written back meanwhile (the COW's
   # flushes would queue behind it).
   sync
