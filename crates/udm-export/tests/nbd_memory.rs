@@ -385,9 +385,15 @@ fn the_pool_counts_the_buffers_it_keeps_and_keeps_at_most_16() {
     for _ in 0..24 {
         assert_eq!(c.recv(|_| None).unwrap().1, Reply::Ok(vec![]));
     }
-    wait_until("payload buffers back", Duration::from_secs(5), || {
-        e.server.memory().buffered_bytes == 0
-    });
+    // A buffer leaves the count before it joins the pool: wait for both.
+    wait_until(
+        "payload buffers back in the pool",
+        Duration::from_secs(5),
+        || {
+            let m = e.server.memory();
+            m.buffered_bytes == 0 && m.pooled_bytes >= 16 * LEN
+        },
+    );
     let m = e.server.memory();
     assert_eq!(m.pooled_bytes, 16 * LEN, "{m:?}");
     // One write at a time: one buffer, taken and given back, the count unchanged. (The pool is
