@@ -163,8 +163,8 @@ impl Read for TlsReader {
                     e.drain(&mut probe)?;
                     if !probe.is_empty() {
                         // Output while reading is rare (an alert refusing a TLS 1.2
-                        // renegotiation; key updates go out with the next record written):
-                        // send it outside the engine lock.
+                        // renegotiation; rustls answers a key update with the next record
+                        // written): send it outside the engine lock.
                         drop(e);
                         let _s = self.shared.send.lock();
                         (&self.shared.sock).write_all(&probe)?;
