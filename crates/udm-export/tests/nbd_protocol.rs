@@ -4,17 +4,21 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (helpers included)
 
+#[path = "nbd_hostile/support.rs"]
+mod support;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+use support::ParkDevice;
 use udm_export::nbd::client::{self, Client, Reply};
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{NbdExportOptions, NbdServer};
 use udm_io::backend::mem::{Fault, MemDevice};
-use udm_io::{Bio, BioKind, BlockDevice, Extent, IoError, Limits};
+use udm_io::BioKind;
 use udm_types::errno::HasErrno;
 use udm_types::Errno;
 
@@ -492,51 +496,10 @@ fn oversized_writes_are_skipped_up_to_64_mib_then_dropped() {
     assert!(e.dev.contents()[..4096].iter().all(|&b| b != 7));
 }
 
-/// A device whose reads of sector 0 wait until released: a stand-in for a suspended device.
-struct GateDevice {
-    inner: MemDevice,
-    open: Mutex<bool>,
-    cv: Condvar,
-    waiting: AtomicBool,
-}
-
-impl GateDevice {
-    fn release(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-}
-
-impl BlockDevice for GateDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn limits(&self) -> Limits {
-        self.inner.limits()
-    }
-    fn submit(&self, bio: Bio<'_>) -> Result<(), IoError> {
-        if bio.sector == 0 && bio.kind() == BioKind::Read {
-            self.waiting.store(true, Ordering::SeqCst);
-            let mut g = self.open.lock().unwrap();
-            while !*g {
-                g = self.cv.wait(g).unwrap();
-            }
-        }
-        self.inner.submit(bio)
-    }
-    fn block_status(&self, s: u64, n: u64) -> Result<Vec<Extent>, IoError> {
-        self.inner.block_status(s, n)
-    }
-}
-
-fn gate_env() -> (Env, Arc<GateDevice>) {
+/// An export `gate` whose reads of sector 0 wait until released (a suspended device).
+fn gate_env() -> (Env, Arc<ParkDevice>) {
     let e = env();
-    let gate = Arc::new(GateDevice {
-        inner: MemDevice::new(SECTORS),
-        open: Mutex::new(false),
-        cv: Condvar::new(),
-        waiting: AtomicBool::new(false),
-    });
+    let gate = ParkDevice::with(SECTORS, Duration::ZERO);
     e.server
         .add_export("gate", gate.clone(), NbdExportOptions::default())
         .unwrap();
@@ -552,10 +515,7 @@ fn a_running_cache_request_is_charged_to_the_inflight_budget() {
     let h = c
         .send(CMD_CACHE, 0, 0, (SECTORS * 512) as u32, &[])
         .unwrap();
-    let t = std::time::Instant::now();
-    while !gate.waiting.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    gate.wait_parked(1);
     let held = e.server.memory().inflight_bytes;
     gate.release();
     assert_eq!(c.recv(|_| None).unwrap(), (h, Reply::Ok(vec![])));
@@ -588,7 +548,7 @@ fn pipelined_out_of_order_replies_while_device_blocks() {
     }
     // Other connections and exports are unaffected.
     assert_works(&mut other);
-    assert!(gate.waiting.load(Ordering::SeqCst));
+    assert!(gate.parked.load(Ordering::SeqCst) >= 1);
     gate.release();
     let (h, r) = c.recv(|_| Some(512)).unwrap();
     assert_eq!((h, r), (slow, Reply::Ok(vec![0; 512])));
@@ -599,9 +559,7 @@ fn shutdown_answers_in_flight_requests() {
     let (e, gate) = gate_env();
     let mut c = connect(&e, "gate", false);
     let slow = c.send(CMD_READ, 0, 0, 512, &[]).unwrap();
-    while !gate.waiting.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    gate.wait_parked(1);
     let server = e.server.clone();
     let stopper = std::thread::spawn(move || server.shutdown());
     // Released only once the shutdown is past closing clients still negotiating (the exports
@@ -623,9 +581,7 @@ fn remove_export_answers_in_flight_then_disconnects() {
     let (e, gate) = gate_env();
     let mut c = connect(&e, "gate", false);
     let slow = c.send(CMD_READ, 0, 0, 512, &[]).unwrap();
-    while !gate.waiting.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    gate.wait_parked(1);
     assert_eq!(
         e.server
             .exports()
