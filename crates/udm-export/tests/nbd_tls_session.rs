@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::*;
-use udm_export::nbd::client::{greet, read_option_reply, Reply};
+use udm_export::nbd::client::{read_option_reply, Reply};
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{TcpSecurity, TlsCreds};
 use udm_testkit::pki;
@@ -41,9 +41,7 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 fn after_starttls_an_unknown_export_is_unknown() {
     let dir = tempfile::tempdir().unwrap();
     let s = psk_server(dir.path(), false);
-    let mut c = tcp(s.port);
-    greet(&mut c).unwrap();
-    let mut t = starttls(c);
+    let mut t = psk_client(starttls_agreed(s.port));
     for opt in [OPT_INFO, OPT_GO] {
         t.write_all(&option_request(opt, &info_request_data("nope", &[])))
             .unwrap();
@@ -67,9 +65,7 @@ fn corrupt_record() -> Vec<u8> {
 fn a_corrupt_record_ends_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let s = psk_server(dir.path(), false);
-    let mut c = tcp(s.port);
-    greet(&mut c).unwrap();
-    let mut t = starttls(c);
+    let mut t = psk_client(starttls_agreed(s.port));
     // A working session first, then a record that does not decrypt.
     t.write_all(&option_request(OPT_STRUCTURED_REPLY, &[]))
         .unwrap();
