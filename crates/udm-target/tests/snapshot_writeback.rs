@@ -44,6 +44,11 @@ fn rig(os: u64, chunk: u64) -> Rig {
 
 /// [`rig`], also returning the origin's memory device (for faults and latency).
 fn rig_with_origin(os: u64, chunk: u64) -> (Rig, Arc<MemDevice>) {
+    rig_with_store(os, chunk, "P")
+}
+
+/// [`rig_with_origin`] with a snapshot of the given store kind (`P`, `PO` or `N`).
+fn rig_with_store(os: u64, chunk: u64, store: &str) -> (Rig, Arc<MemDevice>) {
     let mut c = Ctx::new();
     let o = c.mem("o", os);
     let mut img = vec![0u8; (os * 512) as usize];
@@ -52,7 +57,7 @@ fn rig_with_origin(os: u64, chunk: u64) -> (Rig, Arc<MemDevice>) {
     let cow = Arc::new(GateDev::new(os * 2 + 4096));
     c.add("c", cow.clone());
     let org = c.origin(os, "o").unwrap();
-    let snap = c.snapshot(os, &format!("o c P {chunk}")).unwrap();
+    let snap = c.snapshot(os, &format!("o c {store} {chunk}")).unwrap();
     activate(&*snap);
     (Rig { c, cow, org, snap }, o)
 }
@@ -393,17 +398,11 @@ fn a_dropped_transient_snapshot_is_not_filled_with_queued_copies() {
 #[test]
 fn writes_copying_only_into_transient_stores_are_not_held() {
     const OS: u64 = 1024;
-    let mut c = Ctx::new();
-    let o = c.mem("o", OS);
-    let cow = Arc::new(GateDev::new(OS * 2));
-    c.add("c", cow.clone());
-    let org = c.origin(OS, "o").unwrap();
-    let snap = c.snapshot(OS, "o c N 8").unwrap();
-    activate(&*snap);
+    let (r, o) = rig_with_store(OS, 8, "N");
     for (i, s) in [0u64, 64, 512].into_iter().enumerate() {
-        write(&*org, s, &pattern(7, s, 8)).unwrap();
+        write(&*r.org, s, &pattern(7, s, 8)).unwrap();
         assert_eq!(
-            cow.data_writes.load(Ordering::SeqCst),
+            r.cow.data_writes.load(Ordering::SeqCst),
             i as u64 + 1,
             "copy of {s} made"
         );
@@ -413,7 +412,12 @@ fn writes_copying_only_into_transient_stores_are_not_held() {
             "write at {s} on the origin"
         );
     }
-    assert!(read(&*snap, 0, OS).unwrap() == vec![0u8; (OS * 512) as usize]);
+    let mut img = vec![0u8; (OS * 512) as usize];
+    fill(1, &mut img);
+    assert!(
+        read(&*r.snap, 0, OS).unwrap() == img,
+        "the snapshot lost its data"
+    );
 }
 
 /// A write over a run of fresh chunks copies them with one COW write (their exceptions are
