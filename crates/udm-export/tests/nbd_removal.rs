@@ -20,6 +20,7 @@ use udm_export::nbd::client::Client;
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{NbdExportOptions, NbdLimits, TcpSecurity};
 use udm_io::backend::mem::MemDevice;
+use udm_testkit::ends_within;
 
 const MIB: u64 = 1 << 20;
 
@@ -50,22 +51,6 @@ fn tcp(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s
-}
-
-/// True once `s` reads end of stream (or an error) within `within`.
-fn ends_within(mut s: impl Read + Send + 'static, within: Duration) -> bool {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut b = [0u8; 65536];
-        loop {
-            match s.read(&mut b) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        let _ = tx.send(());
-    });
-    rx.recv_timeout(within).is_ok()
 }
 
 /// Both clients see their connection end within 5 s.

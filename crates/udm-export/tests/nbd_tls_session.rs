@@ -9,7 +9,7 @@
 #[path = "nbd_tls/support.rs"]
 mod support;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,25 +17,7 @@ use support::*;
 use udm_export::nbd::client::{read_option_reply, Reply};
 use udm_export::nbd::proto::*;
 use udm_export::nbd::{TcpSecurity, TlsCreds};
-use udm_testkit::pki;
-
-/// Reads until the server closes the connection; false if it is still open after `within`
-/// (alert records sent before the close are skipped).
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let end = Instant::now() + within;
-    let mut buf = [0u8; 4096];
-    while Instant::now() < end {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return true,
-        }
-    }
-    false
-}
+use udm_testkit::{ends_within, pki};
 
 #[test]
 fn after_starttls_an_unknown_export_is_unknown() {
@@ -73,7 +55,7 @@ fn a_corrupt_record_ends_the_connection() {
     let raw = t.get_mut();
     raw.write_all(&corrupt_record()).unwrap();
     assert!(
-        closed_within(raw, Duration::from_secs(5)),
+        ends_within(raw.try_clone().unwrap(), Duration::from_secs(5)),
         "the connection outlived a corrupt record"
     );
     wait_for_no_connections(&s);
@@ -88,7 +70,7 @@ fn a_client_that_does_not_speak_tls_after_starttls_is_dropped() {
     c.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .unwrap();
     assert!(
-        closed_within(&mut c, Duration::from_secs(5)),
+        ends_within(c, Duration::from_secs(5)),
         "the connection outlived a failed TLS handshake"
     );
     wait_for_no_connections(&s);

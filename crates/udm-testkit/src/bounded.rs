@@ -2,6 +2,7 @@
 //! what was waited for instead of blocking the test run.
 
 use crate::{bin, run_tool, Udmd};
+use std::io::Read;
 use std::process::Output;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -35,6 +36,23 @@ pub fn within<T: Send + 'static>(
         Ok(v) => v,
         Err(_) => panic!("{what} did not return within {limit:?}"),
     }
+}
+
+/// True once `s` reads end of stream (or an error) within `limit`, whatever it reads before:
+/// the peer closed the connection. The reading thread is left behind when it did not.
+pub fn ends_within(mut s: impl Read + Send + 'static, limit: Duration) -> bool {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 65536];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit).is_ok()
 }
 
 /// `udmsetup ARGS` against `d` on a thread (so that a hang can be detected with

@@ -15,7 +15,7 @@ pub mod host;
 mod park;
 mod pki;
 pub mod vmlab;
-pub use bounded::{join_within, udmsetup_bg, within};
+pub use bounded::{ends_within, join_within, udmsetup_bg, within};
 pub use park::{parked_below, parked_read, ParkedRead, CREATE_IP_OVER_O};
 pub use pki::{issue, make_ca, pki, Pki};
 
